@@ -1,0 +1,203 @@
+"""``modscan``: one command line with sub-commands.
+
+Heavy imports (torch, ray, faiss) happen inside each sub-command so that ``modscan --help`` is
+instant and a missing optional dependency only affects the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+
+def _train(a: argparse.Namespace) -> int:
+    from models.descriptor import DescriptorConfig
+    from models.train import TrainConfig, parse_overrides, train
+
+    over = parse_overrides(a.set or [])
+    model_keys = set(DescriptorConfig.__dataclass_fields__)
+    mcfg = DescriptorConfig(**{k: v for k, v in over.items() if k in model_keys})
+    tkeys = set(TrainConfig.__dataclass_fields__) - {"model"}
+    unknown = set(over) - model_keys - tkeys
+    if unknown:
+        raise SystemExit(f"modscan train: unknown --set keys {sorted(unknown)}; "
+                         f"known: {sorted(model_keys | tkeys)}")
+    cfg = TrainConfig(model=mcfg, **{k: v for k, v in over.items() if k in tkeys})
+    card = train(a.images, a.out, cfg, command="modscan " + " ".join(sys.argv[1:]))
+    print(json.dumps(card.to_dict(), indent=2))
+    return 0
+
+
+def _card(a: argparse.Namespace) -> int:
+    from models.card import load_model
+
+    _, card = load_model(a.model)
+    print(json.dumps(card.to_dict(), indent=2))
+    return 0
+
+
+def _gallery(a: argparse.Namespace) -> int:
+    from jobs.gallery_cmd import run
+
+    return run(a)
+
+
+def _moderate(a: argparse.Namespace) -> int:
+    from jobs.moderate import cli_moderate
+
+    return cli_moderate(a)
+
+
+def _nightly(a: argparse.Namespace) -> int:
+    from jobs.moderate import cli_nightly
+
+    return cli_nightly(a)
+
+
+def _backfill(a: argparse.Namespace) -> int:
+    from jobs.moderate import cli_backfill
+
+    return cli_backfill(a)
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from jobs.demo import run_demo
+
+    return run_demo(a)
+
+
+def _evaluate(a: argparse.Namespace) -> int:
+    from pipeline.evaluate import cli_evaluate
+
+    return cli_evaluate(a)
+
+
+def _bench(a: argparse.Namespace) -> int:
+    from jobs.bench import cli_bench
+
+    return cli_bench(a)
+
+
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gallery", required=True, help="gallery root URI (local path or s3://bucket/prefix)")
+    p.add_argument("--output", required=True, help="flags root URI; partitions go under dt=YYYY-MM-DD/")
+    p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
+    p.add_argument("--config", default=None, help="TOML job config (see configs/moderate.toml)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--actors", type=int, default=None, help="feature/match actors (default: config)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="modscan", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("train", help="three-stage self-supervised training of the descriptor")
+    p.add_argument("--images", required=True, help="folder of training photos (recursive)")
+    p.add_argument("--out", required=True, help="output model directory (checkpoints resume from here)")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. epochs_backbone=30 high_res=224 low_res=160")
+    p.set_defaults(fn=_train)
+
+    p = sub.add_parser("card", help="verify a model's checksum and print its model card")
+    p.add_argument("--model", default=None)
+    p.set_defaults(fn=_card)
+
+    g = sub.add_parser("gallery", help="build, update and inspect gallery versions")
+    gs = g.add_subparsers(dest="gcmd", required=True)
+    p = gs.add_parser("build", help="extract features for every bank and publish a new version")
+    p.add_argument("--banks", required=True, help="banks TOML file")
+    p.add_argument("--out", required=True, help="gallery root URI")
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--model", default=None)
+    p.add_argument("--rerank-dtype", choices=["float32", "float16", "int8"], default="float16")
+    p.add_argument("--ray-address", default=None)
+    p.set_defaults(fn=_gallery)
+    p = gs.add_parser("add", help="add images (a folder or prefix) to a bank, as a new version")
+    p.add_argument("gallery")
+    p.add_argument("--bank", required=True)
+    p.add_argument("--source", required=True, help="folder or s3:// prefix of images")
+    p.add_argument("--banks", default=None, help="banks TOML (needed when the bank is new)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--ray-address", default=None)
+    p.set_defaults(fn=_gallery)
+    p = gs.add_parser("remove", help="remove entries (by id, sha256 or whole bank), as a new version")
+    p.add_argument("gallery")
+    p.add_argument("--bank", default=None, help="remove from this bank only (all of it if no ids/shas)")
+    p.add_argument("--ids", nargs="*", type=int, default=[])
+    p.add_argument("--sha256", nargs="*", default=[])
+    p.set_defaults(fn=_gallery)
+    p = gs.add_parser("info", help="versions, counts per bank, model id, size")
+    p.add_argument("gallery")
+    p.set_defaults(fn=_gallery)
+
+    p = sub.add_parser("moderate", help="check one day of uploads and write its flags partition")
+    p.add_argument("--input", required=True, help="prefix (local/s3://) or a .parquet/.csv manifest of keys")
+    p.add_argument("--date", required=True, help="partition date YYYY-MM-DD")
+    _add_job_args(p)
+    p.set_defaults(fn=_moderate)
+
+    p = sub.add_parser("nightly", help="moderate yesterday's uploads (idempotent)")
+    p.add_argument("--input-template", required=True,
+                   help="input URI with {date}, e.g. s3://uploads/{date}/ or manifests/{date}.parquet")
+    p.add_argument("--date", default=None, help="default: yesterday (UTC)")
+    _add_job_args(p)
+    p.set_defaults(fn=_nightly)
+
+    p = sub.add_parser("backfill", help="moderate a date range, one partition per day, resumable")
+    p.add_argument("--input-template", required=True)
+    p.add_argument("--from", dest="date_from", required=True)
+    p.add_argument("--to", dest="date_to", required=True)
+    p.add_argument("--force", action="store_true", help="redo days that are already committed")
+    _add_job_args(p)
+    p.set_defaults(fn=_backfill)
+
+    p = sub.add_parser("demo", help="embedded default: sample gallery + a day of sample uploads, end to end")
+    p.add_argument("--workdir", default="demo-out")
+    p.add_argument("--date", default="2026-01-01")
+    p.add_argument("--uploads", type=int, default=120)
+    p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("evaluate", help="copy-detection metrics, cascade vs exhaustive vs PDQ")
+    p.add_argument("--photos", default=None, help="mode 2: build a benchmark from a photo folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gallery", default=None, help="mode 1: folder of reference images")
+    p.add_argument("--queries", default=None, help="mode 1: folder of query images")
+    p.add_argument("--ground-truth", default=None, help="mode 1: CSV query_id,reference_id")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--target-precision", type=float, default=0.99)
+    p.add_argument("--write-thresholds", action="store_true",
+                   help="store the calibrated thresholds in the model card")
+    p.set_defaults(fn=_evaluate)
+
+    p = sub.add_parser("bench", help="benchmarks: search, pipeline, memory")
+    bs = p.add_subparsers(dest="bcmd", required=True)
+    q = bs.add_parser("search")
+    q.add_argument("--gallery-size", type=int, default=1_000_000)
+    q.add_argument("--queries", type=int, default=2000)
+    q.add_argument("--photos", default=None, help="real photos for the feature seeds (default: skimage + coco256 if present)")
+    q.set_defaults(fn=_bench)
+    q = bs.add_parser("pipeline")
+    q.add_argument("--images", type=int, default=2000)
+    q.add_argument("--workdir", default="bench-out")
+    q.add_argument("--no-s3", action="store_true")
+    q.set_defaults(fn=_bench)
+    q = bs.add_parser("memory")
+    q.add_argument("--gallery-size", type=int, default=1_000_000)
+    q.set_defaults(fn=_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    a = build_parser().parse_args(argv)
+    fn: Callable[[argparse.Namespace], int] = a.fn
+    return int(fn(a) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

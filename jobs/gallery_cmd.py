@@ -1,0 +1,139 @@
+"""``modscan gallery build|add|remove|info``: gallery-side feature extraction with Ray Data actors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+
+from pipeline import gallery as G
+from pipeline.banks import Bank, load_banks
+from pipeline.storage import open_store
+
+
+class GalleryFeatureStage:
+    """Actor: decoded batch -> adapter-1 128-d and 512-d features of the high-res image."""
+
+    def __init__(self, model_dir: str | None, threads: int | None = None) -> None:
+        from pipeline.features import FeatureExtractor
+
+        self.fx = FeatureExtractor(model_dir, threads=threads)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        ok = np.asarray(batch["ok"], bool)
+        cd, rd = self.fx.config.coarse_dim, self.fx.config.rerank_dim
+        coarse = np.zeros((len(ok), cd), np.float32)
+        rerank = np.zeros((len(ok), rd), np.float32)
+        if ok.any():
+            c, r = self.fx.gallery(batch["high"][ok])
+            coarse[ok], rerank[ok] = c, r
+        return {"uri": batch["image_key"], "sha256": batch["image_sha256"], "ok": ok,
+                "error_code": batch["error_code"], "error_message": batch["error_message"],
+                "coarse": coarse, "rerank": rerank}
+
+
+def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_size: int = 32) -> G.Extractor:
+    """Extractor for :func:`pipeline.gallery.build`: Fetch -> Decode -> feature actors on Ray."""
+
+    def extract(uris: list[str]) -> list[dict[str, Any]]:
+        import ray
+
+        from jobs.moderate import JobConfig, _decode_batch, _resources, init_ray
+        from models.card import read_card
+        from pipeline.decode import DecodeConfig
+        from pipeline.stages import Fetcher
+
+        if not uris:
+            return []
+        init_ray(ray_address)
+        card = read_card(model_dir)
+        cfg = JobConfig()
+        actors, ncpu, ngpu, threads = _resources(cfg)
+        dcfg = DecodeConfig(low_res=card.config.low_res, high_res=card.config.high_res)
+        ds = ray.data.from_items([{"image_key": u, "uri": u} for u in uris],
+                                 override_num_blocks=max(1, min(100, len(uris) // 32 or 1)))
+        ds = ds.map_batches(Fetcher, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
+                            num_cpus=cfg.decode_num_cpus)
+        ds = ds.map_batches(_decode_batch, fn_kwargs={"cfg": dcfg, "timings_uri": None},
+                            batch_size=batch_size, num_cpus=cfg.decode_num_cpus)
+        ds = ds.map_batches(GalleryFeatureStage, fn_constructor_kwargs={"model_dir": model_dir, "threads": threads},
+                            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                            num_cpus=ncpu, num_gpus=ngpu, batch_format="numpy")
+        out = []
+        for b in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+            for i in range(len(b["uri"])):
+                ok = bool(b["ok"][i])
+                out.append({"uri": str(b["uri"][i]), "sha256": b["sha256"][i], "ok": ok,
+                            "error_code": b["error_code"][i], "error_message": b["error_message"][i],
+                            "coarse": b["coarse"][i] if ok else None, "rerank": b["rerank"][i] if ok else None})
+        order = {u: i for i, u in enumerate(uris)}
+        return sorted(out, key=lambda r: order[r["uri"]])
+
+    return extract
+
+
+def local_extractor(model_dir: str | None = None) -> G.Extractor:
+    """Same contract without Ray (used by tests and tiny galleries)."""
+    from models.card import read_card
+    from pipeline.decode import DecodeConfig, Decoder
+    from pipeline.stages import Fetcher
+
+    card = read_card(model_dir)
+    fetch, dec = Fetcher(), Decoder(DecodeConfig(low_res=card.config.low_res, high_res=card.config.high_res))
+    stage = GalleryFeatureStage(model_dir)
+
+    def extract(uris: list[str]) -> list[dict[str, Any]]:
+        out = []
+        for i in range(0, len(uris), 32):
+            chunk = uris[i:i + 32]
+            b = stage(dec(fetch({"image_key": np.asarray(chunk, object), "uri": np.asarray(chunk, object)})))
+            for j in range(len(chunk)):
+                ok = bool(b["ok"][j])
+                out.append({"uri": chunk[j], "sha256": b["sha256"][j], "ok": ok, "error_code": b["error_code"][j],
+                            "error_message": b["error_message"][j], "coarse": b["coarse"][j] if ok else None,
+                            "rerank": b["rerank"][j] if ok else None})
+        return out
+
+    return extract
+
+
+def run(a: argparse.Namespace) -> int:
+    from models.card import read_card
+
+    if a.gcmd == "info":
+        print(json.dumps(G.info(open_store(a.gallery)), indent=2))
+        return 0
+    if a.gcmd == "remove":
+        card = read_card(None)
+        m = G.read_manifest(open_store(a.gallery))
+        card = _card_for(m, card)
+        v, stats = G.remove(open_store(a.gallery), card, a.bank, a.ids, a.sha256)
+        print(json.dumps({"version": v, **stats}, indent=2))
+        return 0
+    card = read_card(a.model)
+    extract = ray_extractor(a.model, a.ray_address)
+    if a.gcmd == "build":
+        banks = load_banks(a.banks)
+        v, stats = G.build(open_store(a.out, create=True), banks, card, extract, a.shards, a.rerank_dtype)
+        print(json.dumps({"version": v, "banks": stats}, indent=2, default=str))
+        return 0
+    if a.gcmd == "add":
+        new_bank: Bank | None = None
+        if a.banks:
+            new_bank = {b.name: b for b in load_banks(a.banks)}.get(a.bank)
+        v, stats = G.add(open_store(a.gallery), a.bank, G.list_source(a.source), card, extract, new_bank)
+        print(json.dumps({"version": v, **stats}, indent=2))
+        return 0
+    raise SystemExit(f"unknown gallery command {a.gcmd}")
+
+
+def _card_for(manifest: dict[str, Any], card: Any) -> Any:
+    """``remove`` needs no features; it keeps the gallery's own model id and thresholds."""
+    from dataclasses import replace
+
+    c = replace(card) if hasattr(card, "__dataclass_fields__") else card
+    c.version_id = manifest["model_id"]
+    c.thresholds = {**c.thresholds, **manifest["thresholds"]}
+    return c

@@ -1,0 +1,1 @@
+"""modscan's descriptor model: architecture, augmentations, three-stage training, safetensors I/O."""

@@ -1,0 +1,359 @@
+"""Three-stage self-supervised training of the descriptor (the patent's recipe).
+
+1. **Backbone** (+GeM, + rerank reduction) with InfoNCE: each image's high-res view and an
+   independently augmented low-res view are the positive pair; the other images in the batch are
+   negatives. An optional KoLeo entropy term (SSCD) spreads the descriptors over the sphere.
+2. **Adapter 1** with the same loss on the frozen backbone's pooled features.
+3. **Adapter 2** distilled to adapter 1: ``loss = 1 - mean cos(adapter2(pool(low)), adapter1(pool(high)))``
+   with backbone and adapter 1 frozen.
+
+Stages 2 and 3 never touch the backbone, so their inputs are the backbone's pooled features of a
+fixed number of augmented view pairs per image, computed once (``cache_views``) and cached on
+disk: the adapters then train in seconds instead of re-running the CNN every epoch.
+
+Every stage checkpoints after each epoch (``out/checkpoints``) and resumes from there; a finished
+stage is skipped on rerun. Loading a checkpoint uses ``torch.load(weights_only=True)``: tensors
+only, nothing executable is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from models.augment import train_augment
+from models.card import ModelCard, resize_square, save_model, to_batch
+from models.descriptor import DescriptorConfig, DescriptorModel, info_nce, koleo_entropy, pick_device
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of the three stages."""
+
+    model: DescriptorConfig = field(default_factory=DescriptorConfig)
+    epochs_backbone: int = 20
+    epochs_adapter1: int = 40
+    epochs_adapter2: int = 60
+    batch_size: int = 64
+    lr_backbone: float = 1e-3
+    lr_adapter: float = 3e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.05
+    entropy_weight: float = 3.0
+    cache_views: int = 4
+    preload_max_side: int = 320
+    max_images: int | None = None
+    seed: int = 0
+    device: str | None = None
+    threads: int | None = None
+
+
+def list_images(root: str | os.PathLike[str]) -> list[Path]:
+    """All image files under ``root`` (recursive), sorted for determinism."""
+    paths = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise FileNotFoundError(f"no images under {root}")
+    return paths
+
+
+def preload(paths: list[Path], max_side: int) -> list[Image.Image]:
+    """Decode every training image once and keep a bounded-size RGB copy in memory."""
+    out = []
+    for p in tqdm(paths, desc="loading images", unit="img", leave=False):
+        with Image.open(p) as im:
+            im.draft("RGB", (max_side, max_side))
+            im = im.convert("RGB")
+            im.thumbnail((max_side, max_side), Image.BILINEAR)
+            out.append(im.copy())
+    return out
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Item ``i`` -> (high-res view, low-res view) of image ``i`` as uint8 ``(H, W, 3)`` arrays.
+
+    The two views are augmented independently; randomness is seeded by (seed, epoch, i) so a
+    resumed run sees the same samples.
+    """
+
+    def __init__(self, images: list[Image.Image], high: int, low: int, seed: int,
+                 augment: Callable[[Image.Image, random.Random], Image.Image] = train_augment) -> None:
+        self.images, self.high, self.low, self.seed, self.augment = images, high, low, seed, augment
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = random.Random(hash((self.seed, self.epoch, i)))
+        img = self.images[i]
+        a = resize_square(self.augment(img, rng), self.high)
+        b = resize_square(self.augment(img, rng), self.low)
+        return a, b
+
+
+def _collate(batch: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.stack([b[0] for b in batch]), np.stack([b[1] for b in batch])
+
+
+def _loader(ds: PairDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int) -> torch.utils.data.DataLoader:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                                       num_workers=1, collate_fn=_collate, generator=g,
+                                       persistent_workers=False)
+
+
+def _cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int) -> None:
+    if step < warmup:
+        lr = base * (step + 1) / warmup
+    else:
+        lr = 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+class Trainer:
+    """Runs the stages into ``out_dir``; ``log`` receives one JSON-able dict per epoch."""
+
+    def __init__(self, images_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                 cfg: TrainConfig, command: str | None = None) -> None:
+        self.cfg = cfg
+        self.images_dir = Path(images_dir)
+        self.out = Path(out_dir)
+        self.ckpt = self.out / "checkpoints"
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        self.command = command or " ".join(shlex.quote(a) for a in sys.argv)
+        self.device = pick_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.model = DescriptorModel(cfg.model).to(self.device)
+        paths = list_images(self.images_dir)
+        if cfg.max_images:
+            paths = paths[: cfg.max_images]
+        self.paths = paths
+        self._images: list[Image.Image] | None = None
+        self.log_path = self.out / "train_log.jsonl"
+        self.history: dict[str, list[float]] = {"backbone": [], "adapter1": [], "adapter2": []}
+
+    # -- helpers ---------------------------------------------------------------------------
+    @property
+    def images(self) -> list[Image.Image]:
+        if self._images is None:
+            self._images = preload(self.paths, self.cfg.preload_max_side)
+        return self._images
+
+    def _log(self, rec: dict[str, Any]) -> None:
+        rec = {"time": round(time.time(), 1), **rec}
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        tqdm.write(json.dumps(rec))
+
+    def _save_ckpt(self, name: str, payload: dict[str, Any]) -> None:
+        tmp = self.ckpt / f".{name}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, self.ckpt / name)
+
+    def _load_ckpt(self, name: str) -> dict[str, Any] | None:
+        p = self.ckpt / name
+        return torch.load(p, map_location="cpu", weights_only=True) if p.exists() else None
+
+    # -- stage 1 ---------------------------------------------------------------------------
+    def stage_backbone(self, epochs: int | None = None) -> list[float]:
+        """InfoNCE on (f512(high view), f512(low view)); trains backbone, GeM and the reduction."""
+        cfg, m = self.cfg, self.model
+        epochs = cfg.epochs_backbone if epochs is None else epochs
+        params = list(m.backbone.parameters()) + list(m.pool.parameters()) + list(m.reduction.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.lr_backbone, weight_decay=cfg.weight_decay)
+        start = 0
+        ck = self._load_ckpt("stage1.pt")
+        if ck is not None:
+            m.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optim"])
+            start = int(ck["epoch"])
+            self.history["backbone"] = list(ck.get("history", []))
+        ds = PairDataset(self.images, cfg.model.high_res, cfg.model.low_res, cfg.seed)
+        steps_per_epoch = len(ds) // cfg.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"need at least batch_size={cfg.batch_size} images, have {len(ds)}")
+        total = steps_per_epoch * epochs
+        for epoch in range(start, epochs):
+            ds.epoch = epoch
+            m.train()
+            losses = []
+            t0 = time.time()
+            bar = tqdm(_loader(ds, cfg.batch_size, True, True, cfg.seed + epoch), total=steps_per_epoch,
+                       desc=f"stage 1 backbone {epoch + 1}/{epochs}", unit="batch", leave=False)
+            for i, (hi, lo) in enumerate(bar):
+                _cosine_lr(opt, cfg.lr_backbone, epoch * steps_per_epoch + i, total, steps_per_epoch)
+                a = m.rerank_features(to_batch(hi, self.device))
+                b = m.rerank_features(to_batch(lo, self.device))
+                loss = info_nce(a, b, cfg.temperature)
+                if cfg.entropy_weight:
+                    loss = loss + cfg.entropy_weight * 0.5 * (koleo_entropy(a) + koleo_entropy(b))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+            mean = float(np.mean(losses))
+            self.history["backbone"].append(mean)
+            self._save_ckpt("stage1.pt", {"model": m.state_dict(), "optim": opt.state_dict(), "epoch": epoch + 1,
+                                          "history": torch.tensor(self.history["backbone"])})
+            self._log({"stage": 1, "epoch": epoch + 1, "loss": round(mean, 4), "gem_p": round(m.pool.p.item(), 3),
+                       "seconds": round(time.time() - t0, 1)})
+        return self.history["backbone"]
+
+    # -- cached pooled features for stages 2 and 3 -----------------------------------------
+    @torch.no_grad()
+    def pooled_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(V*N, C)`` pooled features of high views and of the paired low views (frozen backbone)."""
+        p = self.ckpt / "pooled_cache.pt"
+        if p.exists():
+            d = torch.load(p, map_location="cpu", weights_only=True)
+            return d["high"], d["low"]
+        cfg, m = self.cfg, self.model
+        m.eval()
+        hs, ls = [], []
+        ds = PairDataset(self.images, cfg.model.high_res, cfg.model.low_res, cfg.seed + 10_000)
+        for v in range(cfg.cache_views):
+            ds.epoch = v
+            for hi, lo in tqdm(_loader(ds, 128, False, False, 0), desc=f"caching pooled features {v + 1}/{cfg.cache_views}",
+                               unit="batch", leave=False):
+                hs.append(m.pooled(to_batch(hi, self.device)).cpu())
+                ls.append(m.pooled(to_batch(lo, self.device)).cpu())
+        high, low = torch.cat(hs), torch.cat(ls)
+        self._save_ckpt("pooled_cache.pt", {"high": high, "low": low})
+        return high, low
+
+    def _adapter_epochs(self, name: str, module: nn.Module, epochs: int,
+                        step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                        high: torch.Tensor, low: torch.Tensor) -> list[float]:
+        cfg = self.cfg
+        opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr_adapter, weight_decay=cfg.weight_decay)
+        n = high.shape[0]
+        steps = n // cfg.batch_size
+        g = torch.Generator().manual_seed(cfg.seed)
+        for epoch in range(epochs):
+            perm = torch.randperm(n, generator=g)
+            losses = []
+            for i in range(steps):
+                _cosine_lr(opt, cfg.lr_adapter, epoch * steps + i, epochs * steps, steps)
+                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                loss = step(high[idx].to(self.device), low[idx].to(self.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            self.history[name].append(float(np.mean(losses)))
+            self._log({"stage": name, "epoch": epoch + 1, "loss": round(self.history[name][-1], 4)})
+        return self.history[name]
+
+    def _freeze(self, *modules: nn.Module) -> None:
+        for mod in modules:
+            mod.eval()
+            for p in mod.parameters():
+                p.requires_grad_(False)
+
+    def stage_adapter1(self, epochs: int | None = None) -> list[float]:
+        """Backbone frozen; InfoNCE on (adapter1(pool(high)), adapter1(pool(low)))."""
+        cfg, m = self.cfg, self.model
+        ck = self._load_ckpt("stage2.pt")
+        if ck is not None:
+            m.load_state_dict(ck["model"])
+            self.history["adapter1"] = ck["history"].tolist()
+            return self.history["adapter1"]
+        self._freeze(m.backbone, m.pool, m.reduction)
+        high, low = self.pooled_cache()
+        m.adapter1.train()
+
+        def step(h: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+            a, b = m.adapter1(h), m.adapter1(lo)
+            loss = info_nce(a, b, cfg.temperature)
+            if cfg.entropy_weight:
+                loss = loss + cfg.entropy_weight * 0.5 * (koleo_entropy(a) + koleo_entropy(b))
+            return loss
+
+        self._adapter_epochs("adapter1", m.adapter1, cfg.epochs_adapter1 if epochs is None else epochs, step, high, low)
+        self._save_ckpt("stage2.pt", {"model": m.state_dict(), "history": torch.tensor(self.history["adapter1"])})
+        return self.history["adapter1"]
+
+    def stage_adapter2(self, epochs: int | None = None) -> list[float]:
+        """Backbone and adapter 1 frozen; adapter2(pool(low)) distilled to adapter1(pool(high))."""
+        cfg, m = self.cfg, self.model
+        ck = self._load_ckpt("stage3.pt")
+        if ck is not None:
+            m.load_state_dict(ck["model"])
+            self.history["adapter2"] = ck["history"].tolist()
+            return self.history["adapter2"]
+        self._freeze(m.backbone, m.pool, m.reduction, m.adapter1)
+        high, low = self.pooled_cache()
+        with torch.no_grad():
+            target = torch.cat([m.adapter1(high[i:i + 4096].to(self.device)).cpu() for i in range(0, len(high), 4096)])
+        m.adapter2.train()
+
+        def step(t: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+            return 1.0 - (m.adapter2(lo) * t).sum(dim=1).mean()
+
+        self._adapter_epochs("adapter2", m.adapter2, cfg.epochs_adapter2 if epochs is None else epochs, step, target, low)
+        self._save_ckpt("stage3.pt", {"model": m.state_dict(), "history": torch.tensor(self.history["adapter2"])})
+        return self.history["adapter2"]
+
+    # -- all -------------------------------------------------------------------------------
+    def run(self) -> ModelCard:
+        t0 = time.time()
+        self.stage_backbone()
+        self.stage_adapter1()
+        self.stage_adapter2()
+        self.model.eval()
+        cfg_d = asdict(self.cfg)
+        cfg_d["model"] = self.cfg.model.to_dict()
+        card = ModelCard(config=self.cfg.model, training={
+            "data": {"dir": self.images_dir.name, "images": len(self.paths),
+                     "note": "self-supervised: no labels; evaluation set (coco256) never used"},
+            "command": self.command,
+            "train_config": cfg_d,
+            "device": str(self.device),
+            "seconds_this_run": round(time.time() - t0, 1),
+            "final_loss": {k: (round(v[-1], 4) if v else None) for k, v in self.history.items()},
+            "torch": torch.__version__,
+        })
+        save_model(self.model.cpu(), self.out, card)
+        return card
+
+
+def train(images_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], cfg: TrainConfig,
+          command: str | None = None) -> ModelCard:
+    """Run all three stages (resuming from ``out_dir/checkpoints``) and save the model there."""
+    return Trainer(images_dir, out_dir, cfg, command).run()
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+    """``key=value`` strings -> dict with ints/floats parsed."""
+    out: dict[str, Any] = {}
+    for p in pairs:
+        k, _, v = p.partition("=")
+        try:
+            out[k] = int(v)
+        except ValueError:
+            try:
+                out[k] = float(v)
+            except ValueError:
+                out[k] = v
+    return out

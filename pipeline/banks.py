@@ -1,0 +1,144 @@
+"""Bank declarations: a TOML file validated with every error reported at its line.
+
+Example (see ``configs/banks.example.toml``)::
+
+    [[bank]]
+    name = "violence"
+    source = "s3://refs/violence/"      # or a local folder, relative to this file
+    category = "sensitive/violence"
+    action = "filter"                    # filter | downrank | allow
+    fine_threshold = 0.72                # optional, default: the model card's
+    enabled = true                       # optional
+
+An ``allow`` bank is an allow-list of known false positives: when an upload matches it at least
+as well as any blocking bank, no flag is written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ACTIONS = ("filter", "downrank", "allow")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
+_KNOWN = {"name", "source", "category", "action", "fine_threshold", "enabled"}
+
+
+@dataclass(frozen=True)
+class Bank:
+    name: str
+    source: str
+    category: str
+    action: str
+    fine_threshold: float | None = None
+    enabled: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "category": self.category, "action": self.action,
+                "fine_threshold": self.fine_threshold, "enabled": self.enabled}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Bank":
+        return cls(d["name"], d["source"], d["category"], d["action"], d.get("fine_threshold"),
+                   bool(d.get("enabled", True)))
+
+
+class BankFileError(ValueError):
+    """All problems of a bank file, each as ``file:line: message``."""
+
+    def __init__(self, path: str, errors: list[tuple[int, str]]) -> None:
+        self.errors = errors
+        lines = [f"{path}:{ln}: {msg}" for ln, msg in errors]
+        super().__init__(f"{len(errors)} error(s) in bank file:\n" + "\n".join(lines))
+
+
+def _locate(text: str) -> list[tuple[int, dict[str, int]]]:
+    """Line of each ``[[bank]]`` header and of each key inside it (1-based)."""
+    blocks: list[tuple[int, dict[str, int]]] = []
+    in_bank = False
+    for i, line in enumerate(text.splitlines(), start=1):
+        s = line.strip()
+        if re.match(r"^\[\[\s*bank\s*\]\]", s):
+            blocks.append((i, {}))
+            in_bank = True
+        elif s.startswith("["):
+            in_bank = False
+        elif in_bank and "=" in s and not s.startswith("#"):
+            key = s.split("=", 1)[0].strip().strip('"')
+            blocks[-1][1].setdefault(key, i)
+    return blocks
+
+
+def parse_banks(text: str, path: str = "<banks>", base_dir: str | None = None) -> list[Bank]:
+    """Parse and validate; raises :class:`BankFileError` listing every error with its line."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        raise BankFileError(path, [(int(m.group(1)) if m else 0, f"TOML syntax: {e}")]) from None
+    errors: list[tuple[int, str]] = []
+    top_unknown = set(doc) - {"bank"}
+    for k in sorted(top_unknown):
+        errors.append((1, f"unknown top-level key {k!r} (expected [[bank]] tables)"))
+    raw = doc.get("bank", [])
+    if not isinstance(raw, list) or not raw:
+        errors.append((1, "no [[bank]] tables declared"))
+        raise BankFileError(path, errors)
+    where = _locate(text)
+    banks: list[Bank] = []
+    seen: dict[str, int] = {}
+    for n, b in enumerate(raw):
+        head, keys = where[n] if n < len(where) else (0, {})
+        line = lambda k: keys.get(k, head)  # noqa: E731
+        bad = False
+        for k in sorted(set(b) - _KNOWN):
+            errors.append((line(k), f"bank #{n + 1}: unknown key {k!r} (known: {sorted(_KNOWN)})"))
+            bad = True
+        for k in ("name", "source", "category", "action"):
+            if k not in b:
+                errors.append((head, f"bank #{n + 1}: missing required key {k!r}"))
+                bad = True
+            elif not isinstance(b[k], str) or not b[k].strip():
+                errors.append((line(k), f"bank #{n + 1}: {k!r} must be a non-empty string"))
+                bad = True
+        name = b.get("name")
+        if isinstance(name, str):
+            if not _NAME.match(name):
+                errors.append((line("name"), f"bank name {name!r} must match {_NAME.pattern}"))
+                bad = True
+            elif name in seen:
+                errors.append((line("name"), f"duplicate bank name {name!r} (first at line {seen[name]})"))
+                bad = True
+            else:
+                seen[name] = line("name")
+        if isinstance(b.get("action"), str) and b["action"] not in ACTIONS:
+            errors.append((line("action"), f"bank {name!r}: action {b['action']!r} must be one of {list(ACTIONS)}"))
+            bad = True
+        thr = b.get("fine_threshold")
+        if thr is not None and (isinstance(thr, bool) or not isinstance(thr, (int, float)) or not -1.0 <= thr <= 1.0):
+            errors.append((line("fine_threshold"), f"bank {name!r}: fine_threshold must be a number in [-1, 1], got {thr!r}"))
+            bad = True
+        if "enabled" in b and not isinstance(b["enabled"], bool):
+            errors.append((line("enabled"), f"bank {name!r}: enabled must be true or false"))
+            bad = True
+        if bad:
+            continue
+        src = b["source"]
+        if base_dir and not src.startswith("s3://") and not os.path.isabs(src):
+            src = os.path.normpath(os.path.join(base_dir, src))
+        banks.append(Bank(name, src, b["category"], b["action"],
+                          float(thr) if thr is not None else None, b.get("enabled", True)))
+    if errors:
+        raise BankFileError(path, errors)
+    return banks
+
+
+def load_banks(path: str | os.PathLike[str]) -> list[Bank]:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"bank file not found: {p}")
+    return parse_banks(p.read_text(), str(p), base_dir=str(p.resolve().parent))

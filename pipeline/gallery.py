@@ -1,0 +1,463 @@
+"""Gallery versions in object storage, and the query-side :class:`GalleryIndex`.
+
+Layout under a gallery root (local folder or ``s3://bucket/prefix``)::
+
+    CURRENT                              # "v000003": the published version (one small object)
+    versions/v000003/manifest.json       # model id, dims, thresholds, banks, shard files + sha256
+    versions/v000003/shard-000.faiss     # coarse 128-d index with explicit int64 ids
+    versions/v000003/shard-000.rerank.safetensors   # ids + 512-d rerank vectors (float16 default)
+    versions/v000003/entries.parquet     # id, bank, category, action, source_uri, sha256, added_at
+
+A version is immutable. Writers put every file of a new version under its own prefix, the
+manifest last, then replace ``CURRENT`` (an atomic rename locally, an atomic PUT on S3): a reader
+that follows ``CURRENT`` never sees half a gallery. One writer at a time is assumed (run gallery
+updates from one scheduled job).
+
+Broadcast to workers: each Ray actor loads the version from storage once, in ``__init__``
+(``GalleryIndex.load``). Per-actor load is chosen over the Ray object store because actors on
+other nodes read straight from S3 in parallel (no driver bottleneck, no object-store spilling of a
+multi-GB gallery), every actor verifies the checksums itself, and the faiss index must be
+materialised per process anyway (faiss copies vectors into its own memory on ``add``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from models.card import ModelCard
+from pipeline.banks import Bank
+from pipeline.index import CascadeIndex, CascadeParams, Shard
+from pipeline.schemas import ENTRY_SCHEMA, Action, Status
+from pipeline.storage import Store, open_store
+
+FORMAT_VERSION = 1
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+class GalleryIntegrityError(RuntimeError):
+    """A gallery file does not match the checksum in its manifest."""
+
+
+class GalleryModelMismatch(RuntimeError):
+    """The gallery was built with another model than the one querying it."""
+
+
+class GalleryNotFound(FileNotFoundError):
+    pass
+
+
+def _sha256(b: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(b).hexdigest()
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+# --------------------------------------------------------------------------------------------
+# Versions: read, write, publish
+# --------------------------------------------------------------------------------------------
+def current_version(store: Store) -> str | None:
+    return store.read_text("CURRENT").strip() if store.exists("CURRENT") else None
+
+
+def list_versions(store: Store) -> list[str]:
+    return [posixpath.basename(d) for d in store.list_dirs("versions")]
+
+
+def _next_version(store: Store) -> str:
+    nums = [int(v[1:]) for v in list_versions(store) if v.startswith("v") and v[1:].isdigit()]
+    return f"v{(max(nums) + 1 if nums else 1):06d}"
+
+
+@dataclass
+class GalleryContent:
+    """What a version holds before it is written: vectors by id, memberships, bank rules."""
+
+    ids: np.ndarray                   # (n,) int64 unique
+    coarse: np.ndarray                # (n, coarse_dim) float32
+    rerank: np.ndarray                # (n, rerank_dim) float32 (decoded)
+    entries: pd.DataFrame             # ENTRY_SCHEMA rows; every id has >= 1 row
+    banks: dict[str, Bank]
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+    def check(self) -> None:
+        if len(set(self.entries["id"])) != len(self.ids) or set(self.entries["id"]) != set(self.ids.tolist()):
+            raise ValueError("entries and vectors disagree on the set of ids")
+        unknown = set(self.entries["bank"]) - set(self.banks)
+        if unknown:
+            raise ValueError(f"entries refer to undeclared banks {sorted(unknown)}")
+
+
+def write_version(store: Store, content: GalleryContent, card: ModelCard, n_shards: int,
+                  rerank_dtype: str = "float16", parent: str | None = None, coarse_spec: str = "Flat",
+                  publish: bool = True) -> str:
+    """Write a complete new version (shards, entries, manifest) and publish it via ``CURRENT``."""
+    content.check()
+    version = _next_version(store)
+    vstore = store.child(f"versions/{version}")
+    cascade = CascadeIndex.build(content.ids, content.coarse, content.rerank, n_shards, rerank_dtype,
+                                 coarse_spec=coarse_spec, use_gpu=False)
+    shard_meta = []
+    for i, sh in enumerate(cascade.shards):
+        ib, rb = sh.index_bytes(), sh.rerank_bytes()
+        iname, rname = f"shard-{i:03d}.faiss", f"shard-{i:03d}.rerank.safetensors"
+        vstore.write_bytes(iname, ib)
+        vstore.write_bytes(rname, rb)
+        shard_meta.append({"index": iname, "index_sha256": _sha256(ib), "rerank": rname,
+                           "rerank_sha256": _sha256(rb), "count": sh.ntotal})
+    ent = content.entries.sort_values(["id", "bank"]).reset_index(drop=True)
+    table = pa.Table.from_pandas(ent, schema=ENTRY_SCHEMA, preserve_index=False)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    eb = buf.getvalue()
+    vstore.write_bytes("entries.parquet", eb)
+    counts = ent.groupby("bank")["id"].nunique().to_dict()
+    manifest = {
+        "format": FORMAT_VERSION,
+        "version": version,
+        "parent": parent,
+        "created_at": _now().isoformat(),
+        "model_id": card.version_id,
+        "dims": {"coarse": card.config.coarse_dim, "rerank": card.config.rerank_dim},
+        "thresholds": {"coarse": float(card.thresholds["coarse"]), "fine": float(card.thresholds["fine"]),
+                       "rerank_k": int(card.thresholds.get("rerank_k", 500))},
+        "rerank_dtype": rerank_dtype,
+        "coarse_index": coarse_spec,
+        "shards": shard_meta,
+        "entries": {"file": "entries.parquet", "sha256": _sha256(eb), "rows": len(ent)},
+        "banks": {n: {**b.to_dict(), "count": int(counts.get(n, 0))} for n, b in sorted(content.banks.items())},
+        "counts": {"images": int(len(content.ids)), "memberships": int(len(ent))},
+        "rejected": content.rejected,
+    }
+    vstore.write_text("manifest.json", json.dumps(manifest, indent=2) + "\n")
+    if publish:
+        store.write_text("CURRENT", version + "\n")
+    return version
+
+
+def read_manifest(store: Store, version: str | None = None) -> dict[str, Any]:
+    v = version or current_version(store)
+    if v is None:
+        raise GalleryNotFound(f"no gallery at {store.uri} (no CURRENT pointer)")
+    key = f"versions/{v}/manifest.json"
+    if not store.exists(key):
+        raise GalleryNotFound(f"gallery version {v} has no manifest at {store.full_uri(key)}")
+    return json.loads(store.read_text(key))
+
+
+def _verified(vstore: Store, name: str, sha: str) -> bytes:
+    data = vstore.read_bytes(name)
+    actual = _sha256(data)
+    if actual != sha:
+        raise GalleryIntegrityError(
+            f"checksum mismatch for {vstore.full_uri(name)}: manifest says {sha[:16]}..., file has "
+            f"{actual[:16]}... (corrupted or tampered gallery file; refusing to load)")
+    return data
+
+
+def _coarse_vectors(sh: Shard) -> np.ndarray:
+    """Coarse vectors of a shard in the order of ``sh.ids`` (stored vectors are reused on update)."""
+    import faiss
+
+    idx = sh.index
+    if isinstance(idx, faiss.IndexIDMap2):
+        vecs = idx.index.reconstruct_n(0, idx.ntotal)
+        id_map = faiss.vector_to_array(idx.id_map).astype(np.int64)
+        pos = {int(g): i for i, g in enumerate(id_map)}
+        return vecs[[pos[int(g)] for g in sh.ids]]
+    return np.vstack([idx.reconstruct(int(g)) for g in sh.ids])  # IVF with a direct map
+
+
+def read_content(store: Store, version: str | None = None) -> tuple[dict[str, Any], GalleryContent]:
+    """Load a version's vectors and entries (verified), e.g. to derive the next version."""
+    m = read_manifest(store, version)
+    vstore = store.child(f"versions/{m['version']}")
+    shards = [Shard.from_bytes(_verified(vstore, s["index"], s["index_sha256"]),
+                               _verified(vstore, s["rerank"], s["rerank_sha256"])) for s in m["shards"]]
+    ids, coarse, rerank = [], [], []
+    from pipeline.index import decode_rerank
+
+    for sh in shards:
+        if sh.ntotal == 0:
+            continue
+        ids.append(sh.ids)
+        coarse.append(_coarse_vectors(sh))
+        rerank.append(decode_rerank(sh.rerank))
+    entries = pq.read_table(io.BytesIO(_verified(vstore, m["entries"]["file"], m["entries"]["sha256"]))).to_pandas()
+    banks = {n: Bank.from_dict(b) for n, b in m["banks"].items()}
+    cd, rd = m["dims"]["coarse"], m["dims"]["rerank"]
+    content = GalleryContent(
+        ids=np.concatenate(ids) if ids else np.zeros(0, np.int64),
+        coarse=np.concatenate(coarse) if coarse else np.zeros((0, cd), np.float32),
+        rerank=np.concatenate(rerank) if rerank else np.zeros((0, rd), np.float32),
+        entries=entries, banks=banks, rejected=list(m.get("rejected", [])))
+    return m, content
+
+
+# --------------------------------------------------------------------------------------------
+# Building and updating
+# --------------------------------------------------------------------------------------------
+# extract(uris) -> one dict per uri: {"uri", "sha256", "ok", "error_code", "error_message",
+#                                     "coarse": (128,) or None, "rerank": (512,) or None}
+Extractor = Callable[[list[str]], list[dict[str, Any]]]
+
+
+def list_source(source: str) -> list[str]:
+    """Image URIs under a bank source (folder or S3 prefix), sorted."""
+    st = open_store(source)
+    return [st.full_uri(k) for k in st.list() if k.lower().endswith(IMAGE_SUFFIXES)]
+
+
+def _add_images(content: GalleryContent, bank: Bank, uris: list[str], extract: Extractor) -> dict[str, int]:
+    """Extract ``uris`` and add them to ``bank`` in ``content``; dedupes by sha256."""
+    stats = {"added": 0, "already_present": 0, "new_membership": 0, "rejected": 0}
+    if not uris:
+        return stats
+    by_sha = {}
+    if len(content.entries):
+        by_sha = dict(zip(content.entries["sha256"], content.entries["id"]))
+    members = set(zip(content.entries["id"], content.entries["bank"])) if len(content.entries) else set()
+    next_id = int(content.ids.max()) + 1 if len(content.ids) else 0
+    new_ids, new_c, new_r, new_rows = [], [], [], []
+    now = _now()
+    for r in extract(uris):
+        if not r["ok"]:
+            content.rejected.append({"bank": bank.name, "uri": r["uri"], "error_code": r["error_code"],
+                                     "error_message": r["error_message"]})
+            stats["rejected"] += 1
+            continue
+        sha = r["sha256"]
+        if sha in by_sha:
+            gid = int(by_sha[sha])
+            if (gid, bank.name) in members:
+                stats["already_present"] += 1
+                continue
+            stats["new_membership"] += 1
+        else:
+            gid = next_id
+            next_id += 1
+            by_sha[sha] = gid
+            new_ids.append(gid)
+            new_c.append(r["coarse"])
+            new_r.append(r["rerank"])
+            stats["added"] += 1
+        members.add((gid, bank.name))
+        new_rows.append({"id": gid, "bank": bank.name, "category": bank.category, "action": bank.action,
+                         "source_uri": r["uri"], "sha256": sha, "added_at": now})
+    if new_ids:
+        content.ids = np.concatenate([content.ids, np.asarray(new_ids, np.int64)])
+        content.coarse = np.concatenate([content.coarse, np.vstack(new_c).astype(np.float32)])
+        content.rerank = np.concatenate([content.rerank, np.vstack(new_r).astype(np.float32)])
+    if new_rows:
+        add = pd.DataFrame(new_rows)
+        content.entries = pd.concat([content.entries, add], ignore_index=True) if len(content.entries) else add
+    return stats
+
+
+def _empty_content(coarse_dim: int, rerank_dim: int) -> GalleryContent:
+    return GalleryContent(np.zeros(0, np.int64), np.zeros((0, coarse_dim), np.float32),
+                          np.zeros((0, rerank_dim), np.float32),
+                          pd.DataFrame({f.name: pd.Series(dtype=object) for f in ENTRY_SCHEMA}), {})
+
+
+def build(store: Store, banks: list[Bank], card: ModelCard, extract: Extractor, n_shards: int = 4,
+          rerank_dtype: str = "float16", coarse_spec: str = "Flat") -> tuple[str, dict[str, Any]]:
+    """Extract every enabled bank and publish a new version. Returns (version, per-bank stats)."""
+    content = _empty_content(card.config.coarse_dim, card.config.rerank_dim)
+    stats: dict[str, Any] = {}
+    for b in banks:
+        content.banks[b.name] = b
+        stats[b.name] = _add_images(content, b, list_source(b.source), extract) if b.enabled else {"skipped": "disabled"}
+    parent = current_version(store)
+    version = write_version(store, content, card, n_shards, rerank_dtype, parent, coarse_spec)
+    return version, stats
+
+
+def add(store: Store, bank_name: str, uris: list[str], card: ModelCard, extract: Extractor,
+        new_bank: Bank | None = None) -> tuple[str, dict[str, int]]:
+    """New version = current + ``uris`` in ``bank_name``; existing vectors are reused, not re-extracted."""
+    m, content = read_content(store)
+    _check_model(m, card.version_id)
+    if bank_name not in content.banks:
+        if new_bank is None:
+            raise KeyError(f"bank {bank_name!r} is not in gallery {m['version']}; pass --banks to declare it")
+        content.banks[bank_name] = new_bank
+    stats = _add_images(content, content.banks[bank_name], uris, extract)
+    version = write_version(store, content, card, len(m["shards"]), m["rerank_dtype"], m["version"],
+                            m.get("coarse_index", "Flat"))
+    return version, stats
+
+
+def remove(store: Store, card: ModelCard, bank: str | None = None, ids: Iterable[int] = (),
+           shas: Iterable[str] = ()) -> tuple[str, dict[str, int]]:
+    """New version without the given memberships. An image left in no bank loses its vectors."""
+    m, content = read_content(store)
+    _check_model(m, card.version_id)
+    e = content.entries
+    ids, shas = set(int(i) for i in ids), set(shas)
+    sel = pd.Series(True, index=e.index)
+    if ids or shas:
+        sel &= e["id"].isin(ids) | e["sha256"].isin(shas)
+    elif bank is None:
+        raise ValueError("remove needs --bank, --ids or --sha256")
+    if bank is not None:
+        if bank not in content.banks:
+            raise KeyError(f"bank {bank!r} is not in gallery {m['version']}")
+        sel &= e["bank"] == bank
+    removed = int(sel.sum())
+    content.entries = e[~sel].reset_index(drop=True)
+    keep = np.isin(content.ids, content.entries["id"].to_numpy(np.int64))
+    dropped = int((~keep).sum())
+    content.ids, content.coarse, content.rerank = content.ids[keep], content.coarse[keep], content.rerank[keep]
+    if bank is not None and not ids and not shas:
+        content.banks.pop(bank)
+    version = write_version(store, content, card, len(m["shards"]), m["rerank_dtype"], m["version"],
+                            m.get("coarse_index", "Flat"))
+    return version, {"memberships_removed": removed, "images_dropped": dropped}
+
+
+def info(store: Store) -> dict[str, Any]:
+    """Versions, counts per bank, model id and size of the current version."""
+    m = read_manifest(store)
+    vstore = store.child(f"versions/{m['version']}")
+    size = sum(store.fs.get_file_info(vstore.path(k)).size for k in vstore.list())
+    return {"root": store.uri, "current": m["version"], "versions": list_versions(store), "model_id": m["model_id"],
+            "created_at": m["created_at"], "counts": m["counts"],
+            "banks": {n: {k: b[k] for k in ("category", "action", "count", "enabled", "fine_threshold")}
+                      for n, b in m["banks"].items()},
+            "shards": len(m["shards"]), "rerank_dtype": m["rerank_dtype"], "thresholds": m["thresholds"],
+            "bytes": int(size), "rejected": len(m.get("rejected", []))}
+
+
+def _check_model(manifest: dict[str, Any], model_id: str) -> None:
+    if manifest["model_id"] != model_id:
+        raise GalleryModelMismatch(
+            f"gallery {manifest['version']} was built with model {manifest['model_id']!r} but the query model is "
+            f"{model_id!r}: features of different models are not comparable; rebuild the gallery "
+            f"(`modscan gallery build`) or use the matching model")
+
+
+# --------------------------------------------------------------------------------------------
+# Query side
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Match:
+    """The decision for one query image."""
+
+    status: str
+    action: str
+    bank: str | None = None
+    category: str | None = None
+    reference_id: int | None = None
+    coarse_score: float | None = None
+    fine_score: float | None = None
+
+
+class GalleryIndex:
+    """A loaded, verified gallery version: cascade search plus the bank rules."""
+
+    def __init__(self, manifest: dict[str, Any], cascade: CascadeIndex, entries: pd.DataFrame,
+                 params: CascadeParams) -> None:
+        self.manifest, self.cascade, self.params = manifest, cascade, params
+        self.banks = {n: Bank.from_dict(b) for n, b in manifest["banks"].items()}
+        self.entries = entries
+        self._members: dict[int, list[tuple[str, str, str, float]]] = {}
+        for gid, bank in zip(entries["id"].tolist(), entries["bank"].tolist()):
+            b = self.banks[bank]
+            if not b.enabled:
+                continue
+            thr = b.fine_threshold if b.fine_threshold is not None else params.fine_threshold
+            self._members.setdefault(int(gid), []).append((bank, b.category, b.action, float(thr)))
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest["model_id"]
+
+    @classmethod
+    def load(cls, uri_or_store: str | Store, model_id: str | None = None, version: str | None = None,
+             use_gpu: bool | None = None, overrides: dict[str, float] | None = None) -> "GalleryIndex":
+        """Load and verify a version (default: ``CURRENT``); refuse a model-id mismatch."""
+        store = open_store(uri_or_store) if isinstance(uri_or_store, str) else uri_or_store
+        m = read_manifest(store, version)
+        if model_id is not None:
+            _check_model(m, model_id)
+        vstore = store.child(f"versions/{m['version']}")
+        shards = [Shard.from_bytes(_verified(vstore, s["index"], s["index_sha256"]),
+                                   _verified(vstore, s["rerank"], s["rerank_sha256"])) for s in m["shards"]]
+        entries = pq.read_table(io.BytesIO(_verified(vstore, m["entries"]["file"], m["entries"]["sha256"]))).to_pandas()
+        t = {**m["thresholds"], **(overrides or {})}
+        params = CascadeParams(float(t["coarse"]), float(t["fine"]), int(t.get("rerank_k", 500)))
+        cascade = CascadeIndex(shards, m["dims"]["coarse"], m["dims"]["rerank"], use_gpu=use_gpu)
+        return cls(m, cascade, entries, params)
+
+    def coarse(self, xq128: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 1 for every upload: ``D, I`` ``(B, rerank_k)`` above the coarse threshold."""
+        return self.cascade.coarse(xq128, self.params.rerank_k, self.params.coarse_threshold)
+
+    def rerank(self, xq512: np.ndarray, I: np.ndarray) -> np.ndarray:
+        """Stage 2 for survivors only: fine scores of their candidates."""
+        return self.cascade.rerank(xq512, I)
+
+    def decide(self, D: np.ndarray, I: np.ndarray, F: np.ndarray | None) -> list[Match]:
+        """Bank rules per query: an allow-list match at least as good as the best blocking match
+        wins (no flag); otherwise the best blocking match above its bank's fine threshold decides
+        (ties: filter over downrank). ``F`` is None when no query was reranked."""
+        out = []
+        for q in range(len(I)):
+            valid = I[q] >= 0
+            best_coarse = float(D[q][valid].max()) if valid.any() else None
+            if F is None or not valid.any():
+                out.append(Match(Status.CLEAN.value, Action.NONE.value, coarse_score=best_coarse))
+                continue
+            best_block: tuple[float, int, str, str, str, float] | None = None
+            best_allow: tuple[float, int, str, str, str, float] | None = None
+            for j in np.nonzero(valid)[0]:
+                gid, fine, crs = int(I[q, j]), float(F[q, j]), float(D[q, j])
+                for bank, category, action, thr in self._members.get(gid, ()):
+                    if fine < thr:
+                        continue
+                    cand = (fine, gid, bank, category, action, crs)
+                    if action == Action.ALLOW.value:
+                        if best_allow is None or fine > best_allow[0]:
+                            best_allow = cand
+                    elif best_block is None or (fine, action == Action.FILTER.value) > (
+                            best_block[0], best_block[4] == Action.FILTER.value):
+                        best_block = cand
+            best_fine = float(F[q][valid].max())
+            if best_block is not None and (best_allow is None or best_allow[0] < best_block[0]):
+                fine, gid, bank, category, action, crs = best_block
+                out.append(Match(Status.MATCHED.value, action, bank, category, gid, crs, fine))
+            elif best_block is not None and best_allow is not None:
+                fine, gid, bank, category, _a, crs = best_allow
+                out.append(Match(Status.CLEAN.value, Action.NONE.value, bank, category, gid, crs, fine))
+            else:
+                out.append(Match(Status.CLEAN.value, Action.NONE.value, coarse_score=best_coarse, fine_score=best_fine))
+        return out
+
+    def search(self, xq128: np.ndarray, rerank_fn: Callable[[np.ndarray], np.ndarray]) -> tuple[list[Match], np.ndarray]:
+        """The full cascade for a batch: coarse for all, ``rerank_fn(rows)`` -> 512-d only for the
+        rows with a candidate. Returns the decisions and the boolean survivor mask."""
+        D, I = self.coarse(xq128)
+        survivors = I[:, 0] >= 0
+        F = np.full(I.shape, -np.inf, np.float32)
+        if survivors.any():
+            rows = np.nonzero(survivors)[0]
+            F[rows] = self.rerank(rerank_fn(rows), I[rows])
+        return self.decide(D, I, F), survivors

@@ -1,0 +1,221 @@
+"""The sharded two-stage index: coarse 128-d faiss shards + 512-d rerank vectors, ids everywhere.
+
+One interface (like ThreatExchange's ``SignalTypeIndex``): :meth:`CascadeIndex.build`,
+:meth:`CascadeIndex.coarse` (batch of 128-d queries -> top-K ids above the coarse threshold,
+merged across shards by global id), :meth:`CascadeIndex.rerank` (512-d queries x candidate ids ->
+fine scores) and :meth:`CascadeIndex.to_shards` / :meth:`CascadeIndex.from_shards` for storage.
+
+Ids are explicit int64 (``IndexIDMap2``); an entry lives in shard ``id % n_shards``. Row position
+is never identity: rerank vectors are looked up by id through a sorted id table.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+RERANK_DTYPES = ("float32", "float16", "int8")
+
+
+@dataclass(frozen=True)
+class CascadeParams:
+    """Thresholds and sizes of the cascade; the single place they live at query time."""
+
+    coarse_threshold: float
+    fine_threshold: float
+    rerank_k: int = 500
+
+
+def encode_rerank(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Unit float vectors -> stored form. int8 is a fixed scale (components of unit vectors lie in
+    [-1, 1], and in practice |x| < 0.5, so 1/255 steps keep cosine error below ~1e-3)."""
+    if dtype == "float32":
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if dtype == "float16":
+        return np.ascontiguousarray(x, dtype=np.float16)
+    if dtype == "int8":
+        return np.clip(np.rint(x * 255.0), -127, 127).astype(np.int8)
+    raise ValueError(f"rerank dtype must be one of {RERANK_DTYPES}, got {dtype!r}")
+
+
+def decode_rerank(x: np.ndarray) -> np.ndarray:
+    """Stored form -> float32 (approximately unit) vectors."""
+    if x.dtype == np.int8:
+        return x.astype(np.float32) / 255.0
+    return x.astype(np.float32, copy=False)
+
+
+def gpu_available() -> bool:
+    try:
+        return faiss.get_num_gpus() > 0
+    except AttributeError:  # faiss-cpu
+        return False
+
+
+@dataclass
+class Shard:
+    """One shard: a faiss index over coarse vectors with explicit ids, and the rerank vectors."""
+
+    index: faiss.Index
+    ids: np.ndarray        # (n,) int64, order of ``rerank`` rows
+    rerank: np.ndarray     # (n, rerank_dim) stored dtype
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def index_bytes(self) -> bytes:
+        return faiss.serialize_index(self.index).tobytes()
+
+    def rerank_bytes(self) -> bytes:
+        return st_save({"ids": np.ascontiguousarray(self.ids, np.int64), "vectors": np.ascontiguousarray(self.rerank)})
+
+    @classmethod
+    def from_bytes(cls, index_bytes: bytes, rerank_bytes: bytes) -> "Shard":
+        index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
+        t = st_load(rerank_bytes)
+        return cls(index, t["ids"].astype(np.int64), t["vectors"])
+
+
+def _new_coarse_index(dim: int, spec: str, train_x: np.ndarray | None) -> faiss.Index:
+    """``spec`` is a faiss factory string for the coarse stage: ``Flat`` (exact, default),
+    ``HNSW32``, ``IVF1024,Flat``...; always inner product on unit vectors (= cosine)."""
+    base = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    if not base.is_trained:
+        if train_x is None or len(train_x) == 0:
+            raise ValueError(f"coarse index {spec!r} needs training vectors")
+        base.train(train_x)
+    if spec.startswith("IVF"):
+        return base  # IVF indexes take explicit ids natively
+    return faiss.IndexIDMap2(base)
+
+
+class CascadeIndex:
+    """All shards of one gallery version, ready to query."""
+
+    def __init__(self, shards: list[Shard], coarse_dim: int, rerank_dim: int, use_gpu: bool | None = None,
+                 nprobe: int | None = None, ef_search: int | None = None) -> None:
+        self.shards = shards
+        self.coarse_dim, self.rerank_dim = coarse_dim, rerank_dim
+        ids = [s.ids for s in shards if len(s.ids)]
+        vecs = [s.rerank for s in shards if len(s.ids)]
+        all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        order = np.argsort(all_ids, kind="stable")
+        self._sorted_ids = all_ids[order]
+        if len(self._sorted_ids) > 1 and np.any(np.diff(self._sorted_ids) == 0):
+            raise ValueError("duplicate gallery ids across shards")
+        self._rerank = (np.concatenate(vecs) if vecs else np.zeros((0, rerank_dim), np.float16))[order]
+        self._search = [self._searchable(s, use_gpu, nprobe, ef_search) for s in shards]
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def build(cls, ids: np.ndarray, coarse: np.ndarray, rerank: np.ndarray, n_shards: int,
+              rerank_dtype: str = "float16", coarse_spec: str = "Flat", use_gpu: bool | None = False) -> "CascadeIndex":
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("gallery ids must be unique")
+        if not (len(ids) == len(coarse) == len(rerank)):
+            raise ValueError(f"ids/coarse/rerank lengths differ: {len(ids)}, {len(coarse)}, {len(rerank)}")
+        if n_shards < 1:
+            raise ValueError("n_shards must be >= 1")
+        cdim = coarse.shape[1] if coarse.ndim == 2 and coarse.shape[1] else 128
+        rdim = rerank.shape[1] if rerank.ndim == 2 and rerank.shape[1] else 512
+        coarse = np.ascontiguousarray(coarse, np.float32).reshape(len(ids), cdim)
+        rerank = np.asarray(rerank, np.float32).reshape(len(ids), rdim)
+        shards = []
+        for s in range(n_shards):
+            m = (ids % n_shards) == s
+            index = _new_coarse_index(cdim, coarse_spec, coarse[m] if m.any() else coarse)
+            if m.any():
+                index.add_with_ids(coarse[m], ids[m])
+            shards.append(Shard(index, ids[m].copy(), encode_rerank(rerank[m], rerank_dtype)))
+        return cls(shards, cdim, rdim, use_gpu=use_gpu)
+
+    def _searchable(self, s: Shard, use_gpu: bool | None, nprobe: int | None, ef_search: int | None):  # noqa: ANN202
+        """Return (index to search, id table or None). On GPU the flat inner index is cloned to the
+        device and labels mapped back through the IDMap's id table."""
+        idx = s.index
+        if nprobe is not None and hasattr(faiss, "extract_index_ivf"):
+            try:
+                faiss.extract_index_ivf(idx).nprobe = nprobe
+            except RuntimeError:
+                pass
+        inner = faiss.downcast_index(idx.index) if isinstance(idx, faiss.IndexIDMap2) else None
+        if ef_search is not None and inner is not None and hasattr(inner, "hnsw"):
+            inner.hnsw.efSearch = ef_search
+        want_gpu = gpu_available() if use_gpu is None else use_gpu
+        if want_gpu and inner is not None and isinstance(inner, faiss.IndexFlat) and s.ntotal:
+            res = faiss.StandardGpuResources()
+            return faiss.index_cpu_to_gpu(res, 0, inner), faiss.vector_to_array(idx.id_map).astype(np.int64), res
+        return idx, None, None
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        return int(len(self._sorted_ids))
+
+    def coarse(self, xq: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """``(B, coarse_dim)`` unit queries -> ``D, I`` of shape ``(B, k)``: the best ``k`` gallery
+        ids with cosine >= ``threshold``, best first; padding is ``I = -1``, ``D = -inf``."""
+        xq = np.ascontiguousarray(xq, np.float32)
+        B = len(xq)
+        Ds, Is = [], []
+        for (index, id_table, _res), shard in zip(self._search, self.shards):
+            if shard.ntotal == 0 or B == 0:
+                continue
+            kk = min(k, shard.ntotal)
+            D, I = index.search(xq, kk)
+            if id_table is not None:
+                I = np.where(I >= 0, id_table[np.clip(I, 0, None)], -1)
+            Ds.append(D)
+            Is.append(I)
+        if not Ds:
+            return np.full((B, k), -np.inf, np.float32), np.full((B, k), -1, np.int64)
+        D = np.concatenate(Ds, axis=1)
+        I = np.concatenate(Is, axis=1).astype(np.int64)
+        D = np.where((I >= 0) & (D >= threshold), D, -np.inf).astype(np.float32)
+        I = np.where(np.isfinite(D), I, -1)
+        order = np.argsort(-D, axis=1, kind="stable")[:, :k]
+        D = np.take_along_axis(D, order, axis=1)
+        I = np.take_along_axis(I, order, axis=1)
+        if D.shape[1] < k:
+            pad = k - D.shape[1]
+            D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
+            I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
+        return D, I
+
+    def lookup_rerank(self, ids: np.ndarray) -> np.ndarray:
+        """``(n,)`` ids -> ``(n, rerank_dim)`` float32 vectors; KeyError for unknown ids."""
+        ids = np.asarray(ids, np.int64)
+        pos = np.searchsorted(self._sorted_ids, ids)
+        ok = (pos < len(self._sorted_ids)) & (self._sorted_ids[np.clip(pos, 0, max(0, len(self._sorted_ids) - 1))] == ids) \
+            if len(self._sorted_ids) else np.zeros(len(ids), bool)
+        if not np.all(ok):
+            raise KeyError(f"unknown gallery ids {ids[~ok][:5].tolist()}")
+        return decode_rerank(self._rerank[pos])
+
+    def rerank(self, xq512: np.ndarray, I: np.ndarray) -> np.ndarray:
+        """``(B, rerank_dim)`` queries and ``(B, k)`` candidate ids -> ``(B, k)`` fine cosine
+        scores (``-inf`` where ``I = -1``)."""
+        F = np.full(I.shape, -np.inf, np.float32)
+        valid = I >= 0
+        if not valid.any():
+            return F
+        rows, cols = np.nonzero(valid)
+        vecs = self.lookup_rerank(I[rows, cols])
+        F[rows, cols] = np.einsum("nd,nd->n", vecs, np.asarray(xq512, np.float32)[rows])
+        return F
+
+    def exhaustive_rerank(self, xq512: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Baseline: exact 512-d search over the whole gallery (no cascade) -> ``D, I`` ``(B, k)``."""
+        if self.ntotal == 0:
+            return np.full((len(xq512), k), -np.inf, np.float32), np.full((len(xq512), k), -1, np.int64)
+        flat = faiss.IndexFlatIP(self.rerank_dim)
+        flat.add(decode_rerank(self._rerank))
+        D, pos = flat.search(np.ascontiguousarray(xq512, np.float32), min(k, self.ntotal))
+        return D, np.where(pos >= 0, self._sorted_ids[np.clip(pos, 0, None)], -1)

@@ -1,0 +1,85 @@
+"""Every record schema of modscan, in one place.
+
+* :data:`FLAG_SCHEMA`: the output row, one per input object, read by the recommender.
+* :data:`ENTRY_SCHEMA`: one gallery membership (an image id in a bank).
+* :class:`ErrorCode`: the stable error codes of ``status = error`` rows.
+* :class:`Status` / :class:`Action`: closed vocabularies of the flag row.
+
+Stages check their boundaries with :func:`check_columns`; the writer casts to the declared schema
+so that a type drift is an error, not a silently different file.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Iterable
+
+import pyarrow as pa
+
+
+class Status(str, enum.Enum):
+    MATCHED = "matched"  # a blocking bank matched: action is filter or downrank
+    CLEAN = "clean"      # nothing matched (or an allow-list entry won)
+    ERROR = "error"      # the object could not be read or decoded; see error_code
+
+
+class Action(str, enum.Enum):
+    FILTER = "filter"
+    DOWNRANK = "downrank"
+    ALLOW = "allow"      # only as a bank action; flags carry NONE when an allow-list entry wins
+    NONE = "none"
+
+
+class ErrorCode(str, enum.Enum):
+    """Stable codes: dashboards and alerts key on these, so never rename one."""
+
+    READ_ERROR = "read_error"                  # object missing or unreadable in storage
+    EMPTY_FILE = "empty_file"                  # zero bytes
+    FILE_TOO_LARGE = "file_too_large"          # more bytes than decode.max_bytes
+    NOT_AN_IMAGE = "not_an_image"              # no image format recognised (PDF, HTML, random bytes)
+    TRUNCATED = "truncated"                    # recognised image whose data ends early / is corrupt
+    DECOMPRESSION_BOMB = "decompression_bomb"  # more pixels than decode.max_pixels
+    IMAGE_TOO_SMALL = "image_too_small"        # a side below decode.min_side (e.g. 1x1 trackers)
+    DECODE_ERROR = "decode_error"              # anything else the decoder refused
+    INTERNAL_ERROR = "internal_error"          # a bug in modscan: the row is kept, the job goes on
+
+
+FLAG_SCHEMA = pa.schema([
+    pa.field("image_key", pa.string(), nullable=False),   # object key relative to the input root
+    pa.field("image_sha256", pa.string()),                # of the bytes read; null if unreadable
+    pa.field("dt", pa.string(), nullable=False),          # partition date YYYY-MM-DD
+    pa.field("status", pa.string(), nullable=False),      # Status
+    pa.field("action", pa.string(), nullable=False),      # filter | downrank | none
+    pa.field("bank", pa.string()),                        # matched bank (or winning allow bank)
+    pa.field("category", pa.string()),                    # e.g. sensitive/violence
+    pa.field("reference_id", pa.int64()),                 # gallery entry id of the best match
+    pa.field("coarse_score", pa.float32()),               # best 128-d cosine (null: no candidate)
+    pa.field("fine_score", pa.float32()),                 # 512-d cosine of the match (null: not reranked)
+    pa.field("model_version", pa.string(), nullable=False),
+    pa.field("gallery_version", pa.string(), nullable=False),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("error_code", pa.string()),                  # ErrorCode when status = error
+    pa.field("error_message", pa.string()),
+    pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+
+# What the partition column looks like to hive-style readers (dt=YYYY-MM-DD/ folders).
+PARTITION_COLUMN = "dt"
+
+ENTRY_SCHEMA = pa.schema([
+    pa.field("id", pa.int64(), nullable=False),           # stable gallery id (one per unique sha256)
+    pa.field("bank", pa.string(), nullable=False),
+    pa.field("category", pa.string(), nullable=False),
+    pa.field("action", pa.string(), nullable=False),
+    pa.field("source_uri", pa.string(), nullable=False),
+    pa.field("sha256", pa.string(), nullable=False),
+    pa.field("added_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+
+
+def check_columns(batch: dict | pa.Table, required: Iterable[str], where: str) -> None:
+    """Raise a clear error when a stage receives a batch without the columns it needs."""
+    names = set(batch.column_names if isinstance(batch, pa.Table) else batch.keys())
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise KeyError(f"{where}: batch lacks columns {missing}; has {sorted(names)}")

@@ -1,0 +1,149 @@
+"""Pipeline stages as plain classes: heavy state in ``__init__``, work in ``__call__(batch)``.
+
+Ray only distributes them (``jobs/moderate.py`` wires them with ``map_batches``); tests call the
+same classes directly. Every stage returns exactly one output row per input row.
+
+* :class:`Fetcher` — ``{"image_key", "uri"}`` -> adds ``bytes`` and ``read_error`` (manifest input).
+* :class:`~pipeline.decode.Decoder` — bytes -> low/high-res arrays or an error code.
+* :class:`Moderator` — features + cascade + bank rules -> flag rows (:data:`FLAG_SCHEMA`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.schemas import FLAG_SCHEMA, Action, ErrorCode, Status, check_columns
+from pipeline.storage import Store, open_store, split_uri
+
+
+class Fetcher:
+    """Reads object bytes by URI; a missing/unreadable object becomes ``read_error`` (no raise)."""
+
+    def __init__(self) -> None:
+        self._stores: dict[str, Store] = {}
+
+    def _fetch(self, uri: str) -> bytes:
+        if uri.startswith("s3://"):
+            bucket = uri[5:].split("/", 1)[0]
+            st = self._stores.get(bucket) or self._stores.setdefault(bucket, open_store("s3://" + bucket))
+            return st.fs.open_input_stream(uri[5:]).read()
+        st, name = split_uri(uri)
+        return st.read_bytes(name)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        check_columns(batch, ["image_key", "uri"], "Fetcher")
+        datas, errors = [], []
+        for uri in batch["uri"]:
+            try:
+                datas.append(self._fetch(str(uri)))
+                errors.append(None)
+            except Exception as e:  # noqa: BLE001 - any storage failure is this object's error row
+                datas.append(b"")
+                errors.append(f"{type(e).__name__}: {str(e)[:300]}")
+        return {"image_key": np.asarray(batch["image_key"], dtype=object),
+                "bytes": np.asarray(datas, dtype=object), "read_error": np.asarray(errors, dtype=object)}
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every flag row of one run shares."""
+
+    dt: str
+    run_id: str
+    timings_uri: str | None = None  # folder for per-batch timing/count records (small JSON files)
+
+
+class Moderator:
+    """Features + cascade + decision for decoded batches -> flag rows.
+
+    Only rows with a coarse candidate get the 512-d high-res pass (the expensive part of the model
+    run): that is the cascade's point, since most uploads match nothing.
+    """
+
+    def __init__(self, gallery_uri: str, ctx: RunContext, model_dir: str | None = None,
+                 device: str | None = None, threads: int | None = None,
+                 threshold_overrides: dict[str, float] | None = None) -> None:
+        from pipeline.features import FeatureExtractor
+        from pipeline.gallery import GalleryIndex
+
+        self.fx = FeatureExtractor(model_dir, device=device, threads=threads)
+        self.gallery = GalleryIndex.load(gallery_uri, model_id=self.fx.version_id, overrides=threshold_overrides)
+        self.ctx = ctx
+        self._timings = open_store(ctx.timings_uri) if ctx.timings_uri else None
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        check_columns(batch, ["image_key", "image_sha256", "ok", "error_code", "error_message", "low", "high"],
+                      "Moderator")
+        t0 = time.perf_counter()
+        ok = np.asarray(batch["ok"], dtype=bool)
+        n = len(ok)
+        matches: dict[int, Any] = {}
+        t_coarse = t_search = t_rerank = 0.0
+        n_survivors = 0
+        if ok.any():
+            rows = np.nonzero(ok)[0]
+            low, high = batch["low"][rows], batch["high"][rows]
+            t = time.perf_counter()
+            xq = self.fx.query_coarse(low)
+            t_coarse = time.perf_counter() - t
+            t = time.perf_counter()
+
+            def rerank_fn(sel: np.ndarray) -> np.ndarray:
+                nonlocal t_rerank
+                t1 = time.perf_counter()
+                out = self.fx.rerank(high[sel])
+                t_rerank += time.perf_counter() - t1
+                return out
+
+            decisions, survivors = self.gallery.search(xq, rerank_fn)
+            t_search = time.perf_counter() - t - t_rerank
+            n_survivors = int(survivors.sum())
+            matches = {int(r): d for r, d in zip(rows, decisions)}
+        now = _dt.datetime.now(_dt.timezone.utc)
+        cols: dict[str, list[Any]] = {f.name: [] for f in FLAG_SCHEMA}
+        for i in range(n):
+            m = matches.get(i)
+            cols["image_key"].append(str(batch["image_key"][i]))
+            cols["image_sha256"].append(batch["image_sha256"][i])
+            cols["dt"].append(self.ctx.dt)
+            if m is None:
+                code = batch["error_code"][i] or ErrorCode.INTERNAL_ERROR.value
+                cols["status"].append(Status.ERROR.value)
+                cols["action"].append(Action.NONE.value)
+                for c in ("bank", "category", "reference_id", "coarse_score", "fine_score"):
+                    cols[c].append(None)
+                cols["error_code"].append(code)
+                cols["error_message"].append(batch["error_message"][i])
+            else:
+                cols["status"].append(m.status)
+                cols["action"].append(m.action)
+                cols["bank"].append(m.bank)
+                cols["category"].append(m.category)
+                cols["reference_id"].append(m.reference_id)
+                cols["coarse_score"].append(m.coarse_score)
+                cols["fine_score"].append(m.fine_score if m.fine_score is None or np.isfinite(m.fine_score) else None)
+                cols["error_code"].append(None)
+                cols["error_message"].append(None)
+            cols["model_version"].append(self.fx.version_id)
+            cols["gallery_version"].append(self.gallery.version)
+            cols["run_id"].append(self.ctx.run_id)
+            cols["processed_at"].append(now)
+        if self._timings is not None:
+            rec = {"rows": n, "decoded": int(ok.sum()), "survivors": n_survivors,
+                   "seconds": {"model_coarse": t_coarse, "search": t_search, "model_rerank": t_rerank,
+                               "moderator_total": time.perf_counter() - t0}}
+            try:
+                self._timings.write_text(f"{uuid.uuid4().hex}.json", json.dumps(rec))
+            except Exception:  # noqa: BLE001 - timings are best effort, rows are not
+                pass
+        import pyarrow as pa
+
+        return pa.Table.from_pydict(cols, schema=FLAG_SCHEMA)
