@@ -218,7 +218,7 @@ def moderate(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_d
 
     out = open_store(output_uri, create=True)
     run_id = run_id or new_run_id(dt)
-    F.sweep_staging(out, keep=run_id)
+    F.sweep_staging(out, keep=run_id, dt=dt)
     stage = F.staging_key(run_id)
     out.write_text(f"{stage}/started", str(time.time()))
     timings_uri = out.full_uri(f"{stage}/timings")

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline.schemas import FLAG_SCHEMA
+from pipeline.schemas import FILE_SCHEMA, FLAG_SCHEMA
 from pipeline.storage import Store
 
 SUCCESS = "_SUCCESS"
@@ -81,8 +81,10 @@ def verify_staged(out: Store, run_id: str, expected_keys: int | None) -> dict[st
             "by_action": by("action"), "by_error_code": by("error_code"), "by_bank": by("bank")}
 
 
-def sweep_staging(out: Store, older_than_s: float = 3600.0, keep: str | None = None) -> list[str]:
-    """Delete staging folders of killed runs (older than ``older_than_s``)."""
+def sweep_staging(out: Store, older_than_s: float = 3600.0, keep: str | None = None,
+                  dt: str | None = None) -> list[str]:
+    """Delete staging folders of killed runs: any earlier run of the same ``dt`` (one writer per
+    partition), and runs of other dates older than ``older_than_s``."""
     removed = []
     for d in out.list_dirs(STAGING):
         run = posixpath.basename(d)
@@ -95,7 +97,8 @@ def sweep_staging(out: Store, older_than_s: float = 3600.0, keep: str | None = N
                 started = float(out.read_text(f"{STAGING}/{run}/started"))
             except ValueError:
                 started = None
-        if started is None or time.time() - started > older_than_s:
+        same_dt = dt is not None and run.startswith(dt.replace("-", "") + "T")
+        if same_dt or started is None or time.time() - started > older_than_s:
             out.delete_dir(f"{STAGING}/{run}")
             removed.append(run)
     return removed
@@ -143,8 +146,10 @@ def read_flags(uri: str, dt: str | None = None) -> "Any":
     for p in parts:
         d = p[3:]
         if (dt is None or d == dt) and is_committed(out, d):
-            ds = pads.dataset(out.path(p), filesystem=out.fs, format="parquet", schema=FLAG_SCHEMA)
-            frames.append(ds.to_table().to_pandas())
+            ds = pads.dataset(out.path(p), filesystem=out.fs, format="parquet", schema=FILE_SCHEMA)
+            t = ds.to_table()
+            t = t.add_column(t.schema.get_field_index("image_sha256") + 1, "dt", pa.array([d] * len(t), pa.string()))
+            frames.append(t.cast(FLAG_SCHEMA).to_pandas())
     import pandas as pd
 
     return pd.concat(frames, ignore_index=True) if frames else FLAG_SCHEMA.empty_table().to_pandas()

@@ -451,13 +451,20 @@ class GalleryIndex:
                 out.append(Match(Status.CLEAN.value, Action.NONE.value, coarse_score=best_coarse, fine_score=best_fine))
         return out
 
-    def search(self, xq128: np.ndarray, rerank_fn: Callable[[np.ndarray], np.ndarray]) -> tuple[list[Match], np.ndarray]:
-        """The full cascade for a batch: coarse for all, ``rerank_fn(rows)`` -> 512-d only for the
-        rows with a candidate. Returns the decisions and the boolean survivor mask."""
+    def candidates(self, xq128: np.ndarray, rerank_fn: Callable[[np.ndarray], np.ndarray]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The cascade for a batch: coarse for all; ``rerank_fn(rows)`` -> 512-d queries, called only
+        for the rows with a coarse candidate. Returns ``D, I, F`` ``(B, rerank_k)`` and the survivor
+        mask; ``F`` is ``-inf`` where a query was not reranked."""
         D, I = self.coarse(xq128)
         survivors = I[:, 0] >= 0
         F = np.full(I.shape, -np.inf, np.float32)
         if survivors.any():
             rows = np.nonzero(survivors)[0]
             F[rows] = self.rerank(rerank_fn(rows), I[rows])
+        return D, I, F, survivors
+
+    def search(self, xq128: np.ndarray, rerank_fn: Callable[[np.ndarray], np.ndarray]) -> tuple[list[Match], np.ndarray]:
+        """Cascade + bank rules: one :class:`Match` per query, and the survivor mask."""
+        D, I, F, survivors = self.candidates(xq128, rerank_fn)
         return self.decide(D, I, F), survivors

@@ -63,8 +63,11 @@ FLAG_SCHEMA = pa.schema([
     pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
 ])
 
-# What the partition column looks like to hive-style readers (dt=YYYY-MM-DD/ folders).
+# The partition column lives in the path (dt=YYYY-MM-DD/), hive style, not inside the files:
+# pandas/pyarrow/DuckDB readers of the output root get it back as a column. A copy inside the
+# files would clash with the path's (pyarrow refuses to merge string with dictionary).
 PARTITION_COLUMN = "dt"
+FILE_SCHEMA = pa.schema([f for f in FLAG_SCHEMA if f.name != PARTITION_COLUMN])
 
 ENTRY_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),           # stable gallery id (one per unique sha256)

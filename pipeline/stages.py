@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.schemas import FLAG_SCHEMA, Action, ErrorCode, Status, check_columns
+from pipeline.schemas import FILE_SCHEMA, FLAG_SCHEMA, Action, ErrorCode, Status, check_columns
 from pipeline.storage import Store, open_store, split_uri
 
 
@@ -108,12 +108,11 @@ class Moderator:
             n_survivors = int(survivors.sum())
             matches = {int(r): d for r, d in zip(rows, decisions)}
         now = _dt.datetime.now(_dt.timezone.utc)
-        cols: dict[str, list[Any]] = {f.name: [] for f in FLAG_SCHEMA}
+        cols: dict[str, list[Any]] = {f.name: [] for f in FILE_SCHEMA}
         for i in range(n):
             m = matches.get(i)
             cols["image_key"].append(str(batch["image_key"][i]))
             cols["image_sha256"].append(batch["image_sha256"][i])
-            cols["dt"].append(self.ctx.dt)
             if m is None:
                 code = batch["error_code"][i] or ErrorCode.INTERNAL_ERROR.value
                 cols["status"].append(Status.ERROR.value)
@@ -146,4 +145,4 @@ class Moderator:
                 pass
         import pyarrow as pa
 
-        return pa.Table.from_pydict(cols, schema=FLAG_SCHEMA)
+        return pa.Table.from_pydict(cols, schema=FILE_SCHEMA)

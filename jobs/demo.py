@@ -1,0 +1,152 @@
+"""``modscan demo``: the embedded default, end to end on this machine.
+
+Generates a sample gallery and one day of sample uploads from the photos scikit-image ships
+(no download), builds the gallery with Ray, runs the moderation job on a local Ray cluster with
+the shipped model, and prints the summary and where to look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from models.augment import apply_named, crop, random_edit_names
+
+GALLERY_PHOTOS = {
+    # bank -> skimage photo names
+    "sensitive_demo": ["astronaut", "rocket", "retina", "coffee"],
+    "spam_demo": ["camera", "chelsea"],
+    "allow_demo": ["coffee"],  # known false positive: also in sensitive_demo, the allow-list wins
+}
+UNRELATED_PHOTOS = ["hubble_deep_field", "immunohistochemistry", "stereo_motorcycle", "colorwheel", "moon", "page",
+                    "coins", "clock", "horse", "brick", "grass", "gravel", "text", "cell", "logo"]
+
+BANKS_TOML = """# Sample banks of `modscan demo` (see configs/banks.example.toml for the full reference).
+[[bank]]
+name = "sensitive_demo"
+source = "refs/sensitive_demo"
+category = "sensitive/demo"
+action = "filter"
+
+[[bank]]
+name = "spam_demo"
+source = "refs/spam_demo"
+category = "low_quality/spam"
+action = "downrank"
+
+[[bank]]
+name = "allow_demo"
+source = "refs/allow_demo"
+category = "allow/known_false_positive"
+action = "allow"
+"""
+
+
+def skimage_photo(name: str) -> Image.Image:
+    import skimage.data
+
+    a = getattr(skimage.data, name)()
+    if isinstance(a, tuple):
+        a = a[0]
+    a = np.asarray(a)
+    if a.dtype != np.uint8:
+        a = (255 * (a - a.min()) / max(1e-9, float(a.max() - a.min()))).astype(np.uint8)
+    im = Image.fromarray(a)
+    return im.convert("RGB")
+
+
+def procedural(rng: random.Random, size: tuple[int, int] = (480, 360)) -> Image.Image:
+    """A synthetic unrelated picture: gradient background plus random shapes."""
+    from PIL import ImageDraw
+
+    w, h = size
+    g = np.random.default_rng(rng.randrange(2**32))
+    x = np.linspace(0, 1, w)[None, :, None]
+    y = np.linspace(0, 1, h)[:, None, None]
+    c0, c1, c2 = (g.uniform(0, 255, 3) for _ in range(3))
+    a = c0 * (1 - x) * (1 - y) + c1 * x + c2 * y * (1 - x)
+    im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    for _ in range(rng.randint(3, 12)):
+        x0, y0 = rng.randrange(w), rng.randrange(h)
+        s = rng.randint(10, 150)
+        fill = tuple(rng.randrange(256) for _ in range(3))
+        rng.choice((d.ellipse, d.rectangle))([x0, y0, x0 + s, y0 + s], fill=fill)
+    return im
+
+
+def _save(im: Image.Image, path: Path, fmt: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = fmt or ("PNG" if path.suffix == ".png" else "JPEG")
+    im.save(path, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+
+
+def make_sample(workdir: Path, n_uploads: int, seed: int = 0) -> dict[str, int]:
+    """Write ``refs/<bank>/*.jpg``, ``banks.toml`` and ``uploads/*`` under ``workdir``."""
+    rng = random.Random(seed)
+    for bank, names in GALLERY_PHOTOS.items():
+        for n in names:
+            _save(skimage_photo(n), workdir / "refs" / bank / f"{n}.jpg")
+    (workdir / "banks.toml").write_text(BANKS_TOML)
+    up = workdir / "uploads"
+    gallery_names = sorted({n for ns in GALLERY_PHOTOS.values() for n in ns})
+    n_copies = max(1, n_uploads // 5)
+    n_broken = 4
+    n_unrelated = max(0, n_uploads - n_copies - n_broken)
+    for i in range(n_copies):
+        name = gallery_names[i % len(gallery_names)]
+        edits = random_edit_names(rng)
+        im = apply_named(skimage_photo(name), edits, rng)
+        _save(im, up / f"copy-{i:03d}-{name}-{'+'.join(edits)}.jpg")
+    for i in range(n_unrelated):
+        if i % 3 == 2:
+            im = procedural(rng)
+        else:
+            im = crop(skimage_photo(UNRELATED_PHOTOS[i % len(UNRELATED_PHOTOS)]), rng, min_area=0.3)
+        _save(im, up / f"other-{i:03d}.jpg")
+    # Broken uploads: each must become an error row with a stable code.
+    buf = io.BytesIO()
+    skimage_photo("astronaut").save(buf, format="JPEG")
+    (up / "broken-truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    (up / "broken-empty.jpg").write_bytes(b"")
+    (up / "broken-not-an-image.jpg").write_bytes(b"<html><body>not a picture</body></html>")
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(up / "broken-1x1.png")
+    return {"copies": n_copies, "unrelated": n_unrelated, "broken": n_broken}
+
+
+def run_demo(a: argparse.Namespace) -> int:
+    from jobs.gallery_cmd import ray_extractor
+    from jobs.moderate import moderate, summary
+    from models.card import read_card
+    from pipeline import gallery as G
+    from pipeline.banks import load_banks
+    from pipeline.flags import read_flags
+    from pipeline.storage import open_store
+
+    work = Path(a.workdir).resolve()
+    if work.exists():
+        shutil.rmtree(work)
+    counts = make_sample(work, a.uploads)
+    print(f"sample data in {work}: {json.dumps(counts)} uploads; banks in {work / 'banks.toml'}")
+    card = read_card(None)
+    print(f"model {card.version_id} ({card.config.backbone.value}, {card.config.high_res}/{card.config.low_res} px)")
+    version, stats = G.build(open_store(str(work / "gallery"), create=True), load_banks(work / "banks.toml"), card,
+                             ray_extractor(None), n_shards=2)
+    print(f"gallery {version}: {json.dumps(stats)}")
+    info = moderate(str(work / "uploads"), str(work / "gallery"), str(work / "flags"), a.date)
+    print(summary(info))
+    df = read_flags(str(work / "flags"), a.date)
+    copies = df[df["image_key"].str.startswith("copy-")]
+    others = df[df["image_key"].str.startswith("other-")]
+    print(f"  edited copies flagged or allow-listed: {int((copies['bank'].notna()).sum())}/{len(copies)}; "
+          f"unrelated uploads flagged: {int((others['status'] == 'matched').sum())}/{len(others)}")
+    print(f"\nread the flags:\n  python -c \"import pandas as pd; print(pd.read_parquet('{work / 'flags'}')"
+          f".query('status == \\\"matched\\\"')[['image_key','action','bank','fine_score']])\"")
+    return 0
