@@ -57,6 +57,7 @@ def skimage_photo(name: str) -> Image.Image:
         a = a[0]
     a = np.asarray(a)
     if a.dtype != np.uint8:
+        a = a.astype(np.float64)
         a = (255 * (a - a.min()) / max(1e-9, float(a.max() - a.min()))).astype(np.uint8)
     im = Image.fromarray(a)
     return im.convert("RGB")

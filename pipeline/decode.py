@@ -97,7 +97,8 @@ def open_image(data: bytes, cfg: DecodeConfig) -> Image.Image:
         raise DecodeError(ErrorCode.DECOMPRESSION_BOMB, str(e)) from None
     except (OSError, SyntaxError, EOFError) as e:
         msg = str(e)
-        code = ErrorCode.TRUNCATED if ("truncated" in msg or "broken" in msg or "end of" in msg.lower()
+        low = msg.lower()
+        code = ErrorCode.TRUNCATED if ("truncated" in low or "broken data stream" in low or "end of" in low
                                        or isinstance(e, EOFError)) else ErrorCode.DECODE_ERROR
         raise DecodeError(code, f"{type(e).__name__}: {msg}") from None
     except (ValueError, TypeError, MemoryError, IndexError, KeyError, ZeroDivisionError) as e:

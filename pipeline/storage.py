@@ -67,7 +67,12 @@ class Store:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
     def path(self, key: str = "") -> str:
-        return self.root if not key else posixpath.join(self.root, safe_key(key))
+        """Filesystem path of ``key``; ``""`` is the root itself (for listings)."""
+        return self.root if key == "" else posixpath.join(self.root, safe_key(key))
+
+    def _obj(self, key: str) -> str:
+        """Path of an object: the key must name something strictly inside the root."""
+        return posixpath.join(self.root, safe_key(key))
 
     def child(self, key: str) -> "Store":
         k = safe_key(key)
@@ -77,10 +82,10 @@ class Store:
         return self.uri.rstrip("/") + "/" + safe_key(key)
 
     def exists(self, key: str) -> bool:
-        return self.fs.get_file_info(self.path(key)).type != pafs.FileType.NotFound
+        return self.fs.get_file_info(self._obj(key)).type != pafs.FileType.NotFound
 
     def read_bytes(self, key: str) -> bytes:
-        with self.fs.open_input_stream(self.path(key)) as f:
+        with self.fs.open_input_stream(self._obj(key)) as f:
             return f.read()
 
     def read_text(self, key: str) -> str:
@@ -89,7 +94,7 @@ class Store:
     def write_bytes(self, key: str, data: bytes) -> None:
         """Atomic for readers: local writes go to a temp name then ``os.replace``; an S3 PUT is
         atomic by itself (an object is either the old or the new one)."""
-        p = self.path(key)
+        p = self._obj(key)
         if self.is_local:
             os.makedirs(posixpath.dirname(p), exist_ok=True)
             tmp = posixpath.join(posixpath.dirname(p), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(p)}")

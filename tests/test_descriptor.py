@@ -1,0 +1,160 @@
+"""Descriptor model: shapes, norms, GeM, frozen stages, training progress, safetensors I/O."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared_dir
+from models.card import ModelIntegrityError, load_model, resize_square, to_batch
+from models.descriptor import Backbone, DescriptorConfig, DescriptorModel, GeM
+from models.train import PairDataset, TrainConfig, Trainer
+
+
+def test_output_shapes_and_unit_norms() -> None:
+    torch.manual_seed(0)
+    m = DescriptorModel(DescriptorConfig(high_res=64, low_res=48)).eval()
+    hi, lo = torch.randn(3, 3, 64, 64), torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        f128, f512 = m.gallery_features(hi)
+        q128 = m.query_coarse(lo)
+        r512 = m.rerank_features(hi)
+    assert f128.shape == (3, 128) and q128.shape == (3, 128)
+    assert f512.shape == (3, 512) and r512.shape == (3, 512)
+    for t in (f128, f512, q128, r512):
+        assert torch.allclose(t.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(f512, r512)
+
+
+@pytest.mark.parametrize("backbone", [Backbone.RESNET50, Backbone.MOBILENET_V3_LARGE])
+def test_other_backbones_give_the_same_dims(backbone: Backbone) -> None:
+    m = DescriptorModel(DescriptorConfig(backbone=backbone, high_res=64, low_res=48)).eval()
+    with torch.no_grad():
+        f128, f512 = m.gallery_features(torch.randn(2, 3, 64, 64))
+    assert f128.shape == (2, 128) and f512.shape == (2, 512)
+
+
+def test_gem_p1_is_average_pooling_and_large_p_approaches_max() -> None:
+    x = torch.rand(2, 5, 7, 7) + 0.01
+    assert torch.allclose(GeM(p=1.0)(x), x.mean(dim=(-2, -1)), atol=1e-6)
+    big = GeM(p=80.0)(x)
+    mx = x.amax(dim=(-2, -1))
+    assert torch.all(big <= mx + 1e-5) and torch.allclose(big, mx, rtol=0.08)
+    assert GeM(p=3.0).p.requires_grad
+
+
+def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:  # noqa: ANN001
+    cfg = TrainConfig(model=DescriptorConfig(high_res=64, low_res=48), batch_size=8, cache_views=1,
+                      epochs_backbone=1, epochs_adapter1=2, epochs_adapter2=2, **kw)
+    return Trainer(images_dir, tmp_path, cfg, command="test")
+
+
+@pytest.fixture()
+def gen_images(tmp_path):  # noqa: ANN001
+    from PIL import Image
+
+    from jobs.demo import procedural
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = random.Random(0)
+    for i in range(16):
+        procedural(rng, (96, 80)).save(d / f"{i}.png")
+    return d
+
+
+def test_stage2_freezes_backbone_and_stage3_freezes_adapter1(tmp_path, gen_images) -> None:  # noqa: ANN001
+    tr = _tiny_trainer(tmp_path / "run", gen_images)
+    tr.stage_backbone()
+    snap = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    tr.stage_adapter1()
+    after2 = tr.model.state_dict()
+    frozen = [k for k in snap if k.startswith(("backbone.", "pool.", "reduction."))]
+    assert frozen and all(torch.equal(snap[k], after2[k]) for k in frozen), "stage 2 changed the backbone"
+    assert not torch.equal(snap["adapter1.fc.weight"], after2["adapter1.fc.weight"]), "stage 2 did not train adapter 1"
+    snap2 = {k: v.clone() for k, v in after2.items()}
+    tr.stage_adapter2()
+    after3 = tr.model.state_dict()
+    frozen3 = [k for k in snap2 if k.startswith(("backbone.", "pool.", "reduction.", "adapter1."))]
+    assert all(torch.equal(snap2[k], after3[k]) for k in frozen3), "stage 3 changed backbone or adapter 1"
+    assert not torch.equal(snap2["adapter2.widen.weight"], after3["adapter2.widen.weight"])
+
+
+def test_training_resumes_from_checkpoint(tmp_path, gen_images) -> None:  # noqa: ANN001
+    tr = _tiny_trainer(tmp_path / "run", gen_images)
+    tr.stage_backbone(epochs=1)
+    w1 = tr.model.state_dict()["backbone.0.weight"].clone()
+    tr2 = _tiny_trainer(tmp_path / "run", gen_images)
+    hist = tr2.stage_backbone(epochs=1)  # already done: loads, trains nothing
+    assert len(hist) == 1 and torch.equal(tr2.model.state_dict()["backbone.0.weight"], w1)
+    log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["stage"] == 1 and log[0]["epoch"] == 1
+
+
+def test_a_few_training_steps_on_kodak_lower_the_loss(tmp_path) -> None:  # noqa: ANN001
+    kodak = shared_dir("kodak24")
+    torch.manual_seed(0)
+    cfg = TrainConfig(model=DescriptorConfig(high_res=64, low_res=48), batch_size=12, temperature=0.1, entropy_weight=0.0)
+    tr = Trainer(kodak, tmp_path, cfg, command="test")
+    ds = PairDataset(tr.images, 64, 48, seed=0, augment=lambda im, rng: im)  # fixed batch: loss must fall
+    hi = to_batch(np.stack([ds[i][0] for i in range(12)]))
+    lo = to_batch(np.stack([ds[i][1] for i in range(12)]))
+    m = tr.model.train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    from models.descriptor import info_nce
+
+    losses = []
+    for _ in range(8):
+        loss = info_nce(m.rerank_features(hi), m.rerank_features(lo), 0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.8, losses
+
+
+def test_safetensors_round_trip_reproduces_outputs(tiny_model_dir) -> None:  # noqa: ANN001
+    m1, card = load_model(tiny_model_dir)
+    m2, _ = load_model(tiny_model_dir)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = m1.gallery_features(x), m2.gallery_features(x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert card.version_id.startswith("resnet18-64x48-")
+
+
+def test_tampered_weights_fail_with_a_clear_message(tiny_model_dir, tmp_path) -> None:  # noqa: ANN001
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    raw = bytearray((d / "model.safetensors").read_bytes())
+    raw[-10] ^= 0xFF
+    (d / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ModelIntegrityError, match="checksum mismatch"):
+        load_model(d)
+
+
+def test_shipped_model_ranks_edited_copies_above_unrelated_photos(shipped_model_dir) -> None:  # noqa: ANN001
+    mods = shared_dir("edge-cases/pdq-bridge-mods")
+    kodak = shared_dir("kodak24")
+    from PIL import Image
+
+    m, card = load_model(shipped_model_dir)
+    hr = card.config.high_res
+
+    def feat(p):  # noqa: ANN001, ANN202
+        with Image.open(p) as im:
+            return m.rerank_features(to_batch([resize_square(im, hr)]))[0]
+
+    with torch.no_grad():
+        orig = feat(mods / "aaa-orig.jpg")
+        edits = [feat(p) for p in sorted(mods.glob("*.jpg")) if p.name != "aaa-orig.jpg"]
+        others = [feat(p) for p in sorted(kodak.glob("*.png"))]
+    worst_copy = min(float(orig @ e) for e in edits)
+    best_other = max(float(orig @ o) for o in others)
+    assert worst_copy > best_other, (worst_copy, best_other)

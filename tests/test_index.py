@@ -1,0 +1,92 @@
+"""Sharded cascade against an exhaustive numpy computation on seeded data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.index import CascadeIndex, decode_rerank, encode_rerank
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _data(n: int, nq: int, seed: int = 0):  # noqa: ANN202
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(10_000_000, size=n, replace=False).astype(np.int64)  # sparse, unordered ids
+    c = _unit(rng.normal(size=(n, 128)))
+    r = _unit(rng.normal(size=(n, 512)))
+    # queries: noisy copies of some entries plus unrelated vectors
+    src = rng.integers(0, n, size=nq) if n else np.zeros(nq, int)
+    qc = _unit((c[src] if n else 0) + 0.6 * rng.normal(size=(nq, 128)))
+    qr = _unit((r[src] if n else 0) + 0.6 * rng.normal(size=(nq, 512)))
+    return ids, c, r, qc, qr
+
+
+def _exhaustive(ids, c, r, qc, qr, k, thr):  # noqa: ANN001, ANN202
+    """Reference: numpy scores, coarse filter by threshold, top-k by coarse, fine score by id."""
+    S = qc @ c.T
+    out = []
+    for q in range(len(qc)):
+        cand = [(S[q, j], ids[j], float(qr[q] @ r[j])) for j in range(len(ids)) if S[q, j] >= thr]
+        cand.sort(key=lambda t: -t[0])
+        out.append(cand[:k])
+    return out
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 7])
+@pytest.mark.parametrize("n", [0, 5, 300])
+def test_sharded_cascade_equals_exhaustive(n_shards: int, n: int) -> None:
+    ids, c, r, qc, qr = _data(n, 25, seed=n_shards + n)
+    k, thr = 20, 0.1
+    idx = CascadeIndex.build(ids, c, r, n_shards, rerank_dtype="float32")
+    if n == 5 and n_shards == 7:
+        assert any(s.ntotal == 0 for s in idx.shards), "the case should include empty shards"
+    D, I = idx.coarse(qc, k, thr)
+    F = idx.rerank(qr, I)
+    ref = _exhaustive(ids, c, r, qc, qr, k, thr)
+    for q in range(len(qc)):
+        got = [(float(D[q, j]), int(I[q, j]), float(F[q, j])) for j in range(k) if I[q, j] >= 0]
+        assert [g[1] for g in got] == [int(e[1]) for e in ref[q]]
+        np.testing.assert_allclose([g[0] for g in got], [e[0] for e in ref[q]], atol=1e-5)
+        np.testing.assert_allclose([g[2] for g in got], [e[2] for e in ref[q]], atol=1e-5)
+        assert np.all(I[q, len(got):] == -1) and np.all(np.isneginf(F[q, len(got):]))
+
+
+def test_threshold_edges_and_k_limits() -> None:
+    ids, c, r, qc, qr = _data(50, 4)
+    idx = CascadeIndex.build(ids, c, r, 3)
+    D, I = idx.coarse(c[:4], 500, 0.999)  # self-queries: exactly themselves pass a 0.999 threshold
+    assert (I[:, 0] == ids[:4]).all() and (I[:, 1] == -1).all()
+    D, I = idx.coarse(qc, 500, 1.01)  # nothing passes
+    assert (I == -1).all()
+    D, I = idx.coarse(qc, 3, -1.0)  # everything passes, only 3 kept
+    assert I.shape == (4, 3) and (I >= 0).all()
+
+
+def test_duplicate_ids_are_rejected() -> None:
+    ids, c, r, *_ = _data(10, 1)
+    ids[3] = ids[4]
+    with pytest.raises(ValueError, match="unique"):
+        CascadeIndex.build(ids, c, r, 2)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("float16", 2e-3), ("int8", 1.5e-2)])
+def test_rerank_compression_error_is_bounded(dtype: str, tol: float) -> None:
+    _, _, r, _, qr = _data(200, 20)
+    approx = decode_rerank(encode_rerank(r, dtype))
+    err = np.abs(qr @ approx.T - qr @ r.T).max()
+    assert err < tol, err
+
+
+def test_shard_bytes_round_trip() -> None:
+    from pipeline.index import Shard
+
+    ids, c, r, qc, qr = _data(40, 5)
+    idx = CascadeIndex.build(ids, c, r, 2)
+    again = CascadeIndex([Shard.from_bytes(s.index_bytes(), s.rerank_bytes()) for s in idx.shards], 128, 512)
+    D1, I1 = idx.coarse(qc, 10, 0.0)
+    D2, I2 = again.coarse(qc, 10, 0.0)
+    assert np.array_equal(I1, I2) and np.allclose(D1, D2)
+    assert np.allclose(idx.rerank(qr, I1), again.rerank(qr, I2))
