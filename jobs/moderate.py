@@ -48,6 +48,7 @@ class JobConfig:
     fine_threshold: float | None = None
     rerank_k: int | None = None
     review_max_rows: int = 200
+    single_stage: bool = False       # benchmark baseline only: high-res 512-d pass for every image
 
     @classmethod
     def from_toml(cls, path: str | None, **overrides: Any) -> "JobConfig":
@@ -235,11 +236,11 @@ def moderate(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_d
             Moderator,
             fn_constructor_kwargs={"gallery_uri": gallery_uri, "model_dir": model_dir,
                                    "ctx": RunContext(dt, run_id, timings_uri), "threads": threads,
-                                   "threshold_overrides": overrides or None},
+                                   "threshold_overrides": overrides or None, "single_stage": cfg.single_stage},
             batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=ncpu, num_gpus=ngpu, batch_format="numpy")
         ds.write_parquet(out.path(f"{stage}/data"), filesystem=out.fs,
-                         filename_provider=None, min_rows_per_file=100_000)
+                         filename_provider=None)
     t_pipeline = time.time() - t_read
     counts = F.verify_staged(out, run_id, n_inputs)
     timings = _sum_timings(out.child(f"{stage}/timings")) if out.exists(f"{stage}/timings") else {}

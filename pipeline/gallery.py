@@ -464,6 +464,11 @@ class GalleryIndex:
             F[rows] = self.rerank(rerank_fn(rows), I[rows])
         return D, I, F, survivors
 
+    def search_single_stage(self, xq512: np.ndarray) -> list[Match]:
+        """Baseline without the cascade: exhaustive 512-d search for every query (benchmarks)."""
+        D, I = self.cascade.exhaustive_rerank(xq512, min(self.params.rerank_k, max(1, self.cascade.ntotal)))
+        return self.decide(D, I, D)
+
     def search(self, xq128: np.ndarray, rerank_fn: Callable[[np.ndarray], np.ndarray]) -> tuple[list[Match], np.ndarray]:
         """Cascade + bank rules: one :class:`Match` per query, and the survivor mask."""
         D, I, F, survivors = self.candidates(xq128, rerank_fn)

@@ -70,13 +70,14 @@ class Moderator:
 
     def __init__(self, gallery_uri: str, ctx: RunContext, model_dir: str | None = None,
                  device: str | None = None, threads: int | None = None,
-                 threshold_overrides: dict[str, float] | None = None) -> None:
+                 threshold_overrides: dict[str, float] | None = None, single_stage: bool = False) -> None:
         from pipeline.features import FeatureExtractor
         from pipeline.gallery import GalleryIndex
 
         self.fx = FeatureExtractor(model_dir, device=device, threads=threads)
         self.gallery = GalleryIndex.load(gallery_uri, model_id=self.fx.version_id, overrides=threshold_overrides)
         self.ctx = ctx
+        self.single_stage = single_stage  # benchmark baseline: 512-d for every image, no cascade
         self._timings = open_store(ctx.timings_uri) if ctx.timings_uri else None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +93,7 @@ class Moderator:
             rows = np.nonzero(ok)[0]
             low, high = batch["low"][rows], batch["high"][rows]
             t = time.perf_counter()
-            xq = self.fx.query_coarse(low)
+            xq = self.fx.query_coarse(low) if not self.single_stage else None
             t_coarse = time.perf_counter() - t
             t = time.perf_counter()
 
@@ -103,7 +104,11 @@ class Moderator:
                 t_rerank += time.perf_counter() - t1
                 return out
 
-            decisions, survivors = self.gallery.search(xq, rerank_fn)
+            if self.single_stage:
+                decisions = self.gallery.search_single_stage(rerank_fn(np.arange(len(rows))))
+                survivors = np.ones(len(rows), bool)
+            else:
+                decisions, survivors = self.gallery.search(xq, rerank_fn)
             t_search = time.perf_counter() - t - t_rerank
             n_survivors = int(survivors.sum())
             matches = {int(r): d for r, d in zip(rows, decisions)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -62,20 +63,35 @@ def ray_local():
     yield ray
 
 
-@pytest.fixture()
-def s3_server(monkeypatch: pytest.MonkeyPatch):
-    """A real S3 HTTP endpoint (moto server on 127.0.0.1, random port) with env set for boto3/pyarrow."""
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value-xyz",
+          "AWS_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def moto_server():
+    """A real S3 HTTP endpoint (moto server on 127.0.0.1, random port); sets the AWS environment
+    for boto3, pyarrow and Ray workers started afterwards, and restores it on exit."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-value-xyz")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield endpoint
     finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         server.stop()
+
+
+@pytest.fixture()
+def s3_server():
+    with moto_server() as endpoint:
+        yield endpoint

@@ -1,0 +1,463 @@
+"""``modscan bench search|memory|pipeline``: tables and ratios measured in one run.
+
+Benchmarks never assert: they print what they measured (and write ``bench-out/*.json``).
+
+Realistic vectors (search, memory): the shipped model's GeM-pooled features of real photos
+(``../shared/data`` when present, else scikit-image's) define a Gaussian in pooled space (mean +
+covariance); gallery entries are samples of it pushed through the model's own heads (adapter 1 ->
+128-d, reduction -> 512-d). Queries with a true match are gallery entries displaced by *real*
+edit displacements (pooled(edited low-res) - pooled(original), measured on the photos) pushed
+through adapter 2 (128-d) and the reduction (512-d); queries without a match are fresh samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU ({cpu}), {mem:.0f} GiB RAM, {gpu}"
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# realistic vectors
+# --------------------------------------------------------------------------------------------
+def _photo_paths(limit: int = 400) -> list[Path]:
+    paths: list[Path] = []
+    for d in ("coco256", "kodak24"):
+        if (SHARED / d).is_dir():
+            paths += sorted(p for p in (SHARED / d).iterdir() if p.suffix.lower() in (".jpg", ".png"))
+    return paths[:limit]
+
+
+def pooled_statistics(model_dir: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """Pooled features of real photos and real edit displacements (shipped model)."""
+    import torch
+    from PIL import Image
+
+    from jobs.demo import UNRELATED_PHOTOS, skimage_photo
+    from models.augment import apply_named, random_edit_names
+    from models.card import load_model, resize_square, to_batch
+
+    model, card = load_model(model_dir)
+    c = card.config
+    rng = random.Random(seed)
+    paths = _photo_paths()
+    ims = []
+    for p in paths:
+        with Image.open(p) as im:
+            ims.append(im.convert("RGB"))
+    if len(ims) < 50:  # no shared data: scikit-image photos and crops of them
+        base = [skimage_photo(n) for n in UNRELATED_PHOTOS + ["astronaut", "rocket", "coffee", "chelsea", "camera"]]
+        from models.augment import crop
+
+        ims += [crop(b, rng, 0.2) for b in base for _ in range(12)]
+    hi_o, lo_e, hi_e = [], [], []
+    for im in ims:
+        e = apply_named(im, random_edit_names(rng), rng)
+        hi_o.append(resize_square(im, c.high_res))
+        lo_e.append(resize_square(e, c.low_res))
+        hi_e.append(resize_square(e, c.high_res))
+    with torch.inference_mode():
+        P = torch.cat([model.pooled(to_batch(hi_o[i:i + 64])) for i in range(0, len(hi_o), 64)]).numpy()
+        Plo = torch.cat([model.pooled(to_batch(lo_e[i:i + 64])) for i in range(0, len(lo_e), 64)]).numpy()
+        Phi = torch.cat([model.pooled(to_batch(hi_e[i:i + 64])) for i in range(0, len(hi_e), 64)]).numpy()
+    return {"model": model, "card": card, "P": P, "d_lo": Plo - P, "d_hi": Phi - P, "n_photos": len(ims)}
+
+
+class VectorFactory:
+    """Samples pooled features like the photos' and maps them through the model's heads."""
+
+    def __init__(self, stats: dict[str, Any], seed: int = 0) -> None:
+        self.s = stats
+        self.rng = np.random.default_rng(seed)
+        P = stats["P"].astype(np.float64)
+        self.mu = P.mean(0)
+        U, S, Vt = np.linalg.svd(P - self.mu, full_matrices=False)
+        self.basis = (S[:, None] * Vt) / np.sqrt(max(1, len(P) - 1))  # rows: principal directions x std
+        self.iso = 0.1 * float(np.sqrt((S**2).sum() / (len(P) - 1) / P.shape[1]))  # keeps full rank
+
+    def pooled(self, n: int) -> np.ndarray:
+        z = self.rng.standard_normal((n, self.basis.shape[0]))
+        x = self.mu + z @ self.basis + self.iso * self.rng.standard_normal((n, self.basis.shape[1]))
+        return np.clip(x, 1e-6, None).astype(np.float32)
+
+    def _heads(self, pooled: np.ndarray, head: str) -> np.ndarray:
+        import torch
+
+        m = self.s["model"]
+        fn = {"a1": m.adapter1, "a2": m.adapter2, "red": m.reduction}[head]
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(pooled), 65536):
+                out.append(fn(torch.from_numpy(pooled[i:i + 65536])).numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def gallery(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        P = self.pooled(n)
+        return P, self._heads(P, "a1"), self._heads(P, "red")
+
+    def queries(self, P_gallery: np.ndarray, n_pos: int, n_neg: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (q128 from adapter 2, q512, true gallery row or -1)."""
+        src = self.rng.integers(0, len(P_gallery), n_pos)
+        j = self.rng.integers(0, len(self.s["d_lo"]), n_pos)
+        lo = np.clip(P_gallery[src] + self.s["d_lo"][j], 1e-6, None)
+        hi = np.clip(P_gallery[src] + self.s["d_hi"][j], 1e-6, None)
+        neg = self.pooled(n_neg)
+        q128 = np.concatenate([self._heads(lo, "a2"), self._heads(neg, "a2")])
+        q512 = np.concatenate([self._heads(hi, "red"), self._heads(neg, "red")])
+        truth = np.concatenate([src, -np.ones(n_neg, np.int64)])
+        return q128, q512, truth
+
+
+def _timed(fn, repeat: int = 1):  # noqa: ANN001, ANN202
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+# --------------------------------------------------------------------------------------------
+# 1. search
+# --------------------------------------------------------------------------------------------
+def bench_search(n: int, n_queries: int, out_dir: Path) -> dict[str, Any]:
+    import faiss
+
+    from pipeline.index import CascadeIndex
+
+    t0 = time.time()
+    st = pooled_statistics()
+    card = st["card"]
+    vf = VectorFactory(st)
+    P, g128, g512 = vf.gallery(n)
+    n_pos = max(1, n_queries // 2)
+    q128, q512, truth = vf.queries(P, n_pos, n_queries - n_pos)
+    del P
+    ids = np.arange(n, dtype=np.int64)
+    thr_c = float(card.thresholds["coarse"])
+    k = int(card.thresholds.get("rerank_k", 500))
+    print(f"vectors: {n} gallery, {n_queries} queries ({n_pos} with a true match) from {st['n_photos']} photos "
+          f"in {time.time() - t0:.0f}s; coarse threshold {thr_c}, K={k}", flush=True)
+    pos = truth >= 0
+    rows = []
+
+    def r1(I: np.ndarray) -> float:
+        return float((I[pos, 0] == truth[pos]).mean())
+
+    # (b) exhaustive 512-d
+    flat512 = faiss.IndexFlatIP(g512.shape[1])
+    flat512.add(g512)
+    t, (D, I) = _timed(lambda: flat512.search(q512, 1))
+    exh_r1, exh_qps = r1(I), n_queries / t
+    rows.append({"method": "exhaustive 512-d flat", "QPS": f"{exh_qps:.0f}", "recall@1": f"{exh_r1:.4f}",
+                 "vs exhaustive QPS": "1.00x", "recall@1 / exhaustive": "1.000"})
+    del flat512
+
+    def cascade_row(name: str, spec: str, **kw: Any) -> None:
+        tb = time.perf_counter()
+        idx = CascadeIndex.build(ids, g128, g512, 1, "float16", coarse_spec=spec)
+        if kw:
+            idx = CascadeIndex(idx.shards, 128, 512, **kw)
+        build = time.perf_counter() - tb
+
+        def run() -> np.ndarray:
+            Dc, Ic = idx.coarse(q128, k, thr_c)
+            surv = Ic[:, 0] >= 0
+            Fs = np.full(Ic.shape, -np.inf, np.float32)
+            if surv.any():
+                Fs[surv] = idx.rerank(q512[surv], Ic[surv])
+            best = np.argmax(Fs, axis=1)
+            out = np.take_along_axis(Ic, best[:, None], 1)
+            out[~surv] = -1
+            return out
+
+        t, I1 = _timed(run)
+        rec = r1(I1)
+        rows.append({"method": name, "QPS": f"{n_queries / t:.0f}", "recall@1": f"{rec:.4f}",
+                     "vs exhaustive QPS": f"{n_queries / t / exh_qps:.2f}x",
+                     "recall@1 / exhaustive": f"{rec / exh_r1:.3f}" if exh_r1 else "-",
+                     "build s": f"{build:.1f}"})
+        print(rows[-1], flush=True)
+
+    cascade_row("cascade: 128-d flat coarse + 512-d rerank", "Flat")
+    # (c) 128-d only
+    flat128 = faiss.IndexFlatIP(128)
+    flat128.add(g128)
+    t, (D, I) = _timed(lambda: flat128.search(q128, 1))
+    rows.append({"method": "128-d only (flat)", "QPS": f"{n_queries / t:.0f}", "recall@1": f"{r1(I):.4f}",
+                 "vs exhaustive QPS": f"{n_queries / t / exh_qps:.2f}x",
+                 "recall@1 / exhaustive": f"{r1(I) / exh_r1:.3f}" if exh_r1 else "-"})
+    del flat128
+    # (d) approximate coarse stages
+    nlist = int(max(64, min(4096, 4 * np.sqrt(n))))
+    cascade_row(f"cascade: IVF{nlist} coarse (nprobe 32) + rerank", f"IVF{nlist},Flat", nprobe=32)
+    cascade_row("cascade: HNSW32 coarse (efSearch 128) + rerank", "HNSW32", ef_search=128)
+    res = {"machine": machine(), "gallery_size": n, "queries": n_queries, "positives": n_pos,
+           "coarse_threshold": thr_c, "rerank_k": k, "model": card.version_id, "rows": rows}
+    print(f"\nsearch benchmark on {res['machine']}; gallery {n:,}; K={k}; coarse threshold {thr_c}\n")
+    print(_table(rows, ["method", "QPS", "recall@1", "vs exhaustive QPS", "recall@1 / exhaustive", "build s"]))
+    (out_dir / "search.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# 3. memory
+# --------------------------------------------------------------------------------------------
+_RSS_PROBE = """
+import resource, sys, time, numpy as np
+from pipeline.gallery import GalleryIndex
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.time()
+g = GalleryIndex.load(sys.argv[1])
+q = np.load(sys.argv[2])
+q128, q512 = q["q128"], q["q512"]
+D, I, F, s = g.candidates(q128, lambda rows: q512[rows])
+best = np.take_along_axis(I, np.argmax(F, axis=1)[:, None], 1)[:, 0]
+best[~s] = -1
+np.save(sys.argv[3], best)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, base * 1024, time.time() - t)
+"""
+
+
+def bench_memory(n: int, out_dir: Path, n_queries: int = 1000) -> dict[str, Any]:
+    import pandas as pd
+
+    from pipeline.banks import Bank
+    from pipeline.gallery import GalleryContent, write_version
+    from pipeline.storage import open_store
+
+    st = pooled_statistics()
+    card = st["card"]
+    vf = VectorFactory(st, seed=1)
+    P, g128, g512 = vf.gallery(n)
+    q128, q512, truth = vf.queries(P, n_queries // 2, n_queries - n_queries // 2)
+    del P
+    qfile = out_dir / "mem_queries.npz"
+    np.savez(qfile, q128=q128, q512=q512)
+    now = pd.Timestamp.now(tz="UTC")
+    ids = np.arange(n, dtype=np.int64)
+    entries = pd.DataFrame({"id": ids, "bank": "b", "category": "c", "action": "filter",
+                            "source_uri": [f"s3://refs/b/{i:08d}.jpg" for i in range(n)],
+                            "sha256": [f"{i:064x}" for i in range(n)], "added_at": now})
+    rows = []
+    base_best = None
+    pos = truth >= 0
+    for dtype in ("float32", "float16", "int8"):
+        root = out_dir / f"mem-gallery-{dtype}"
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        content = GalleryContent(ids, g128, g512, entries, {"b": Bank("b", "-", "c", "filter")})
+        write_version(open_store(str(root), create=True), content, card, n_shards=4, rerank_dtype=dtype)
+        disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        r = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(root), str(qfile), str(out_dir / f"best-{dtype}.npy")],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        if r.returncode:
+            raise RuntimeError(r.stderr[-2000:])
+        peak, base, secs = r.stdout.split()
+        best = np.load(out_dir / f"best-{dtype}.npy")
+        if base_best is None:
+            base_best = best
+        rec = float((best[pos] == truth[pos]).mean())
+        agree = float((best == base_best).mean())
+        per = (int(peak) - int(base)) / n
+        rows.append({"rerank dtype": dtype, "disk bytes/entry": f"{disk / n:.0f}", "RSS bytes/entry": f"{per:.0f}",
+                     f"peak RSS @{n // 1000}k": f"{int(peak) / 2**30:.2f} GiB",
+                     "peak RSS @10M (extrapolated)": f"{(int(base) + per * 10_000_000) / 2**30:.1f} GiB",
+                     "recall@1": f"{rec:.4f}", "same top-1 as float32": f"{agree:.4f}", "load+query s": f"{float(secs):.1f}"})
+        print(rows[-1], flush=True)
+        shutil.rmtree(root, ignore_errors=True)
+    res = {"machine": machine(), "gallery_size": n, "rows": rows}
+    print(f"\nmemory benchmark on {res['machine']}; gallery {n:,} entries (4 shards)\n")
+    print(_table(rows, list(rows[0])))
+    (out_dir / "memory.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# 2. pipeline
+# --------------------------------------------------------------------------------------------
+def _make_images(root: Path, n: int, refs: Path, seed: int = 0) -> int:
+    """n uploads (1% edited copies of the references), JPEG ~640x480 like phone uploads."""
+    from PIL import Image
+
+    from jobs.demo import procedural
+    from models.augment import apply_named, crop, random_edit_names
+
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    refs.mkdir(parents=True, exist_ok=True)
+    photos = _photo_paths(300)
+    pool = []
+    for p in photos:
+        with Image.open(p) as im:
+            pool.append(im.convert("RGB"))
+    if not pool:
+        from jobs.demo import UNRELATED_PHOTOS, skimage_photo
+
+        pool = [skimage_photo(x) for x in UNRELATED_PHOTOS]
+    ref_imgs = pool[:20]
+    for i, im in enumerate(ref_imgs):
+        im.save(refs / f"ref-{i:03d}.jpg", quality=92)
+    n_pos = max(1, n // 100)
+    for i in range(n):
+        if i < n_pos:
+            im = apply_named(ref_imgs[i % len(ref_imgs)], random_edit_names(rng), rng)
+        elif i % 4 == 0:
+            im = procedural(rng, (640, 480))
+        else:
+            im = crop(pool[20 + i % max(1, len(pool) - 20)] if len(pool) > 20 else pool[i % len(pool)], rng, 0.3)
+        im.convert("RGB").resize((640, 480)).save(root / f"up-{i:05d}.jpg", quality=85)
+    return n_pos
+
+
+def _ceiling(images: Path, survivors_fraction: float, n_max: int = 2000) -> dict[str, float]:
+    """Model-only ceiling: decoded tensors, plain loop, coarse for all + rerank for survivors."""
+    import torch
+
+    from models.card import read_card
+    from pipeline.decode import DecodeConfig, Decoder
+    from pipeline.features import FeatureExtractor
+
+    card = read_card(None)
+    dec = Decoder(DecodeConfig(low_res=card.config.low_res, high_res=card.config.high_res))
+    files = sorted(images.iterdir())[:n_max]
+    lows, highs = [], []
+    for f in files:
+        r = dec.decode_one(f.read_bytes())
+        lows.append(r["low"])
+        highs.append(r["high"])
+    low, high = np.stack(lows), np.stack(highs)
+    fx = FeatureExtractor(None, threads=torch.get_num_threads())
+    n_s = int(round(survivors_fraction * len(files)))
+    t = time.perf_counter()
+    for i in range(0, len(low), 64):
+        fx.query_coarse(low[i:i + 64])
+    t_low = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(0, len(high), 64):
+        fx.rerank(high[i:i + 64])
+    t_high = time.perf_counter() - t
+    per_low, per_high = t_low / len(files), t_high / len(files)
+    return {"images": len(files), "low_res_s_per_image": per_low, "high_res_s_per_image": per_high,
+            "cascade_ceiling_images_per_s": 1.0 / (per_low + survivors_fraction * per_high),
+            "single_stage_ceiling_images_per_s": 1.0 / per_high, "survivors_fraction": survivors_fraction,
+            "survivors": n_s}
+
+
+def bench_pipeline(n: int, work: Path, s3: bool = True) -> dict[str, Any]:
+    import shutil
+
+    from jobs.gallery_cmd import local_extractor
+    from jobs.moderate import JobConfig, init_ray, moderate
+    from models.card import read_card
+    from pipeline import gallery as G
+    from pipeline.banks import Bank
+    from pipeline.storage import open_store
+
+    shutil.rmtree(work, ignore_errors=True)
+    images, refs = work / "uploads", work / "refs"
+    n_pos = _make_images(images, n, refs)
+    gal = str(work / "gallery")
+    G.build(open_store(gal, create=True), [Bank("bench", str(refs), "sensitive/bench", "filter")], read_card(None),
+            local_extractor(None), n_shards=2)
+    ctx = None
+    if s3:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from conftest import moto_server  # a real S3 endpoint, as in the tests
+
+        ctx = moto_server()
+        endpoint = ctx.__enter__()
+        import boto3
+
+        cli = boto3.client("s3", endpoint_url=endpoint)
+        cli.create_bucket(Bucket="bench-up")
+        for f in sorted(images.iterdir()):
+            cli.upload_file(str(f), "bench-up", f"day/{f.name}")
+    init_ray(None)
+    cfg = JobConfig(batch_size=64)
+    rows, infos = [], {}
+
+    def run(name: str, inp: str, c: JobConfig) -> None:
+        info = moderate(inp, gal, str(work / f"flags-{name.split()[0]}"), "2026-06-01", cfg=c, review=False)
+        infos[name] = info
+        rows.append({"job": name, "images": info["inputs"], "seconds": f"{info['pipeline_seconds']:.1f}",
+                     "images/s": f"{info['images_per_second']:.1f}", "512-d passes": info["survivors"],
+                     "flagged": info["counts"]["by_status"].get("matched", 0)})
+        print(rows[-1], flush=True)
+
+    run("cascade-local", str(images), cfg)
+    if s3:
+        run("cascade-s3", "s3://bench-up/day/", cfg)
+    run("single-stage-local (512-d for every image)", str(images), JobConfig(batch_size=64, single_stage=True))
+    casc = infos["cascade-local"]
+    ceil = _ceiling(images, casc["survivors"] / max(1, casc["decoded"]))
+    single = infos["single-stage-local (512-d for every image)"]
+    ratios = {
+        "cascade / single-stage (images/s)": casc["images_per_second"] / single["images_per_second"],
+        "cascade / model-only ceiling": casc["images_per_second"] / ceil["cascade_ceiling_images_per_s"],
+    }
+    if s3:
+        ratios["cascade S3 / cascade local"] = infos["cascade-s3"]["images_per_second"] / casc["images_per_second"]
+    stage = casc["stage_seconds_summed_over_workers"]
+    res = {"machine": machine(), "images": n, "positives": n_pos, "rows": rows, "ceiling": ceil, "ratios": ratios,
+           "where_time_goes_cascade_local_seconds_summed_over_workers": stage,
+           "where_time_goes_single_stage_seconds": single["stage_seconds_summed_over_workers"]}
+    print(f"\npipeline benchmark on {res['machine']}: {n} images, {n_pos} edited copies of 20 gallery images\n")
+    print(_table(rows, ["job", "images", "seconds", "images/s", "512-d passes", "flagged"]))
+    print(f"\nmodel-only ceiling (decoded tensors, plain loop): {ceil['cascade_ceiling_images_per_s']:.1f} images/s for the "
+          f"cascade workload, {ceil['single_stage_ceiling_images_per_s']:.1f} for 512-d on every image "
+          f"(low-res {1000 * ceil['low_res_s_per_image']:.1f} ms, high-res {1000 * ceil['high_res_s_per_image']:.1f} ms per image)")
+    print("ratios: " + "; ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
+    print("where time goes (cascade, local; seconds summed over workers): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in stage.items()))
+    (work / "pipeline.json").write_text(json.dumps(res, indent=2, default=str))
+    if ctx is not None:
+        ctx.__exit__(None, None, None)
+    return res
+
+
+def cli_bench(a: argparse.Namespace) -> int:
+    out = Path(getattr(a, "workdir", None) or "bench-out")
+    out.mkdir(parents=True, exist_ok=True)
+    if a.bcmd == "search":
+        bench_search(a.gallery_size, a.queries, out)
+    elif a.bcmd == "memory":
+        bench_memory(a.gallery_size, out)
+    elif a.bcmd == "pipeline":
+        bench_pipeline(a.images, out, s3=not a.no_s3)
+    return 0

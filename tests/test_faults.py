@@ -1,0 +1,240 @@
+"""Faults on real parts: a killed actor, a flaky S3 endpoint, a killed driver."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import ROOT, moto_server, photo
+from jobs.demo import procedural
+
+pytestmark = pytest.mark.slow
+
+
+def _folder(root: Path, n: int) -> Path:
+    import random
+
+    rng = random.Random(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        procedural(rng, (200, 150)).save(root / f"img-{i:04d}.jpg", quality=85)
+    Image.fromarray(photo("rocket")).save(root / "rocket.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_gallery(tmp_path_factory, shipped_model_dir):  # noqa: ANN001, ANN201
+    from jobs.gallery_cmd import local_extractor
+    from models.card import read_card
+    from pipeline import gallery as G
+    from pipeline.banks import Bank
+    from pipeline.storage import open_store
+
+    tmp = tmp_path_factory.mktemp("faults")
+    refs = tmp / "refs"
+    refs.mkdir()
+    Image.fromarray(photo("rocket")).save(refs / "rocket.png")
+    G.build(open_store(str(tmp / "gal"), create=True), [Bank("v", str(refs), "sensitive/x", "filter")],
+            read_card(None), local_extractor(None), n_shards=2)
+    return str(tmp / "gal"), tmp
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():  # noqa: ANN201
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _kill_actor_when_busy(marker: Path, stop: threading.Event, killed: list[int]) -> None:
+    import psutil
+
+    while not stop.is_set():
+        if marker.exists() and any(marker.iterdir()):
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if "Moderator" in cmd and "MapWorker" in cmd:
+                    os.kill(p.info["pid"], signal.SIGKILL)
+                    killed.append(p.info["pid"])
+                    return
+        time.sleep(0.05)
+
+
+def test_actor_killed_mid_job_every_row_once(local_gallery, ray_cluster, tmp_path) -> None:  # noqa: ANN001
+    from jobs.moderate import JobConfig, moderate, new_run_id
+
+    gal, _ = local_gallery
+    src = _folder(tmp_path / "up", 160)
+    out = tmp_path / "flags"
+    run_id = new_run_id("2026-05-01")
+    stop, killed = threading.Event(), []
+    # kill the Moderator actor as soon as it has finished its first batch (a timing record exists)
+    th = threading.Thread(target=_kill_actor_when_busy,
+                          args=(out / "_staging" / run_id / "timings", stop, killed), daemon=True)
+    th.start()
+    try:
+        info = moderate(str(src), gal, str(out), "2026-05-01", cfg=JobConfig(batch_size=8), run_id=run_id, review=False)
+    finally:
+        stop.set()
+    assert killed, "the actor was never killed: the test did not exercise the fault"
+    df = pd.read_parquet(out)
+    assert len(df) == 161 == info["inputs"] and df["image_key"].is_unique
+    assert df.set_index("image_key").loc["rocket.jpg", "status"] == "matched"
+
+
+class _FlakyProxy:
+    """HTTP proxy in front of the moto server: answers 503 SlowDown, or resets connections,
+    for the next ``fail`` requests (or forever with ``fail = -1``)."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.split("//")[1].split(":")
+        proxy = self
+        self.fail, self.mode, self.failed = 0, "503", 0
+        self.lock = threading.Lock()
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):  # noqa: ANN002, ANN202
+                pass
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy.lock:
+                    bad = proxy.fail != 0
+                    if proxy.fail > 0:
+                        proxy.fail -= 1
+                    if bad:
+                        proxy.failed += 1
+                if bad and proxy.mode == "reset":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if bad:
+                    msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                c = http.client.HTTPConnection(host, int(port), timeout=30)
+                c.request(self.command, self.path, body=body, headers=dict(self.headers))
+                r = c.getresponse()
+                data = r.read()
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@pytest.fixture(scope="module")
+def flaky_s3(local_gallery):  # noqa: ANN001, ANN201
+    import boto3
+    import ray
+
+    with moto_server() as endpoint:
+        proxy = _FlakyProxy(endpoint)
+        os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+        os.environ["MODSCAN_S3_RETRIES"] = "6"
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="flaky-up")
+        s3.create_bucket(Bucket="flaky-out")
+        for i in range(20):
+            b = io.BytesIO()
+            Image.fromarray(photo("coins")).resize((100 + i, 100)).save(b, format="JPEG")
+            s3.put_object(Bucket="flaky-up", Key=f"d/img-{i}.jpg", Body=b.getvalue())
+        yield proxy, s3
+        os.environ.pop("MODSCAN_S3_RETRIES", None)
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["503", "reset"])
+def test_s3_errors_for_a_while_are_retried(flaky_s3, local_gallery, mode: str) -> None:  # noqa: ANN001
+    from jobs.moderate import JobConfig, moderate
+    from pipeline.flags import read_flags
+
+    proxy, _ = flaky_s3
+    gal, _ = local_gallery
+    proxy.mode, proxy.failed = mode, 0
+    proxy.fail = 6  # the next 6 requests fail, then the endpoint recovers
+    info = moderate("s3://flaky-up/d/", gal, f"s3://flaky-out/ok-{mode}", "2026-05-02", cfg=JobConfig(batch_size=8),
+                    review=False)
+    assert proxy.failed == 6
+    df = read_flags(f"s3://flaky-out/ok-{mode}")
+    assert len(df) == 20 == info["inputs"] and (df["status"] == "clean").all()
+
+
+def test_s3_outage_fails_cleanly_without_a_partial_partition(flaky_s3, local_gallery) -> None:  # noqa: ANN001
+    from jobs.moderate import JobConfig, moderate
+
+    proxy, s3 = flaky_s3
+    gal, _ = local_gallery
+    os.environ["MODSCAN_S3_RETRIES"] = "2"
+    proxy.mode, proxy.fail = "503", -1
+    try:
+        with pytest.raises(Exception):
+            moderate("s3://flaky-up/d/", gal, "s3://flaky-out/down", "2026-05-03", cfg=JobConfig(batch_size=8),
+                     review=False)
+    finally:
+        proxy.fail = 0
+        os.environ["MODSCAN_S3_RETRIES"] = "6"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="flaky-out", Prefix="down/").get("Contents", [])]
+    assert not [k for k in keys if k.startswith("down/dt=")], keys
+
+
+def test_driver_killed_during_the_write_then_rerun(local_gallery, tmp_path) -> None:  # noqa: ANN001
+    gal, _ = local_gallery
+    src = _folder(tmp_path / "up", 120)
+    out = tmp_path / "flags"
+    cmd = [sys.executable, "-m", "jobs.cli", "moderate", "--input", str(src), "--gallery", gal, "--output", str(out),
+           "--date", "2026-05-04", "--batch-size", "8"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    killed = False
+    while time.time() < deadline and p.poll() is None:
+        staged = list((out / "_staging").glob("*/data/*.parquet")) if (out / "_staging").exists() else []
+        if staged:
+            os.killpg(p.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.05)
+    p.wait(timeout=60)
+    assert killed, "the driver finished before any staged file appeared"
+    assert not (out / "dt=2026-05-04").exists()  # nothing published by the killed run
+    assert pd.read_parquet(out).empty if any(out.glob("dt=*")) else True
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_parquet(out)
+    assert len(df) == 121 and df["image_key"].is_unique
+    assert (out / "dt=2026-05-04" / "_SUCCESS").exists()
+    assert not list((out / "_staging").glob("*")) if (out / "_staging").exists() else True
