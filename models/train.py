@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     threads: int | None = None
+    workers: int = 1            # DataLoader processes for augmentation (raise on GPU machines)
 
 
 def list_images(root: str | os.PathLike[str]) -> list[Path]:
@@ -111,11 +112,12 @@ def _collate(batch: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np
     return np.stack([b[0] for b in batch]), np.stack([b[1] for b in batch])
 
 
-def _loader(ds: PairDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int) -> torch.utils.data.DataLoader:
+def _loader(ds: PairDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
+            workers: int = 1) -> torch.utils.data.DataLoader:
     g = torch.Generator()
     g.manual_seed(seed)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                                       num_workers=1, collate_fn=_collate, generator=g,
+                                       num_workers=workers, collate_fn=_collate, generator=g,
                                        persistent_workers=False)
 
 
@@ -198,7 +200,7 @@ class Trainer:
             m.train()
             losses = []
             t0 = time.time()
-            bar = tqdm(_loader(ds, cfg.batch_size, True, True, cfg.seed + epoch), total=steps_per_epoch,
+            bar = tqdm(_loader(ds, cfg.batch_size, True, True, cfg.seed + epoch, cfg.workers), total=steps_per_epoch,
                        desc=f"stage 1 backbone {epoch + 1}/{epochs}", unit="batch", leave=False)
             for i, (hi, lo) in enumerate(bar):
                 _cosine_lr(opt, cfg.lr_backbone, epoch * steps_per_epoch + i, total, steps_per_epoch)
@@ -234,7 +236,7 @@ class Trainer:
         ds = PairDataset(self.images, cfg.model.high_res, cfg.model.low_res, cfg.seed + 10_000)
         for v in range(cfg.cache_views):
             ds.epoch = v
-            for hi, lo in tqdm(_loader(ds, 128, False, False, 0), desc=f"caching pooled features {v + 1}/{cfg.cache_views}",
+            for hi, lo in tqdm(_loader(ds, 128, False, False, 0, cfg.workers), desc=f"caching pooled features {v + 1}/{cfg.cache_views}",
                                unit="batch", leave=False):
                 hs.append(m.pooled(to_batch(hi, self.device)).cpu())
                 ls.append(m.pooled(to_batch(lo, self.device)).cpu())

@@ -1,0 +1,37 @@
+# modscan: `make demo` runs the embedded default end to end; `make test` runs the test suite.
+# Both create .venv and install what they need on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.modscan-installed
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: demo test test-fast install evaluate bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[cpu,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/modscan demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+# Development evaluation on COCO (needs ../shared/data); writes eval-out/report.md
+evaluate: $(STAMP)
+	$(VENV)/bin/modscan evaluate --photos ../shared/data/coco256 --seed 0 --out eval-out
+
+bench: $(STAMP)
+	$(VENV)/bin/modscan bench search --gallery-size 1000000
+	$(VENV)/bin/modscan bench memory --gallery-size 1000000
+	$(VENV)/bin/modscan bench pipeline --images 2000
+
+clean:
+	rm -rf demo-out bench-out eval-out .pytest_cache
