@@ -416,7 +416,9 @@ def bench_pipeline(n: int, work: Path, s3: bool = True) -> dict[str, Any]:
         info = moderate(inp, gal, str(work / f"flags-{name.split()[0]}"), "2026-06-01", cfg=c, review=False)
         infos[name] = info
         rows.append({"job": name, "images": info["inputs"], "seconds": f"{info['pipeline_seconds']:.1f}",
-                     "images/s": f"{info['images_per_second']:.1f}", "512-d passes": info["survivors"],
+                     "images/s": f"{info['images_per_second']:.1f}",
+                     "steady-state images/s": f"{info['steady_state_images_per_second'] or 0:.1f}",
+                     "512-d passes": info["survivors"],
                      "flagged": info["counts"]["by_status"].get("matched", 0)})
         print(rows[-1], flush=True)
 
@@ -429,7 +431,9 @@ def bench_pipeline(n: int, work: Path, s3: bool = True) -> dict[str, Any]:
     single = infos["single-stage-local (512-d for every image)"]
     ratios = {
         "cascade / single-stage (images/s)": casc["images_per_second"] / single["images_per_second"],
+        "cascade / single-stage (steady state)": casc["steady_state_images_per_second"] / single["steady_state_images_per_second"],
         "cascade / model-only ceiling": casc["images_per_second"] / ceil["cascade_ceiling_images_per_s"],
+        "cascade steady state / model-only ceiling": casc["steady_state_images_per_second"] / ceil["cascade_ceiling_images_per_s"],
     }
     if s3:
         ratios["cascade S3 / cascade local"] = infos["cascade-s3"]["images_per_second"] / casc["images_per_second"]
@@ -438,7 +442,7 @@ def bench_pipeline(n: int, work: Path, s3: bool = True) -> dict[str, Any]:
            "where_time_goes_cascade_local_seconds_summed_over_workers": stage,
            "where_time_goes_single_stage_seconds": single["stage_seconds_summed_over_workers"]}
     print(f"\npipeline benchmark on {res['machine']}: {n} images, {n_pos} edited copies of 20 gallery images\n")
-    print(_table(rows, ["job", "images", "seconds", "images/s", "512-d passes", "flagged"]))
+    print(_table(rows, ["job", "images", "seconds", "images/s", "steady-state images/s", "512-d passes", "flagged"]))
     print(f"\nmodel-only ceiling (decoded tensors, plain loop): {ceil['cascade_ceiling_images_per_s']:.1f} images/s for the "
           f"cascade workload, {ceil['single_stage_ceiling_images_per_s']:.1f} for 512-d on every image "
           f"(low-res {1000 * ceil['low_res_s_per_image']:.1f} ms, high-res {1000 * ceil['high_res_s_per_image']:.1f} ms per image)")

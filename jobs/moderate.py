@@ -182,17 +182,24 @@ def new_run_id(dt: str) -> str:
 
 
 def _sum_timings(st: Store) -> dict[str, float]:
+    """Sum the per-batch timing records; ``moderator_window`` spans the first to the last
+    Moderator batch (steady-state throughput, without cluster and actor start-up)."""
     tot: dict[str, float] = {}
+    t0, t1 = float("inf"), 0.0
     for k in st.list():
         try:
             rec = json.loads(st.read_text(k))
         except Exception:  # noqa: BLE001
             continue
+        if "t_start" in rec:
+            t0, t1 = min(t0, rec["t_start"]), max(t1, rec["t_end"])
         for name, s in rec.get("seconds", {}).items():
             tot[name] = tot.get(name, 0.0) + float(s)
         for name in ("survivors", "decoded"):
             if name in rec:
                 tot[name] = tot.get(name, 0) + rec[name]
+    if t1 > t0:
+        tot["moderator_window"] = t1 - t0
     return tot
 
 
@@ -250,6 +257,8 @@ def moderate(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_d
         "output": redact(output_uri), "model_version": card.version_id, "gallery_version": gallery_version,
         "inputs": n_inputs, "counts": counts, "survivors": int(timings.pop("survivors", 0)),
         "decoded": int(timings.pop("decoded", 0)),
+        "steady_state_images_per_second": (round(n_inputs / timings["moderator_window"], 2)
+                                           if timings.get("moderator_window") else None),
         "stage_seconds_summed_over_workers": {k: round(v, 3) for k, v in timings.items()},
         "pipeline_seconds": round(t_pipeline, 3), "wall_seconds": round(wall, 3),
         "images_per_second": round(n_inputs / t_pipeline, 2) if t_pipeline > 0 else None,

@@ -28,7 +28,9 @@ from models.descriptor import MEAN, STD, DescriptorConfig, DescriptorModel
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
+PACKAGED_MODEL_DIR = Path(__file__).resolve().parent / "default"
+# MODSCAN_MODEL points every command that takes no --model at another model directory.
+DEFAULT_MODEL_DIR = Path(os.environ.get("MODSCAN_MODEL") or PACKAGED_MODEL_DIR)
 
 # Used only while a model has no calibrated thresholds (the evaluation harness writes real ones).
 UNCALIBRATED_THRESHOLDS = {"coarse": 0.5, "fine": 0.6}

@@ -142,6 +142,7 @@ class Moderator:
             cols["processed_at"].append(now)
         if self._timings is not None:
             rec = {"rows": n, "decoded": int(ok.sum()), "survivors": n_survivors,
+                   "t_start": time.time() - (time.perf_counter() - t0), "t_end": time.time(),
                    "seconds": {"model_coarse": t_coarse, "search": t_search, "model_rerank": t_rerank,
                                "moderator_total": time.perf_counter() - t0}}
             try:

@@ -71,8 +71,11 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testi
 def moto_server():
     """A real S3 HTTP endpoint (moto server on 127.0.0.1, random port); sets the AWS environment
     for boto3, pyarrow and Ray workers started afterwards, and restores it on exit."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
