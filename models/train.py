@@ -86,10 +86,12 @@ def preload(paths: list[Path], max_side: int) -> list[Image.Image]:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Item ``i`` -> (high-res view, low-res view) of image ``i`` as uint8 ``(H, W, 3)`` arrays.
+    """Item ``i`` -> (high-res view A, low-res view B, low-res view A) of image ``i``, uint8 arrays.
 
-    The two views are augmented independently; randomness is seeded by (seed, epoch, i) so a
-    resumed run sees the same samples.
+    Views A and B are augmented independently (the InfoNCE positive pair of stages 1 and 2);
+    "low-res view A" is the same augmented picture as A at the low resolution (the distillation
+    input of stage 3). Randomness is seeded by (seed, epoch, i) so a resumed run sees the same
+    samples.
     """
 
     def __init__(self, images: list[Image.Image], high: int, low: int, seed: int,
@@ -100,16 +102,18 @@ class PairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = random.Random(hash((self.seed, self.epoch, i)))
         img = self.images[i]
-        a = resize_square(self.augment(img, rng), self.high)
+        a_img = self.augment(img, rng)
+        a = resize_square(a_img, self.high)
         b = resize_square(self.augment(img, rng), self.low)
-        return a, b
+        a_low = resize_square(a_img, self.low)  # the same augmented view at low resolution (stage 3)
+        return a, b, a_low
 
 
-def _collate(batch: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    return np.stack([b[0] for b in batch]), np.stack([b[1] for b in batch])
+def _collate(batch: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    return tuple(np.stack([b[j] for b in batch]) for j in range(len(batch[0])))
 
 
 def _loader(ds: PairDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
@@ -189,7 +193,7 @@ class Trainer:
             m.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optim"])
             start = int(ck["epoch"])
-            self.history["backbone"] = list(ck.get("history", []))
+            self.history["backbone"] = [float(x) for x in ck.get("history", torch.zeros(0)).tolist()]
         ds = PairDataset(self.images, cfg.model.high_res, cfg.model.low_res, cfg.seed)
         steps_per_epoch = len(ds) // cfg.batch_size
         if steps_per_epoch == 0:
@@ -202,7 +206,7 @@ class Trainer:
             t0 = time.time()
             bar = tqdm(_loader(ds, cfg.batch_size, True, True, cfg.seed + epoch, cfg.workers), total=steps_per_epoch,
                        desc=f"stage 1 backbone {epoch + 1}/{epochs}", unit="batch", leave=False)
-            for i, (hi, lo) in enumerate(bar):
+            for i, (hi, lo, _lo_same) in enumerate(bar):
                 _cosine_lr(opt, cfg.lr_backbone, epoch * steps_per_epoch + i, total, steps_per_epoch)
                 a = m.rerank_features(to_batch(hi, self.device))
                 b = m.rerank_features(to_batch(lo, self.device))
@@ -224,25 +228,30 @@ class Trainer:
 
     # -- cached pooled features for stages 2 and 3 -----------------------------------------
     @torch.no_grad()
-    def pooled_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(V*N, C)`` pooled features of high views and of the paired low views (frozen backbone)."""
+    def pooled_cache(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(V*N, C)`` pooled features (frozen backbone) of high-res views A, low-res views B and
+        low-res views A."""
         p = self.ckpt / "pooled_cache.pt"
-        if p.exists():
-            d = torch.load(p, map_location="cpu", weights_only=True)
-            return d["high"], d["low"]
+        d = torch.load(p, map_location="cpu", weights_only=True) if p.exists() else {}
+        if {"high", "low", "low_same"} <= set(d):
+            return d["high"], d["low"], d["low_same"]
         cfg, m = self.cfg, self.model
         m.eval()
-        hs, ls = [], []
+        hs, ls, ss = [], [], []
         ds = PairDataset(self.images, cfg.model.high_res, cfg.model.low_res, cfg.seed + 10_000)
         for v in range(cfg.cache_views):
             ds.epoch = v
-            for hi, lo in tqdm(_loader(ds, 128, False, False, 0, cfg.workers), desc=f"caching pooled features {v + 1}/{cfg.cache_views}",
-                               unit="batch", leave=False):
-                hs.append(m.pooled(to_batch(hi, self.device)).cpu())
-                ls.append(m.pooled(to_batch(lo, self.device)).cpu())
-        high, low = torch.cat(hs), torch.cat(ls)
-        self._save_ckpt("pooled_cache.pt", {"high": high, "low": low})
-        return high, low
+            for hi, lo, lo_same in tqdm(_loader(ds, 128, False, False, 0, cfg.workers),
+                                        desc=f"caching pooled features {v + 1}/{cfg.cache_views}", unit="batch", leave=False):
+                if "high" not in d:
+                    hs.append(m.pooled(to_batch(hi, self.device)).cpu())
+                    ls.append(m.pooled(to_batch(lo, self.device)).cpu())
+                ss.append(m.pooled(to_batch(lo_same, self.device)).cpu())
+        if "high" not in d:
+            d["high"], d["low"] = torch.cat(hs), torch.cat(ls)
+        d["low_same"] = torch.cat(ss)
+        self._save_ckpt("pooled_cache.pt", d)
+        return d["high"], d["low"], d["low_same"]
 
     def _adapter_epochs(self, name: str, module: nn.Module, epochs: int,
                         step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -282,7 +291,7 @@ class Trainer:
             self.history["adapter1"] = ck["history"].tolist()
             return self.history["adapter1"]
         self._freeze(m.backbone, m.pool, m.reduction)
-        high, low = self.pooled_cache()
+        high, low, _ = self.pooled_cache()
         m.adapter1.train()
 
         def step(h: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
@@ -297,7 +306,10 @@ class Trainer:
         return self.history["adapter1"]
 
     def stage_adapter2(self, epochs: int | None = None) -> list[float]:
-        """Backbone and adapter 1 frozen; adapter2(pool(low)) distilled to adapter1(pool(high))."""
+        """Backbone and adapter 1 frozen; adapter2(pool(low-res A)) distilled to
+        adapter1(pool(high-res A)): the same augmented picture at the two resolutions, so adapter 2
+        learns to reproduce adapter 1's gallery vector from a cheaper input (edit invariance comes
+        from stages 1 and 2)."""
         cfg, m = self.cfg, self.model
         ck = self._load_ckpt("stage3.pt")
         if ck is not None:
@@ -305,7 +317,7 @@ class Trainer:
             self.history["adapter2"] = ck["history"].tolist()
             return self.history["adapter2"]
         self._freeze(m.backbone, m.pool, m.reduction, m.adapter1)
-        high, low = self.pooled_cache()
+        high, _, low = self.pooled_cache()
         with torch.no_grad():
             target = torch.cat([m.adapter1(high[i:i + 4096].to(self.device)).cpu() for i in range(0, len(high), 4096)])
         m.adapter2.train()

@@ -60,6 +60,8 @@ def _uploads() -> dict[str, tuple[bytes, str]]:
     frames[0].save(b, format="GIF", save_all=True, append_images=frames[1:], duration=100)
     up["odd/animated.gif"] = (b.getvalue(), "ok")
     up["odd/with space ü 图片.jpg"] = (_jpeg(Image.fromarray(photo("moon"))), "clean")
+    up["odd/<img src=x onerror=alert(1)>.jpg"] = (_jpeg(apply_named(Image.fromarray(photo("rocket")), ["color"], rng)),
+                                                 "bank:violence")
     import struct
     import zlib
 
@@ -200,7 +202,10 @@ def test_pandas_and_duckdb_read_the_hive_partition(world, first_run) -> None:  #
     df = read_flags("s3://flags-e2e/flags")
     assert set(df["dt"]) == {DAY} and len(df) == len(world["uploads"])
     review = first_run.get("review")
-    assert review and review.startswith("s3://flags-e2e/flags/_reviews/")
+    assert review and review.startswith(f"s3://flags-e2e/flags/_reviews/dt={DAY}/review-")
+    page = world["s3"].get_object(Bucket="flags-e2e", Key=review[len("s3://flags-e2e/"):])["Body"].read().decode()
+    assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in page and "<img src=x" not in page
+    assert page.count("data:image/jpeg;base64,") >= 2 and "testing-secret-value-xyz" not in page
 
 
 def test_rerun_of_the_same_date_replaces_the_partition(world, gallery, first_run) -> None:  # noqa: ANN001
