@@ -42,7 +42,7 @@ class JobConfig:
     actor_num_cpus: float = 0.5
     decode_num_cpus: float = 0.5
     torch_threads: int = 0           # 0: min(4, CPUs on the node) for CPU actors
-    all_extensions: bool = False     # prefix input: also read files without an image extension
+    image_extensions_only: bool = False  # prefix input: skip keys without an image extension
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     coarse_threshold: float | None = None   # None: the gallery manifest's (= the model card's)
     fine_threshold: float | None = None
@@ -165,7 +165,7 @@ def build_input(input_uri: str, cfg: JobConfig) -> tuple[Any, int]:
                               num_cpus=cfg.decode_num_cpus), len(keys)
     st = open_store(input_uri)
     keys = [k for k in st.list() if not posixpath.basename(k).startswith((".", "_"))
-            and (cfg.all_extensions or k.lower().endswith(IMAGE_SUFFIXES))]
+            and (not cfg.image_extensions_only or k.lower().endswith(IMAGE_SUFFIXES))]
     if not keys:
         return ray.data.from_items([]), 0
     paths = [st.path(k) for k in keys]

@@ -133,6 +133,8 @@ def commit_partition(out: Store, dt: str, run_id: str, run_info: dict[str, Any])
         out.write_text(f"{part}/{RUN_JSON}", json.dumps(run_info, indent=2, default=str) + "\n")
         out.write_text(f"{part}/{SUCCESS}", run_id + "\n")
     out.delete_dir(stage)
+    if not list(out.list(STAGING)):
+        out.delete_dir(STAGING)  # also the S3 directory marker object
     return out.full_uri(part)
 
 

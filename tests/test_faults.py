@@ -98,8 +98,9 @@ def test_actor_killed_mid_job_every_row_once(local_gallery, ray_cluster, tmp_pat
 
 
 class _FlakyProxy:
-    """HTTP proxy in front of the moto server: answers 503 SlowDown, or resets connections,
-    for the next ``fail`` requests (or forever with ``fail = -1``)."""
+    """HTTP proxy in front of the moto server: answers 503 SlowDown, or resets connections, for
+    the next ``fail`` read requests (GET/HEAD: object reads and listings), or forever with
+    ``fail = -1``."""
 
     def __init__(self, upstream: str) -> None:
         host, port = upstream.split("//")[1].split(":")
@@ -113,10 +114,24 @@ class _FlakyProxy:
             def log_message(self, *a):  # noqa: ANN002, ANN202
                 pass
 
+            def _body(self) -> bytes:
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return out
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
             def _handle(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._body()
                 with proxy.lock:
-                    bad = proxy.fail != 0
+                    # faults hit reads and listings (GET/HEAD); writes pass through
+                    bad = proxy.fail != 0 and self.command in ("GET", "HEAD")
                     if proxy.fail > 0:
                         proxy.fail -= 1
                     if bad:
@@ -133,14 +148,18 @@ class _FlakyProxy:
                     self.wfile.write(msg)
                     return
                 c = http.client.HTTPConnection(host, int(port), timeout=30)
-                c.request(self.command, self.path, body=body, headers=dict(self.headers))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "content-length")}
+                headers["Content-Length"] = str(len(body))
+                c.request(self.command, self.path, body=body, headers=headers)
                 r = c.getresponse()
                 data = r.read()
                 self.send_response(r.status)
                 for k, v in r.getheaders():
                     if k.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # HEAD carries the object's size in Content-Length, with no body
+                length = r.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length)
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -160,7 +179,7 @@ def flaky_s3(local_gallery):  # noqa: ANN001, ANN201
     with moto_server() as endpoint:
         proxy = _FlakyProxy(endpoint)
         os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
-        os.environ["MODSCAN_S3_RETRIES"] = "6"
+        os.environ["MODSCAN_S3_RETRIES"] = "10"
         ray.shutdown()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         s3 = boto3.client("s3", endpoint_url=endpoint)
@@ -183,10 +202,10 @@ def test_s3_errors_for_a_while_are_retried(flaky_s3, local_gallery, mode: str) -
     proxy, _ = flaky_s3
     gal, _ = local_gallery
     proxy.mode, proxy.failed = mode, 0
-    proxy.fail = 6  # the next 6 requests fail, then the endpoint recovers
+    proxy.fail = 5  # the next 5 requests fail, then the endpoint recovers (10 attempts allowed)
     info = moderate("s3://flaky-up/d/", gal, f"s3://flaky-out/ok-{mode}", "2026-05-02", cfg=JobConfig(batch_size=8),
                     review=False)
-    assert proxy.failed == 6
+    assert proxy.failed == 5
     df = read_flags(f"s3://flaky-out/ok-{mode}")
     assert len(df) == 20 == info["inputs"] and (df["status"] == "clean").all()
 
@@ -204,7 +223,7 @@ def test_s3_outage_fails_cleanly_without_a_partial_partition(flaky_s3, local_gal
                      review=False)
     finally:
         proxy.fail = 0
-        os.environ["MODSCAN_S3_RETRIES"] = "6"
+        os.environ["MODSCAN_S3_RETRIES"] = "10"
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="flaky-out", Prefix="down/").get("Contents", [])]
     assert not [k for k in keys if k.startswith("down/dt=")], keys
 
