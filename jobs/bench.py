@@ -463,5 +463,5 @@ def cli_bench(a: argparse.Namespace) -> int:
     elif a.bcmd == "memory":
         bench_memory(a.gallery_size, out)
     elif a.bcmd == "pipeline":
-        bench_pipeline(a.images, out, s3=not a.no_s3)
+        bench_pipeline(a.images, out / "pipeline", s3=not a.no_s3)
     return 0

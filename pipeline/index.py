@@ -201,14 +201,18 @@ class CascadeIndex:
 
     def rerank(self, xq512: np.ndarray, I: np.ndarray) -> np.ndarray:
         """``(B, rerank_dim)`` queries and ``(B, k)`` candidate ids -> ``(B, k)`` fine cosine
-        scores (``-inf`` where ``I = -1``)."""
+        scores (``-inf`` where ``I = -1``). Works in blocks of queries so that the gathered
+        candidate vectors stay small (a 500-candidate batch would otherwise materialise GBs)."""
         F = np.full(I.shape, -np.inf, np.float32)
-        valid = I >= 0
-        if not valid.any():
-            return F
-        rows, cols = np.nonzero(valid)
-        vecs = self.lookup_rerank(I[rows, cols])
-        F[rows, cols] = np.einsum("nd,nd->n", vecs, np.asarray(xq512, np.float32)[rows])
+        xq = np.asarray(xq512, np.float32)
+        for b in range(0, len(I), 32):
+            Ib = I[b:b + 32]
+            valid = Ib >= 0
+            if not valid.any():
+                continue
+            rows, cols = np.nonzero(valid)
+            vecs = self.lookup_rerank(Ib[rows, cols])
+            F[b + rows, cols] = np.einsum("nd,nd->n", vecs, xq[b + rows])
         return F
 
     def exhaustive_rerank(self, xq512: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
