@@ -238,9 +238,13 @@ def bench_search(n: int, n_queries: int, out_dir: Path) -> dict[str, Any]:
 # 3. memory
 # --------------------------------------------------------------------------------------------
 _RSS_PROBE = """
-import resource, sys, time, numpy as np
+import sys, time, numpy as np
+def hwm():  # peak RSS of this process since exec (ru_maxrss would include the forking parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
 from pipeline.gallery import GalleryIndex
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 t = time.time()
 g = GalleryIndex.load(sys.argv[1])
 q = np.load(sys.argv[2])
@@ -249,7 +253,7 @@ D, I, F, s = g.candidates(q128, lambda rows: q512[rows])
 best = np.take_along_axis(I, np.argmax(F, axis=1)[:, None], 1)[:, 0]
 best[~s] = -1
 np.save(sys.argv[3], best)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, base * 1024, time.time() - t)
+print(hwm(), base, time.time() - t)
 """
 
 
