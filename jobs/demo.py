@@ -21,11 +21,13 @@ from models.augment import apply_named, crop, random_edit_names
 
 GALLERY_PHOTOS = {
     # bank -> skimage photo names
-    "sensitive_demo": ["astronaut", "rocket", "retina", "coffee"],
+    "sensitive_demo": ["astronaut", "rocket", "stereo_motorcycle", "coffee"],
     "spam_demo": ["camera", "chelsea"],
     "allow_demo": ["coffee"],  # known false positive: also in sensitive_demo, the allow-list wins
 }
-UNRELATED_PHOTOS = ["hubble_deep_field", "immunohistochemistry", "stereo_motorcycle", "colorwheel", "moon", "page",
+# retina stays out of the demo gallery: a mostly-black photo draws false positives from other dark
+# pictures (moon, deep field) just above the fine threshold — a known weakness of the shipped model.
+UNRELATED_PHOTOS = ["hubble_deep_field", "immunohistochemistry", "retina", "colorwheel", "moon", "page",
                     "coins", "clock", "horse", "brick", "grass", "gravel", "text", "cell", "logo"]
 
 BANKS_TOML = """# Sample banks of `modscan demo` (see configs/banks.example.toml for the full reference).
