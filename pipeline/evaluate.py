@@ -182,7 +182,7 @@ def _topk_rows(qids: list[str], gids: list[str], D: np.ndarray, I: np.ndarray, s
         for rank, (s, j) in enumerate(zip(D[qi], I[qi])):
             if j < 0 or not np.isfinite(s):
                 continue
-            rows.append((q, gids[j] if stage != "cascade" else gids[j], float(s), rank + 1, stage))
+            rows.append((q, gids[j], float(s), rank + 1, stage))
     return pd.DataFrame(rows, columns=["query_id", "reference_id", "score", "rank", "stage"])
 
 

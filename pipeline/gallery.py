@@ -168,6 +168,15 @@ def _verified(vstore: Store, name: str, sha: str) -> bytes:
     return data
 
 
+def _load_verified(store: Store, m: dict[str, Any]) -> tuple[list[Shard], pd.DataFrame]:
+    """Shards and entries of manifest ``m``, every file checked against its sha256."""
+    vstore = store.child(f"versions/{m['version']}")
+    shards = [Shard.from_bytes(_verified(vstore, s["index"], s["index_sha256"]),
+                               _verified(vstore, s["rerank"], s["rerank_sha256"])) for s in m["shards"]]
+    entries = pq.read_table(io.BytesIO(_verified(vstore, m["entries"]["file"], m["entries"]["sha256"]))).to_pandas()
+    return shards, entries
+
+
 def _coarse_vectors(sh: Shard) -> np.ndarray:
     """Coarse vectors of a shard in the order of ``sh.ids`` (stored vectors are reused on update)."""
     import faiss
@@ -184,9 +193,7 @@ def _coarse_vectors(sh: Shard) -> np.ndarray:
 def read_content(store: Store, version: str | None = None) -> tuple[dict[str, Any], GalleryContent]:
     """Load a version's vectors and entries (verified), e.g. to derive the next version."""
     m = read_manifest(store, version)
-    vstore = store.child(f"versions/{m['version']}")
-    shards = [Shard.from_bytes(_verified(vstore, s["index"], s["index_sha256"]),
-                               _verified(vstore, s["rerank"], s["rerank_sha256"])) for s in m["shards"]]
+    shards, entries = _load_verified(store, m)
     ids, coarse, rerank = [], [], []
     from pipeline.index import decode_rerank
 
@@ -196,7 +203,6 @@ def read_content(store: Store, version: str | None = None) -> tuple[dict[str, An
         ids.append(sh.ids)
         coarse.append(_coarse_vectors(sh))
         rerank.append(decode_rerank(sh.rerank))
-    entries = pq.read_table(io.BytesIO(_verified(vstore, m["entries"]["file"], m["entries"]["sha256"]))).to_pandas()
     banks = {n: Bank.from_dict(b) for n, b in m["banks"].items()}
     cd, rd = m["dims"]["coarse"], m["dims"]["rerank"]
     content = GalleryContent(
@@ -398,10 +404,7 @@ class GalleryIndex:
         m = read_manifest(store, version)
         if model_id is not None:
             _check_model(m, model_id)
-        vstore = store.child(f"versions/{m['version']}")
-        shards = [Shard.from_bytes(_verified(vstore, s["index"], s["index_sha256"]),
-                                   _verified(vstore, s["rerank"], s["rerank_sha256"])) for s in m["shards"]]
-        entries = pq.read_table(io.BytesIO(_verified(vstore, m["entries"]["file"], m["entries"]["sha256"]))).to_pandas()
+        shards, entries = _load_verified(store, m)
         t = {**m["thresholds"], **(overrides or {})}
         params = CascadeParams(float(t["coarse"]), float(t["fine"]), int(t.get("rerank_k", 500)))
         cascade = CascadeIndex(shards, m["dims"]["coarse"], m["dims"]["rerank"], use_gpu=use_gpu)
