@@ -34,6 +34,17 @@ class GalleryFeatureStage:
                 "coarse": coarse, "rerank": rerank}
 
 
+def _rows(b: dict[str, Any]) -> list[dict[str, Any]]:
+    """A GalleryFeatureStage output batch -> the per-image dicts of the Extractor contract."""
+    out = []
+    for i in range(len(b["uri"])):
+        ok = bool(b["ok"][i])
+        out.append({"uri": str(b["uri"][i]), "sha256": b["sha256"][i], "ok": ok,
+                    "error_code": b["error_code"][i], "error_message": b["error_message"][i],
+                    "coarse": b["coarse"][i] if ok else None, "rerank": b["rerank"][i] if ok else None})
+    return out
+
+
 def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_size: int = 32) -> G.Extractor:
     """Extractor for :func:`pipeline.gallery.build`: Fetch -> Decode -> feature actors on Ray."""
 
@@ -63,11 +74,7 @@ def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_s
                             num_cpus=ncpu, num_gpus=ngpu, batch_format="numpy")
         out = []
         for b in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-            for i in range(len(b["uri"])):
-                ok = bool(b["ok"][i])
-                out.append({"uri": str(b["uri"][i]), "sha256": b["sha256"][i], "ok": ok,
-                            "error_code": b["error_code"][i], "error_message": b["error_message"][i],
-                            "coarse": b["coarse"][i] if ok else None, "rerank": b["rerank"][i] if ok else None})
+            out += _rows(b)
         order = {u: i for i, u in enumerate(uris)}
         return sorted(out, key=lambda r: order[r["uri"]])
 
@@ -88,12 +95,7 @@ def local_extractor(model_dir: str | None = None) -> G.Extractor:
         out = []
         for i in range(0, len(uris), 32):
             chunk = uris[i:i + 32]
-            b = stage(dec(fetch({"image_key": np.asarray(chunk, object), "uri": np.asarray(chunk, object)})))
-            for j in range(len(chunk)):
-                ok = bool(b["ok"][j])
-                out.append({"uri": chunk[j], "sha256": b["sha256"][j], "ok": ok, "error_code": b["error_code"][j],
-                            "error_message": b["error_message"][j], "coarse": b["coarse"][j] if ok else None,
-                            "rerank": b["rerank"][j] if ok else None})
+            out += _rows(stage(dec(fetch({"image_key": np.asarray(chunk, object), "uri": np.asarray(chunk, object)}))))
         return out
 
     return extract
