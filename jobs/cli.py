@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="copy-detection metrics, cascade vs exhaustive vs PDQ")
     p.add_argument("--photos", default=None, help="mode 2: build a benchmark from a photo folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--queries-per-image", type=int, default=4,
+                   help="mode 2: edited queries per reference and per negative photo")
     p.add_argument("--gallery", default=None, help="mode 1: folder of reference images")
     p.add_argument("--queries", default=None, help="mode 1: folder of query images")
     p.add_argument("--ground-truth", default=None, help="mode 1: CSV query_id,reference_id")

@@ -48,7 +48,8 @@ def test_gem_p1_is_average_pooling_and_large_p_approaches_max() -> None:
 
 
 def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:  # noqa: ANN001
-    cfg = TrainConfig(model=DescriptorConfig(high_res=64, low_res=48), batch_size=8, cache_views=1,
+    kw.setdefault("cache_views", 1)
+    cfg = TrainConfig(model=DescriptorConfig(high_res=64, low_res=48), batch_size=8,
                       epochs_backbone=1, epochs_adapter1=2, epochs_adapter2=2, **kw)
     return Trainer(images_dir, tmp_path, cfg, command="test")
 
@@ -67,8 +68,9 @@ def gen_images(tmp_path):  # noqa: ANN001
     return d
 
 
-def test_stage2_freezes_backbone_and_stage3_freezes_adapter1(tmp_path, gen_images) -> None:  # noqa: ANN001
-    tr = _tiny_trainer(tmp_path / "run", gen_images)
+@pytest.mark.parametrize("views", [1, 2])  # 1: (high A, low B) pairs; 2: two high-res views per image
+def test_stage2_freezes_backbone_and_stage3_freezes_adapter1(tmp_path, gen_images, views) -> None:  # noqa: ANN001
+    tr = _tiny_trainer(tmp_path / "run", gen_images, cache_views=views)
     tr.stage_backbone()
     snap = {k: v.clone() for k, v in tr.model.state_dict().items()}
     tr.stage_adapter1()
@@ -82,6 +84,9 @@ def test_stage2_freezes_backbone_and_stage3_freezes_adapter1(tmp_path, gen_image
     frozen3 = [k for k in snap2 if k.startswith(("backbone.", "pool.", "reduction.", "adapter1."))]
     assert all(torch.equal(snap2[k], after3[k]) for k in frozen3), "stage 3 changed backbone or adapter 1"
     assert not torch.equal(snap2["adapter2.widen.weight"], after3["adapter2.widen.weight"])
+    high, _, _ = tr.pooled_cache()
+    assert high.shape[0] == views * 16
+    assert all(np.isfinite(tr.history[k]).all() and len(tr.history[k]) == 2 for k in ("adapter1", "adapter2"))
 
 
 def test_training_resumes_from_checkpoint(tmp_path, gen_images) -> None:  # noqa: ANN001

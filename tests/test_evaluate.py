@@ -50,6 +50,12 @@ def test_evaluate_writes_all_outputs(photos, tmp_path, tiny_model_dir) -> None: 
     for k in ("cascade", "exhaustive512", "coarse128_only", "pdq"):
         assert 0.0 <= saved[k]["micro_ap"] <= 1.0
     assert saved["thresholds"]["fine"] == m["thresholds"]["fine"]
+    th = saved["thresholds"]
+    # recall-parity coarse rule: the lowest calibration true-pair coarse score minus the margin
+    assert th["coarse_calibration_pairs"] > 0
+    assert th["coarse"] == pytest.approx(th["coarse_min_true_pair"] - th["coarse_margin"], abs=2e-4)
+    # the cascade searches a subset of what exhaustive search sees: it can never rank better
+    assert saved["cascade"]["recall_at_1"] <= saved["exhaustive512"]["recall_at_1"] + 1e-9
     assert set(saved["per_edit"]) and "µAP" in (tmp_path / "out" / "report.md").read_text()
 
 

@@ -90,3 +90,4 @@ def test_shard_bytes_round_trip() -> None:
     D2, I2 = again.coarse(qc, 10, 0.0)
     assert np.array_equal(I1, I2) and np.allclose(D1, D2)
     assert np.allclose(idx.rerank(qr, I1), again.rerank(qr, I2))
+
