@@ -186,6 +186,49 @@ def _topk_rows(qids: list[str], gids: list[str], D: np.ndarray, I: np.ndarray, s
     return pd.DataFrame(rows, columns=["query_id", "reference_id", "score", "rank", "stage"])
 
 
+def _coarse_separation(S128: np.ndarray, test_rows: list[int], gt_test: dict[str, str],
+                       gpos: dict[str, int], idx: dict[str, int]) -> dict[str, float | None]:
+    """How far the 128-d stage separates true pairs from non-matching queries (test half)."""
+    pos_rows = {idx[q] for q in gt_test}
+    neg_best = np.asarray([S128[r].max() for r in test_rows if r not in pos_rows and S128.shape[1]])
+    true = np.asarray([S128[idx[q], gpos[r]] for q, r in gt_test.items()])
+    q = lambda a, p: round(float(np.quantile(a, p)), 4) if len(a) else None  # noqa: E731
+    return {"negative_best_median": q(neg_best, 0.5), "negative_best_p05": q(neg_best, 0.05),
+            "true_pair_min": q(true, 0.0), "true_pair_p05": q(true, 0.05), "true_pair_median": q(true, 0.5)}
+
+
+def _coarse_tradeoff(S128: np.ndarray, S512: np.ndarray, test_rows: list[int], truth: dict[int, int],
+                     thresholds: list[float], k: int, fine: float) -> list[dict[str, float]]:
+    """The coarse threshold's price, simulated exactly on the test half: for each threshold, the
+    share of queries that would get the high-res pass and the cascade's recall@1 (candidates = the
+    coarse top-``k`` at or above the threshold, best 512-d score among them wins)."""
+    rows_t = np.asarray(test_rows, dtype=np.int64)
+    out: list[dict[str, float]] = []
+    if not len(rows_t) or not S128.shape[1]:
+        return out
+    C, F = S128[rows_t], S512[rows_t]
+    kth = -np.sort(-C, axis=1)[:, min(k, C.shape[1]) - 1][:, None]
+    is_pos = np.asarray([r in truth for r in rows_t])
+    true_col = np.asarray([truth.get(int(r), -1) for r in rows_t])
+    exh = (np.argmax(F, axis=1) == true_col) & is_pos
+    exh_flag = exh & (F.max(axis=1) >= fine)
+    for t in thresholds:
+        cand = (C >= t) & (C >= kth)
+        surv = cand.any(axis=1)
+        best = np.argmax(np.where(cand, F, -np.inf), axis=1)
+        hit = surv & (best == true_col) & is_pos
+        flag = hit & (F[np.arange(len(F)), best] >= fine)
+        out.append({"coarse_threshold": round(float(t), 4), "survivors": round(float(surv.mean()), 4),
+                    "negatives_surviving": round(float(surv[~is_pos].mean()), 4) if (~is_pos).any() else 0.0,
+                    "recall_at_1": round(float(hit[is_pos].mean()), 4) if is_pos.any() else 0.0,
+                    "vs_exhaustive_points": round(100 * float(hit[is_pos].mean() - exh[is_pos].mean()), 2)
+                    if is_pos.any() else 0.0,
+                    "recall_at_fine_threshold": round(float(flag[is_pos].mean()), 4) if is_pos.any() else 0.0,
+                    "flags_vs_exhaustive_points": round(100 * float(flag[is_pos].mean() - exh_flag[is_pos].mean()), 2)
+                    if is_pos.any() else 0.0})
+    return out
+
+
 def _metrics(pred: pd.DataFrame, gt: dict[str, str], negatives: list[str]) -> dict[str, float]:
     q, r, s = pred["query_id"].tolist(), pred["reference_id"].tolist(), pred["score"].to_numpy()
     rp, thr = M.recall_at_precision(q, r, s, gt, 0.9)
@@ -321,6 +364,10 @@ def evaluate(bench: Benchmark, out: Path, model_dir: str | None = None, seed: in
         "coarse_survivors": {"all_test": float(surv_test.mean()) if len(test) else 0.0,
                              "negatives": float(surv_test[is_neg].mean()) if is_neg.any() else 0.0,
                              "positives": float(surv_test[~is_neg].mean()) if (~is_neg).any() else 0.0},
+        "coarse_separation": _coarse_separation(S128, [idx[q] for q in test], gt_test, gpos, idx),
+        "coarse_tradeoff": _coarse_tradeoff(
+            S128, S512, [idx[q] for q in test], {idx[q]: gpos[r] for q, r in gt_test.items()},
+            sorted({round(coarse_thr, 4), 0.3, 0.4, 0.5, 0.6, 0.7}), rerank_k, fine_thr),
         "per_edit": dict(sorted(per_edit.items())),
         "timings_seconds": {"features_total": round(t_feat, 3), "model_gallery": round(g_sec, 3),
                             "model_queries": round(q_sec, 3), "cascade_search": round(t_cascade, 4),
@@ -378,6 +425,15 @@ def report_md(m: dict[str, Any]) -> str:
               f"Cascade − exhaustive recall@1: {m['cascade_vs_exhaustive_recall_at_1_points']:+.2f} points; "
               f"descriptor − PDQ µAP: {m['descriptor_vs_pdq_micro_ap']:+.3f}.",
               f"Queries surviving the coarse stage: {s['all_test']:.1%} (negatives {s['negatives']:.1%}, positives {s['positives']:.1%}).",
+        "Coarse (128-d) separation on the test half: " + ", ".join(f"{k} {v}" for k, v in m["coarse_separation"].items()) + ".",
+        "", "What the coarse threshold costs (test half, simulated exactly): share of queries that get the "
+        "high-res pass vs the cascade's recall@1.", "",
+        "| coarse threshold | survivors | negatives surviving | recall@1 | vs exhaustive (points) "
+        "| recall at the fine threshold (flags) | vs exhaustive (points) |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {r['coarse_threshold']:.3f} | {r['survivors']:.1%} | {r['negatives_surviving']:.1%} | "
+          f"{r['recall_at_1']:.3f} | {r['vs_exhaustive_points']:+.2f} | {r['recall_at_fine_threshold']:.3f} | "
+          f"{r['flags_vs_exhaustive_points']:+.2f} |" for r in m["coarse_tradeoff"]],
               "", "| edit | queries | recall@1 | recall at threshold |", "|---|---|---|---|"]
     for e, d in m["per_edit"].items():
         lines.append(f"| {e} | {d['queries']} | {d['recall_at_1']:.3f} | {d['recall_at_threshold']:.3f} |")

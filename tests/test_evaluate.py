@@ -56,6 +56,16 @@ def test_evaluate_writes_all_outputs(photos, tmp_path, tiny_model_dir) -> None: 
     assert th["coarse"] == pytest.approx(th["coarse_min_true_pair"] - th["coarse_margin"], abs=2e-4)
     # the cascade searches a subset of what exhaustive search sees: it can never rank better
     assert saved["cascade"]["recall_at_1"] <= saved["exhaustive512"]["recall_at_1"] + 1e-9
+    trade = saved["coarse_tradeoff"]
+    at_cal = [r for r in trade if r["coarse_threshold"] == th["coarse"]]
+    assert at_cal and at_cal[0]["recall_at_1"] == pytest.approx(saved["cascade"]["recall_at_1"], abs=1e-3)
+    assert at_cal[0]["survivors"] == pytest.approx(saved["coarse_survivors"]["all_test"], abs=1e-3)
+    assert at_cal[0]["recall_at_fine_threshold"] == pytest.approx(saved["operating_point"]["recall"], abs=1e-3)
+    surv = [r["survivors"] for r in trade]
+    assert surv == sorted(surv, reverse=True)  # higher threshold, fewer high-res passes
+    sep = saved["coarse_separation"]
+    assert -1.0 <= sep["true_pair_min"] <= sep["true_pair_median"] <= 1.0
+    assert "Coarse (128-d) separation" in (tmp_path / "out" / "report.md").read_text()
     assert set(saved["per_edit"]) and "µAP" in (tmp_path / "out" / "report.md").read_text()
 
 
