@@ -235,8 +235,13 @@ def bench_search(n: int, n_queries: int, out_dir: Path) -> dict[str, Any]:
     del flat
     # (d) approximate coarse stages
     nlist = int(max(64, min(4096, 4 * np.sqrt(n))))
-    cascade_row(f"cascade: IVF{nlist} coarse (nprobe 32) + rerank", f"IVF{nlist},Flat", nprobe=32)
-    cascade_row("cascade: HNSW32 coarse (efSearch 128) + rerank", "HNSW32", ef_search=128)
+    ivf = cascade_row(f"cascade: IVF{nlist} coarse (nprobe 32) + rerank", f"IVF{nlist},Flat", nprobe=32)
+    cascade_row(f"cascade: IVF{nlist} coarse (nprobe 128) + rerank", "",
+                idx=CascadeIndex(ivf.shards, 128, 512, nprobe=128))
+    del ivf
+    hnsw = cascade_row("cascade: HNSW32 coarse (efSearch 128) + rerank", "HNSW32", ef_search=128)
+    cascade_row("cascade: HNSW32 coarse (efSearch 512) + rerank", "", idx=CascadeIndex(hnsw.shards, 128, 512, ef_search=512))
+    del hnsw
     res = {"machine": machine(), "gallery_size": n, "queries": n_queries, "positives": n_pos,
            "coarse_threshold": thr_c, "rerank_k": k, "model": card.version_id, "rows": rows}
     print(f"\nsearch benchmark on {res['machine']}; gallery {n:,}; K={k}; coarse threshold {thr_c}\n")
