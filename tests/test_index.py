@@ -91,3 +91,34 @@ def test_shard_bytes_round_trip() -> None:
     assert np.array_equal(I1, I2) and np.allclose(D1, D2)
     assert np.allclose(idx.rerank(qr, I1), again.rerank(qr, I2))
 
+
+
+@pytest.mark.parametrize("ids", [np.delete(np.arange(400), [5, 17, 200]),            # compact: dense row table
+                                 np.arange(397, dtype=np.int64) * 1_000_003])         # sparse: binary search
+def test_rerank_scores_equal_brute_force_with_padding_and_unknown_ids(ids) -> None:  # noqa: ANN001
+    rng = np.random.default_rng(7)
+    n = len(ids)
+    c = rng.standard_normal((n, 8)).astype(np.float32)
+    r = rng.standard_normal((n, 32)).astype(np.float32)
+    r /= np.linalg.norm(r, axis=1, keepdims=True)
+    idx = CascadeIndex.build(ids, c, r, n_shards=2, rerank_dtype="float32")
+    assert (idx._row_of is not None) == bool(ids[-1] < 1000)
+    q = rng.standard_normal((70, 32)).astype(np.float32)
+    cols = rng.integers(0, n, (70, 600))
+    I = ids[cols]
+    I[:, -5:] = -1  # padding slots
+    I[3] = -1       # a query without candidates
+    F = idx.rerank(q, I)
+    want = np.einsum("bkd,bd->bk", r[cols], q)
+    ok = I >= 0
+    np.testing.assert_allclose(F[ok], want[ok], rtol=1e-5, atol=1e-5)
+    assert np.isneginf(F[~ok]).all()
+    with pytest.raises(KeyError):
+        idx.lookup_rerank(np.array([ids[0], int(ids[-1]) + 7]))
+
+
+def test_float16_decode_fast_path_equals_numpy_cast() -> None:
+    x = encode_rerank(np.random.default_rng(1).standard_normal((300, 64)).astype(np.float32) / 8, "float16")
+    assert x.size >= 4096  # large enough for the vectorised path
+    out = decode_rerank(x)
+    assert out.dtype == np.float32 and np.array_equal(out, x.astype(np.float32))
