@@ -8,17 +8,10 @@ from models.descriptor import info_nce, koleo_entropy, CompressAdapter, SpindleA
 from diag import report
 torch.manual_seed(0); torch.set_num_threads(1)
 cache_path = sys.argv[1] if len(sys.argv) > 1 else "models/default/checkpoints/pooled_cache.pt"
-model, card = load_model(None)
-C = torch.load(cache_path, weights_only=True)
-H, L, LS = C["high"], C["low"], C["low_same"]
+from diag import load_inputs
+model, H, L, LS, G, QH, QL, truth, ex_ok = load_inputs(cache_path)
 N = 1500; V = H.shape[0] // N
 print("views", V)
-D = torch.load("/tmp/diag_pooled.pt", weights_only=False)
-G, QH, QL, truth = D["G"], D["QH"], D["QL"], np.asarray(D["truth"])
-with torch.inference_mode():
-    S512 = (model.reduction(QH) @ model.reduction(G).T).numpy()
-pos = truth >= 0
-ex_ok = np.zeros(len(truth), bool); ex_ok[pos] = S512[pos].argmax(1) == truth[pos]
 
 def lr_at(base, step, total, warm):
     return base * (step + 1) / warm if step < warm else 0.5 * base * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))

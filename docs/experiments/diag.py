@@ -62,3 +62,17 @@ if __name__ == "__main__":
     t = time.time(); d = pooled_set(md); print("pooled in", round(time.time()-t), "s")
     torch.save({k: v for k, v in d.items() if k != "model"}, "/tmp/diag_pooled.pt")
     full(d, d["model"])
+
+
+def load_inputs(cache_path="models/default/checkpoints/pooled_cache.pt"):
+    """(model, training cache H/L/LS, dev pooled G/QH/QL, truth, exhaustive-correct mask)."""
+    from models.card import load_model
+    model, _ = load_model(None)
+    C = torch.load(cache_path, weights_only=True)
+    D = torch.load("/tmp/diag_pooled.pt", weights_only=False)
+    G, QH, QL, truth = D["G"], D["QH"], D["QL"], np.asarray(D["truth"])
+    with torch.inference_mode():
+        S512 = (model.reduction(QH) @ model.reduction(G).T).numpy()
+    pos = truth >= 0
+    ex_ok = np.zeros(len(truth), bool); ex_ok[pos] = S512[pos].argmax(1) == truth[pos]
+    return model, C["high"], C["low"], C["low_same"], G, QH, QL, truth, ex_ok

@@ -5,15 +5,9 @@ sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "docs" / "experimen
 from models.card import load_model
 from diag import report
 torch.set_num_threads(1)
-model, card = load_model(None)
-C = torch.load("models/default/checkpoints/pooled_cache.pt", weights_only=True)
-H, L, LS = C["high"], C["low"], C["low_same"]
-D = torch.load("/tmp/diag_pooled.pt", weights_only=False)
-G, QH, QL, truth = D["G"], D["QH"], D["QL"], np.asarray(D["truth"])
+from diag import load_inputs
+model, H, L, LS, G, QH, QL, truth, ex_ok = load_inputs()
 with torch.inference_mode():
-    S512 = (model.reduction(QH) @ model.reduction(G).T).numpy()
-    pos = truth >= 0
-    ex_ok = np.zeros(len(truth), bool); ex_ok[pos] = S512[pos].argmax(1) == truth[pos]
     a1H, a2LS = model.adapter1(H), model.adapter2(LS)
     print("mean norm a1(train)", a1H.mean(0).norm().item(), "a2", a2LS.mean(0).norm().item(),
           "512", model.reduction(H).mean(0).norm().item())
