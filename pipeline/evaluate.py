@@ -186,12 +186,11 @@ def _topk_rows(qids: list[str], gids: list[str], D: np.ndarray, I: np.ndarray, s
     return pd.DataFrame(rows, columns=["query_id", "reference_id", "score", "rank", "stage"])
 
 
-def _coarse_separation(S128: np.ndarray, test_rows: list[int], gt_test: dict[str, str],
-                       gpos: dict[str, int], idx: dict[str, int]) -> dict[str, float | None]:
-    """How far the 128-d stage separates true pairs from non-matching queries (test half)."""
-    pos_rows = {idx[q] for q in gt_test}
-    neg_best = np.asarray([S128[r].max() for r in test_rows if r not in pos_rows and S128.shape[1]])
-    true = np.asarray([S128[idx[q], gpos[r]] for q, r in gt_test.items()])
+def _coarse_separation(S128: np.ndarray, test_rows: list[int], truth: dict[int, int]) -> dict[str, float | None]:
+    """How far the 128-d stage separates true pairs from non-matching queries (test half);
+    ``truth`` maps a positive query row to its reference's gallery column."""
+    neg_best = np.asarray([S128[r].max() for r in test_rows if r not in truth]) if S128.shape[1] else np.zeros(0)
+    true = np.asarray([S128[r, c] for r, c in truth.items()])
     q = lambda a, p: round(float(np.quantile(a, p)), 4) if len(a) else None  # noqa: E731
     return {"negative_best_median": q(neg_best, 0.5), "negative_best_p05": q(neg_best, 0.05),
             "true_pair_min": q(true, 0.0), "true_pair_p05": q(true, 0.05), "true_pair_median": q(true, 0.5)}
@@ -346,7 +345,9 @@ def evaluate(bench: Benchmark, out: Path, model_dir: str | None = None, seed: in
     for d in per_edit.values():
         d["recall_at_1"] = round(d["recall_at_1"] / d["queries"], 4)
         d["recall_at_threshold"] = round(d["recall_at_threshold"] / d["queries"], 4)
-    surv_test = surv[[idx[q] for q in test]]
+    test_rows = [idx[q] for q in test]
+    test_truth = {idx[q]: gpos[r] for q, r in gt_test.items()}  # positive query row -> reference column
+    surv_test = surv[test_rows]
     is_neg = np.asarray([q not in bench.gt for q in test])
     metrics = {
         "model": card.version_id,
@@ -364,10 +365,9 @@ def evaluate(bench: Benchmark, out: Path, model_dir: str | None = None, seed: in
         "coarse_survivors": {"all_test": float(surv_test.mean()) if len(test) else 0.0,
                              "negatives": float(surv_test[is_neg].mean()) if is_neg.any() else 0.0,
                              "positives": float(surv_test[~is_neg].mean()) if (~is_neg).any() else 0.0},
-        "coarse_separation": _coarse_separation(S128, [idx[q] for q in test], gt_test, gpos, idx),
-        "coarse_tradeoff": _coarse_tradeoff(
-            S128, S512, [idx[q] for q in test], {idx[q]: gpos[r] for q, r in gt_test.items()},
-            sorted({round(coarse_thr, 4), 0.3, 0.4, 0.5, 0.6, 0.7}), rerank_k, fine_thr),
+        "coarse_separation": _coarse_separation(S128, test_rows, test_truth),
+        "coarse_tradeoff": _coarse_tradeoff(S128, S512, test_rows, test_truth,
+                                            sorted({round(coarse_thr, 4), 0.3, 0.4, 0.5, 0.6, 0.7}), rerank_k, fine_thr),
         "per_edit": dict(sorted(per_edit.items())),
         "timings_seconds": {"features_total": round(t_feat, 3), "model_gallery": round(g_sec, 3),
                             "model_queries": round(q_sec, 3), "cascade_search": round(t_cascade, 4),

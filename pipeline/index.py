@@ -205,15 +205,14 @@ class CascadeIndex:
     def lookup_rerank(self, ids: np.ndarray) -> np.ndarray:
         """``(n,)`` ids -> ``(n, rerank_dim)`` float32 vectors; KeyError for unknown ids."""
         ids = np.asarray(ids, np.int64)
-        if self._row_of is not None:
+        if self._row_of is not None:  # compact ids: one gather
             inside = (ids >= 0) & (ids < len(self._row_of))
             pos = np.where(inside, self._row_of[np.where(inside, ids, 0)], -1)
-            if not np.all(pos >= 0):
-                raise KeyError(f"unknown gallery ids {ids[pos < 0][:5].tolist()}")
-            return decode_rerank(self._rerank[pos])
-        pos = np.searchsorted(self._sorted_ids, ids)
-        ok = (pos < len(self._sorted_ids)) & (self._sorted_ids[np.clip(pos, 0, max(0, len(self._sorted_ids) - 1))] == ids) \
-            if len(self._sorted_ids) else np.zeros(len(ids), bool)
+            ok = pos >= 0
+        else:                         # sparse ids: binary search in the sorted id table
+            pos = np.searchsorted(self._sorted_ids, ids)
+            ok = (pos < len(self._sorted_ids)) & (self._sorted_ids[np.clip(pos, 0, max(0, len(self._sorted_ids) - 1))] == ids) \
+                if len(self._sorted_ids) else np.zeros(len(ids), bool)
         if not np.all(ok):
             raise KeyError(f"unknown gallery ids {ids[~ok][:5].tolist()}")
         return decode_rerank(self._rerank[pos])
