@@ -91,6 +91,11 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
 
 
+def _add_audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--note", default=None, help="why: kept in the gallery's audit log")
+    p.add_argument("--who", default=None, help="operator for the audit log (default: $MODSCAN_OPERATOR or the OS user)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="modscan", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -115,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--rerank-dtype", choices=["float32", "float16", "int8"], default="float16")
     p.add_argument("--ray-address", default=None)
+    _add_audit_args(p)
     p.set_defaults(fn=_gallery)
     p = gs.add_parser("add", help="add images (a folder or prefix) to a bank, as a new version")
     p.add_argument("gallery")
@@ -123,12 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--banks", default=None, help="banks TOML (needed when the bank is new)")
     p.add_argument("--model", default=None)
     p.add_argument("--ray-address", default=None)
+    _add_audit_args(p)
     p.set_defaults(fn=_gallery)
     p = gs.add_parser("remove", help="remove entries (by id, sha256 or whole bank), as a new version")
     p.add_argument("gallery")
     p.add_argument("--bank", default=None, help="remove from this bank only (all of it if no ids/shas)")
     p.add_argument("--ids", nargs="*", type=int, default=[])
     p.add_argument("--sha256", nargs="*", default=[])
+    _add_audit_args(p)
     p.set_defaults(fn=_gallery)
     p = gs.add_parser("info", help="versions, counts per bank, model id, size")
     p.add_argument("gallery")
@@ -191,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = bs.add_parser("memory")
     q.add_argument("--gallery-size", type=int, default=1_000_000)
     q.set_defaults(fn=_bench)
+
+    from jobs.lookup_cmd import add_parser as add_lookup  # both modules import their heavy parts lazily
+    from jobs.review_cmd import add_parser as add_review
+
+    add_lookup(sub)
+    add_review(sub)
     return ap
 
 

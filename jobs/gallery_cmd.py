@@ -111,21 +111,23 @@ def run(a: argparse.Namespace) -> int:
         card = read_card(None)
         m = G.read_manifest(open_store(a.gallery))
         card = _card_for(m, card)
-        v, stats = G.remove(open_store(a.gallery), card, a.bank, a.ids, a.sha256)
+        v, stats = G.remove(open_store(a.gallery), card, a.bank, a.ids, a.sha256, who=a.who, note=a.note)
         print(json.dumps({"version": v, **stats}, indent=2))
         return 0
     card = read_card(a.model)
     extract = ray_extractor(a.model, a.ray_address)
     if a.gcmd == "build":
         banks = load_banks(a.banks)
-        v, stats = G.build(open_store(a.out, create=True), banks, card, extract, a.shards, a.rerank_dtype)
+        v, stats = G.build(open_store(a.out, create=True), banks, card, extract, a.shards, a.rerank_dtype,
+                           who=a.who, note=a.note)
         print(json.dumps({"version": v, "banks": stats}, indent=2, default=str))
         return 0
     if a.gcmd == "add":
         new_bank: Bank | None = None
         if a.banks:
             new_bank = {b.name: b for b in load_banks(a.banks)}.get(a.bank)
-        v, stats = G.add(open_store(a.gallery), a.bank, G.list_source(a.source), card, extract, new_bank)
+        v, stats = G.add(open_store(a.gallery), a.bank, G.list_source(a.source), card, extract, new_bank,
+                         who=a.who, note=a.note)
         print(json.dumps({"version": v, **stats}, indent=2))
         return 0
     raise SystemExit(f"unknown gallery command {a.gcmd}")

@@ -22,6 +22,10 @@ import numpy as np
 
 from pipeline import flags as F
 from pipeline.decode import DecodeConfig, Decoder
+from pipeline.floodguard import guard_staged
+from pipeline.floodguard import summary_lines as flood_summary_lines
+from pipeline.jobmetrics import MetricsPushError
+from pipeline.jobmetrics import publish as publish_metrics
 from pipeline.storage import Store, open_store, redact, split_uri
 
 MANIFEST_SUFFIXES = (".parquet", ".csv")
@@ -49,6 +53,14 @@ class JobConfig:
     rerank_k: int | None = None
     review_max_rows: int = 200
     single_stage: bool = False       # benchmark baseline only: high-res 512-d pass for every image
+    max_matches_per_reference: int = 1000  # flood guard: more matches in one run -> action review (0: off)
+    metrics_textfile: str | None = None    # node-exporter textfile (*.prom) written after each commit
+    metrics_pushgateway: str | None = None  # Pushgateway base URL; metrics PUT after each commit
+
+    def threshold_overrides(self) -> dict[str, float]:
+        """The thresholds this config sets over the gallery manifest's (job and ``lookup`` alike)."""
+        return {k: v for k, v in {"coarse": self.coarse_threshold, "fine": self.fine_threshold,
+                                  "rerank_k": self.rerank_k}.items() if v is not None}
 
     @classmethod
     def from_toml(cls, path: str | None, **overrides: Any) -> "JobConfig":
@@ -233,8 +245,7 @@ def moderate(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_d
 
     ds, n_inputs = build_input(input_uri, cfg)
     actors, ncpu, ngpu, threads = _resources(cfg)
-    overrides = {k: v for k, v in {"coarse": cfg.coarse_threshold, "fine": cfg.fine_threshold,
-                                   "rerank_k": cfg.rerank_k}.items() if v is not None}
+    overrides = cfg.threshold_overrides()
     t_read = time.time()
     if n_inputs:
         ds = ds.map_batches(_decode_batch, fn_kwargs={"cfg": decode_cfg, "timings_uri": timings_uri},
@@ -249,6 +260,7 @@ def moderate(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_d
         ds.write_parquet(out.path(f"{stage}/data"), filesystem=out.fs,
                          filename_provider=None)
     t_pipeline = time.time() - t_read
+    flood = guard_staged(out, run_id, cfg.max_matches_per_reference)  # may rewrite staged rows: before verify
     counts = F.verify_staged(out, run_id, n_inputs)
     timings = _sum_timings(out.child(f"{stage}/timings")) if out.exists(f"{stage}/timings") else {}
     wall = time.time() - t_start
@@ -263,11 +275,16 @@ def moderate(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_d
         "pipeline_seconds": round(t_pipeline, 3), "wall_seconds": round(wall, 3),
         "images_per_second": round(n_inputs / t_pipeline, 2) if t_pipeline > 0 else None,
         "resources": {"actors": actors, "actor_num_cpus": ncpu, "actor_num_gpus": ngpu, "torch_threads": threads},
-        "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "config": json.loads(redact(json.dumps(asdict(cfg), default=str))),  # a Pushgateway URL may hold a password
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "flood_guard": flood.to_dict(),
     }
     counts.pop("files", None)
     F.commit_partition(out, dt, run_id, run_info)
+    try:  # after the commit: "last success" must never be reported for an uncommitted run
+        run_info["metrics"] = publish_metrics(run_info, cfg.metrics_textfile, cfg.metrics_pushgateway)
+    except (OSError, MetricsPushError) as e:
+        run_info["metrics_error"] = redact(f"{type(e).__name__}: {e}")
     if review:
         try:
             from pipeline.review import write_review
@@ -290,6 +307,9 @@ def summary(info: dict[str, Any]) -> str:
         lines.append(f"  errors: {json.dumps(c['by_error_code'])}")
     if c.get("by_bank"):
         lines.append(f"  banks: {json.dumps(c['by_bank'])}")
+    lines += flood_summary_lines(info.get("flood_guard"))
+    if info.get("metrics_error"):
+        lines.append(f"  metrics NOT written: {info['metrics_error']}")
     if info.get("review"):
         lines.append(f"  review page: {info['review']}")
     return "\n".join(lines)

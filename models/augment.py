@@ -37,12 +37,12 @@ def _rand_text(rng: random.Random, lo: int = 4, hi: int = 16) -> str:
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi))).strip() or "text"
 
 
-def crop(img: Image.Image, rng: random.Random, min_area: float = 0.35) -> Image.Image:
-    """Random crop keeping ``min_area``..1 of the area, aspect ratio in [3/4, 4/3]."""
+def crop(img: Image.Image, rng: random.Random, min_area: float = 0.35, max_aspect: float = 4 / 3) -> Image.Image:
+    """Random crop keeping ``min_area``..1 of the area, aspect ratio in [1/max_aspect, max_aspect]."""
     w, h = img.size
     for _ in range(10):
         area = rng.uniform(min_area, 1.0) * w * h
-        ar = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        ar = np.exp(rng.uniform(-np.log(max_aspect), np.log(max_aspect)))
         cw, ch = int(round((area * ar) ** 0.5)), int(round((area / ar) ** 0.5))
         if 0 < cw <= w and 0 < ch <= h:
             x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
@@ -58,6 +58,17 @@ def rotate(img: Image.Image, rng: random.Random, max_deg: float = 30.0) -> Image
     """Rotate by up to ``max_deg`` degrees, expanding the canvas with a solid border."""
     deg = rng.uniform(5, max_deg) * rng.choice((-1, 1))
     return img.rotate(deg, resample=Image.BILINEAR, expand=True, fillcolor=_rand_color(rng))
+
+
+def border(img: Image.Image, rng: random.Random) -> Image.Image:
+    """A plain solid border of 2-15 % on every side (or only top/bottom: letterboxing)."""
+    w, h = img.size
+    px, py = int(rng.uniform(0.02, 0.15) * w), int(rng.uniform(0.02, 0.15) * h)
+    if rng.random() < 0.3:
+        px = 0
+    out = Image.new("RGB", (w + 2 * px, h + 2 * py), rng.choice(((0, 0, 0), (255, 255, 255), _rand_color(rng))))
+    out.paste(img, (px, py))
+    return out
 
 
 def rotate90(img: Image.Image, rng: random.Random) -> Image.Image:
@@ -204,32 +215,50 @@ def random_edit_names(rng: random.Random) -> list[str]:
     return rng.sample(sorted(EDITS), k)
 
 
-def train_augment(img: Image.Image, rng: random.Random) -> Image.Image:
-    """The training chain: crop/scale, flip, rotation, shift, colour, grayscale, noise, blur,
-    lines, text, frames, stickers and JPEG, each with its own probability."""
-    if rng.random() < 0.8:
-        img = crop(img, rng, min_area=0.25)
+def gallery_augment(img: Image.Image, rng: random.Random) -> Image.Image:
+    """The gallery side of a training pair: light, as a reference is stored (crop 0.7-1, flip)."""
+    if rng.random() < 0.7:
+        img = crop(img, rng, min_area=0.7)
     if rng.random() < 0.5:
         img = flip(img, rng)
-    if rng.random() < 0.25:
+    return img
+
+
+def query_augment(img: Image.Image, rng: random.Random) -> Image.Image:
+    """The query side of a training pair: the full edit chain an upload may carry.
+
+    Crop/scale (aspect-changing), flip, small and 90-degree rotation, shift, overlay, borders,
+    frames and captions, colour, grayscale, blur, noise, lines, text, stickers and JPEG, each with
+    its own probability (weak edits of the evaluation get more weight than in round 1).
+    """
+    if rng.random() < 0.8:
+        img = crop(img, rng, min_area=0.25, max_aspect=2.0)
+    if rng.random() < 0.5:
+        img = flip(img, rng)
+    r = rng.random()
+    if r < 0.3:
         img = rotate(img, rng, max_deg=35)
-    if rng.random() < 0.05:
+    elif r < 0.4:
+        img = rotate(img, rng, max_deg=8)
+    if rng.random() < 0.08:
         img = rotate90(img, rng)
-    if rng.random() < 0.2:
-        img = shift(img, rng)
     if rng.random() < 0.15:
+        img = shift(img, rng)
+    if rng.random() < 0.12:
         img = overlay_on_background(img, rng)
-    if rng.random() < 0.2:
+    if rng.random() < 0.12:
+        img = border(img, rng)
+    if rng.random() < 0.25:
         img = frame_caption(img, rng)
     if rng.random() < 0.7:
         img = color(img, rng)
-    if rng.random() < 0.15:
+    if rng.random() < 0.25:
         img = grayscale(img, rng)
     if rng.random() < 0.2:
         img = blur(img, rng)
     if rng.random() < 0.2:
         img = noise(img, rng)
-    if rng.random() < 0.25:
+    if rng.random() < 0.2:
         img = lines(img, rng)
     if rng.random() < 0.3:
         img = text(img, rng)

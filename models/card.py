@@ -2,8 +2,13 @@
 
 Layout of a model directory::
 
-    model.safetensors   # state dict, tensors only
-    model_card.json     # config, resolutions, dims, training summary, metrics, thresholds, sha256
+    model.safetensors       # state dict, tensors only, stored as float16 (loaded as float32)
+    background.safetensors  # score-normalisation bank: 512-d / 128-d features of background pictures
+    model_card.json         # config, resolutions, dims, training summary, metrics, thresholds, sha256s
+
+Weights are stored in float16: half the bytes in every clone and every retrain's git history, and
+the features of the fp16-stored model agree with the fp32 one to cosine > 0.9999 (tested). The
+card's sha256 is over the stored bytes.
 
 The card's ``version_id`` (``<backbone>-<high>x<low>-<sha[:12]>``) is what galleries record: a
 gallery built with one model refuses to be queried with another.
@@ -22,11 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models.descriptor import MEAN, STD, DescriptorConfig, DescriptorModel
+from models.preprocess import resize_square, to_batch  # noqa: F401  (re-exported for callers)
 
 WEIGHTS_FILE = "model.safetensors"
+BACKGROUND_FILE = "background.safetensors"
 CARD_FILE = "model_card.json"
 PACKAGED_MODEL_DIR = Path(__file__).resolve().parent / "default"
 # MODSCAN_MODEL points every command that takes no --model at another model directory.
@@ -58,6 +66,7 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=lambda: dict(UNCALIBRATED_THRESHOLDS))
+    background: dict[str, Any] = field(default_factory=dict)  # file, sha256, count, kinds
 
     def to_dict(self) -> dict[str, Any]:
         c = self.config
@@ -70,6 +79,7 @@ class ModelCard:
             "dims": {"coarse": c.coarse_dim, "rerank": c.rerank_dim},
             "normalisation": {"mean": MEAN, "std": STD},
             "thresholds": self.thresholds,
+            "background": self.background,
             "training": self.training,
             "metrics": self.metrics,
         }
@@ -83,6 +93,7 @@ class ModelCard:
             training=d.get("training", {}),
             metrics=d.get("metrics", {}),
             thresholds=d.get("thresholds", dict(UNCALIBRATED_THRESHOLDS)),
+            background=d.get("background", {}),
         )
 
 
@@ -93,19 +104,64 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_model(model: DescriptorModel, out_dir: str | os.PathLike[str], card: ModelCard) -> ModelCard:
-    """Write weights and card atomically; fills in ``sha256`` and ``version_id``."""
+def save_model(model: DescriptorModel, out_dir: str | os.PathLike[str], card: ModelCard,
+               background: dict[str, Any] | None = None) -> ModelCard:
+    """Write float16 weights, the background bank (if given) and the card atomically; fills in
+    ``sha256``, ``background`` and ``version_id``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{WEIGHTS_FILE}.tmp"
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": "pt"})
+    state = {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()).contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={"format": "pt", "dtype": "float16"})
     os.replace(tmp, out / WEIGHTS_FILE)
     card.sha256 = sha256_file(out / WEIGHTS_FILE)
+    if background is not None:
+        card.background = save_background(out, background)
     c = card.config
     card.version_id = f"{c.backbone.value}-{c.high_res}x{c.low_res}-{card.sha256[:12]}"
     write_card(out, card)
     return card
+
+
+def save_background(out: Path, bg: dict[str, Any]) -> dict[str, Any]:
+    """``bg = {"f512": (N, 512), "f128": (N, 128), "kind": [str] * N}`` -> file + card entry."""
+    kinds = list(bg["kind"])
+    names = sorted(set(kinds))
+    tensors = {"f512": bg["f512"].half().contiguous(), "f128": bg["f128"].half().contiguous(),
+               "kind": torch.tensor([names.index(k) for k in kinds], dtype=torch.int16)}
+    tmp = out / f".{BACKGROUND_FILE}.tmp"
+    save_file(tensors, str(tmp), metadata={"kinds": json.dumps(names)})
+    os.replace(tmp, out / BACKGROUND_FILE)
+    return {"file": BACKGROUND_FILE, "sha256": sha256_file(out / BACKGROUND_FILE), "count": len(kinds),
+            "kinds": {n: kinds.count(n) for n in names}}
+
+
+@dataclass(frozen=True)
+class BackgroundBank:
+    """Features of pictures that are never references: the score-normalisation reference set."""
+
+    f512: np.ndarray   # (N, 512) float32, unit rows
+    f128: np.ndarray   # (N, 128) float32, unit rows
+    kind: list[str]
+
+
+def load_background(model_dir: str | os.PathLike[str] | None = None, card: ModelCard | None = None) -> BackgroundBank | None:
+    """The model's background bank after checking its sha256; None for a model without one."""
+    d = Path(model_dir or DEFAULT_MODEL_DIR)
+    card = card or read_card(d)
+    if not card.background:
+        return None
+    path = d / card.background["file"]
+    actual = sha256_file(path)
+    if actual != card.background["sha256"]:
+        raise ModelIntegrityError(f"checksum mismatch for {path}: card says {card.background['sha256'][:16]}..., "
+                                  f"file has {actual[:16]}... (refusing to load)")
+    t = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        names = json.loads(f.metadata()["kinds"])
+    return BackgroundBank(f512=t["f512"].float().numpy(), f128=t["f128"].float().numpy(),
+                          kind=[names[i] for i in t["kind"].tolist()])
 
 
 def write_card(model_dir: str | os.PathLike[str], card: ModelCard) -> None:
@@ -131,21 +187,6 @@ def load_model(model_dir: str | os.PathLike[str] | None = None,
             f"checksum mismatch for {weights}: model card says sha256 {card.sha256[:16]}..., "
             f"file has {actual[:16]}... (corrupted or tampered weights; refusing to load)")
     model = DescriptorModel(card.config)
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(weights)).items()}
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval(), card
-
-
-_MEAN = np.asarray(MEAN, dtype=np.float32) * 255.0
-_STD = np.asarray(STD, dtype=np.float32) * 255.0
-
-
-def resize_square(img: Image.Image, size: int) -> np.ndarray:
-    """PIL RGB image -> ``(size, size, 3)`` uint8, bilinear (anti-aliased when shrinking)."""
-    return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
-
-
-def to_batch(arrays: np.ndarray | list[np.ndarray], device: str | torch.device = "cpu") -> torch.Tensor:
-    """``(B, H, W, 3)`` uint8 -> normalised ``(B, 3, H, W)`` float32 tensor on ``device``."""
-    a = np.stack(arrays) if isinstance(arrays, list) else arrays
-    x = (a.astype(np.float32) - _MEAN) / _STD
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 import torchvision
 
+from models.precision import Precision, resolve_precision
+
 
 class Backbone(str, enum.Enum):
     """Closed set of supported backbones (torchvision architectures, trained from scratch)."""
@@ -148,9 +150,13 @@ class RerankReduction(nn.Module):
 
 
 def build_trunk(backbone: Backbone) -> nn.Module:
-    """Convolutional trunk without its classifier: ``(B, 3, H, W) -> (B, C, h, w)``."""
+    """Convolutional trunk without its classifier: ``(B, 3, H, W) -> (B, C, h, w)``.
+
+    ResNets start with the last BatchNorm of every residual block at zero (``zero_init_residual``,
+    as SSCD does): each block begins as the identity, which steadies from-scratch training.
+    """
     if backbone in (Backbone.RESNET18, Backbone.RESNET50):
-        net = getattr(torchvision.models, backbone.value)(weights=None)
+        net = getattr(torchvision.models, backbone.value)(weights=None, zero_init_residual=True)
         return nn.Sequential(*list(net.children())[:-2])
     if backbone is Backbone.MOBILENET_V3_LARGE:
         return torchvision.models.mobilenet_v3_large(weights=None).features
@@ -158,10 +164,15 @@ def build_trunk(backbone: Backbone) -> nn.Module:
 
 
 class DescriptorModel(nn.Module):
-    """Backbone + GeM + (adapter 1, adapter 2, rerank reduction). Inputs are normalised tensors."""
+    """Backbone + GeM + (adapter 1, adapter 2, rerank reduction). Inputs are normalised tensors.
+
+    :meth:`set_precision` switches the trunk to bf16 autocast + ``channels_last``; pooling and the
+    heads always run in fp32 (the trunk's output is cast back before GeM's fractional power).
+    """
 
     def __init__(self, config: DescriptorConfig | None = None) -> None:
         super().__init__()
+        self.precision = Precision.FP32
         self.config = config or DescriptorConfig()
         c = BACKBONE_CHANNELS[self.config.backbone]
         self.backbone = build_trunk(self.config.backbone)
@@ -170,8 +181,21 @@ class DescriptorModel(nn.Module):
         self.adapter2 = SpindleAdapter(c, self.config.spindle_width, self.config.coarse_dim)
         self.reduction = RerankReduction(c, self.config.rerank_dim)
 
+    def set_precision(self, precision: str | Precision, device: torch.device | str | None = None) -> Precision:
+        """Resolve ``auto`` for ``device`` (default: where the weights are) and apply it."""
+        device = device if device is not None else next(self.parameters()).device
+        self.precision = resolve_precision(precision, device)
+        fmt = torch.channels_last if self.precision is Precision.BF16 else torch.contiguous_format
+        self.backbone.to(memory_format=fmt)
+        return self.precision
+
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W) -> (B, C)`` GeM-pooled backbone feature."""
+        """``(B, 3, H, W) -> (B, C)`` GeM-pooled backbone feature (always fp32)."""
+        if self.precision is Precision.BF16:
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+                f = self.backbone(x)
+            return self.pool(f.float())
         return self.pool(self.backbone(x))
 
     def gallery_features(self, x_high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,21 +220,3 @@ def pick_device(prefer: str | None = None) -> torch.device:
     if prefer:
         return torch.device(prefer)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch: row i of ``a`` and ``b`` are positives, ``(B, D)`` unit rows."""
-    logits = a @ b.t() / temperature
-    target = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
-
-
-def koleo_entropy(x: torch.Tensor) -> torch.Tensor:
-    """KoLeo differential-entropy regulariser (as in SSCD): ``-mean log(nn distance)``, unit rows."""
-    with torch.no_grad():
-        sim = x @ x.t()
-        sim.fill_diagonal_(-2.0)
-        nn_idx = sim.argmax(dim=1)
-    dist = (x - x[nn_idx]).norm(dim=1)
-    return -torch.log(dist + 1e-8).mean()
-

@@ -1,24 +1,36 @@
-"""Three-stage self-supervised training of the descriptor (the patent's recipe).
+"""Three-stage self-supervised training of the descriptor (the patent's recipe, round 2).
 
-1. **Backbone** (+GeM, + rerank reduction) with InfoNCE: each image's high-res view and an
-   independently augmented low-res view are the positive pair; the other images in the batch are
-   negatives. An optional KoLeo entropy term (SSCD) spreads the descriptors over the sphere.
-2. **Adapter 1** with the same loss on the frozen backbone's pooled features.
-3. **Adapter 2** distilled to adapter 1: ``loss = 1 - mean cos(adapter2(pool(low)), adapter1(pool(high)))``
-   with backbone and adapter 1 frozen.
+1. **Backbone** (+GeM, + rerank reduction) with InfoNCE on *asymmetric* views of one image: the
+   gallery view is light (crop 0.7-1, flip) at high res, as references are stored; the query view
+   carries the full edit chain (:func:`models.augment.query_augment`) at the query resolution, which
+   alternates per step between low res (the coarse pass) and high res (the rerank pass). Negatives
+   are the other images of the batch plus a memory queue of past gallery-view embeddings (entries of
+   the same image masked). A KoLeo entropy term over both views uses each row's nearest non-match.
+   Generated everyday pictures (:mod:`models.synthetic`) join the photos as extra instances.
+   The trunk runs in bf16 autocast + channels_last where the hardware has native bf16; the heads
+   and the loss stay in fp32.
+2. **Adapter 1**, backbone frozen: its linear layer starts from PCA of the 512-d head (so the
+   128-d vector starts as the best linear summary of the rerank feature), then trains with the same
+   InfoNCE on (gallery view, high-res query view) pooled features.
+3. **Adapter 2**, backbone and adapter 1 frozen: adapter2(pool(low-res query view)) is distilled to
+   adapter1(pool(high-res gallery view)) with cosine plus a relational KL term over a bank of
+   adapter-1 targets at a low temperature.
 
-Stages 2 and 3 never touch the backbone, so their inputs are the backbone's pooled features of a
-fixed number of augmented view pairs per image, computed once (``cache_views``) and cached on
-disk: the adapters then train in seconds instead of re-running the CNN every epoch.
+Stages 2 and 3 never touch the backbone: their inputs are the backbone's pooled features of
+``cache_views`` augmented view triples per image, computed once and cached on disk under a key of
+every setting that shapes them (a changed setting builds a new cache, never reuses a stale one).
 
-Every stage checkpoints after each epoch (``out/checkpoints``) and resumes from there; a finished
-stage is skipped on rerun. Loading a checkpoint uses ``torch.load(weights_only=True)``: tensors
-only, nothing executable is unpickled.
+Stage 1 checkpoints after each epoch (``out/checkpoints/stage1.pt``) and resumes from there; stages
+2 and 3 take minutes and save once when done; a finished stage is skipped on rerun. ``init_from``
+warm-starts stage 1 from a shipped model directory (verified by its card's checksum).
+Checkpoints load with ``torch.load(weights_only=True)``: tensors only, nothing executable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -35,9 +47,15 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from models.augment import train_augment
-from models.card import ModelCard, resize_square, save_model, to_batch
-from models.descriptor import DescriptorConfig, DescriptorModel, info_nce, koleo_entropy, pick_device
+from models.augment import gallery_augment, query_augment
+from models.card import ModelCard, load_model, save_model
+from models.descriptor import DescriptorConfig, DescriptorModel, pick_device
+from models.losses import info_nce, koleo_entropy, relational_distill
+from models.precision import Precision
+from models.preprocess import resize_pair, resize_square, to_batch
+from models.synthetic import generate
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -54,17 +72,26 @@ class TrainConfig:
     batch_size_adapter2: int = 256
     lr_backbone: float = 1e-3
     lr_adapter: float = 3e-3
+    lr_adapter1: float = 3e-4        # adapter 1 starts from PCA: fine-tune it gently
     weight_decay: float = 1e-4
     temperature: float = 0.05
     entropy_weight: float = 3.0
-    cache_views: int = 16
+    queue_size: int = 2048           # memory queue of past gallery-view embeddings (stage 1)
+    synthetic_images: int = 400      # generated everyday pictures added to the photos
+    cache_views: int = 6
+    distill_kl_weight: float = 0.25  # stage 3 relational term (cosine dominates)
+    distill_temperature: float = 0.05
+    distill_bank: int = 4096
+    background_photos: int = 600     # score-normalisation bank shipped with the model
+    background_graphics: int = 400
     preload_max_side: int = 320
     max_images: int | None = None
+    init_from: str | None = None     # model dir whose trunk/GeM/reduction warm-start stage 1
+    precision: str = "auto"          # trunk precision: auto | bf16 | fp32
     seed: int = 0
     device: str | None = None
     threads: int | None = None
-    workers: int = 1            # DataLoader processes for augmentation (raise on GPU machines)
-
+    workers: int = 1                 # DataLoader processes for augmentation (raise on GPU machines)
 
 def list_images(root: str | os.PathLike[str]) -> list[Path]:
     """All image files under ``root`` (recursive), sorted for determinism."""
@@ -86,34 +113,41 @@ def preload(paths: list[Path], max_side: int) -> list[Image.Image]:
     return out
 
 
-class PairDataset(torch.utils.data.Dataset):
-    """Item ``i`` -> (high-res view A, low-res view B, low-res view A) of image ``i``, uint8 arrays.
+def synthetic_pool(n: int, max_side: int, purpose: str = "train") -> list[Image.Image]:
+    """``n`` generated everyday pictures (:mod:`models.synthetic`), bounded like the photos."""
+    out = []
+    for i in range(n):
+        _, im = generate(purpose, i)
+        im.thumbnail((max_side, max_side), Image.BILINEAR)
+        out.append(im)
+    return out
 
-    Views A and B are augmented independently (the InfoNCE positive pair of stages 1 and 2);
-    "low-res view A" is the same augmented picture as A at the low resolution (the distillation
-    input of stage 3). Randomness is seeded by (seed, epoch, i) so a resumed run sees the same
-    samples.
+
+class PairDataset(torch.utils.data.Dataset):
+    """Item ``i`` -> (gallery view at high res, query view at low res, the same query view at high
+    res), uint8 arrays, plus the image id ``i``.
+
+    The gallery view is light (:func:`gallery_augment`), the query view carries the full edit
+    chain (:func:`query_augment`). Randomness is seeded by (seed, epoch, i) so a resumed run sees
+    the same samples.
     """
 
-    def __init__(self, images: list[Image.Image], high: int, low: int, seed: int,
-                 augment: Callable[[Image.Image, random.Random], Image.Image] = train_augment) -> None:
-        self.images, self.high, self.low, self.seed, self.augment = images, high, low, seed, augment
+    def __init__(self, images: list[Image.Image], high: int, low: int, seed: int) -> None:
+        self.images, self.high, self.low, self.seed = images, high, low, seed
         self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         rng = random.Random(hash((self.seed, self.epoch, i)))
         img = self.images[i]
-        a_img = self.augment(img, rng)
-        a = resize_square(a_img, self.high)
-        b = resize_square(self.augment(img, rng), self.low)
-        a_low = resize_square(a_img, self.low)  # the same augmented view at low resolution (stage 3)
-        return a, b, a_low
+        g = resize_square(gallery_augment(img, rng), self.high)
+        q_low, q_high = resize_pair(query_augment(img, rng), self.low, self.high)
+        return g, q_low, q_high, i
 
 
-def _collate(batch: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+def _collate(batch: list[tuple[Any, ...]]) -> tuple[np.ndarray, ...]:
     return tuple(np.stack([b[j] for b in batch]) for j in range(len(batch[0])))
 
 
@@ -135,8 +169,52 @@ def _cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, w
         g["lr"] = lr
 
 
+class EmbeddingQueue:
+    """FIFO of the last ``size`` detached embeddings with their image ids (negatives for InfoNCE)."""
+
+    def __init__(self, size: int, dim: int, device: torch.device) -> None:
+        self.size = size
+        self.x = torch.zeros(0, dim, device=device)
+        self.ids = torch.zeros(0, dtype=torch.long, device=device)
+
+    def push(self, x: torch.Tensor, ids: torch.Tensor) -> None:
+        if self.size <= 0:
+            return
+        self.x = torch.cat([x.detach(), self.x])[: self.size]
+        self.ids = torch.cat([ids, self.ids])[: self.size]
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor, cfg: TrainConfig,
+                     queue: EmbeddingQueue | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """InfoNCE (+ queue) + ``entropy_weight`` x KoLeo over both views; returns (loss, terms)."""
+    nce = info_nce(a, b, cfg.temperature, ids, queue.x if queue else None, queue.ids if queue else None)
+    ent = koleo_entropy(torch.cat([a, b]), torch.cat([ids, ids])) if cfg.entropy_weight else torch.zeros(())
+    loss = nce + cfg.entropy_weight * ent
+    return loss, {"infonce": nce.item(), "entropy": ent.item()}
+
+
+def pca_init(adapter: nn.Module, f512: torch.Tensor, reduction: nn.Module, pooled: torch.Tensor,
+             target_std: float = 0.5) -> None:
+    """Set adapter 1's linear layer to the top principal directions of the 512-d head.
+
+    ``f512: (N, 512)`` unit rerank features, ``pooled: (N, C)`` the pooled features they came from.
+    ``fc(h) = s * P (W h / |W h|_mean - mu)`` so that ``tanh`` starts in its near-linear range.
+    """
+    mu = f512.mean(0)
+    _, _, v = torch.linalg.svd(f512 - mu, full_matrices=False)
+    p = v[: adapter.fc.out_features]                       # (128, 512)
+    w = reduction.fc.weight                                # (512, C)
+    norm = (pooled @ w.t()).norm(dim=1).mean()
+    weight = p @ w / norm
+    bias = -(p @ mu)
+    s = target_std / float((pooled @ weight.t() + bias).std(0).mean())
+    with torch.no_grad():
+        adapter.fc.weight.copy_(weight * s)
+        adapter.fc.bias.copy_(bias * s)
+
+
 class Trainer:
-    """Runs the stages into ``out_dir``; ``log`` receives one JSON-able dict per epoch."""
+    """Runs the stages into ``out_dir``; each epoch logs one JSON line with every loss term."""
 
     def __init__(self, images_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                  cfg: TrainConfig, command: str | None = None) -> None:
@@ -151,6 +229,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.model = DescriptorModel(cfg.model).to(self.device)
+        self.precision = self.model.set_precision(cfg.precision, self.device)
         paths = list_images(self.images_dir)
         if cfg.max_images:
             paths = paths[: cfg.max_images]
@@ -162,8 +241,10 @@ class Trainer:
     # -- helpers ---------------------------------------------------------------------------
     @property
     def images(self) -> list[Image.Image]:
+        """Photos then generated pictures; image id = position in this list."""
         if self._images is None:
-            self._images = preload(self.paths, self.cfg.preload_max_side)
+            self._images = (preload(self.paths, self.cfg.preload_max_side)
+                            + synthetic_pool(self.cfg.synthetic_images, self.cfg.preload_max_side))
         return self._images
 
     def _log(self, rec: dict[str, Any]) -> None:
@@ -181,9 +262,19 @@ class Trainer:
         p = self.ckpt / name
         return torch.load(p, map_location="cpu", weights_only=True) if p.exists() else None
 
+    def _warm_start(self) -> None:
+        """Copy trunk, GeM and reduction from ``init_from`` (checksum-verified model dir)."""
+        src, card = load_model(self.cfg.init_from, "cpu")
+        if src.config.backbone != self.cfg.model.backbone:
+            raise ValueError(f"init_from {self.cfg.init_from}: backbone {src.config.backbone.value} "
+                             f"!= {self.cfg.model.backbone.value}")
+        keep = {k: v for k, v in src.state_dict().items() if k.split(".")[0] in ("backbone", "pool", "reduction")}
+        self.model.load_state_dict(keep, strict=False)
+        self._log({"stage": 1, "init_from": str(self.cfg.init_from), "init_version": card.version_id})
+
     # -- stage 1 ---------------------------------------------------------------------------
     def stage_backbone(self, epochs: int | None = None) -> list[float]:
-        """InfoNCE on (f512(high view), f512(low view)); trains backbone, GeM and the reduction."""
+        """InfoNCE on (f512(gallery view, high), f512(query view, low or high)) + queue + KoLeo."""
         cfg, m = self.cfg, self.model
         epochs = cfg.epochs_backbone if epochs is None else epochs
         params = list(m.backbone.parameters()) + list(m.pool.parameters()) + list(m.reduction.parameters())
@@ -195,85 +286,117 @@ class Trainer:
             opt.load_state_dict(ck["optim"])
             start = int(ck["epoch"])
             self.history["backbone"] = [float(x) for x in ck.get("history", torch.zeros(0)).tolist()]
+        elif cfg.init_from:
+            self._warm_start()
+        if start >= epochs:
+            return self.history["backbone"]
         ds = PairDataset(self.images, cfg.model.high_res, cfg.model.low_res, cfg.seed)
         steps_per_epoch = len(ds) // cfg.batch_size
         if steps_per_epoch == 0:
             raise ValueError(f"need at least batch_size={cfg.batch_size} images, have {len(ds)}")
         total = steps_per_epoch * epochs
+        queue = EmbeddingQueue(cfg.queue_size, cfg.model.rerank_dim, self.device)
         for epoch in range(start, epochs):
             ds.epoch = epoch
             m.train()
-            losses = []
+            terms: dict[str, list[float]] = {"loss": [], "infonce": [], "entropy": [], "acc_low": [], "acc_high": []}
             t0 = time.time()
             bar = tqdm(_loader(ds, cfg.batch_size, True, True, cfg.seed + epoch, cfg.workers), total=steps_per_epoch,
                        desc=f"stage 1 backbone {epoch + 1}/{epochs}", unit="batch", leave=False)
-            for i, (hi, lo, _lo_same) in enumerate(bar):
+            for i, (g, q_low, q_high, ids) in enumerate(bar):
                 _cosine_lr(opt, cfg.lr_backbone, epoch * steps_per_epoch + i, total, steps_per_epoch)
-                a = m.rerank_features(to_batch(hi, self.device))
-                b = m.rerank_features(to_batch(lo, self.device))
-                loss = info_nce(a, b, cfg.temperature)
-                if cfg.entropy_weight:
-                    loss = loss + cfg.entropy_weight * 0.5 * (koleo_entropy(a) + koleo_entropy(b))
+                low_step = i % 3 != 2          # query at low res 2 steps in 3 (coarse pass), else high (rerank)
+                ids_t = torch.from_numpy(ids).to(self.device)
+                a = m.rerank_features(to_batch(g, self.device))
+                b = m.rerank_features(to_batch(q_low if low_step else q_high, self.device))
+                loss, t = contrastive_loss(a, b, ids_t, cfg, queue)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-            mean = float(np.mean(losses))
-            self.history["backbone"].append(mean)
+                queue.push(a, ids_t)
+                with torch.no_grad():
+                    acc = float(((b @ a.t()).argmax(1) == torch.arange(len(a), device=a.device)).float().mean())
+                terms["acc_low" if low_step else "acc_high"].append(acc)
+                terms["loss"].append(loss.item())
+                terms["infonce"].append(t["infonce"])
+                terms["entropy"].append(t["entropy"])
+                bar.set_postfix(loss=f"{np.mean(terms['loss']):.3f}")
+            mean = {k: round(float(np.mean(v)), 4) for k, v in terms.items() if v}
+            self.history["backbone"].append(mean["loss"])
             self._save_ckpt("stage1.pt", {"model": m.state_dict(), "optim": opt.state_dict(), "epoch": epoch + 1,
                                           "history": torch.tensor(self.history["backbone"])})
-            self._log({"stage": 1, "epoch": epoch + 1, "loss": round(mean, 4), "gem_p": round(m.pool.p.item(), 3),
-                       "seconds": round(time.time() - t0, 1)})
+            self._log({"stage": 1, "epoch": epoch + 1, **mean, "gem_p": round(m.pool.p.item(), 3),
+                       "precision": self.precision.value, "seconds": round(time.time() - t0, 1)})
         return self.history["backbone"]
 
     # -- cached pooled features for stages 2 and 3 -----------------------------------------
+    def _cache_key(self) -> str:
+        """Hash of every setting that shapes the cache, and of the stage-1 weights it comes from."""
+        cfg = self.cfg
+        h = hashlib.sha256()
+        h.update(json.dumps({"views": cfg.cache_views, "n": len(self.images), "paths": [p.name for p in self.paths],
+                             "synthetic": cfg.synthetic_images, "high": cfg.model.high_res, "low": cfg.model.low_res,
+                             "seed": cfg.seed, "preload": cfg.preload_max_side}, sort_keys=True).encode())
+        for k, v in sorted(self.model.state_dict().items()):
+            if k.split(".")[0] in ("backbone", "pool"):
+                h.update(v.detach().cpu().float().numpy().tobytes()[:4096])
+        return h.hexdigest()[:16]
+
     @torch.no_grad()
-    def pooled_cache(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(V*N, C)`` pooled features (frozen backbone) of high-res views A, low-res views B and
-        low-res views A."""
-        p = self.ckpt / "pooled_cache.pt"
-        d = torch.load(p, map_location="cpu", weights_only=True) if p.exists() else {}
-        if {"high", "low", "low_same"} <= set(d):
-            return d["high"], d["low"], d["low_same"]
+    def pooled_cache(self) -> dict[str, torch.Tensor]:
+        """``(V*N, C)`` pooled features (frozen backbone) of gallery views (high), query views at
+        low and at high res, plus ``ids``; row ``v*N + i`` is view ``v`` of image ``i``."""
+        key = self._cache_key()
+        p = self.ckpt / f"pooled_cache-{key}.pt"
+        if p.exists():
+            return torch.load(p, map_location="cpu", weights_only=True)
         cfg, m = self.cfg, self.model
         m.eval()
-        hs, ls, ss = [], [], []
+        out: dict[str, list[torch.Tensor]] = {"gallery": [], "query_low": [], "query_high": [], "ids": []}
         ds = PairDataset(self.images, cfg.model.high_res, cfg.model.low_res, cfg.seed + 10_000)
         for v in range(cfg.cache_views):
             ds.epoch = v
-            for hi, lo, lo_same in tqdm(_loader(ds, 128, False, False, 0, cfg.workers),
-                                        desc=f"caching pooled features {v + 1}/{cfg.cache_views}", unit="batch", leave=False):
-                if "high" not in d:
-                    hs.append(m.pooled(to_batch(hi, self.device)).cpu())
-                    ls.append(m.pooled(to_batch(lo, self.device)).cpu())
-                ss.append(m.pooled(to_batch(lo_same, self.device)).cpu())
-        if "high" not in d:
-            d["high"], d["low"] = torch.cat(hs), torch.cat(ls)
-        d["low_same"] = torch.cat(ss)
-        self._save_ckpt("pooled_cache.pt", d)
-        return d["high"], d["low"], d["low_same"]
+            for g, q_low, q_high, ids in tqdm(_loader(ds, 128, False, False, 0, cfg.workers),
+                                              desc=f"caching pooled features {v + 1}/{cfg.cache_views}",
+                                              unit="batch", leave=False):
+                out["gallery"].append(m.pooled(to_batch(g, self.device)).cpu())
+                out["query_low"].append(m.pooled(to_batch(q_low, self.device)).cpu())
+                out["query_high"].append(m.pooled(to_batch(q_high, self.device)).cpu())
+                out["ids"].append(torch.from_numpy(ids))
+        d = {k: torch.cat(v) for k, v in out.items()}
+        self._save_ckpt(p.name, d)
+        self._log({"stage": "cache", "key": key, "views": cfg.cache_views, "rows": int(d["ids"].shape[0])})
+        return d
 
     def _adapter_epochs(self, name: str, module: nn.Module, epochs: int,
-                        step: Callable[[torch.Tensor], torch.Tensor], n: int, batch_size: int) -> list[float]:
-        """``epochs`` passes over ``n`` cached rows in shuffled batches; ``step(idx)`` -> loss."""
+                        step: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]], n: int,
+                        batch_size: int, lr: float) -> list[float]:
+        """``epochs`` passes over ``n`` cached rows in shuffled batches; ``step(idx)`` -> (loss, terms).
+
+        Logs an ``epoch 0`` line first: the loss of the initial adapter on one batch.
+        """
         cfg = self.cfg
-        opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr_adapter, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=cfg.weight_decay)
         batch_size = max(2, min(batch_size, n))
         steps = n // batch_size
         g = torch.Generator().manual_seed(cfg.seed)
+        with torch.no_grad():
+            loss0, t0 = step(torch.randperm(n, generator=torch.Generator().manual_seed(1))[:batch_size])
+        self._log({"stage": name, "epoch": 0, "loss": round(loss0.item(), 4), **{k: round(v, 4) for k, v in t0.items()}})
         for epoch in range(epochs):
             perm = torch.randperm(n, generator=g)
-            losses = []
+            terms: dict[str, list[float]] = {}
             for i in range(steps):
-                _cosine_lr(opt, cfg.lr_adapter, epoch * steps + i, epochs * steps, steps)
-                loss = step(perm[i * batch_size:(i + 1) * batch_size])
+                _cosine_lr(opt, lr, epoch * steps + i, epochs * steps, steps)
+                loss, t = step(perm[i * batch_size:(i + 1) * batch_size])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                losses.append(loss.item())
-            self.history[name].append(float(np.mean(losses)))
-            self._log({"stage": name, "epoch": epoch + 1, "loss": round(self.history[name][-1], 4)})
+                for k, v in {"loss": loss.item(), **t}.items():
+                    terms.setdefault(k, []).append(v)
+            mean = {k: round(float(np.mean(v)), 4) for k, v in terms.items()}
+            self.history[name].append(mean["loss"])
+            self._log({"stage": name, "epoch": epoch + 1, **mean})
         return self.history[name]
 
     def _freeze(self, *modules: nn.Module) -> None:
@@ -283,13 +406,8 @@ class Trainer:
                 p.requires_grad_(False)
 
     def stage_adapter1(self, epochs: int | None = None) -> list[float]:
-        """Backbone frozen; InfoNCE on adapter 1 of two *high-res* views of the same image.
-
-        Adapter 1 only ever sees high-res gallery images, so its positive pairs are the high-res
-        pooled features of two different cached augmented views (``cache_views >= 2``); with a
-        single cached view it falls back to (high-res view A, low-res view B). On the coco256
-        development set this raised adapter 2's 128-d recall@1 from 0.84 to 0.89 (same backbone).
-        """
+        """Backbone frozen; adapter 1 starts from PCA of the 512-d head, then InfoNCE on
+        (gallery view, high-res query view) pooled features of the same image."""
         cfg, m = self.cfg, self.model
         ck = self._load_ckpt("stage2.pt")
         if ck is not None:
@@ -297,36 +415,26 @@ class Trainer:
             self.history["adapter1"] = ck["history"].tolist()
             return self.history["adapter1"]
         self._freeze(m.backbone, m.pool, m.reduction)
-        high, low, _ = self.pooled_cache()
-        n_img = len(self.paths)
-        views = high.shape[0] // n_img
-        g = torch.Generator().manual_seed(cfg.seed + 1)
+        c = self.pooled_cache()
+        gal, qh, ids = c["gallery"], c["query_high"], c["ids"]
+        with torch.no_grad():
+            sample = gal[torch.randperm(len(gal), generator=torch.Generator().manual_seed(cfg.seed))[:20000]]
+            pca_init(m.adapter1, m.reduction(sample.to(self.device)), m.reduction, sample.to(self.device))
         m.adapter1.train()
 
-        def step(idx: torch.Tensor) -> torch.Tensor:
-            if views >= 2:
-                i = idx % n_img
-                v1 = torch.randint(0, views, (len(idx),), generator=g)
-                v2 = (v1 + torch.randint(1, views, (len(idx),), generator=g)) % views
-                x, y = high[v1 * n_img + i], high[v2 * n_img + i]
-            else:
-                x, y = high[idx], low[idx]
-            a, b = m.adapter1(x.to(self.device)), m.adapter1(y.to(self.device))
-            loss = info_nce(a, b, cfg.temperature)
-            if cfg.entropy_weight:
-                loss = loss + cfg.entropy_weight * 0.5 * (koleo_entropy(a) + koleo_entropy(b))
-            return loss
+        def step(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            a = m.adapter1(gal[idx].to(self.device))
+            b = m.adapter1(qh[idx].to(self.device))
+            return contrastive_loss(a, b, ids[idx].to(self.device), cfg)
 
         self._adapter_epochs("adapter1", m.adapter1, cfg.epochs_adapter1 if epochs is None else epochs, step,
-                             high.shape[0], cfg.batch_size)
+                             gal.shape[0], cfg.batch_size_adapter2, cfg.lr_adapter1)
         self._save_ckpt("stage2.pt", {"model": m.state_dict(), "history": torch.tensor(self.history["adapter1"])})
         return self.history["adapter1"]
 
     def stage_adapter2(self, epochs: int | None = None) -> list[float]:
-        """Backbone and adapter 1 frozen; adapter2(pool(low-res A)) distilled to
-        adapter1(pool(high-res A)): the same augmented picture at the two resolutions, so adapter 2
-        learns to reproduce adapter 1's gallery vector from a cheaper input (edit invariance comes
-        from stages 1 and 2)."""
+        """Backbone and adapter 1 frozen; adapter2(pool(low-res query view)) distilled to
+        adapter1(pool(high-res gallery view)) of the same image: cosine + relational KL."""
         cfg, m = self.cfg, self.model
         ck = self._load_ckpt("stage3.pt")
         if ck is not None:
@@ -334,19 +442,49 @@ class Trainer:
             self.history["adapter2"] = ck["history"].tolist()
             return self.history["adapter2"]
         self._freeze(m.backbone, m.pool, m.reduction, m.adapter1)
-        high, _, low = self.pooled_cache()
+        c = self.pooled_cache()
+        gal, ql = c["gallery"], c["query_low"]
         with torch.no_grad():
-            target = torch.cat([m.adapter1(high[i:i + 4096].to(self.device)).cpu() for i in range(0, len(high), 4096)])
+            target = torch.cat([m.adapter1(gal[i:i + 4096].to(self.device)).cpu() for i in range(0, len(gal), 4096)])
+        g = torch.Generator().manual_seed(cfg.seed + 2)
         m.adapter2.train()
 
-        def step(idx: torch.Tensor) -> torch.Tensor:
-            t, lo = target[idx].to(self.device), low[idx].to(self.device)
-            return 1.0 - (m.adapter2(lo) * t).sum(dim=1).mean()
+        def step(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            t, lo = target[idx].to(self.device), ql[idx].to(self.device)
+            bank = target[torch.randint(0, len(target), (cfg.distill_bank,), generator=g)].to(self.device)
+            cos_t, kl_t = relational_distill(m.adapter2(lo), t, bank, cfg.distill_temperature, cfg.distill_kl_weight)
+            return cos_t + cfg.distill_kl_weight * kl_t, {"cosine": cos_t.item(), "kl": kl_t.item()}
 
         self._adapter_epochs("adapter2", m.adapter2, cfg.epochs_adapter2 if epochs is None else epochs, step,
-                             high.shape[0], cfg.batch_size_adapter2)
+                             gal.shape[0], cfg.batch_size_adapter2, cfg.lr_adapter)
         self._save_ckpt("stage3.pt", {"model": m.state_dict(), "history": torch.tensor(self.history["adapter2"])})
         return self.history["adapter2"]
+
+    # -- background bank -------------------------------------------------------------------
+    @torch.no_grad()
+    def background_features(self) -> dict[str, Any]:
+        """512-d and adapter-1 128-d features of a fixed sample of training photos plus generated
+        everyday pictures from their own seed space (never gallery or evaluation images)."""
+        cfg, m = self.cfg, self.model
+        m.eval()
+        rng = random.Random(cfg.seed + 7)
+        n_photos = min(cfg.background_photos, len(self.paths))
+        photos = [self.images[i] for i in sorted(rng.sample(range(len(self.paths)), n_photos))]
+        kinds: list[str] = []
+        graphics = []
+        for i in range(cfg.background_graphics):
+            kind, im = generate("background", i)
+            kinds.append(kind)
+            graphics.append(im)
+        pics = photos + graphics
+        f512, f128 = [], []
+        for i in tqdm(range(0, len(pics), 64), desc="background bank", unit="batch", leave=False):
+            x = to_batch([resize_square(p, cfg.model.high_res) for p in pics[i:i + 64]], self.device)
+            a, r = m.gallery_features(x)
+            f128.append(a.cpu())
+            f512.append(r.cpu())
+        return {"f512": torch.cat(f512), "f128": torch.cat(f128),
+                "kind": ["photo"] * n_photos + kinds}
 
     # -- all -------------------------------------------------------------------------------
     def run(self) -> ModelCard:
@@ -355,19 +493,22 @@ class Trainer:
         self.stage_adapter1()
         self.stage_adapter2()
         self.model.eval()
+        bg = self.background_features()
         cfg_d = asdict(self.cfg)
         cfg_d["model"] = self.cfg.model.to_dict()
         card = ModelCard(config=self.cfg.model, training={
             "data": {"dir": self.images_dir.name, "images": len(self.paths),
+                     "synthetic_images": self.cfg.synthetic_images,
                      "note": "self-supervised: no labels; evaluation set (coco256) never used"},
             "command": self.command,
             "train_config": cfg_d,
             "device": str(self.device),
+            "precision": self.precision.value,
             "seconds_this_run": round(time.time() - t0, 1),
             "final_loss": {k: (round(v[-1], 4) if v else None) for k, v in self.history.items()},
             "torch": torch.__version__,
         })
-        save_model(self.model.cpu(), self.out, card)
+        save_model(self.model.cpu(), self.out, card, background=bg)
         return card
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from models.preprocess import resize_pair
 from pipeline.schemas import ErrorCode
 
 # A truncated file must be an error, not a half-grey image.
@@ -103,17 +104,6 @@ def open_image(data: bytes, cfg: DecodeConfig) -> Image.Image:
         raise DecodeError(code, f"{type(e).__name__}: {msg}") from None
     except (ValueError, TypeError, MemoryError, IndexError, KeyError, ZeroDivisionError) as e:
         raise DecodeError(ErrorCode.DECODE_ERROR, f"{type(e).__name__}: {e}") from None
-
-
-def resize_pair(im: Image.Image, low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
-    """RGB image -> (``(low, low, 3)``, ``(high, high, 3)``) uint8; bilinear, squashed to square.
-
-    The high-res copy is resized from the source and the low-res one from the high-res copy:
-    both see an anti-aliased bilinear reduction, and the second resize is 4x cheaper.
-    """
-    hi = im.resize((high, high), Image.BILINEAR)
-    lo = hi.resize((low, low), Image.BILINEAR)
-    return np.asarray(lo, dtype=np.uint8), np.asarray(hi, dtype=np.uint8)
 
 
 class Decoder:

@@ -35,8 +35,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from models.card import ModelCard
+from pipeline import audit as A
 from pipeline.banks import Bank
 from pipeline.index import CascadeIndex, CascadeParams, Shard
+from pipeline.errors import ModscanError
 from pipeline.schemas import ENTRY_SCHEMA, Action, Status
 from pipeline.storage import Store, open_store
 
@@ -44,15 +46,15 @@ FORMAT_VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
-class GalleryIntegrityError(RuntimeError):
+class GalleryIntegrityError(ModscanError, RuntimeError):
     """A gallery file does not match the checksum in its manifest."""
 
 
-class GalleryModelMismatch(RuntimeError):
+class GalleryModelMismatch(ModscanError, RuntimeError):
     """The gallery was built with another model than the one querying it."""
 
 
-class GalleryNotFound(FileNotFoundError):
+class GalleryNotFound(ModscanError, FileNotFoundError):
     pass
 
 
@@ -92,6 +94,9 @@ class GalleryContent:
     entries: pd.DataFrame             # ENTRY_SCHEMA rows; every id has >= 1 row
     banks: dict[str, Bank]
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    # id -> {"id", "until" (ISO UTC or None: indefinitely), "by", "at", "note", "run_id"}: references
+    # switched off by review decisions; they stay in the gallery and never match while in force
+    disabled: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def check(self) -> None:
         if len(set(self.entries["id"])) != len(self.ids) or set(self.entries["id"]) != set(self.ids.tolist()):
@@ -125,6 +130,7 @@ def write_version(store: Store, content: GalleryContent, card: ModelCard, n_shar
     eb = buf.getvalue()
     vstore.write_bytes("entries.parquet", eb)
     counts = ent.groupby("bank")["id"].nunique().to_dict()
+    live_ids = set(content.ids.tolist())  # a removed image takes its disabled mark with it
     manifest = {
         "format": FORMAT_VERSION,
         "version": version,
@@ -141,10 +147,28 @@ def write_version(store: Store, content: GalleryContent, card: ModelCard, n_shar
         "banks": {n: {**b.to_dict(), "count": int(counts.get(n, 0))} for n, b in sorted(content.banks.items())},
         "counts": {"images": int(len(content.ids)), "memberships": int(len(ent))},
         "rejected": content.rejected,
+        "disabled_references": [content.disabled[i] for i in sorted(content.disabled) if i in live_ids],
     }
     vstore.write_text("manifest.json", json.dumps(manifest, indent=2) + "\n")
     if publish:
-        store.write_text("CURRENT", version + "\n")
+        publish_version(store, version)
+    return version
+
+
+def publish_version(store: Store, version: str) -> None:
+    """Point ``CURRENT`` at a written version (atomic rename locally, one PUT on S3)."""
+    store.write_text("CURRENT", version + "\n")
+
+
+def write_audited(store: Store, content: GalleryContent, card: ModelCard, n_shards: int, rerank_dtype: str,
+                  parent: str | None, coarse_spec: str, action: str, who: str | None = None,
+                  note: str | None = None, run_id: str | None = None, details: dict[str, Any] | None = None,
+                  changes: list[dict[str, Any]] | tuple[dict[str, Any], ...] = ()) -> str:
+    """Write a version, append its audit record, then publish it: the record goes first so that
+    every version ``CURRENT`` ever names has one (see :mod:`pipeline.audit`)."""
+    version = write_version(store, content, card, n_shards, rerank_dtype, parent, coarse_spec, publish=False)
+    A.append(store, action, version, parent, who=who, note=note, run_id=run_id, details=details, changes=changes)
+    publish_version(store, version)
     return version
 
 
@@ -175,6 +199,201 @@ def _load_verified(store: Store, m: dict[str, Any]) -> tuple[list[Shard], pd.Dat
                                _verified(vstore, s["rerank"], s["rerank_sha256"])) for s in m["shards"]]
     entries = pq.read_table(io.BytesIO(_verified(vstore, m["entries"]["file"], m["entries"]["sha256"]))).to_pandas()
     return shards, entries
+
+
+# --------------------------------------------------------------------------------------------
+# Pinning, verification and the streaming loader
+# --------------------------------------------------------------------------------------------
+_CHUNK = 8 << 20
+_ST_DTYPES = {"F16": np.float16, "F32": np.float32, "I8": np.int8, "I64": np.int64}
+
+
+def resolve_version(uri_or_store: str | Store, model_id: str | None = None) -> dict[str, Any]:
+    """The manifest of the version ``CURRENT`` names now, and nothing else (no shard is read): what
+    a job driver pins once, so that its actors and its review page load exactly that version."""
+    store = open_store(uri_or_store) if isinstance(uri_or_store, str) else uri_or_store
+    m = read_manifest(store)
+    if model_id is not None:
+        _check_model(m, model_id)
+    return m
+
+
+def _version_files(m: dict[str, Any]) -> list[tuple[str, str]]:
+    """(file name, sha256) of every data file of a version."""
+    files = [(f, sh[k]) for sh in m["shards"] for f, k in ((sh["index"], "index_sha256"), (sh["rerank"], "rerank_sha256"))]
+    return files + [(m["entries"]["file"], m["entries"]["sha256"])]
+
+
+def _mismatch(vstore: Store, name: str, sha: str, actual: str) -> GalleryIntegrityError:
+    return GalleryIntegrityError(
+        f"checksum mismatch for {vstore.full_uri(name)}: manifest says {sha[:16]}..., file has "
+        f"{actual[:16]}... (corrupted or tampered gallery file; refusing to load)")
+
+
+def stream_sha256(vstore: Store, name: str) -> str:
+    """sha256 of a file read in chunks (memory stays at one chunk whatever the file size)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with vstore.fs.open_input_stream(vstore.path(name)) as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(uri_or_store: str | Store, version: str | None = None) -> dict[str, Any]:
+    """Check every file of a version (default: ``CURRENT``) against its manifest checksum,
+    streaming. Returns ``{"version", "files", "problems": [{"file", "problem"}]}``."""
+    store = open_store(uri_or_store) if isinstance(uri_or_store, str) else uri_or_store
+    m = read_manifest(store, version)
+    vstore = store.child(f"versions/{m['version']}")
+    problems = []
+    files = _version_files(m)
+    for name, sha in files:
+        try:
+            actual = stream_sha256(vstore, name)
+        except FileNotFoundError:
+            problems.append({"file": name, "problem": "missing"})
+            continue
+        if actual != sha:
+            problems.append({"file": name, "problem": f"sha256 {actual[:16]}... != manifest {sha[:16]}..."})
+    return {"version": m["version"], "files": len(files), "problems": problems}
+
+
+class _HashingReader:
+    """A sequential reader that hashes every byte it hands out (and the rest, at ``finish``)."""
+
+    def __init__(self, f: Any) -> None:
+        import hashlib
+
+        self.f, self.h = f, hashlib.sha256()
+
+    def read(self, n: int) -> bytes:
+        b = self.f.read(n)
+        self.h.update(b)
+        return b
+
+    def finish(self) -> str:
+        while chunk := self.read(_CHUNK):
+            pass
+        return self.h.hexdigest()
+
+
+def _read_index_streaming(vstore: Store, name: str, sha: str) -> Any:
+    """A faiss index read straight from storage (1 MiB blocks), hashed on the way."""
+    import faiss
+
+    with vstore.fs.open_input_stream(vstore.path(name)) as f:
+        r = _HashingReader(f)
+        try:
+            index = faiss.read_index(faiss.PyCallbackIOReader(r.read, 1 << 20))
+        except Exception:
+            actual = r.finish()
+            if actual != sha:
+                raise _mismatch(vstore, name, sha, actual) from None
+            raise
+        actual = r.finish()
+    if actual != sha:
+        raise _mismatch(vstore, name, sha, actual)
+    return index
+
+
+def _st_header(f: Any) -> tuple[bytes, dict[str, Any]]:
+    """Raw header bytes (length prefix included) and parsed header of a safetensors file."""
+    import struct
+
+    head = f.read(8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+    if not 0 < n < (64 << 20):
+        raise ValueError("not a safetensors file")
+    raw = f.read(n)
+    return head + raw, json.loads(raw)
+
+
+def _rerank_ids(vstore: Store, name: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Pass 1: the ids of a rerank file (header and the ids range only; random access)."""
+    with vstore.fs.open_input_file(vstore.path(name)) as f:
+        raw, header = _st_header(f)
+        a, b = header["ids"]["data_offsets"]
+        ids = np.frombuffer(f.read_at(b - a, len(raw) + a), np.int64).copy()
+    return ids, header
+
+
+def _fill_rerank(vstore: Store, name: str, sha: str, header: dict[str, Any], ids: np.ndarray,
+                 rows: np.ndarray, out: np.ndarray) -> None:
+    """Pass 2: stream the rerank file once, hashing it, copying each vector row ``i`` straight
+    into ``out[rows[i]]`` (its place in the id-sorted matrix). Transient memory: one chunk."""
+    with vstore.fs.open_input_stream(vstore.path(name)) as f:
+        r = _HashingReader(f)
+        raw, header2 = _st_header(r)
+        if header2 != header:
+            raise _mismatch(vstore, name, sha, r.finish())
+        pos = 0
+        for tname in sorted(("ids", "vectors"), key=lambda t: header[t]["data_offsets"][0]):
+            a, b = header[tname]["data_offsets"]
+            while pos < a:
+                pos += len(r.read(min(_CHUNK, a - pos)))
+            if tname == "ids":
+                again = np.frombuffer(r.read(b - a), np.int64)
+                if not np.array_equal(again, ids):
+                    raise _mismatch(vstore, name, sha, r.finish())
+            else:
+                d = int(header["vectors"]["shape"][1])
+                row_bytes = d * out.itemsize
+                if header["vectors"]["shape"][0] != len(ids) or b - a != len(ids) * row_bytes or d != out.shape[1]:
+                    raise _mismatch(vstore, name, sha, r.finish())
+                step = max(1, _CHUNK // row_bytes)
+                for r0 in range(0, len(ids), step):
+                    n = min(step, len(ids) - r0)
+                    chunk = np.frombuffer(r.read(n * row_bytes), out.dtype)
+                    if len(chunk) != n * d:
+                        raise _mismatch(vstore, name, sha, r.finish())
+                    out[rows[r0:r0 + n]] = chunk.reshape(n, d)
+            pos = b
+        actual = r.finish()
+    if actual != sha:
+        raise _mismatch(vstore, name, sha, actual)
+
+
+def load_streaming(store: Store, m: dict[str, Any], use_gpu: bool | None = None) -> tuple[CascadeIndex, pd.DataFrame]:
+    """The cascade and entries of manifest ``m``, every file verified, with a peak memory close to
+    what stays resident (``modscan bench memory``): entries first (their transient copies are
+    then the only data in memory), rerank vectors streamed straight into the one id-sorted matrix
+    the cascade keeps, faiss indexes read in 1 MiB blocks. Reading whole files and concatenating
+    shards held the file bytes, the per-shard and the merged matrices at once (~2.5x resident)."""
+    vstore = store.child(f"versions/{m['version']}")
+    entries_bytes = _verified(vstore, m["entries"]["file"], m["entries"]["sha256"])
+    table = pq.read_table(io.BytesIO(entries_bytes))
+    del entries_bytes
+    entries = table.to_pandas()
+    del table
+    layouts = []
+    for s in m["shards"]:
+        try:
+            layouts.append(_rerank_ids(vstore, s["rerank"]))
+        except (ValueError, KeyError) as e:  # unreadable header: report it as what it is
+            raise _mismatch(vstore, s["rerank"], s["rerank_sha256"], stream_sha256(vstore, s["rerank"])) from e
+    all_ids = np.concatenate([ids for ids, _ in layouts]) if layouts else np.zeros(0, np.int64)
+    order = np.argsort(all_ids, kind="stable")
+    row_of = np.empty(len(all_ids), np.int64)
+    row_of[order] = np.arange(len(all_ids))
+    dtypes = {_ST_DTYPES[h["vectors"]["dtype"]] for _, h in layouts} or {np.float16}
+    if len(dtypes) != 1:
+        raise GalleryIntegrityError(f"gallery {m['version']}: shards store rerank vectors in different dtypes")
+    rerank = np.empty((len(all_ids), m["dims"]["rerank"]), dtypes.pop())
+    shards, off = [], 0
+    for s, (ids, header) in zip(m["shards"], layouts):
+        _fill_rerank(vstore, s["rerank"], s["rerank_sha256"], header, ids, row_of[off:off + len(ids)], rerank)
+        index = _read_index_streaming(vstore, s["index"], s["index_sha256"])
+        # zero-width rerank placeholders: the cascade gets the id-sorted matrix below instead of
+        # concatenating and re-sorting per-shard copies
+        shards.append(Shard(index, ids, np.empty((len(ids), 0), rerank.dtype)))
+        off += len(ids)
+    cascade = CascadeIndex(shards, m["dims"]["coarse"], m["dims"]["rerank"], use_gpu=use_gpu)
+    cascade._rerank = rerank  # the id-sorted order CascadeIndex keeps (checked below)
+    if not np.array_equal(cascade._sorted_ids, all_ids[order]):
+        raise RuntimeError("CascadeIndex no longer keeps its rerank matrix in id order; update load_streaming")
+    return cascade, entries
 
 
 def _coarse_vectors(sh: Shard) -> np.ndarray:
@@ -209,7 +428,8 @@ def read_content(store: Store, version: str | None = None) -> tuple[dict[str, An
         ids=np.concatenate(ids) if ids else np.zeros(0, np.int64),
         coarse=np.concatenate(coarse) if coarse else np.zeros((0, cd), np.float32),
         rerank=np.concatenate(rerank) if rerank else np.zeros((0, rd), np.float32),
-        entries=entries, banks=banks, rejected=list(m.get("rejected", [])))
+        entries=entries, banks=banks, rejected=list(m.get("rejected", [])),
+        disabled={int(d["id"]): d for d in m.get("disabled_references", [])})
     return m, content
 
 
@@ -280,7 +500,8 @@ def _empty_content(coarse_dim: int, rerank_dim: int) -> GalleryContent:
 
 
 def build(store: Store, banks: list[Bank], card: ModelCard, extract: Extractor, n_shards: int = 4,
-          rerank_dtype: str = "float16", coarse_spec: str = "Flat") -> tuple[str, dict[str, Any]]:
+          rerank_dtype: str = "float16", coarse_spec: str = "Flat", *, who: str | None = None,
+          note: str | None = None) -> tuple[str, dict[str, Any]]:
     """Extract every enabled bank and publish a new version. Returns (version, per-bank stats)."""
     content = _empty_content(card.config.coarse_dim, card.config.rerank_dim)
     stats: dict[str, Any] = {}
@@ -288,12 +509,14 @@ def build(store: Store, banks: list[Bank], card: ModelCard, extract: Extractor, 
         content.banks[b.name] = b
         stats[b.name] = _add_images(content, b, list_source(b.source), extract) if b.enabled else {"skipped": "disabled"}
     parent = current_version(store)
-    version = write_version(store, content, card, n_shards, rerank_dtype, parent, coarse_spec)
+    version = write_audited(store, content, card, n_shards, rerank_dtype, parent, coarse_spec, "build",
+                            who, note, details={"banks": stats})
     return version, stats
 
 
 def add(store: Store, bank_name: str, uris: list[str], card: ModelCard, extract: Extractor,
-        new_bank: Bank | None = None) -> tuple[str, dict[str, int]]:
+        new_bank: Bank | None = None, *, who: str | None = None, note: str | None = None
+        ) -> tuple[str, dict[str, int]]:
     """New version = current + ``uris`` in ``bank_name``; existing vectors are reused, not re-extracted."""
     m, content = read_content(store)
     _check_model(m, card.version_id)
@@ -302,13 +525,14 @@ def add(store: Store, bank_name: str, uris: list[str], card: ModelCard, extract:
             raise KeyError(f"bank {bank_name!r} is not in gallery {m['version']}; pass --banks to declare it")
         content.banks[bank_name] = new_bank
     stats = _add_images(content, content.banks[bank_name], uris, extract)
-    version = write_version(store, content, card, len(m["shards"]), m["rerank_dtype"], m["version"],
-                            m.get("coarse_index", "Flat"))
+    version = write_audited(store, content, card, len(m["shards"]), m["rerank_dtype"], m["version"],
+                            m.get("coarse_index", "Flat"), "add", who, note, details={"bank": bank_name, **stats})
     return version, stats
 
 
 def remove(store: Store, card: ModelCard, bank: str | None = None, ids: Iterable[int] = (),
-           shas: Iterable[str] = ()) -> tuple[str, dict[str, int]]:
+           shas: Iterable[str] = (), *, who: str | None = None, note: str | None = None
+           ) -> tuple[str, dict[str, int]]:
     """New version without the given memberships. An image left in no bank loses its vectors."""
     m, content = read_content(store)
     _check_model(m, card.version_id)
@@ -330,9 +554,11 @@ def remove(store: Store, card: ModelCard, bank: str | None = None, ids: Iterable
     content.ids, content.coarse, content.rerank = content.ids[keep], content.coarse[keep], content.rerank[keep]
     if bank is not None and not ids and not shas:
         content.banks.pop(bank)
-    version = write_version(store, content, card, len(m["shards"]), m["rerank_dtype"], m["version"],
-                            m.get("coarse_index", "Flat"))
-    return version, {"memberships_removed": removed, "images_dropped": dropped}
+    stats = {"memberships_removed": removed, "images_dropped": dropped}
+    version = write_audited(store, content, card, len(m["shards"]), m["rerank_dtype"], m["version"],
+                            m.get("coarse_index", "Flat"), "remove", who, note,
+                            details={"bank": bank, "ids": sorted(ids), "sha256": sorted(shas), **stats})
+    return version, stats
 
 
 def info(store: Store) -> dict[str, Any]:
@@ -345,7 +571,30 @@ def info(store: Store) -> dict[str, Any]:
             "banks": {n: {k: b[k] for k in ("category", "action", "count", "enabled", "fine_threshold")}
                       for n, b in m["banks"].items()},
             "shards": len(m["shards"]), "rerank_dtype": m["rerank_dtype"], "thresholds": m["thresholds"],
-            "bytes": int(size), "rejected": len(m.get("rejected", []))}
+            "bytes": int(size), "rejected": len(m.get("rejected", [])),
+            **_review_state(store, m)}
+
+
+def _review_state(store: Store, m: dict[str, Any], recent: int = 20) -> dict[str, Any]:
+    """Disabled references of ``m`` (in force or expired) and the tail of the audit log."""
+    now = _now()
+    disabled = [{**d, "in_force": d["id"] in disabled_in_force(m, now)} for d in m.get("disabled_references", [])]
+    records = A.read_log(store)
+    return {"disabled_references": disabled,
+            "audit": {"records": len(records), "chain_problems": A.verify_log(store),
+                      "recent": A.flat_entries(records)[-recent:]}}
+
+
+def disabled_in_force(manifest: dict[str, Any], at: _dt.datetime | None = None) -> dict[int, dict[str, Any]]:
+    """References of a version that are disabled at ``at`` (default: now): id -> record. A record
+    with ``until = None`` is disabled until a person enables it again; otherwise until that instant."""
+    at = at or _now()
+    out = {}
+    for d in manifest.get("disabled_references", []):
+        until = d.get("until")
+        if until is None or _dt.datetime.fromisoformat(until) > at:
+            out[int(d["id"])] = d
+    return out
 
 
 def _check_model(manifest: dict[str, Any], model_id: str) -> None:
@@ -380,13 +629,20 @@ class GalleryIndex:
         self.manifest, self.cascade, self.params = manifest, cascade, params
         self.banks = {n: Bank.from_dict(b) for n, b in manifest["banks"].items()}
         self.entries = entries
+        # References disabled by review decisions, as of load time: a job keeps one view for its
+        # whole run, like it keeps one gallery version.
+        self.disabled: dict[int, dict[str, Any]] = disabled_in_force(manifest)
         self._members: dict[int, list[tuple[str, str, str, float]]] = {}
         for gid, bank in zip(entries["id"].tolist(), entries["bank"].tolist()):
             b = self.banks[bank]
-            if not b.enabled:
+            if not b.enabled or int(gid) in self.disabled:
                 continue
-            thr = b.fine_threshold if b.fine_threshold is not None else params.fine_threshold
-            self._members.setdefault(int(gid), []).append((bank, b.category, b.action, float(thr)))
+            self._members.setdefault(int(gid), []).append((bank, b.category, b.action, self.bank_threshold(bank)))
+
+    def bank_threshold(self, bank: str) -> float:
+        """The fine threshold in force for ``bank``: its own, else the gallery's (or override)."""
+        b = self.banks[bank]
+        return float(b.fine_threshold if b.fine_threshold is not None else self.params.fine_threshold)
 
     @property
     def version(self) -> str:
@@ -404,10 +660,9 @@ class GalleryIndex:
         m = read_manifest(store, version)
         if model_id is not None:
             _check_model(m, model_id)
-        shards, entries = _load_verified(store, m)
+        cascade, entries = load_streaming(store, m, use_gpu=use_gpu)
         t = {**m["thresholds"], **(overrides or {})}
         params = CascadeParams(float(t["coarse"]), float(t["fine"]), int(t.get("rerank_k", 500)))
-        cascade = CascadeIndex(shards, m["dims"]["coarse"], m["dims"]["rerank"], use_gpu=use_gpu)
         return cls(m, cascade, entries, params)
 
     def coarse(self, xq128: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,13 @@
 Thumbnails are embedded as ``data:`` URIs, so the page is a single file written under
 ``<output>/_reviews/dt=D/`` whatever the object keys look like: a key can never make the report
 write or link outside its folder, and every string on the page is HTML-escaped.
+
+Reviewer safety (as Discourse and Mastodon do for moderators): thumbnails of matches in banks whose
+category starts with ``sensitive/`` are blurred and greyed by default; a click reveals one. The
+reveal is a CSS checkbox, not script, so it works with JavaScript off, and the page loads nothing
+from the network (no external CSS, fonts or images). Matches are grouped by reference with their
+counts, so one reference matching hundreds of uploads is one line, not the whole page, and
+references held by the flood guard (:mod:`pipeline.floodguard`) get a banner at the top.
 """
 
 from __future__ import annotations
@@ -20,9 +27,25 @@ from pipeline.flags import partition_key
 from pipeline.storage import Store, open_store, redact, split_uri
 
 THUMB = 160
+SENSITIVE_PREFIX = "sensitive/"
+GROUP_EXAMPLES = 6  # uploads shown per reference group
+CSS = f"""body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:6px;vertical-align:top}}img{{max-width:{THUMB}px;max-height:{THUMB}px}}
+.err{{color:#b00}}.held{{background:#b00;color:#fff;padding:1em;font-size:1.2em;border:4px solid #600}}
+.held code{{color:#fff}}.ex{{display:inline-block;margin:2px;text-align:center;font-size:.8em}}
+.sens{{position:relative;display:inline-block;overflow:hidden;cursor:pointer;line-height:0}}
+.sens input{{position:absolute;opacity:0;width:0;height:0}}
+.sens img{{filter:blur(14px) grayscale(1)}}.sens input:checked~img{{filter:none}}
+.sens .veil{{position:absolute;inset:0;display:flex;align-items:center;justify-content:center;text-align:center;
+line-height:1.2;font-size:.8em;color:#fff;background:rgba(0,0,0,.35)}}.sens input:checked~.veil{{display:none}}"""
 
 
-def _thumb(data: bytes) -> str:
+def is_sensitive(category: object) -> bool:
+    return isinstance(category, str) and category.startswith(SENSITIVE_PREFIX)
+
+
+def _thumb(data: bytes, sensitive: bool = False) -> str:
+    """An embedded JPEG thumbnail; ``sensitive`` ones are blurred and greyed until clicked."""
     try:
         im = open_image(data, DecodeConfig(high_res=THUMB))
     except DecodeError as e:
@@ -30,7 +53,11 @@ def _thumb(data: bytes) -> str:
     im.thumbnail((THUMB, THUMB), Image.BILINEAR)
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=80)
-    return f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    img = f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    if not sensitive:
+        return img
+    return (f'<label class="sens" title="sensitive: click to reveal"><input type="checkbox">{img}'
+            f'<span class="veil">sensitive<br>click to reveal</span></label>')
 
 
 def _read(uri: str) -> bytes | None:
@@ -49,13 +76,58 @@ def _input_uri(input_uri: str, key: str) -> str:
     return input_uri.rstrip("/") + "/" + key
 
 
+def _held_banner(matched: pd.DataFrame) -> str:
+    """A loud banner naming every reference the flood guard held (rows with action = review)."""
+    held = matched[matched["action"] == "review"]
+    if held.empty:
+        return ""
+    items = []
+    for rid, g in held.groupby("reference_id", sort=False):
+        reason = g["reason"].dropna().iloc[0] if "reason" in g and g["reason"].notna().any() else ""
+        items.append(f"<li>reference <code>#{int(rid)}</code> ({html.escape(str(g['bank'].iloc[0]))}): "
+                     f"<b>{len(g)}</b> uploads held &mdash; {html.escape(str(reason))}</li>")
+    return (f'<div class="held"><b>&#9888; {held["reference_id"].nunique()} reference(s) HELD by the flood guard: '
+            f'{len(held)} uploads were NOT filtered or down-ranked and wait for review.</b>'
+            f'<ul>{"".join(items)}</ul>Check the reference; if it is over-broad, disable it with '
+            f'<code>modscan review apply</code>.</div>')
+
+
+def _groups_html(matched: pd.DataFrame, src: dict, input_uri: str, max_groups: int) -> str:
+    """One table row per matched reference, busiest first: its thumbnail, bank, how many uploads
+    matched it (by action) and the best few of them."""
+    if matched.empty:
+        return "<tr><td colspan=4>none</td></tr>"
+    out_rows = []
+    groups = sorted(matched.groupby("reference_id", sort=False), key=lambda kv: (-len(kv[1]), kv[0]))
+    for rid, g in groups[:max_groups]:
+        cat = g["category"].iloc[0]
+        sens = is_sensitive(cat)
+        ref_uri = src.get(int(rid))
+        ref = _read(ref_uri) if ref_uri else None
+        actions = ", ".join(f"{a} {n}" for a, n in g["action"].value_counts().items())
+        ex = []
+        for r in g.sort_values("fine_score", ascending=False).head(GROUP_EXAMPLES).itertuples():
+            q = _read(_input_uri(input_uri, r.image_key))
+            ex.append(f'<span class="ex">{_thumb(q, sens) if q else "<span class=err>unreadable</span>"}<br>'
+                      f'{float(r.fine_score):.3f} <code>{html.escape(str(r.image_key))}</code></span>')
+        out_rows.append(
+            f"<tr><td>{_thumb(ref, sens) if ref else '<span class=err>reference unavailable</span>'}"
+            f"<br><small>ref #{int(rid)}</small></td><td>{html.escape(str(g['bank'].iloc[0]))}<br>"
+            f"<small>{html.escape(str(cat))}</small></td><td><b>{len(g)}</b><br><small>{html.escape(actions)}</small></td>"
+            f"<td>{''.join(ex)}{'<br>&hellip;' if len(g) > GROUP_EXAMPLES else ''}</td></tr>")
+    if len(groups) > max_groups:
+        out_rows.append(f"<tr><td colspan=4>{len(groups) - max_groups} more references not shown</td></tr>")
+    return "\n".join(out_rows)
+
+
 def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: str, max_rows: int = 200) -> str:
     """Write ``_reviews/dt=D/review-<run_id>.html``; returns its URI."""
     from pipeline.flags import read_flags
     from pipeline.gallery import read_manifest
 
     df = read_flags(out.uri, dt)
-    flagged = df[df["status"] == "matched"].sort_values("fine_score", ascending=False).head(max_rows)
+    matched = df[df["status"] == "matched"]
+    flagged = matched.sort_values("fine_score", ascending=False).head(max_rows)
     allowed = df[(df["status"] == "clean") & df["bank"].notna()].head(max_rows // 4)
     errors = df[df["status"] == "error"]
     gstore = open_store(gallery_uri)
@@ -71,11 +143,12 @@ def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: 
             q = _read(_input_uri(input_uri, r.image_key))
             ref_uri = src.get(int(r.reference_id)) if pd.notna(r.reference_id) else None
             ref = _read(ref_uri) if ref_uri else None
+            sens = is_sensitive(r.category)
             out_rows.append(
                 "<tr><td>{q}</td><td>{ref}</td><td><b>{action}</b><br>{bank}<br><small>{cat}</small></td>"
                 "<td>fine {fine:.3f}<br>coarse {coarse:.3f}</td><td><code>{key}</code><br><small>ref #{rid}</small></td></tr>".format(
-                    q=_thumb(q) if q else "<span class=err>unreadable</span>",
-                    ref=_thumb(ref) if ref else "<span class=err>reference unavailable</span>",
+                    q=_thumb(q, sens) if q else "<span class=err>unreadable</span>",
+                    ref=_thumb(ref, sens) if ref else "<span class=err>reference unavailable</span>",
                     action=html.escape(str(r.action)), bank=html.escape(str(r.bank)), cat=html.escape(str(r.category)),
                     fine=float(r.fine_score) if pd.notna(r.fine_score) else float("nan"),
                     coarse=float(r.coarse_score) if pd.notna(r.coarse_score) else float("nan"),
@@ -86,11 +159,14 @@ def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: 
                          f"<td>{html.escape(redact(str(r.error_message)))}</td></tr>" for r in errors.head(max_rows).itertuples())
     counts = df["status"].value_counts().to_dict()
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>modscan review {html.escape(dt)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:6px;vertical-align:top}}
-img{{max-width:{THUMB}px;max-height:{THUMB}px}}.err{{color:#b00}}</style></head><body>
+<style>{CSS}</style></head><body>
 <h1>modscan review: dt={html.escape(dt)}</h1>
 <p>run <code>{html.escape(run_id)}</code>; model <code>{html.escape(str(df['model_version'].iloc[0]) if len(df) else '-')}</code>;
 gallery <code>{html.escape(m['version'])}</code>; rows: {html.escape(str(counts))}</p>
+{_held_banner(matched)}
+<h2>Matches by reference ({matched['reference_id'].nunique()} references, {len(matched)} uploads)</h2>
+<table><tr><th>reference</th><th>bank</th><th>uploads</th><th>best matches (fine score)</th></tr>
+{_groups_html(matched, src, input_uri, max(1, max_rows // 4))}</table>
 <h2>Flagged ({len(df[df['status'] == 'matched'])}, best {len(flagged)} shown)</h2>
 <table><tr><th>upload</th><th>matched reference</th><th>action / bank</th><th>scores</th><th>key</th></tr>{rows(flagged)}</table>
 <h2>Suppressed by an allow-list ({len(allowed)} shown)</h2>

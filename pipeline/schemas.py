@@ -5,6 +5,12 @@
 * :class:`ErrorCode`: the stable error codes of ``status = error`` rows.
 * :class:`Status` / :class:`Action`: closed vocabularies of the flag row.
 
+Flag rows carry ``action = review`` with a ``reason`` when the flood guard
+(:mod:`pipeline.floodguard`) held their reference: the reference matched more uploads in one run
+than ``max_matches_per_reference``, so its rows wait for a person instead of being filtered or
+down-ranked. ``reason`` is null on every other row; partitions written before the column existed
+read back with it null.
+
 Stages check their boundaries with :func:`check_columns`; the writer casts to the declared schema
 so that a type drift is an error, not a silently different file.
 """
@@ -27,6 +33,7 @@ class Action(str, enum.Enum):
     FILTER = "filter"
     DOWNRANK = "downrank"
     ALLOW = "allow"      # only as a bank action; flags carry NONE when an allow-list entry wins
+    REVIEW = "review"    # only on flags: a held reference's match, waiting for a person (see ``reason``)
     NONE = "none"
 
 
@@ -42,6 +49,7 @@ class ErrorCode(str, enum.Enum):
     IMAGE_TOO_SMALL = "image_too_small"        # a side below decode.min_side (e.g. 1x1 trackers)
     DECODE_ERROR = "decode_error"              # anything else the decoder refused
     INTERNAL_ERROR = "internal_error"          # a bug in modscan: the row is kept, the job goes on
+    FORBIDDEN_KEY = "forbidden_key"            # manifest key outside the allowed locations: never read
 
 
 FLAG_SCHEMA = pa.schema([
@@ -49,7 +57,7 @@ FLAG_SCHEMA = pa.schema([
     pa.field("image_sha256", pa.string()),                # of the bytes read; null if unreadable
     pa.field("dt", pa.string(), nullable=False),          # partition date YYYY-MM-DD
     pa.field("status", pa.string(), nullable=False),      # Status
-    pa.field("action", pa.string(), nullable=False),      # filter | downrank | none
+    pa.field("action", pa.string(), nullable=False),      # filter | downrank | review | none
     pa.field("bank", pa.string()),                        # matched bank (or winning allow bank)
     pa.field("category", pa.string()),                    # e.g. sensitive/violence
     pa.field("reference_id", pa.int64()),                 # gallery entry id of the best match
@@ -61,6 +69,7 @@ FLAG_SCHEMA = pa.schema([
     pa.field("error_code", pa.string()),                  # ErrorCode when status = error
     pa.field("error_message", pa.string()),
     pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("reason", pa.string()),                      # why action = review (flood guard); else null
 ])
 
 # The partition column lives in the path (dt=YYYY-MM-DD/), hive style, not inside the files:

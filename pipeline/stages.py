@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import time
 import uuid
@@ -20,17 +21,44 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import plain_message
 from pipeline.schemas import FILE_SCHEMA, FLAG_SCHEMA, Action, ErrorCode, Status, check_columns
-from pipeline.storage import Store, open_store, split_uri
+from pipeline.storage import KeyPolicy, Store, open_store, split_uri
+
+log = logging.getLogger(__name__)
+
+
+def error_rows(keys: "list[str]", codes: "list[str]", messages: "list[str | None]", *, model_version: str,
+               gallery_version: str, run_id: str, sha256s: "list[str | None] | None" = None) -> Any:
+    """``status = error`` flag rows (:data:`FILE_SCHEMA`) for keys that produced no decision: the
+    driver's ``forbidden_key`` rows and a failed Moderator batch. Columns not named here are null."""
+    import pyarrow as pa
+
+    n = len(keys)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    given: dict[str, list[Any]] = {
+        "image_key": list(keys), "image_sha256": list(sha256s) if sha256s is not None else [None] * n,
+        "status": [Status.ERROR.value] * n, "action": [Action.NONE.value] * n,
+        "error_code": list(codes), "error_message": list(messages), "model_version": [model_version] * n,
+        "gallery_version": [gallery_version] * n, "run_id": [run_id] * n, "processed_at": [now] * n}
+    return pa.Table.from_pydict({f.name: given.get(f.name, [None] * n) for f in FILE_SCHEMA}, schema=FILE_SCHEMA)
 
 
 class Fetcher:
-    """Reads object bytes by URI; a missing/unreadable object becomes ``read_error`` (no raise)."""
+    """Reads object bytes by URI; a missing/unreadable object becomes ``read_error`` (no raise).
 
-    def __init__(self) -> None:
+    With a ``policy`` (manifest input) every local path is checked again at read time, after
+    resolving symlinks: the driver already refused keys outside the allowed locations, and this
+    closes the gap of a link created in between. A refused path is read as nothing.
+    """
+
+    def __init__(self, policy: KeyPolicy | None = None) -> None:
         self._stores: dict[str, Store] = {}
+        self.policy = policy
 
     def _fetch(self, uri: str) -> bytes:
+        if self.policy is not None and not uri.startswith("s3://"):
+            uri = self.policy.resolve(uri)  # ForbiddenKey -> this object's read error
         if uri.startswith("s3://"):
             bucket = uri[5:].split("/", 1)[0]
             st = self._stores.get(bucket) or self._stores.setdefault(bucket, open_store("s3://" + bucket))
@@ -47,7 +75,7 @@ class Fetcher:
                 errors.append(None)
             except Exception as e:  # noqa: BLE001 - any storage failure is this object's error row
                 datas.append(b"")
-                errors.append(f"{type(e).__name__}: {str(e)[:300]}")
+                errors.append(plain_message(e, 300))
         return {"image_key": np.asarray(batch["image_key"], dtype=object),
                 "bytes": np.asarray(datas, dtype=object), "read_error": np.asarray(errors, dtype=object)}
 
@@ -70,17 +98,46 @@ class Moderator:
 
     def __init__(self, gallery_uri: str, ctx: RunContext, model_dir: str | None = None,
                  device: str | None = None, threads: int | None = None,
-                 threshold_overrides: dict[str, float] | None = None, single_stage: bool = False) -> None:
+                 threshold_overrides: dict[str, float] | None = None, single_stage: bool = False,
+                 gallery_version: str | None = None, fail_on_keys: tuple[str, ...] = ()) -> None:
         from pipeline.features import FeatureExtractor
         from pipeline.gallery import GalleryIndex
 
         self.fx = FeatureExtractor(model_dir, device=device, threads=threads)
-        self.gallery = GalleryIndex.load(gallery_uri, model_id=self.fx.version_id, overrides=threshold_overrides)
+        # gallery_version: the job's pinned version (never CURRENT at actor start: a version
+        # published during the run must not mix into its partition)
+        self.gallery = GalleryIndex.load(gallery_uri, model_id=self.fx.version_id, overrides=threshold_overrides,
+                                         version=gallery_version)
+        self.fail_on_keys = frozenset(fail_on_keys)  # TEST ONLY (JobConfig.test_fail_keys): fault injection
         self.ctx = ctx
         self.single_stage = single_stage  # benchmark baseline: 512-d for every image, no cascade
         self._timings = open_store(ctx.timings_uri) if ctx.timings_uri else None
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, Any]) -> Any:
+        """Flag rows for a batch. An exception turns the batch into ``internal_error`` rows (rows
+        that were already decode errors keep their code) and the job goes on: a bug must cost
+        rows that say so, never the run or silently lost uploads."""
+        try:
+            if self.fail_on_keys and self.fail_on_keys.intersection(str(k) for k in batch["image_key"]):
+                raise RuntimeError("fault injected for a key of this batch (test_fail_keys)")
+            return self._moderate(batch)
+        except Exception as e:  # noqa: BLE001
+            log.exception("Moderator failed on a batch of %d rows; writing internal_error rows", len(batch["image_key"]))
+            return self._failed_batch(batch, e)
+
+    def _failed_batch(self, batch: dict[str, Any], e: Exception) -> Any:
+        keys = [str(k) for k in batch["image_key"]]
+        n = len(keys)
+        ok = np.asarray(batch.get("ok", np.zeros(n, bool)), dtype=bool)
+        codes_in, messages_in = batch.get("error_code", [None] * n), batch.get("error_message", [None] * n)
+        message = f"Moderator failed on this batch: {plain_message(e, 400)}"
+        own = [not ok[i] and bool(codes_in[i]) for i in range(n)]  # decode errors keep their code
+        codes = [codes_in[i] if own[i] else ErrorCode.INTERNAL_ERROR.value for i in range(n)]
+        messages = [messages_in[i] if own[i] else message for i in range(n)]
+        return error_rows(keys, codes, messages, model_version=self.fx.version_id, gallery_version=self.gallery.version,
+                          run_id=self.ctx.run_id, sha256s=list(batch.get("image_sha256", [None] * n)))
+
+    def _moderate(self, batch: dict[str, Any]) -> Any:
         check_columns(batch, ["image_key", "image_sha256", "ok", "error_code", "error_message", "low", "high"],
                       "Moderator")
         t0 = time.perf_counter()
@@ -140,6 +197,7 @@ class Moderator:
             cols["gallery_version"].append(self.gallery.version)
             cols["run_id"].append(self.ctx.run_id)
             cols["processed_at"].append(now)
+            cols["reason"].append(None)  # set only by the flood guard, on staged files
         if self._timings is not None:
             rec = {"rows": n, "decoded": int(ok.sum()), "survivors": n_survivors,
                    "t_start": time.time() - (time.perf_counter() - t0), "t_end": time.time(),

@@ -170,6 +170,88 @@ def split_uri(uri: str) -> tuple[Store, str]:
     return open_store(os.path.dirname(p)), os.path.basename(p)
 
 
+class ForbiddenKey(ValueError):
+    """A manifest key that points outside every location the job may read."""
+
+
+def _s3_location(uri: str) -> str | None:
+    """``s3://bucket/a/b`` in canonical form, or None when a segment is ``.``, ``..`` or empty
+    (S3 does not resolve them, HTTP clients may: such a key cannot be trusted to mean itself)."""
+    rest = uri[len("s3://"):].rstrip("/")
+    parts = rest.split("/")
+    if not rest or any(p in ("", ".", "..") for p in parts):
+        return None
+    return "s3://" + rest
+
+
+def _under(loc: str, prefix: str) -> bool:
+    return loc == prefix or loc.startswith(prefix.rstrip("/") + "/")
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """Where the keys of one manifest may point; decided before anything is read.
+
+    * A relative key resolves under the manifest's folder (or S3 prefix) and may not contain a
+      ``..`` segment.
+    * An absolute path, ``file://`` or ``s3://`` URI is read only when it lies under the manifest's
+      folder or under one of ``allowed`` (``[job] allowed_input_prefixes``).
+    * Local paths are compared after resolving symlinks, so a link inside an allowed folder cannot
+      lead out of it; any other URI scheme is refused.
+
+    Why: a manifest is data written by someone else. Without these rules its author could make the
+    job read, hash and thumbnail any file a worker can read (``/etc/...``, credentials, another
+    tenant's bucket).
+    """
+
+    base: str                   # canonical manifest folder: realpath or s3://bucket/prefix
+    allowed: tuple[str, ...] = ()
+
+    @staticmethod
+    def canonical(location: str) -> str:
+        """A prefix from the configuration -> canonical form; ValueError when it cannot be one."""
+        if location.startswith("s3://"):
+            loc = _s3_location(location)
+            if loc is None:
+                raise ValueError(f"allowed input prefix {location!r} is not a clean s3://bucket/prefix")
+            return loc
+        path = location[len("file://"):] if location.startswith("file://") else location
+        if "://" in path or not path.startswith("/"):
+            raise ValueError(f"allowed input prefix {location!r} must be an absolute path or an s3:// URI")
+        return os.path.realpath(path)
+
+    @classmethod
+    def for_manifest(cls, manifest_uri: str, allowed: "tuple[str, ...] | list[str]" = ()) -> "KeyPolicy":
+        st, _ = split_uri(manifest_uri)
+        base = _s3_location(st.uri) if st.uri.startswith("s3://") else os.path.realpath(st.root)
+        if base is None:
+            raise ValueError(f"manifest location {manifest_uri!r} is not a clean s3://bucket/prefix")
+        return cls(base, tuple(cls.canonical(p) for p in allowed))
+
+    def _check(self, loc: str, key: str) -> str:
+        if _under(loc, self.base) or any(_under(loc, p) for p in self.allowed):
+            return loc
+        raise ForbiddenKey(f"{key!r} lies outside the manifest's folder and [job] allowed_input_prefixes")
+
+    def resolve(self, key: str) -> str:
+        """The URI or path to read for ``key``; :class:`ForbiddenKey` when it may not be read."""
+        if key.startswith("s3://"):
+            loc = _s3_location(key)
+            if loc is None:
+                raise ForbiddenKey(f"{key!r} has an empty, '.' or '..' segment")
+            return self._check(loc, key)
+        if key.startswith("file://") or key.startswith("/"):
+            path = key[len("file://"):] if key.startswith("file://") else key
+            return self._check(os.path.realpath(path), key)
+        if "://" in key:
+            raise ForbiddenKey(f"{key!r} has an unsupported URI scheme (s3:// and local paths only)")
+        if ".." in key.split("/"):
+            raise ForbiddenKey(f"{key!r} leaves the manifest's folder ('..')")
+        if self.base.startswith("s3://"):
+            return self.base + "/" + key
+        return self._check(os.path.realpath(posixpath.join(self.base, key)), key)
+
+
 _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 

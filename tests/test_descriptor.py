@@ -110,7 +110,7 @@ def test_a_few_training_steps_on_kodak_lower_the_loss(tmp_path) -> None:  # noqa
     lo = to_batch(np.stack([ds[i][1] for i in range(12)]))
     m = tr.model.train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    from models.descriptor import info_nce
+    from models.losses import info_nce
 
     losses = []
     for _ in range(8):

@@ -1,0 +1,42 @@
+"""The one exception base for user-facing failures, and a message cleaner.
+
+An operator reads one line: the CLI (``jobs/cli.py``) catches :class:`ModscanError`, prints its
+message and exits with :attr:`ModscanError.exit_code` (2 for usage errors, 1 for runtime ones);
+``--debug`` shows the traceback instead. Anything that is not a ``ModscanError`` is a bug.
+
+Library code raises a subclass where a user can act on the message (a bad flag, a missing input,
+a corrupted gallery, a commit refused); it never prints or exits itself.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+class ModscanError(Exception):
+    """A failure the user can act on; ``str(e)`` is the whole message, on one line."""
+
+    exit_code = 1
+
+
+class UsageError(ModscanError):
+    """A bad command line or configuration value (a date, a flag, a config key). Exit code 2."""
+
+    exit_code = 2
+
+
+class InputError(ModscanError):
+    """The job's input is missing, empty or malformed (a manifest with bad keys). Exit code 1."""
+
+
+_REPR = re.compile(r"<(?:[\w.]+\.)?(\w+) object at 0x[0-9a-fA-F]+>")
+_ADDR = re.compile(r"\s+at 0x[0-9a-fA-F]+")
+
+
+def plain_message(e: BaseException | str, limit: int = 500) -> str:
+    """``"TypeName: message"`` on one line, without object reprs (``<pkg.Cls object at 0x..>``
+    becomes ``<Cls>``) and at most ``limit`` characters: safe for rows, pages and logs."""
+    text = e if isinstance(e, str) else (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+    text = _ADDR.sub("", _REPR.sub(r"<\1>", text))
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

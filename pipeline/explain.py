@@ -1,0 +1,283 @@
+"""Why an upload matched, or did not: ``modscan lookup``.
+
+:func:`explain` runs images through the job's own parts, in the job's order: :class:`Fetcher`
+(bytes), :class:`Decoder`, :class:`FeatureExtractor` (low-res 128-d query, high-res 512-d),
+:meth:`GalleryIndex.candidates` (coarse search above the coarse threshold, rerank of the
+survivors) and :meth:`GalleryIndex.decide` (bank rules). The decision it reports is therefore the
+one the job would write for the same bytes, gallery version and thresholds.
+
+Around that it collects what an operator needs to see the reason: the best ``top_k`` coarse
+candidates *whatever their score* (a candidate below the coarse threshold is shown with the fine
+score it would have had, marked as not reranked by the job), every bank membership of each
+candidate with its threshold and verdict, and the rule that made the decision (:class:`Rule`).
+Results are frozen dataclasses; :func:`render_table` and :func:`render_json` print them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.decode import DecodeConfig, Decoder
+from pipeline.gallery import GalleryIndex
+from pipeline.schemas import Action, Status
+
+
+class Rule(str, enum.Enum):
+    """Which rule made a decision (stable names: scripts may key on them)."""
+
+    DECODE_ERROR = "decode_error"                    # unreadable/undecodable: an error row
+    NO_COARSE_CANDIDATE = "no_coarse_candidate"      # nothing above the coarse threshold: stopped after low-res
+    BELOW_FINE_THRESHOLD = "below_fine_threshold"    # reranked, no membership reached its bank's threshold
+    BANK_THRESHOLD = "bank_threshold"                # best blocking match reached its bank's threshold
+    ALLOW_LIST_PRECEDENCE = "allow_list_precedence"  # an allow-list match at least as good as the best blocking one
+    DISABLED_BANK = "disabled_bank"                  # a match reached the threshold, but its bank is disabled
+    DISABLED_REFERENCE = "disabled_reference"        # a match reached the threshold, but the reference is disabled
+
+
+class Verdict(str, enum.Enum):
+    """What the bank rules made of one (candidate, bank) membership."""
+
+    PASSES = "passes"                          # fine score >= the bank's threshold
+    BELOW_THRESHOLD = "below_threshold"
+    NOT_RERANKED = "not_reranked"              # below the coarse threshold / outside rerank_k: the job never scored it
+    BANK_DISABLED = "bank_disabled"
+    REFERENCE_DISABLED = "reference_disabled"
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    ok: bool
+    n_bytes: int
+    sha256: str | None
+    error_code: str | None
+    error_message: str | None
+
+
+@dataclass(frozen=True)
+class Membership:
+    bank: str
+    category: str
+    action: str
+    threshold: float
+    verdict: str
+
+
+@dataclass(frozen=True)
+class Candidate:
+    rank: int
+    reference_id: int
+    source_uri: str | None
+    coarse_score: float
+    above_coarse_threshold: bool
+    fine_score: float                 # raw 512-d cosine (computed for every shown candidate)
+    reranked_by_job: bool             # whether the job's cascade scored this pair at all
+    memberships: tuple[Membership, ...]
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: str
+    action: str
+    bank: str | None
+    category: str | None
+    reference_id: int | None
+    coarse_score: float | None
+    fine_score: float | None
+    rule: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Explanation:
+    image: str
+    decode: DecodeResult
+    candidates: tuple[Candidate, ...]
+    decision: Decision
+
+
+@dataclass(frozen=True)
+class BankRule:
+    bank: str
+    category: str
+    action: str
+    threshold: float
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class LookupReport:
+    gallery_version: str
+    model_version: str
+    coarse_threshold: float
+    default_fine_threshold: float
+    rerank_k: int
+    banks: tuple[BankRule, ...]
+    disabled_references: tuple[dict[str, Any], ...]
+    explanations: tuple[Explanation, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+def thresholds_in_force(gal: GalleryIndex) -> tuple[BankRule, ...]:
+    """Every bank of the version with the fine threshold the job applies to it."""
+    return tuple(BankRule(n, b.category, b.action, gal.bank_threshold(n), b.enabled)
+                 for n, b in sorted(gal.banks.items()))
+
+
+def _memberships(gal: GalleryIndex, gid: int, fine: float, scored: bool) -> tuple[Membership, ...]:
+    rows = gal.entries[gal.entries["id"] == gid]
+    out = []
+    for bank in sorted(rows["bank"].tolist()):
+        b, thr = gal.banks[bank], gal.bank_threshold(bank)
+        if gid in gal.disabled:
+            v = Verdict.REFERENCE_DISABLED
+        elif not b.enabled:
+            v = Verdict.BANK_DISABLED
+        elif not scored:
+            v = Verdict.NOT_RERANKED
+        else:
+            v = Verdict.PASSES if fine >= thr else Verdict.BELOW_THRESHOLD
+        out.append(Membership(bank, b.category, b.action, thr, v.value))
+    return tuple(out)
+
+
+def _rule(gal: GalleryIndex, m: Any, job_D: np.ndarray, job_I: np.ndarray, job_F: np.ndarray) -> tuple[Rule, str]:
+    """The rule behind ``m`` (a :class:`~pipeline.gallery.Match`) from the job's own D, I, F row."""
+    valid = job_I >= 0
+    if m.status == Status.MATCHED.value:
+        return Rule.BANK_THRESHOLD, (f"reference #{m.reference_id} in bank {m.bank!r}: fine {m.fine_score:.3f} >= "
+                                     f"threshold {gal.bank_threshold(m.bank):.3f} -> {m.action}")
+    if m.bank is not None:
+        return Rule.ALLOW_LIST_PRECEDENCE, (
+            f"allow-list bank {m.bank!r} (reference #{m.reference_id}, fine {m.fine_score:.3f}) matched at least as "
+            f"well as every blocking match that reached its threshold: no flag")
+    if not valid.any():
+        return Rule.NO_COARSE_CANDIDATE, (f"no gallery entry reached the coarse threshold "
+                                          f"{gal.params.coarse_threshold:.3f}: stopped after the low-res pass")
+    # Nothing counted. Was the best would-be match switched off?
+    best: tuple[float, Rule, str] | None = None
+    for gid, fine in zip(job_I[valid].tolist(), job_F[valid].tolist()):
+        for bank in gal.entries.loc[gal.entries["id"] == gid, "bank"].tolist():
+            b, thr = gal.banks[bank], gal.bank_threshold(bank)
+            if fine < thr or b.action == Action.ALLOW.value:
+                continue
+            if gid in gal.disabled:
+                d = gal.disabled[gid]
+                why = (Rule.DISABLED_REFERENCE, f"reference #{gid} ({bank!r}, fine {fine:.3f} >= {thr:.3f}) is disabled "
+                       f"until {d.get('until') or 'enabled again'} by {d.get('by')}: {d.get('note') or 'no note'}")
+            elif not b.enabled:
+                why = (Rule.DISABLED_BANK, f"reference #{gid} matched bank {bank!r} (fine {fine:.3f} >= {thr:.3f}), "
+                       f"but the bank is disabled")
+            else:
+                continue
+            if best is None or fine > best[0]:
+                best = (fine, *why)
+    if best is not None:
+        return best[1], best[2]
+    fine_best = float(job_F[valid].max())
+    return Rule.BELOW_FINE_THRESHOLD, (f"{int(valid.sum())} candidate(s) reranked; best fine {fine_best:.3f} is below "
+                                       f"the threshold of every bank it belongs to")
+
+
+def explain(images: list[str], gal: GalleryIndex, fx: Any, top_k: int = 10,
+            decode_cfg: DecodeConfig | None = None) -> LookupReport:
+    """Run ``images`` (paths or ``s3://`` URIs) through the job's stages and explain each decision.
+    ``fx`` is a :class:`~pipeline.features.FeatureExtractor` of the gallery's model."""
+    from pipeline.stages import Fetcher
+
+    decode_cfg = decode_cfg or DecodeConfig(low_res=fx.config.low_res, high_res=fx.config.high_res)
+    uris = np.asarray(images, dtype=object)
+    fetched = Fetcher()({"image_key": uris, "uri": uris})
+    sizes = [len(b) for b in fetched["bytes"]]
+    dec = Decoder(decode_cfg)(fetched)
+    ok = np.asarray(dec["ok"], bool)
+    rows = np.nonzero(ok)[0]
+    job: dict[int, tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = {}
+    shown: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    if len(rows):
+        xq128 = fx.query_coarse(dec["low"][rows])
+        xq512 = fx.rerank(dec["high"][rows])
+        rerank_fn: Callable[[np.ndarray], np.ndarray] = lambda sel: xq512[sel]  # noqa: E731
+        D, I, F, _ = gal.candidates(xq128, rerank_fn)          # the job's cascade ...
+        matches = gal.decide(D, I, F)                          # ... and the job's bank rules
+        k = max(1, min(top_k, gal.cascade.ntotal))
+        Ds, Is = gal.cascade.coarse(xq128, k, -np.inf)         # display: best k, whatever their score
+        Fs = gal.rerank(xq512, Is)
+        for j, r in enumerate(rows):
+            job[int(r)] = (matches[j], D[j], I[j], F[j])
+            shown[int(r)] = (Ds[j], Is[j], Fs[j])
+    src = gal.entries.drop_duplicates("id").set_index("id")["source_uri"].to_dict()
+    out = []
+    for i, uri in enumerate(images):
+        dr = DecodeResult(bool(ok[i]), sizes[i], dec["image_sha256"][i], dec["error_code"][i], dec["error_message"][i])
+        if not ok[i]:
+            out.append(Explanation(uri, dr, (), Decision(Status.ERROR.value, Action.NONE.value, None, None, None, None,
+                                                         None, Rule.DECODE_ERROR.value,
+                                                         f"{dr.error_code}: {dr.error_message}")))
+            continue
+        m, D, I, F = job[i]
+        in_job = {int(g): float(f) for g, f in zip(I.tolist(), F.tolist()) if g >= 0}
+        Ds, Is, Fs = shown[i]
+        cands = []
+        for rank, (d, g, f) in enumerate(zip(Ds.tolist(), Is.tolist(), Fs.tolist()), start=1):
+            if g < 0:
+                continue
+            scored = g in in_job and np.isfinite(in_job[g])
+            cands.append(Candidate(rank, int(g), src.get(g), float(d), d >= gal.params.coarse_threshold, float(f),
+                                   bool(scored), _memberships(gal, int(g), float(f), bool(scored))))
+        rule, detail = _rule(gal, m, D, I, F)
+        fine = m.fine_score if m.fine_score is not None and np.isfinite(m.fine_score) else None
+        decision = Decision(m.status, m.action, m.bank, m.category, m.reference_id, m.coarse_score, fine,
+                            rule.value, detail)
+        out.append(Explanation(uri, dr, tuple(cands), decision))
+    return LookupReport(gal.version, gal.model_id, gal.params.coarse_threshold, gal.params.fine_threshold,
+                        gal.params.rerank_k, thresholds_in_force(gal),
+                        tuple(sorted(gal.disabled.values(), key=lambda d: d["id"])), tuple(out))
+
+
+# --------------------------------------------------------------------------------------------
+def render_json(report: LookupReport) -> str:
+    return json.dumps(report.to_dict(), indent=2, default=str)
+
+
+def _f(x: float | None, nd: int = 3) -> str:
+    return "-" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
+
+
+def render_table(report: LookupReport) -> str:
+    """A plain-text report, one block per image."""
+    L = [f"gallery {report.gallery_version}, model {report.model_version}; coarse threshold "
+         f"{report.coarse_threshold:.3f}, rerank_k {report.rerank_k}",
+         "", f"{'bank':<24} {'category':<28} {'action':<9} {'fine thr':>8}  state"]
+    for b in report.banks:
+        L.append(f"{b.bank:<24} {b.category:<28} {b.action:<9} {b.threshold:>8.3f}  {'enabled' if b.enabled else 'DISABLED'}")
+    for d in report.disabled_references:
+        L.append(f"disabled reference #{d['id']} until {d.get('until') or 'enabled again'} "
+                 f"(by {d.get('by')}: {d.get('note') or '-'})")
+    for e in report.explanations:
+        L += ["", f"== {e.image}"]
+        if e.decode.ok:
+            L.append(f"decode    ok, {e.decode.n_bytes:,} bytes, sha256 {(e.decode.sha256 or '')[:16]}")
+        else:
+            L.append(f"decode    FAILED {e.decode.error_code}: {e.decode.error_message}")
+        if e.candidates:
+            L.append(f"  {'rank':>4} {'ref':>6} {'coarse':>7} {'fine':>7}  memberships (* = scored by the job)")
+            for c in e.candidates:
+                mem = "; ".join(f"{m.bank} {m.action} thr {m.threshold:.3f}: {m.verdict}" for m in c.memberships)
+                mark = "*" if c.reranked_by_job else " "
+                L.append(f"  {c.rank:>4} {c.reference_id:>6} {c.coarse_score:>7.3f} {c.fine_score:>7.3f}{mark} {mem}")
+        d = e.decision
+        what = f"{d.status} / {d.action}"
+        if d.bank:
+            what += f", bank {d.bank}, reference #{d.reference_id}, fine {_f(d.fine_score)}"
+        L.append(f"decision  {what}")
+        L.append(f"rule      {d.rule}: {d.detail}")
+    return "\n".join(L)

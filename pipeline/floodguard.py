@@ -1,0 +1,144 @@
+"""Flood guard: a reference that matches far more uploads than any real one should is held.
+
+An over-broad reference (a near-uniform picture, a logo that appears in every screenshot) turns
+into thousands of wrong filters in one night. ThreatExchange's HMA users asked for exactly this
+(issue #1994: quarantine a signal "if the number of matches exceeds an expected baseline").
+
+:func:`guard_staged` runs between the job's staged write and its commit (see
+:mod:`pipeline.flags`): it counts the run's blocking matches per bank and per reference, and every
+row of a reference with more than ``max_matches_per_reference`` matches gets ``action = review``
+instead of ``filter`` / ``downrank``, with a ``reason`` that names the reference, its count, the
+limit and the action it would have had. The staged files are rewritten in place (they are not
+visible to readers yet), so the commit's verification and counts see the final rows.
+
+Why an absolute count (default 1,000) and not a share of the day's uploads: a share is below one
+match on small partitions (0.5 % of 120 uploads holds every reference that matches once) and is
+500,000 wrong filters on a 100M-upload day before it trips. A count bounds what one reference can
+do in one run and keeps a held reference's review queue a size people can work through. Set it
+from your own baseline: ``_run.json``'s ``flood_guard.matches_per_reference`` holds the busiest
+references of every run. ``0`` switches holding off (the counts are still recorded).
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.flags import staging_key
+from pipeline.schemas import FILE_SCHEMA, Action, Status
+from pipeline.storage import Store
+
+DEFAULT_MAX_MATCHES_PER_REFERENCE = 1000
+TOP_REFERENCES = 100  # _run.json keeps the busiest references, not one line per gallery entry
+
+
+@dataclass(frozen=True)
+class HeldReference:
+    reference_id: int
+    bank: str
+    category: str | None
+    matches: int
+    held_action: str   # what the rows would have had: filter | downrank
+
+
+@dataclass(frozen=True)
+class FloodReport:
+    max_matches_per_reference: int
+    matched_rows: int
+    references_matched: int
+    matches_per_bank: dict[str, int]
+    matches_per_reference: dict[str, int]   # top TOP_REFERENCES, str(id) -> matches
+    allowed_per_bank: dict[str, int]        # uploads an allow-list suppressed, per allow bank
+    held: tuple[HeldReference, ...]
+    held_rows: int
+    files_rewritten: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def reason_for(h: HeldReference, limit: int) -> str:
+    return (f"flood guard: reference #{h.reference_id} ({h.bank}) matched {h.matches} uploads in this run, more than "
+            f"max_matches_per_reference={limit}; held for review instead of {h.held_action}")
+
+
+def guard_staged(out: Store, run_id: str, max_matches_per_reference: int = DEFAULT_MAX_MATCHES_PER_REFERENCE
+                 ) -> FloodReport:
+    """Count the staged rows of ``run_id`` and hold over-matching references (see module doc)."""
+    data = out.child(staging_key(run_id) + "/data")
+    files = [k for k in data.list() if k.endswith(".parquet")]
+    per_ref: Counter[int] = Counter()
+    per_bank: Counter[str] = Counter()
+    allowed: Counter[str] = Counter()
+    ref_info: dict[int, tuple[str, str | None, Counter[str]]] = {}
+    cols = ["status", "action", "bank", "category", "reference_id"]
+    for k in files:
+        t = pq.read_table(data.path(k), columns=cols, filesystem=out.fs).to_pylist()
+        for r in t:
+            if r["status"] == Status.MATCHED.value and r["reference_id"] is not None:
+                rid = int(r["reference_id"])
+                per_ref[rid] += 1
+                per_bank[r["bank"]] += 1
+                info = ref_info.setdefault(rid, (r["bank"], r["category"], Counter()))
+                info[2][r["action"]] += 1
+            elif r["status"] == Status.CLEAN.value and r["bank"] is not None:
+                allowed[r["bank"]] += 1
+    held = []
+    if max_matches_per_reference > 0:
+        for rid, n in sorted(per_ref.items(), key=lambda kv: (-kv[1], kv[0])):
+            if n > max_matches_per_reference:
+                bank, category, actions = ref_info[rid]
+                held.append(HeldReference(rid, bank, category, n, actions.most_common(1)[0][0]))
+    held_rows, rewritten = _hold(out, data, files, held, max_matches_per_reference) if held else (0, 0)
+    top = sorted(per_ref.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_REFERENCES]
+    return FloodReport(max_matches_per_reference, sum(per_ref.values()), len(per_ref), dict(sorted(per_bank.items())),
+                       {str(r): n for r, n in top}, dict(sorted(allowed.items())), tuple(held), held_rows, rewritten)
+
+
+def _hold(out: Store, data: Store, files: list[str], held: list[HeldReference], limit: int) -> tuple[int, int]:
+    """Rewrite the staged files that hold rows of ``held`` references -> (rows held, files rewritten)."""
+    reasons = {h.reference_id: reason_for(h, limit) for h in held}
+    ids = pa.array(sorted(reasons), pa.int64())
+    n_rows = n_files = 0
+    for k in files:
+        t = pq.read_table(data.path(k), filesystem=out.fs)
+        if "reason" not in t.column_names:
+            t = t.append_column("reason", pa.nulls(len(t), pa.string()))
+        t = t.select(FILE_SCHEMA.names).cast(FILE_SCHEMA)
+        hit = pc.and_(pc.equal(t["status"], Status.MATCHED.value),
+                      pc.fill_null(pc.is_in(t["reference_id"], value_set=ids), False))
+        n = int(pc.sum(hit).as_py() or 0)
+        if n == 0:
+            continue
+        rid = t["reference_id"].to_pylist()
+        mask = hit.to_pylist()
+        action = [Action.REVIEW.value if m else a for m, a in zip(mask, t["action"].to_pylist())]
+        reason = [reasons[r] if m else old for m, r, old in zip(mask, rid, t["reason"].to_pylist())]
+        t = t.set_column(t.schema.get_field_index("action"), FILE_SCHEMA.field("action"), pa.array(action, pa.string()))
+        t = t.set_column(t.schema.get_field_index("reason"), FILE_SCHEMA.field("reason"), pa.array(reason, pa.string()))
+        buf = io.BytesIO()
+        pq.write_table(t, buf)
+        data.write_bytes(k, buf.getvalue())  # staged, not yet visible: replacing it is safe
+        n_rows += n
+        n_files += 1
+    return n_rows, n_files
+
+
+def summary_lines(flood: dict[str, Any] | None) -> list[str]:
+    """Lines for the end-of-run summary; loud when a reference was held."""
+    if not flood:
+        return []
+    lines = []
+    if flood.get("matches_per_bank"):
+        lines.append(f"  matches per bank: {flood['matches_per_bank']}; {flood['references_matched']} references matched")
+    for h in flood.get("held", []):
+        lines.append(f"  !! HELD by the flood guard: reference #{h['reference_id']} ({h['bank']}) matched "
+                     f"{h['matches']} uploads > max_matches_per_reference={flood['max_matches_per_reference']}: "
+                     f"its rows are action=review, not {h['held_action']}")
+    return lines
