@@ -70,9 +70,9 @@ def _demo(a: argparse.Namespace) -> int:
 
 
 def _evaluate(a: argparse.Namespace) -> int:
-    from pipeline.evaluate import cli_evaluate
+    from jobs.evaluate_cmd import run
 
-    return cli_evaluate(a)
+    return run(a)
 
 
 def _bench(a: argparse.Namespace) -> int:
@@ -89,6 +89,8 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--actors", type=int, default=None, help="feature/match actors (default: config)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="commit an empty partition when the input holds nothing (default: fail, so a scheduler retries)")
 
 
 def _add_audit_args(p: argparse.ArgumentParser) -> None:
@@ -140,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_gallery)
     p = gs.add_parser("info", help="versions, counts per bank, model id, size")
     p.add_argument("gallery")
+    p.add_argument("--verify", action="store_true",
+                   help="also check every file of the version against its manifest checksum (exit 1 on a mismatch)")
+    p.add_argument("--version", default=None, help="with --verify: the version to check (default: CURRENT)")
     p.set_defaults(fn=_gallery)
 
     p = sub.add_parser("moderate", help="check one day of uploads and write its flags partition")
@@ -180,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None)
     p.add_argument("--target-precision", type=float, default=0.99)
+    p.add_argument("--coarse-flag-budget", type=float, default=0.01,
+                   help="share of exhaustive search's true flags the coarse stage may lose (calibration half)")
+    p.add_argument("--everyday-uploads", type=int, default=200,
+                   help="mode 2: generated unrelated everyday uploads added as negative queries")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="model trunk precision (auto: bf16 on CUDA or a CPU with native bf16, else fp32)")
     p.add_argument("--write-thresholds", action="store_true",
                    help="store the calibrated thresholds in the model card")
     p.set_defaults(fn=_evaluate)
@@ -208,11 +219,51 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _add_debug(p: argparse.ArgumentParser, top: bool) -> None:
+    """``--debug`` on every (sub-)command; a sub-command's flag never resets the top-level one."""
+    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="show the full traceback of a failure (also MODSCAN_DEBUG=1)")
+    for action in p._actions:  # noqa: SLF001 - argparse keeps sub-parsers only here
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for sp in action.choices.values():
+                _add_debug(sp, False)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. A :class:`~pipeline.errors.ModscanError` prints one line and exits with its
+    code (2 usage, 1 runtime); any other exception is a bug or an infrastructure failure: one line
+    too, exit 1. ``--debug`` (or ``MODSCAN_DEBUG=1``) shows the traceback instead."""
+    from pipeline.errors import ModscanError, plain_message
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    a = build_parser().parse_args(argv)
+    ap = build_parser()
+    _add_debug(ap, True)
+    a = ap.parse_args(argv)
+    debug = bool(a.debug) or os.environ.get("MODSCAN_DEBUG", "") not in ("", "0")
+    if debug:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
     fn: Callable[[argparse.Namespace], int] = a.fn
-    return int(fn(a) or 0)
+    prog = f"modscan {a.cmd}"
+    try:
+        return int(fn(a) or 0)
+    except ModscanError as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {plain_message(str(e), 4000)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the operator; --debug for the developer
+        if debug:
+            raise
+        from pipeline.storage import redact
+
+        print(f"{prog}: unexpected error: {redact(plain_message(e, 2000))} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

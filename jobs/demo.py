@@ -12,6 +12,7 @@ import io
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,6 @@ def run_demo(a: argparse.Namespace) -> int:
     others = df[df["image_key"].str.startswith("other-")]
     print(f"  edited copies flagged or allow-listed: {int((copies['bank'].notna()).sum())}/{len(copies)}; "
           f"unrelated uploads flagged: {int((others['status'] == 'matched').sum())}/{len(others)}")
-    print(f"\nread the flags:\n  python -c \"import pandas as pd; print(pd.read_parquet('{work / 'flags'}')"
+    print(f"\nread the flags:\n  {sys.executable} -c \"import pandas as pd; print(pd.read_parquet('{work / 'flags'}')"
           f".query('status == \\\"matched\\\"')[['image_key','action','bank','fine_score']])\"")
     return 0

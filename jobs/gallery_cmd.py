@@ -14,15 +14,25 @@ from pipeline.storage import open_store
 
 
 class GalleryFeatureStage:
-    """Actor: decoded batch -> adapter-1 128-d and 512-d features of the high-res image."""
+    """Actor: decoded batch -> adapter-1 128-d and 512-d features of the high-res image.
 
-    def __init__(self, model_dir: str | None, threads: int | None = None) -> None:
+    A low-content picture (flat colour, near-uniform, almost empty canvas) is rejected with the
+    code ``low_content``: as a reference it would match every flat upload.
+    """
+
+    def __init__(self, model_dir: str | None, threads: int | None = None, precision: str = "auto") -> None:
         from pipeline.features import FeatureExtractor
 
-        self.fx = FeatureExtractor(model_dir, threads=threads)
+        self.fx = FeatureExtractor(model_dir, threads=threads, precision=precision)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        ok = np.asarray(batch["ok"], bool)
+        decoded = np.asarray(batch["ok"], bool)
+        low = np.asarray(batch.get("low_content", np.zeros(len(decoded), bool)), bool) & decoded
+        ok = decoded & ~low
+        codes = np.asarray(batch["error_code"], dtype=object).copy()
+        messages = np.asarray(batch["error_message"], dtype=object).copy()
+        codes[low] = "low_content"
+        messages[low] = "near-uniform picture (flat colour or almost empty): nothing to identify copies by"
         cd, rd = self.fx.config.coarse_dim, self.fx.config.rerank_dim
         coarse = np.zeros((len(ok), cd), np.float32)
         rerank = np.zeros((len(ok), rd), np.float32)
@@ -30,8 +40,7 @@ class GalleryFeatureStage:
             c, r = self.fx.gallery(batch["high"][ok])
             coarse[ok], rerank[ok] = c, r
         return {"uri": batch["image_key"], "sha256": batch["image_sha256"], "ok": ok,
-                "error_code": batch["error_code"], "error_message": batch["error_message"],
-                "coarse": coarse, "rerank": rerank}
+                "error_code": codes, "error_message": messages, "coarse": coarse, "rerank": rerank}
 
 
 def _rows(b: dict[str, Any]) -> list[dict[str, Any]]:
@@ -105,7 +114,17 @@ def run(a: argparse.Namespace) -> int:
     from models.card import read_card
 
     if a.gcmd == "info":
-        print(json.dumps(G.info(open_store(a.gallery)), indent=2))
+        store = open_store(a.gallery)
+        out = G.info(store)
+        if getattr(a, "verify", False):
+            out["verify"] = G.verify(store, a.version)
+        print(json.dumps(out, indent=2, default=str))
+        problems = out.get("verify", {}).get("problems")
+        if problems:
+            v = out["verify"]
+            raise G.GalleryIntegrityError(
+                f"gallery {v['version']}: {len(problems)} of {v['files']} files fail verification: "
+                + "; ".join(f"{p['file']}: {p['problem']}" for p in problems))
         return 0
     if a.gcmd == "remove":
         card = read_card(None)

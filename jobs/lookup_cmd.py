@@ -15,9 +15,10 @@ def cli_lookup(a: argparse.Namespace) -> int:
 
     cfg = JobConfig.from_toml(a.config)  # the job's thresholds and decode bounds, when given
     card = read_card(a.model)
+    fx = FeatureExtractor(a.model, precision=cfg.precision)
+    background = fx.background.f512 if fx.background is not None else None  # as the job's Moderator loads it
     gal = GalleryIndex.load(a.gallery, model_id=card.version_id, version=a.version,
-                            overrides=cfg.threshold_overrides() or None)
-    fx = FeatureExtractor(a.model)
+                            overrides=cfg.threshold_overrides() or None, background=background)
     decode_cfg = replace(cfg.decode, low_res=card.config.low_res, high_res=card.config.high_res)
     report = explain(list(a.images), gal, fx, top_k=a.top_k, decode_cfg=decode_cfg)
     print(render_json(report) if a.json else render_table(report))

@@ -1,7 +1,10 @@
 """The moderation job: uploads of one day -> decode -> cascade -> one committed flags partition.
 
 Wiring only: the stages live in ``pipeline/`` and are plain classes. ``moderate`` is what
-``modscan moderate``, ``nightly``, ``backfill``, ``demo`` and the benchmarks call.
+``modscan moderate``, ``nightly``, ``backfill``, ``demo`` and the benchmarks call. It runs in two
+named steps: :func:`prepare_run` checks everything that needs no cluster (date, config, input,
+model, gallery, output) and pins the gallery version; :func:`execute_run` starts Ray, runs the
+pipeline and commits the partition.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import logging
 import os
 import posixpath
 import sys
@@ -16,20 +20,29 @@ import time
 import tomllib
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from pipeline import flags as F
 from pipeline.decode import DecodeConfig, Decoder
+from pipeline.errors import InputError, MissingInput, ModscanError, UsageError, plain_message
 from pipeline.floodguard import guard_staged
 from pipeline.floodguard import summary_lines as flood_summary_lines
 from pipeline.jobmetrics import MetricsPushError
 from pipeline.jobmetrics import publish as publish_metrics
-from pipeline.storage import Store, open_store, redact, split_uri
+from pipeline.storage import ForbiddenKey, KeyPolicy, Store, open_store, redact, split_uri
+
+log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".parquet", ".csv")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".avif")
+from models.preprocess import IMAGE_SUFFIXES  # noqa: E402  (the one list)
+# The only listed objects that get no row: commit markers of this and other batch jobs, and
+# folder placeholders / OS metadata that are never uploads. Anything else (``_DSC0001.JPG``,
+# ``.hidden.jpg``) is an upload and gets a row; skipped names are counted in ``_run.json``.
+MARKER_NAMES = ("_SUCCESS", "_run.json", ".DS_Store", ".keep", ".gitkeep")
+KEY_COLUMNS = ("key", "image_key", "uri")
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,10 @@ class JobConfig:
     ``actors = 0`` means: one actor per GPU on a GPU cluster, else one actor per 2 CPUs (min 1).
     ``actor_num_cpus`` is fractional on small machines: an actor pool that claims every CPU starves
     the read/decode tasks and the job stalls without an error.
+
+    Values are checked when the config is built (:class:`~pipeline.errors.UsageError`, exit 2), so
+    a bad value fails before Ray starts. ``test_fail_keys`` is for tests only (fault injection: the
+    Moderator raises on a batch holding one of these keys); it cannot be set from a TOML file.
     """
 
     batch_size: int = 64
@@ -47,35 +64,92 @@ class JobConfig:
     decode_num_cpus: float = 0.5
     torch_threads: int = 0           # 0: min(4, CPUs on the node) for CPU actors
     image_extensions_only: bool = False  # prefix input: skip keys without an image extension
+    allow_empty_input: bool = False  # an input with nothing to moderate fails the run unless true
+    allowed_input_prefixes: tuple[str, ...] = ()  # manifests: where absolute paths / URIs may point
+    verify_gallery: bool = True      # driver streams every gallery file through sha256 before Ray starts
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     coarse_threshold: float | None = None   # None: the gallery manifest's (= the model card's)
     fine_threshold: float | None = None
     rerank_k: int | None = None
     review_max_rows: int = 200
     single_stage: bool = False       # benchmark baseline only: high-res 512-d pass for every image
+    precision: str = "auto"          # model trunk: auto (bf16 on CUDA / native-bf16 CPUs, else fp32) | bf16 | fp32
     max_matches_per_reference: int = 1000  # flood guard: more matches in one run -> action review (0: off)
     metrics_textfile: str | None = None    # node-exporter textfile (*.prom) written after each commit
     metrics_pushgateway: str | None = None  # Pushgateway base URL; metrics PUT after each commit
+    test_fail_keys: tuple[str, ...] = ()  # TEST ONLY: the Moderator raises on batches with these keys
 
-    def threshold_overrides(self) -> dict[str, float]:
-        """The thresholds this config sets over the gallery manifest's (job and ``lookup`` alike)."""
-        return {k: v for k, v in {"coarse": self.coarse_threshold, "fine": self.fine_threshold,
-                                  "rerank_k": self.rerank_k}.items() if v is not None}
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise UsageError(f"[job] {what}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        need(is_int(self.batch_size) and self.batch_size >= 1, f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        need(is_int(self.actors) and self.actors >= 0, f"actors must be an integer >= 0, got {self.actors!r}")
+        for name in ("actor_num_cpus", "decode_num_cpus"):
+            v = getattr(self, name)
+            need(is_num(v) and v > 0, f"{name} must be a number > 0, got {v!r}")
+        need(is_int(self.torch_threads) and self.torch_threads >= 0,
+             f"torch_threads must be an integer >= 0, got {self.torch_threads!r}")
+        need(is_int(self.review_max_rows) and self.review_max_rows >= 0,
+             f"review_max_rows must be an integer >= 0, got {self.review_max_rows!r}")
+        for name in ("image_extensions_only", "allow_empty_input", "verify_gallery", "single_stage"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("coarse_threshold", "fine_threshold"):
+            v = getattr(self, name)
+            need(v is None or (is_num(v) and -1.0 <= v <= 1.0), f"{name} must be a cosine in [-1, 1], got {v!r}")
+        need(self.rerank_k is None or (is_int(self.rerank_k) and self.rerank_k >= 1),
+             f"rerank_k must be an integer >= 1, got {self.rerank_k!r}")
+        need(is_int(self.max_matches_per_reference) and self.max_matches_per_reference >= 0,
+             f"max_matches_per_reference must be an integer >= 0, got {self.max_matches_per_reference!r}")
+        for name in ("metrics_textfile", "metrics_pushgateway"):
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, str) and v != ""), f"{name} must be a non-empty string, got {v!r}")
+        need(isinstance(self.decode, DecodeConfig), f"decode must be a [job.decode] table, got {self.decode!r}")
+        prefixes = self.allowed_input_prefixes
+        need(isinstance(prefixes, (list, tuple)) and all(isinstance(x, str) for x in prefixes),
+             f"allowed_input_prefixes must be a list of strings, got {prefixes!r}")
+        for x in prefixes:
+            try:
+                KeyPolicy.canonical(x)
+            except ValueError as e:
+                raise UsageError(f"[job] {e}") from None
+        object.__setattr__(self, "allowed_input_prefixes", tuple(prefixes))
+        object.__setattr__(self, "test_fail_keys", tuple(self.test_fail_keys))
 
     @classmethod
     def from_toml(cls, path: str | None, **overrides: Any) -> "JobConfig":
         d: dict[str, Any] = {}
         if path:
-            with open(path, "rb") as f:
-                d = tomllib.load(f).get("job", {})
-        known = {f.name for f in fields(cls)}
+            try:
+                with open(path, "rb") as f:
+                    d = tomllib.load(f).get("job", {})
+            except FileNotFoundError:
+                raise UsageError(f"--config {path}: no such file") from None
+            except tomllib.TOMLDecodeError as e:
+                raise UsageError(f"--config {path}: not valid TOML: {e}") from None
+        known = {f.name for f in fields(cls)} - {"test_fail_keys"}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"{path}: unknown [job] keys {sorted(unknown)}; known: {sorted(known)}")
+            raise UsageError(f"{path}: unknown [job] keys {sorted(unknown)}; known: {sorted(known)}")
         if "decode" in d:
-            d["decode"] = DecodeConfig(**d["decode"])
+            try:
+                d["decode"] = DecodeConfig(**d["decode"])
+            except TypeError as e:
+                raise UsageError(f"{path}: [job.decode]: {e}") from None
         d.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**d)
+
+    def threshold_overrides(self) -> dict[str, float]:
+        """The thresholds this config sets over the gallery manifest's (job and ``lookup`` alike)."""
+        return {k: v for k, v in {"coarse": self.coarse_threshold, "fine": self.fine_threshold,
+                                  "rerank_k": self.rerank_k}.items() if v is not None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,16 +159,19 @@ def init_ray(address: str | None = None) -> None:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        return
-    addr = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
-    if not addr:
-        kwargs["include_dashboard"] = False
-        # Workers inherit this environment (S3 endpoint, credentials, thread caps).
-    ray.init(address=addr, **kwargs)
+    if not ray.is_initialized():
+        addr = address or os.environ.get("RAY_ADDRESS")
+        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
+        if not addr:
+            kwargs["include_dashboard"] = False
+            # Workers inherit this environment (S3 endpoint, credentials, thread caps).
+        ray.init(address=addr, **kwargs)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    # Progress: in a terminal, plain tqdm bars on the driver's stderr (Ray's default distributed
+    # tqdm drew nothing there); otherwise Ray Data logs a progress block every few seconds, which
+    # is what a scheduler's or `ray job logs`' reader wants.
+    ctx.enable_progress_bars = True
+    ctx.use_ray_tqdm = False
 
 
 def _resources(cfg: JobConfig) -> tuple[int, float, float, int]:
@@ -134,56 +211,203 @@ def _relkey_fn(root: str):  # noqa: ANN202
 
 
 # --------------------------------------------------------------------------------------------
-# Inputs
+# Inputs: decided by the driver, before Ray starts
 # --------------------------------------------------------------------------------------------
+@dataclass
+class InputPlan:
+    """What a run reads: one flag row per entry of ``keys`` and of ``forbidden``, nothing else.
+
+    ``read_uris[i]`` is what is read for ``keys[i]`` (prefix input: a path in ``store``; manifest:
+    a URI or local path the :class:`~pipeline.storage.KeyPolicy` allowed). ``forbidden`` keys
+    become ``forbidden_key`` rows written by the driver and are never read. ``skipped`` holds the
+    listed names that get no row (:data:`MARKER_NAMES`, or non-image names with
+    ``image_extensions_only``), by reason.
+    """
+
+    uri: str
+    kind: str                                   # "prefix" | "manifest"
+    keys: list[str]
+    read_uris: list[str]
+    forbidden: list[tuple[str, str]] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    store: Store | None = None                  # prefix input: the listed store
+    policy: KeyPolicy | None = None             # manifest input
+
+    @property
+    def rows(self) -> int:
+        return len(self.keys) + len(self.forbidden)
+
+    def skipped_counts(self) -> dict[str, int]:
+        return {reason: len(names) for reason, names in sorted(self.skipped.items()) if names}
+
+
+def _is_manifest(uri: str) -> bool:
+    return uri.lower().endswith(MANIFEST_SUFFIXES)
+
+
 def read_manifest_keys(uri: str) -> list[str]:
-    """Keys from a Parquet/CSV manifest: column ``key`` (or ``image_key``/``uri``), one per row."""
-    import pandas as pd
+    """Keys from a Parquet/CSV manifest: column ``key`` (or ``image_key``/``uri``), one per row.
+
+    Keys are strings exactly as written (a CSV key ``007`` stays ``007``: no type inference). A
+    blank, null or whitespace-padded key, a control character or a duplicate refuses the whole
+    manifest with every bad line numbered (CSV: the header is line 1; Parquet: row numbers from
+    1): a job that silently drops rows would report success for uploads it never looked at.
+    """
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     st, name = split_uri(uri)
-    with st.fs.open_input_file(st.path(name)) if name.endswith(".parquet") else st.fs.open_input_stream(st.path(name)) as f:
-        table = pq.read_table(f) if name.endswith(".parquet") else pacsv.read_csv(f)
-    df: pd.DataFrame = table.to_pandas()
-    for col in ("key", "image_key", "uri"):
-        if col in df.columns:
-            keys = [str(k) for k in df[col].tolist() if isinstance(k, str) and k]
-            if len(set(keys)) != len(keys):
-                raise ValueError(f"manifest {uri} lists some keys twice; each upload must appear once")
-            return keys
-    raise ValueError(f"manifest {uri} needs a column 'key' (or 'image_key' / 'uri'); has {list(df.columns)}")
+    try:
+        if not st.exists(name):
+            raise MissingInput(f"manifest {redact(uri)} does not exist")
+        csv = name.lower().endswith(".csv")
+        if csv:
+            with st.fs.open_input_stream(st.path(name)) as f:
+                table = pacsv.read_csv(
+                    f, parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
+                    convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in KEY_COLUMNS},
+                                                         strings_can_be_null=False, quoted_strings_can_be_null=False))
+        else:
+            with st.fs.open_input_file(st.path(name)) as f:
+                table = pq.read_table(f)
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise MissingInput(f"manifest {redact(uri)} does not exist") from None
+        raise InputError(f"manifest {redact(uri)} cannot be read: {plain_message(e, 300)}") from None
+    col = next((c for c in KEY_COLUMNS if c in table.column_names), None)
+    if col is None:
+        raise InputError(f"manifest {redact(uri)} needs a column 'key' (or 'image_key' / 'uri'); "
+                         f"has {table.column_names}")
+    arr = table.column(col)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    if pa.types.is_integer(arr.type):
+        arr = arr.cast(pa.string())
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        raise InputError(f"manifest {redact(uri)}: column {col!r} has type {arr.type}; keys must be strings")
+    keys = arr.to_pylist()
+    where = (lambda i: i + 2) if csv else (lambda i: i + 1)  # noqa: E731
+    unit = "line" if csv else "row"
+    bad: dict[str, list[str]] = {}
+    first_seen: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        problem = None
+        if k is None or not k.strip():
+            problem = "blank key"
+        elif k != k.strip():
+            problem = "key with leading or trailing whitespace"
+        elif any(ord(c) < 32 or ord(c) == 127 for c in k):
+            problem = "key with a control character"
+        elif k in first_seen:
+            problem = f"duplicate of {unit} {where(first_seen[k])}"
+        else:
+            first_seen[k] = i
+        if problem:
+            bad.setdefault(problem, []).append(str(where(i)))
+    if bad:
+        n = sum(len(v) for v in bad.values())
+        detail = "; ".join(f"{problem} at {unit}{'s' if len(v) > 1 else ''} {', '.join(v)}" for problem, v in bad.items())
+        raise InputError(f"manifest {redact(uri)} refused, {n} bad key{'s' if n > 1 else ''}: {detail}")
+    return keys
 
 
 def resolve_key(manifest_uri: str, key: str) -> str:
-    """A manifest key is a full URI (``s3://``, absolute path) or relative to the manifest's folder."""
+    """Where a manifest key points (no policy check: see :class:`~pipeline.storage.KeyPolicy`).
+    Used by the review page for rows the job already read."""
     if key.startswith("s3://") or key.startswith("/"):
         return key
     st, _ = split_uri(manifest_uri)
     return st.uri.rstrip("/") + "/" + key
 
 
-def build_input(input_uri: str, cfg: JobConfig) -> tuple[Any, int]:
-    """-> (Ray dataset with ``image_key, bytes, read_error``, number of inputs)."""
+def _open_input_store(uri: str) -> Store:
+    """The input folder or prefix; :class:`MissingInput` when it (or its bucket) does not exist."""
+    try:
+        st = open_store(uri)
+    except ValueError as e:
+        raise UsageError(f"--input {uri!r}: {e}") from None
+    try:
+        kind = st.fs.get_file_info(st.root).type
+        if kind == pafs.FileType.NotFound:
+            if uri.startswith("s3://"):
+                bucket = st.root.split("/", 1)[0]
+                if st.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                    raise MissingInput(f"input bucket s3://{bucket} does not exist")
+                raise MissingInput(f"input prefix {redact(uri)} does not exist (no object under it)")
+            raise MissingInput(f"input folder {uri} does not exist")
+    except OSError as e:
+        raise InputError(f"input {redact(uri)} cannot be read: {plain_message(e, 300)}") from None
+    if kind == pafs.FileType.File:
+        raise InputError(f"input {redact(uri)} is a file, not a folder or prefix "
+                         f"(a manifest must end in {' or '.join(MANIFEST_SUFFIXES)})")
+    return st
+
+
+def check_input(uri: str, cfg: JobConfig) -> InputPlan:
+    """List the prefix or read the manifest, and decide every row before Ray starts.
+
+    Fails with :class:`MissingInput` when the input does not exist and with :class:`InputError`
+    when it holds nothing to moderate, unless ``cfg.allow_empty_input``: for a scheduler, "the
+    uploads have not landed yet" must be a failure to retry, not a committed empty day.
+    """
+    if _is_manifest(uri):
+        keys = read_manifest_keys(uri)
+        try:
+            policy = KeyPolicy.for_manifest(uri, cfg.allowed_input_prefixes)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        plan = InputPlan(uri, "manifest", [], [], policy=policy)
+        for k in keys:
+            try:
+                plan.read_uris.append(policy.resolve(k))
+                plan.keys.append(k)
+            except ForbiddenKey as e:
+                plan.forbidden.append((k, str(e)))
+    else:
+        st = _open_input_store(uri)
+        plan = InputPlan(uri, "prefix", [], [], store=st)
+        try:
+            listed = list(st.list())
+        except OSError as e:
+            raise InputError(f"input {redact(uri)} cannot be listed: {plain_message(e, 300)}") from None
+        for k in listed:
+            if posixpath.basename(k) in MARKER_NAMES:
+                plan.skipped.setdefault("marker", []).append(k)
+            elif cfg.image_extensions_only and not k.lower().endswith(IMAGE_SUFFIXES):
+                plan.skipped.setdefault("not_an_image_extension", []).append(k)
+            else:
+                plan.keys.append(k)
+                plan.read_uris.append(st.path(k))
+    if plan.rows == 0 and not cfg.allow_empty_input:
+        skipped = plan.skipped_counts()
+        raise InputError(f"input {redact(uri)} has nothing to moderate"
+                         + (f" (skipped: {json.dumps(skipped)})" if skipped else "")
+                         + "; pass --allow-empty (or allow_empty_input = true) if an empty day is expected")
+    return plan
+
+
+def _num_blocks(n: int, cfg: JobConfig) -> int:
+    """About one input block per batch (at most 200): a small day still spreads over every actor
+    of the pool, and a lost node loses few blocks."""
+    return max(1, min(200, -(-n // cfg.batch_size)))
+
+
+def build_input(plan: InputPlan, cfg: JobConfig) -> Any:
+    """Ray dataset with ``image_key, bytes, read_error`` for the readable keys of ``plan``."""
     import ray
 
-    if input_uri.lower().endswith(MANIFEST_SUFFIXES):
-        keys = read_manifest_keys(input_uri)
-        items = [{"image_key": k, "uri": resolve_key(input_uri, k)} for k in keys]
+    if plan.kind == "manifest":
         from pipeline.stages import Fetcher
 
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(200, len(items) // 64 or 1)))
-        return ds.map_batches(Fetcher, batch_size=64, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
-                              num_cpus=cfg.decode_num_cpus), len(keys)
-    st = open_store(input_uri)
-    keys = [k for k in st.list() if not posixpath.basename(k).startswith((".", "_"))
-            and (not cfg.image_extensions_only or k.lower().endswith(IMAGE_SUFFIXES))]
-    if not keys:
-        return ray.data.from_items([]), 0
-    paths = [st.path(k) for k in keys]
-    ds = ray.data.read_binary_files(paths, filesystem=st.fs, include_paths=True,
-                                    override_num_blocks=max(1, min(200, len(paths) // 64 or 1)))
-    return ds.map_batches(_relkey_fn(st.root), batch_size=256, num_cpus=0.1), len(keys)
+        items = [{"image_key": k, "uri": u} for k, u in zip(plan.keys, plan.read_uris)]
+        ds = ray.data.from_items(items, override_num_blocks=_num_blocks(len(items), cfg))
+        return ds.map_batches(Fetcher, fn_constructor_kwargs={"policy": plan.policy}, batch_size=64,
+                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4), num_cpus=cfg.decode_num_cpus)
+    assert plan.store is not None
+    ds = ray.data.read_binary_files(plan.read_uris, filesystem=plan.store.fs, include_paths=True,
+                                    override_num_blocks=_num_blocks(len(plan.read_uris), cfg))
+    return ds.map_batches(_relkey_fn(plan.store.root), batch_size=256, num_cpus=0.1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,72 +439,196 @@ def _sum_timings(st: Store) -> dict[str, float]:
     return tot
 
 
-def moderate(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_dir: str | None = None,
-             cfg: JobConfig | None = None, ray_address: str | None = None, review: bool = True,
-             run_id: str | None = None) -> dict[str, Any]:
-    """Run one day. Returns the ``_run.json`` content of the committed partition."""
-    import ray
+@dataclass
+class RunPlan:
+    """Everything :func:`prepare_run` checked and decided; :func:`execute_run` carries it out."""
 
-    from models.card import read_card
-    from pipeline.gallery import GalleryIndex
+    dt: str
+    run_id: str
+    input: InputPlan
+    gallery_uri: str
+    gallery_version: str      # pinned: actors and the review page load exactly this version
+    model_dir: str | None
+    model_version: str
+    cfg: JobConfig
+    decode: DecodeConfig
+    out: Store
+    output_uri: str
+    t_start: float
+
+
+def _check_gallery(gallery_uri: str, model_version: str, verify: bool) -> str:
+    """Resolve ``CURRENT`` once, from the manifest only, and check it before Ray starts: the
+    model it was built with and (``verify``) every file's checksum, streamed. -> pinned version."""
+    from pipeline import gallery as G
+
+    try:
+        store = open_store(gallery_uri)
+        m = G.resolve_version(store, model_id=model_version)
+        if verify:
+            res = G.verify(store, m["version"])
+            if res["problems"]:
+                detail = "; ".join(f"{p['file']}: {p['problem']}" for p in res["problems"][:5])
+                raise G.GalleryIntegrityError(
+                    f"gallery {redact(gallery_uri)} version {m['version']}: {len(res['problems'])} of {res['files']} "
+                    f"files fail verification ({detail}); refusing to run")
+    except (ValueError, OSError) as e:
+        if isinstance(e, ModscanError):
+            raise
+        raise ModscanError(f"gallery {redact(gallery_uri)} cannot be read: {plain_message(e, 300)}") from None
+    return m["version"]
+
+
+def _check_output(output_uri: str) -> Store:
+    """The output root, created if absent; refused when it is a file or its bucket does not exist."""
+    try:
+        if output_uri.startswith("s3://"):
+            out = open_store(output_uri)
+            bucket = out.root.split("/", 1)[0]
+            if out.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise ModscanError(f"output bucket s3://{bucket} does not exist")
+            if out.fs.get_file_info(out.root).type == pafs.FileType.File:
+                raise ModscanError(f"--output {redact(output_uri)} is an object, not a prefix")
+            return out
+        path = output_uri[len("file://"):] if output_uri.startswith("file://") else output_uri
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ModscanError(f"--output {output_uri} is a file, not a folder")
+        return open_store(output_uri, create=True)
+    except ValueError as e:
+        raise UsageError(f"--output {output_uri!r}: {e}") from None
+    except OSError as e:
+        raise ModscanError(f"--output {redact(output_uri)} cannot be used: {plain_message(e, 300)}") from None
+
+
+def prepare_run(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_dir: str | None = None,
+                cfg: JobConfig | None = None, run_id: str | None = None) -> RunPlan:
+    """Every check that needs no cluster: date, config, input (listed or manifest read: every row
+    decided), model, gallery (version pinned), output (created, this run made owner of the
+    partition). Raises :class:`~pipeline.errors.ModscanError`."""
+    t_start = time.time()
+    F.valid_date(dt, "date")
+    cfg = cfg or JobConfig()
+    plan_in = check_input(input_uri, cfg)
+    from models.card import read_card  # imports torch: after the cheap checks
+
+    try:
+        card = read_card(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModscanError(f"model {model_dir or '(shipped)'} cannot be read: {plain_message(e, 300)}") from None
+    version = _check_gallery(gallery_uri, card.version_id, cfg.verify_gallery)
+    out = _check_output(output_uri)
+    run_id = run_id or new_run_id(dt)
+    F.sweep_staging(out, keep=run_id)  # killed runs of other dates, older than an hour
+    out.write_text(f"{F.staging_key(run_id)}/started", str(time.time()))
+    F.claim_partition(out, dt, run_id)
+    decode_cfg = replace(cfg.decode, low_res=card.config.low_res, high_res=card.config.high_res)
+    return RunPlan(dt, run_id, plan_in, gallery_uri, version, model_dir, card.version_id, cfg, decode_cfg, out,
+                   output_uri, t_start)
+
+
+def _modscan_cause(e: BaseException) -> ModscanError | None:
+    """The ModscanError inside an exception Ray raised for a task or actor, if any."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, ModscanError) and type(e).__module__.startswith("pipeline"):
+            return e
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else e.__cause__
+        seen += 1
+    return None
+
+
+def _run_pipeline(plan: RunPlan, ray_address: str | None) -> tuple[float, dict[str, Any]]:
+    """Ray part: read -> decode -> Moderator actors -> staged Parquet. -> (seconds, resources)."""
     from pipeline.stages import Moderator, RunContext
 
-    cfg = cfg or JobConfig()
-    F.partition_key(dt)
-    t_start = time.time()
-    init_ray(ray_address)
-    card = read_card(model_dir)
-    # Fail fast in the driver (not in every actor) on a missing gallery or a model mismatch.
-    gal = GalleryIndex.load(gallery_uri, model_id=card.version_id)
-    gallery_version = gal.version
-    del gal
-    decode_cfg = replace(cfg.decode, low_res=card.config.low_res, high_res=card.config.high_res)
-
-    out = open_store(output_uri, create=True)
-    run_id = run_id or new_run_id(dt)
-    F.sweep_staging(out, keep=run_id, dt=dt)
-    stage = F.staging_key(run_id)
-    out.write_text(f"{stage}/started", str(time.time()))
+    cfg, out, stage = plan.cfg, plan.out, F.staging_key(plan.run_id)
     timings_uri = out.full_uri(f"{stage}/timings")
-
-    ds, n_inputs = build_input(input_uri, cfg)
-    actors, ncpu, ngpu, threads = _resources(cfg)
-    overrides = cfg.threshold_overrides()
     t_read = time.time()
-    if n_inputs:
-        ds = ds.map_batches(_decode_batch, fn_kwargs={"cfg": decode_cfg, "timings_uri": timings_uri},
+    resources: dict[str, Any] = {}
+    if plan.input.keys:  # nothing to read (an allowed empty day, only forbidden keys): no cluster
+        import ray
+
+        init_ray(ray_address)
+        actors, ncpu, ngpu, threads = _resources(cfg)
+        resources = {"actors": actors, "actor_num_cpus": ncpu, "actor_num_gpus": ngpu, "torch_threads": threads}
+        ds = build_input(plan.input, cfg)
+        ds = ds.map_batches(_decode_batch, fn_kwargs={"cfg": plan.decode, "timings_uri": timings_uri},
                             batch_size=cfg.batch_size, num_cpus=cfg.decode_num_cpus)
         ds = ds.map_batches(
             Moderator,
-            fn_constructor_kwargs={"gallery_uri": gallery_uri, "model_dir": model_dir,
-                                   "ctx": RunContext(dt, run_id, timings_uri), "threads": threads,
-                                   "threshold_overrides": overrides or None, "single_stage": cfg.single_stage},
+            fn_constructor_kwargs={"gallery_uri": plan.gallery_uri, "model_dir": plan.model_dir,
+                                   "ctx": RunContext(plan.dt, plan.run_id, timings_uri), "threads": threads,
+                                   "threshold_overrides": cfg.threshold_overrides() or None,
+                                   "single_stage": cfg.single_stage, "gallery_version": plan.gallery_version,
+                                   "fail_on_keys": cfg.test_fail_keys, "precision": cfg.precision},
             batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=ncpu, num_gpus=ngpu, batch_format="numpy")
-        ds.write_parquet(out.path(f"{stage}/data"), filesystem=out.fs,
-                         filename_provider=None)
-    t_pipeline = time.time() - t_read
-    flood = guard_staged(out, run_id, cfg.max_matches_per_reference)  # may rewrite staged rows: before verify
-    counts = F.verify_staged(out, run_id, n_inputs)
+        ds.write_parquet(out.path(f"{stage}/data"), filesystem=out.fs, filename_provider=None)
+    if plan.input.forbidden:
+        from pipeline.schemas import ErrorCode
+        from pipeline.stages import error_rows
+
+        keys = [k for k, _ in plan.input.forbidden]
+        F.write_staged(out, plan.run_id, "forbidden-keys.parquet", error_rows(
+            keys, [ErrorCode.FORBIDDEN_KEY.value] * len(keys), [reason for _, reason in plan.input.forbidden],
+            model_version=plan.model_version, gallery_version=plan.gallery_version, run_id=plan.run_id))
+    return time.time() - t_read, resources
+
+
+def _fail(plan: RunPlan, e: Exception) -> NoReturn:
+    """Clean up after a failed run and raise what the operator should read: that a newer run of
+    the date took the partition over, the ModscanError an actor or task raised, or ``e``."""
+    F.abandon(plan.out, plan.run_id)
+    try:
+        taken = F.taken_error(plan.out, plan.dt, plan.run_id)
+    except Exception:  # noqa: BLE001 - storage down: the original error says more
+        taken = None
+    if taken is not None and not isinstance(e, F.PartitionTakenError):
+        raise taken from e
+    cause = _modscan_cause(e)
+    if cause is not None and cause is not e:
+        raise cause from e
+    raise e
+
+
+def execute_run(plan: RunPlan, ray_address: str | None = None, review: bool = True) -> dict[str, Any]:
+    """Run the pipeline for a prepared run, verify and commit. Returns the ``_run.json`` content."""
+    cfg, out, run_id, dt = plan.cfg, plan.out, plan.run_id, plan.dt
+    stage = F.staging_key(run_id)
+    try:
+        t_pipeline, resources = _run_pipeline(plan, ray_address)
+        all_keys = set(plan.input.keys) | {k for k, _ in plan.input.forbidden}
+        F.check_owner(out, dt, run_id)  # a newer run of dt took over: say so before anything else
+        flood = guard_staged(out, run_id, cfg.max_matches_per_reference)  # may rewrite staged rows: before verify
+        counts = F.verify_staged(out, run_id, plan.input.rows, all_keys, plan.gallery_version)
+    except Exception as e:
+        _fail(plan, e)
     timings = _sum_timings(out.child(f"{stage}/timings")) if out.exists(f"{stage}/timings") else {}
-    wall = time.time() - t_start
+    n = plan.input.rows
     run_info = {
-        "run_id": run_id, "dt": dt, "input": redact(input_uri), "gallery": redact(gallery_uri),
-        "output": redact(output_uri), "model_version": card.version_id, "gallery_version": gallery_version,
-        "inputs": n_inputs, "counts": counts, "survivors": int(timings.pop("survivors", 0)),
-        "decoded": int(timings.pop("decoded", 0)),
-        "steady_state_images_per_second": (round(n_inputs / timings["moderator_window"], 2)
+        "run_id": run_id, "dt": dt, "input": redact(plan.input.uri), "gallery": redact(plan.gallery_uri),
+        "output": redact(plan.output_uri), "model_version": plan.model_version,
+        "gallery_version": plan.gallery_version, "inputs": n, "skipped": plan.input.skipped_counts(),
+        "skipped_examples": {r: names[:5] for r, names in sorted(plan.input.skipped.items()) if names},
+        "counts": counts, "survivors": int(timings.pop("survivors", 0)), "decoded": int(timings.pop("decoded", 0)),
+        "steady_state_images_per_second": (round(n / timings["moderator_window"], 2)
                                            if timings.get("moderator_window") else None),
         "stage_seconds_summed_over_workers": {k: round(v, 3) for k, v in timings.items()},
-        "pipeline_seconds": round(t_pipeline, 3), "wall_seconds": round(wall, 3),
-        "images_per_second": round(n_inputs / t_pipeline, 2) if t_pipeline > 0 else None,
-        "resources": {"actors": actors, "actor_num_cpus": ncpu, "actor_num_gpus": ngpu, "torch_threads": threads},
-        "config": json.loads(redact(json.dumps(asdict(cfg), default=str))),  # a Pushgateway URL may hold a password
+        "pipeline_seconds": round(t_pipeline, 3), "wall_seconds": round(time.time() - plan.t_start, 3),
+        "images_per_second": round(n / t_pipeline, 2) if t_pipeline > 0 else None,
+        "resources": resources,
+        # a Pushgateway URL may hold a password
+        "config": json.loads(redact(json.dumps({k: v for k, v in asdict(cfg).items() if k != "test_fail_keys"},
+                                               default=str))),
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "flood_guard": flood.to_dict(),
     }
     counts.pop("files", None)
-    F.commit_partition(out, dt, run_id, run_info)
+    try:
+        F.commit_partition(out, dt, run_id, run_info)
+    except Exception as e:
+        _fail(plan, e)
     try:  # after the commit: "last success" must never be reported for an uncommitted run
         run_info["metrics"] = publish_metrics(run_info, cfg.metrics_textfile, cfg.metrics_pushgateway)
     except (OSError, MetricsPushError) as e:
@@ -289,10 +637,19 @@ def moderate(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_d
         try:
             from pipeline.review import write_review
 
-            run_info["review"] = write_review(out, dt, run_id, input_uri, gallery_uri, max_rows=cfg.review_max_rows)
+            run_info["review"] = write_review(out, dt, run_id, plan.input.uri, plan.gallery_uri,
+                                              max_rows=cfg.review_max_rows, gallery_version=plan.gallery_version)
         except Exception as e:  # noqa: BLE001 - the review page is a convenience, the flags are committed
-            run_info["review_error"] = redact(f"{type(e).__name__}: {e}")
+            run_info["review_error"] = redact(plain_message(e))
     return run_info
+
+
+def moderate(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_dir: str | None = None,
+             cfg: JobConfig | None = None, ray_address: str | None = None, review: bool = True,
+             run_id: str | None = None) -> dict[str, Any]:
+    """Run one day: :func:`prepare_run` then :func:`execute_run`. Returns the ``_run.json`` content."""
+    plan = prepare_run(input_uri, gallery_uri, output_uri, dt, model_dir, cfg, run_id)
+    return execute_run(plan, ray_address, review)
 
 
 def summary(info: dict[str, Any]) -> str:
@@ -305,6 +662,9 @@ def summary(info: dict[str, Any]) -> str:
     ]
     if c["by_error_code"]:
         lines.append(f"  errors: {json.dumps(c['by_error_code'])}")
+    if info.get("skipped"):
+        examples = "; ".join(f"{r}: {', '.join(v)}" for r, v in info.get("skipped_examples", {}).items())
+        lines.append(f"  listed but given no row: {json.dumps(info['skipped'])} (e.g. {examples})")
     if c.get("by_bank"):
         lines.append(f"  banks: {json.dumps(c['by_bank'])}")
     lines += flood_summary_lines(info.get("flood_guard"))
@@ -312,6 +672,8 @@ def summary(info: dict[str, Any]) -> str:
         lines.append(f"  metrics NOT written: {info['metrics_error']}")
     if info.get("review"):
         lines.append(f"  review page: {info['review']}")
+    if info.get("review_error"):
+        lines.append(f"  review page failed (flags are committed): {info['review_error']}")
     return "\n".join(lines)
 
 
@@ -319,11 +681,20 @@ def summary(info: dict[str, Any]) -> str:
 # Command-line entry points
 # --------------------------------------------------------------------------------------------
 def _cfg(a: argparse.Namespace) -> JobConfig:
-    return JobConfig.from_toml(a.config, batch_size=a.batch_size, actors=a.actors)
+    return JobConfig.from_toml(a.config, batch_size=a.batch_size, actors=a.actors,
+                               allow_empty_input=True if getattr(a, "allow_empty", False) else None)
+
+
+def _from_template(template: str, dt: str) -> str:
+    try:
+        return template.format(date=dt)
+    except (KeyError, IndexError, ValueError) as e:
+        raise UsageError(f"--input-template {template!r}: only {{date}} can be filled in ({plain_message(e)})") from None
 
 
 def cli_moderate(a: argparse.Namespace) -> int:
-    info = moderate(a.input, a.gallery, a.output, a.date, a.model, _cfg(a), a.ray_address)
+    dt = F.valid_date(a.date, "--date")
+    info = moderate(a.input, a.gallery, a.output, dt, a.model, _cfg(a), a.ray_address)
     print(summary(info))
     return 0
 
@@ -333,8 +704,9 @@ def yesterday() -> str:
 
 
 def cli_nightly(a: argparse.Namespace) -> int:
-    dt = a.date or yesterday()
-    info = moderate(a.input_template.format(date=dt), a.gallery, a.output, dt, a.model, _cfg(a), a.ray_address)
+    dt = F.valid_date(a.date, "--date") if a.date is not None else yesterday()
+    cfg = _cfg(a)
+    info = moderate(_from_template(a.input_template, dt), a.gallery, a.output, dt, a.model, cfg, a.ray_address)
     print(summary(info))
     return 0
 
@@ -342,11 +714,18 @@ def cli_nightly(a: argparse.Namespace) -> int:
 def backfill(input_template: str, gallery: str, output: str, date_from: str, date_to: str,
              model_dir: str | None = None, cfg: JobConfig | None = None, force: bool = False,
              ray_address: str | None = None) -> dict[str, str]:
-    """One partition per day; committed days are skipped unless ``force`` (resumable after a kill)."""
-    d0, d1 = _dt.date.fromisoformat(date_from), _dt.date.fromisoformat(date_to)
+    """One partition per day; committed days are skipped unless ``force`` (resumable after a kill).
+
+    A day whose input is missing is never committed (``"missing: ..."``); a day that fails
+    (``"failed: ..."``) does not stop the others. The caller reports both and exits non-zero.
+    """
+    d0 = _dt.date.fromisoformat(F.valid_date(date_from, "--from"))
+    d1 = _dt.date.fromisoformat(F.valid_date(date_to, "--to"))
     if d1 < d0:
-        raise ValueError(f"--to {date_to} is before --from {date_from}")
-    out = open_store(output, create=True)
+        raise UsageError(f"--to {date_to} is before --from {date_from}")
+    _from_template(input_template, date_from)
+    cfg = cfg or JobConfig()
+    out = _check_output(output)
     result: dict[str, str] = {}
     d = d0
     while d <= d1:
@@ -354,9 +733,15 @@ def backfill(input_template: str, gallery: str, output: str, date_from: str, dat
         if F.is_committed(out, dt) and not force:
             result[dt] = "skipped (committed)"
         else:
-            info = moderate(input_template.format(date=dt), gallery, output, dt, model_dir, cfg, ray_address)
-            print(summary(info), flush=True)
-            result[dt] = "done"
+            try:
+                info = moderate(_from_template(input_template, dt), gallery, output, dt, model_dir, cfg, ray_address)
+                print(summary(info), flush=True)
+                result[dt] = "done"
+            except MissingInput as e:
+                result[dt] = f"missing: {plain_message(str(e))}"
+            except Exception as e:  # noqa: BLE001 - one failed day must not stop the others
+                log.debug("backfill day %s failed", dt, exc_info=True)
+                result[dt] = f"failed: {plain_message(str(e) if isinstance(e, ModscanError) else e)}"
         d += _dt.timedelta(days=1)
     return result
 
@@ -366,4 +751,10 @@ def cli_backfill(a: argparse.Namespace) -> int:
                    a.ray_address)
     for dt, s in res.items():
         print(f"{dt}: {s}")
+    missing = [dt for dt, s in res.items() if s.startswith("missing")]
+    failed = [dt for dt, s in res.items() if s.startswith("failed")]
+    if missing or failed:
+        raise ModscanError(f"backfill incomplete: {len(missing)} day(s) with missing input "
+                           f"({', '.join(missing) or '-'}), {len(failed)} failed ({', '.join(failed) or '-'}); "
+                           f"nothing was committed for them, rerun the same command once they are fixed")
     return 0

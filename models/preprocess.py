@@ -13,6 +13,11 @@ from PIL import Image
 
 from models.descriptor import MEAN, STD
 
+# File suffixes read as images, everywhere (training, gallery builds, evaluation, the job's
+# prefix listing). HEIC/AVIF decode where the installed Pillow supports them; elsewhere such an
+# upload becomes a `not_an_image` row and such a reference a rejected one: never silently skipped.
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".avif")
+
 _MEAN = np.asarray(MEAN, dtype=np.float32) * 255.0
 _STD = np.asarray(STD, dtype=np.float32) * 255.0
 

@@ -52,12 +52,11 @@ from models.card import ModelCard, load_model, save_model
 from models.descriptor import DescriptorConfig, DescriptorModel, pick_device
 from models.losses import info_nce, koleo_entropy, relational_distill
 from models.precision import Precision
-from models.preprocess import resize_pair, resize_square, to_batch
+from models.preprocess import IMAGE_SUFFIXES, resize_pair, resize_square, to_batch
 from models.synthetic import generate
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
 @dataclass(frozen=True)

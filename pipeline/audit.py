@@ -33,6 +33,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.errors import ModscanError
 from pipeline.storage import Store
 
 AUDIT_PREFIX = "audit"
@@ -42,7 +43,7 @@ _STAMP = "%Y%m%dT%H%M%S.%fZ"
 _STAMP_EXAMPLE = "20261125T101530.123456Z"
 
 
-class AuditLogError(RuntimeError):
+class AuditLogError(ModscanError, RuntimeError):
     """The audit log cannot be written (an existing entry would be overwritten)."""
 
 
@@ -158,8 +159,8 @@ def flat_entries(records: list[AuditRecord]) -> list[dict[str, Any]]:
                 "run_id": r.run_id}
         if not r.changes:
             out.append({**base, **{k: v for k, v in r.details.items() if not isinstance(v, (dict, list))}})
-        for c in r.changes:
-            out.append({**base, "who": c.get("reviewer") or r.who, "note": c.get("note"),
-                        "run_id": c.get("run_id") or r.run_id,
+        for c in r.changes:  # who decided (the reviewer) and who applied the file
+            out.append({**base, "who": c.get("reviewer") or r.who, "applied_by": r.who, "note": c.get("note"),
+                        "run_id": c.get("run_id"),
                         **{k: c.get(k) for k in ("decision", "reference_id", "image", "bank", "disabled_until")}})
     return out

@@ -43,21 +43,23 @@ from typing import Any
 
 from models.card import ModelCard
 from pipeline import gallery as G
+from pipeline.errors import UsageError
 from pipeline.schemas import Action
-from pipeline.storage import Store, UnsafeKeyError, safe_key
+from pipeline.storage import Store, UnsafeKeyError, open_store, safe_key
 
 DECISIONS = ("false_positive", "confirmed", "disable_reference", "enable_reference")
 REQUIRED = ("decision", "reviewer", "note")
 OPTIONAL = ("image_key", "reference_id", "bank", "until", "run_id")
 
 
-class DecisionFileError(ValueError):
+class DecisionFileError(UsageError, ValueError):
     """Every problem of a decisions file, each as ``file:line: message``; nothing was applied."""
 
     def __init__(self, path: str, errors: list[tuple[int, str]]) -> None:
         self.errors = sorted(errors)
         lines = [f"{path}:{ln}: {msg}" for ln, msg in self.errors]
-        super().__init__(f"{len(errors)} error(s) in decisions file, nothing applied:\n" + "\n".join(lines))
+        # ";" keeps the entries apart when the CLI prints the message on one line
+        super().__init__(f"{len(errors)} error(s) in decisions file, nothing applied:\n" + ";\n".join(lines))
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,8 @@ def apply_decisions(store: Store, text: str, path: str, card: ModelCard, extract
     """Validate, extract the uploads to add, then write one new version with one audit record.
     ``card`` must be the gallery's model (its features are what the gallery stores)."""
     m, content = G.read_content(store)
+    if input_uri:  # a relative local --input becomes absolute: entries keep where the upload came from
+        input_uri = open_store(input_uri).uri
     changes = parse_decisions(text, path, content, input_uri)
     if any(c.effect == "add_to_bank" for c in changes):
         G._check_model(m, card.version_id)

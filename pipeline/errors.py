@@ -29,6 +29,10 @@ class InputError(ModscanError):
     """The job's input is missing, empty or malformed (a manifest with bad keys). Exit code 1."""
 
 
+class MissingInput(InputError):
+    """The input folder, S3 prefix, bucket or manifest does not exist (a backfill lists such days)."""
+
+
 _REPR = re.compile(r"<(?:[\w.]+\.)?(\w+) object at 0x[0-9a-fA-F]+>")
 _ADDR = re.compile(r"\s+at 0x[0-9a-fA-F]+")
 

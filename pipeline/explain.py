@@ -6,6 +6,11 @@
 survivors) and :meth:`GalleryIndex.decide` (bank rules). The decision it reports is therefore the
 one the job would write for the same bytes, gallery version and thresholds.
 
+Fine scores are shown twice: ``fine`` is the normalised score the thresholds apply to (raw cosine
+minus the query's background term, see :class:`~pipeline.index.ScoreNorm`) and ``fine_score_raw``
+the plain cosine. A low-content upload (near-uniform, :func:`~pipeline.decode.is_low_content`) is
+never searched by the job; lookup still shows its nearest references, marked as not scored.
+
 Around that it collects what an operator needs to see the reason: the best ``top_k`` coarse
 candidates *whatever their score* (a candidate below the coarse threshold is shown with the fine
 score it would have had, marked as not reranked by the job), every bank membership of each
@@ -19,7 +24,7 @@ import dataclasses
 import enum
 import json
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +37,7 @@ class Rule(str, enum.Enum):
     """Which rule made a decision (stable names: scripts may key on them)."""
 
     DECODE_ERROR = "decode_error"                    # unreadable/undecodable: an error row
+    LOW_CONTENT = "low_content"                      # decoded but near-uniform: never searched, never a match
     NO_COARSE_CANDIDATE = "no_coarse_candidate"      # nothing above the coarse threshold: stopped after low-res
     BELOW_FINE_THRESHOLD = "below_fine_threshold"    # reranked, no membership reached its bank's threshold
     BANK_THRESHOLD = "bank_threshold"                # best blocking match reached its bank's threshold
@@ -45,7 +51,8 @@ class Verdict(str, enum.Enum):
 
     PASSES = "passes"                          # fine score >= the bank's threshold
     BELOW_THRESHOLD = "below_threshold"
-    NOT_RERANKED = "not_reranked"              # below the coarse threshold / outside rerank_k: the job never scored it
+    NOT_RERANKED = "not_reranked"              # below the coarse threshold / outside rerank_k / low content:
+    #                                            the job never scored this pair
     BANK_DISABLED = "bank_disabled"
     REFERENCE_DISABLED = "reference_disabled"
 
@@ -53,6 +60,7 @@ class Verdict(str, enum.Enum):
 @dataclass(frozen=True)
 class DecodeResult:
     ok: bool
+    low_content: bool                 # decoded, but near-uniform (the job does not search it)
     n_bytes: int
     sha256: str | None
     error_code: str | None
@@ -75,7 +83,8 @@ class Candidate:
     source_uri: str | None
     coarse_score: float
     above_coarse_threshold: bool
-    fine_score: float                 # raw 512-d cosine (computed for every shown candidate)
+    fine_score: float                 # normalised fine score, what thresholds apply to (every shown candidate)
+    fine_score_raw: float             # plain 512-d cosine of the pair
     reranked_by_job: bool             # whether the job's cascade scored this pair at all
     memberships: tuple[Membership, ...]
 
@@ -88,7 +97,8 @@ class Decision:
     category: str | None
     reference_id: int | None
     coarse_score: float | None
-    fine_score: float | None
+    fine_score: float | None          # normalised
+    fine_score_raw: float | None
     rule: str
     detail: str
 
@@ -182,9 +192,19 @@ def _rule(gal: GalleryIndex, m: Any, job_D: np.ndarray, job_I: np.ndarray, job_F
                 best = (fine, *why)
     if best is not None:
         return best[1], best[2]
-    fine_best = float(job_F[valid].max())
-    return Rule.BELOW_FINE_THRESHOLD, (f"{int(valid.sum())} candidate(s) reranked; best fine {fine_best:.3f} is below "
-                                       f"the threshold of every bank it belongs to")
+    blocking = [(fine, gid, bank) for gid, fine in zip(job_I[valid].tolist(), job_F[valid].tolist())
+                for bank in gal.entries.loc[gal.entries["id"] == gid, "bank"].tolist()
+                if gal.banks[bank].action != Action.ALLOW.value]
+    if not blocking:
+        return Rule.BELOW_FINE_THRESHOLD, (f"{int(valid.sum())} candidate(s) reranked, all in allow-list banks: "
+                                           f"nothing to block")
+    fine, gid, bank = max(blocking)
+    return Rule.BELOW_FINE_THRESHOLD, (f"{int(valid.sum())} candidate(s) reranked; best blocking match is reference "
+                                       f"#{gid} ({bank!r}) with fine {fine:.3f} < threshold {gal.bank_threshold(bank):.3f}")
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
 
 
 def explain(images: list[str], gal: GalleryIndex, fx: Any, top_k: int = 10,
@@ -199,44 +219,53 @@ def explain(images: list[str], gal: GalleryIndex, fx: Any, top_k: int = 10,
     sizes = [len(b) for b in fetched["bytes"]]
     dec = Decoder(decode_cfg)(fetched)
     ok = np.asarray(dec["ok"], bool)
+    low_content = np.asarray(dec.get("low_content", np.zeros(len(ok), bool)), bool) & ok
     rows = np.nonzero(ok)[0]
     job: dict[int, tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = {}
-    shown: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    shown: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
     if len(rows):
         xq128 = fx.query_coarse(dec["low"][rows])
         xq512 = fx.rerank(dec["high"][rows])
-        rerank_fn: Callable[[np.ndarray], np.ndarray] = lambda sel: xq512[sel]  # noqa: E731
-        D, I, F, _ = gal.candidates(xq128, rerank_fn)          # the job's cascade ...
-        matches = gal.decide(D, I, F)                          # ... and the job's bank rules
+        searched = np.nonzero(~low_content[rows])[0]  # the job never searches a low-content upload
+        if len(searched):
+            c = gal.candidates(xq128[searched], lambda sel: xq512[searched][sel])  # the job's cascade ...
+            matches = gal.decide(c.D, c.I, c.F, c.offset)                        # ... and its bank rules
+            for j, s_ in enumerate(searched):
+                job[int(rows[s_])] = (matches[j], c.D[j], c.I[j], c.F[j])
         k = max(1, min(top_k, gal.cascade.ntotal))
         Ds, Is = gal.cascade.coarse(xq128, k, -np.inf)         # display: best k, whatever their score
-        Fs = gal.rerank(xq512, Is)
+        Fraw = gal.rerank(xq512, Is)
+        Fs, _ = gal.normalise(xq512, Fraw)
         for j, r in enumerate(rows):
-            job[int(r)] = (matches[j], D[j], I[j], F[j])
-            shown[int(r)] = (Ds[j], Is[j], Fs[j])
+            shown[int(r)] = (Ds[j], Is[j], Fs[j], Fraw[j])
     src = gal.entries.drop_duplicates("id").set_index("id")["source_uri"].to_dict()
     out = []
     for i, uri in enumerate(images):
-        dr = DecodeResult(bool(ok[i]), sizes[i], dec["image_sha256"][i], dec["error_code"][i], dec["error_message"][i])
+        dr = DecodeResult(bool(ok[i]), bool(low_content[i]), sizes[i], dec["image_sha256"][i], dec["error_code"][i],
+                          dec["error_message"][i])
         if not ok[i]:
             out.append(Explanation(uri, dr, (), Decision(Status.ERROR.value, Action.NONE.value, None, None, None, None,
-                                                         None, Rule.DECODE_ERROR.value,
+                                                         None, None, Rule.DECODE_ERROR.value,
                                                          f"{dr.error_code}: {dr.error_message}")))
             continue
-        m, D, I, F = job[i]
+        m, D, I, F = job.get(i, (None, None, np.zeros(0, np.int64), np.zeros(0, np.float32)))
         in_job = {int(g): float(f) for g, f in zip(I.tolist(), F.tolist()) if g >= 0}
-        Ds, Is, Fs = shown[i]
+        Ds, Is, Fs, Fraw = shown[i]
         cands = []
-        for rank, (d, g, f) in enumerate(zip(Ds.tolist(), Is.tolist(), Fs.tolist()), start=1):
+        for rank, (d, g, f, fr) in enumerate(zip(Ds.tolist(), Is.tolist(), Fs.tolist(), Fraw.tolist()), start=1):
             if g < 0:
                 continue
-            scored = g in in_job and np.isfinite(in_job[g])
+            scored = bool(g in in_job and np.isfinite(in_job[g]))
             cands.append(Candidate(rank, int(g), src.get(g), float(d), d >= gal.params.coarse_threshold, float(f),
-                                   bool(scored), _memberships(gal, int(g), float(f), bool(scored))))
-        rule, detail = _rule(gal, m, D, I, F)
-        fine = m.fine_score if m.fine_score is not None and np.isfinite(m.fine_score) else None
-        decision = Decision(m.status, m.action, m.bank, m.category, m.reference_id, m.coarse_score, fine,
-                            rule.value, detail)
+                                   float(fr), scored, _memberships(gal, int(g), float(f), scored)))
+        if m is None:  # low content
+            decision = Decision(Status.LOW_CONTENT.value, Action.NONE.value, None, None, None, None, None, None,
+                                Rule.LOW_CONTENT.value, "near-uniform picture (flat colour, almost empty canvas): "
+                                "nothing to identify it by, so the job never searches it")
+        else:
+            rule, detail = _rule(gal, m, D, I, F)
+            decision = Decision(m.status, m.action, m.bank, m.category, m.reference_id, m.coarse_score,
+                                _finite(m.fine_score), _finite(getattr(m, "fine_score_raw", None)), rule.value, detail)
         out.append(Explanation(uri, dr, tuple(cands), decision))
     return LookupReport(gal.version, gal.model_id, gal.params.coarse_threshold, gal.params.fine_threshold,
                         gal.params.rerank_k, thresholds_in_force(gal),
@@ -265,19 +294,22 @@ def render_table(report: LookupReport) -> str:
     for e in report.explanations:
         L += ["", f"== {e.image}"]
         if e.decode.ok:
-            L.append(f"decode    ok, {e.decode.n_bytes:,} bytes, sha256 {(e.decode.sha256 or '')[:16]}")
+            L.append(f"decode    ok{' (LOW CONTENT)' if e.decode.low_content else ''}, {e.decode.n_bytes:,} bytes, "
+                     f"sha256 {(e.decode.sha256 or '')[:16]}")
         else:
             L.append(f"decode    FAILED {e.decode.error_code}: {e.decode.error_message}")
         if e.candidates:
-            L.append(f"  {'rank':>4} {'ref':>6} {'coarse':>7} {'fine':>7}  memberships (* = scored by the job)")
+            L.append(f"  {'rank':>4} {'ref':>6} {'coarse':>7} {'raw':>7} {'fine':>7}  memberships "
+                     f"(fine = normalised, what thresholds apply to; * = scored by the job)")
             for c in e.candidates:
                 mem = "; ".join(f"{m.bank} {m.action} thr {m.threshold:.3f}: {m.verdict}" for m in c.memberships)
                 mark = "*" if c.reranked_by_job else " "
-                L.append(f"  {c.rank:>4} {c.reference_id:>6} {c.coarse_score:>7.3f} {c.fine_score:>7.3f}{mark} {mem}")
+                L.append(f"  {c.rank:>4} {c.reference_id:>6} {c.coarse_score:>7.3f} {c.fine_score_raw:>7.3f} "
+                         f"{c.fine_score:>7.3f}{mark} {mem}")
         d = e.decision
         what = f"{d.status} / {d.action}"
         if d.bank:
-            what += f", bank {d.bank}, reference #{d.reference_id}, fine {_f(d.fine_score)}"
+            what += f", bank {d.bank}, reference #{d.reference_id}, fine {_f(d.fine_score)} (raw {_f(d.fine_score_raw)})"
         L.append(f"decision  {what}")
         L.append(f"rule      {d.rule}: {d.detail}")
     return "\n".join(L)

@@ -92,14 +92,15 @@ def read_run(out: Store, dt: str) -> dict[str, Any] | None:
 
 
 def verify_staged(out: Store, run_id: str, expected_keys: int | None,
-                  input_keys: "set[str] | None" = None) -> dict[str, Any]:
-    """Counts from the staged files; raises :class:`CommitError` on duplicates, lost rows, or
-    (when ``input_keys`` is given) a staged key that is not one of the inputs."""
+                  input_keys: "set[str] | None" = None, gallery_version: str | None = None) -> dict[str, Any]:
+    """Counts from the staged files; raises :class:`CommitError` on duplicates, lost rows, (when
+    ``input_keys`` is given) a staged key that is not one of the inputs, or (when
+    ``gallery_version`` is given) a row decided with another gallery version."""
     data = out.child(staging_key(run_id) + "/data")
     files = [k for k in data.list() if k.endswith(".parquet")]
     if not files and expected_keys:
         raise CommitError(f"run {run_id}: no staged Parquet files but {expected_keys} inputs")
-    cols = ["image_key", "status", "action", "error_code", "bank"]
+    cols = ["image_key", "status", "action", "error_code", "bank"] + (["gallery_version"] if gallery_version else [])
     tables = [pq.read_table(data.path(k), columns=cols, filesystem=out.fs) for k in files]
     t = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in cols})
     keys = t.column("image_key").to_pylist()
@@ -115,6 +116,9 @@ def verify_staged(out: Store, run_id: str, expected_keys: int | None,
             raise CommitError(f"run {run_id}: staged keys differ from the inputs ({len(lost)} without a row, "
                               f"e.g. {sorted(lost)[:3]}; {len(unknown)} unknown, e.g. {sorted(unknown)[:3]})")
     by = lambda c: dict(Counter(v for v in t.column(c).to_pylist() if v is not None))  # noqa: E731
+    if gallery_version and set(by("gallery_version")) - {gallery_version}:
+        raise CommitError(f"run {run_id}: rows decided with gallery versions {by('gallery_version')}, "
+                          f"the run pinned {gallery_version}")
     return {"rows": len(keys), "files": [posixpath.basename(f) for f in files], "by_status": by("status"),
             "by_action": by("action"), "by_error_code": by("error_code"), "by_bank": by("bank")}
 
@@ -139,7 +143,8 @@ def sweep_staging(out: Store, older_than_s: float = 3600.0, keep: str | None = N
     removed = []
     for d in out.list_dirs(STAGING):
         run = posixpath.basename(d)
-        if run == keep or committing_heartbeat_age(out, run) is not None:
+        age = committing_heartbeat_age(out, run)
+        if run == keep or (age is not None and age < COMMIT_STALE_S):
             continue
         started = None
         if out.exists(f"{STAGING}/{run}/started"):
@@ -173,13 +178,22 @@ def partition_owner(out: Store, dt: str) -> str | None:
     return (out.read_text(k).strip() or None) if out.exists(k) else None
 
 
+def taken_error(out: Store, dt: str, run_id: str) -> PartitionTakenError | None:
+    """The error to raise when another run owns ``dt``, else None. A date nobody claimed (a caller
+    that commits without :func:`claim_partition`) is not contended."""
+    owner = partition_owner(out, dt)
+    if owner is None or owner == run_id:
+        return None
+    return PartitionTakenError(
+        f"dt={dt}: run {owner} of the same date started after run {run_id} and owns the "
+        f"partition now; run {run_id} published nothing")
+
+
 def check_owner(out: Store, dt: str, run_id: str) -> None:
     """Raise :class:`PartitionTakenError` unless ``run_id`` still owns ``dt``."""
-    owner = partition_owner(out, dt)
-    if owner != run_id:
-        raise PartitionTakenError(
-            f"dt={dt}: run {owner or '(none)'} of the same date started after run {run_id} and owns the "
-            f"partition; run {run_id} published nothing (the partition is the other run's)")
+    err = taken_error(out, dt, run_id)
+    if err is not None:
+        raise err
 
 
 def _heartbeat(out: Store, run_id: str) -> None:

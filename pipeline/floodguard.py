@@ -22,6 +22,7 @@ references of every run. ``0`` switches holding off (the counts are still record
 from __future__ import annotations
 
 import io
+import json
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -136,7 +137,8 @@ def summary_lines(flood: dict[str, Any] | None) -> list[str]:
         return []
     lines = []
     if flood.get("matches_per_bank"):
-        lines.append(f"  matches per bank: {flood['matches_per_bank']}; {flood['references_matched']} references matched")
+        lines.append(f"  matches per bank: {json.dumps(flood['matches_per_bank'])}; "
+                     f"{flood['references_matched']} references matched")
     for h in flood.get("held", []):
         lines.append(f"  !! HELD by the flood guard: reference #{h['reference_id']} ({h['bank']}) matched "
                      f"{h['matches']} uploads > max_matches_per_reference={flood['max_matches_per_reference']}: "

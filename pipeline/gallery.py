@@ -27,7 +27,7 @@ import io
 import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -37,13 +37,13 @@ import pyarrow.parquet as pq
 from models.card import ModelCard
 from pipeline import audit as A
 from pipeline.banks import Bank
-from pipeline.index import CascadeIndex, CascadeParams, Shard
+from pipeline.index import CascadeIndex, CascadeParams, ScoreNorm, Shard, background_term
 from pipeline.errors import ModscanError
 from pipeline.schemas import ENTRY_SCHEMA, Action, Status
 from pipeline.storage import Store, open_store
 
 FORMAT_VERSION = 1
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+from models.preprocess import IMAGE_SUFFIXES  # noqa: E402  (the one list)
 
 
 class GalleryIntegrityError(ModscanError, RuntimeError):
@@ -139,7 +139,8 @@ def write_version(store: Store, content: GalleryContent, card: ModelCard, n_shar
         "model_id": card.version_id,
         "dims": {"coarse": card.config.coarse_dim, "rerank": card.config.rerank_dim},
         "thresholds": {"coarse": float(card.thresholds["coarse"]), "fine": float(card.thresholds["fine"]),
-                       "rerank_k": int(card.thresholds.get("rerank_k", 500))},
+                       "rerank_k": int(card.thresholds.get("rerank_k", 500)),
+                       "norm": ScoreNorm.from_dict(card.thresholds.get("norm")).to_dict()},
         "rerank_dtype": rerank_dtype,
         "coarse_index": coarse_spec,
         "shards": shard_meta,
@@ -577,8 +578,8 @@ def info(store: Store) -> dict[str, Any]:
 
 def _review_state(store: Store, m: dict[str, Any], recent: int = 20) -> dict[str, Any]:
     """Disabled references of ``m`` (in force or expired) and the tail of the audit log."""
-    now = _now()
-    disabled = [{**d, "in_force": d["id"] in disabled_in_force(m, now)} for d in m.get("disabled_references", [])]
+    in_force = disabled_in_force(m)
+    disabled = [{**d, "in_force": d["id"] in in_force} for d in m.get("disabled_references", [])]
     records = A.read_log(store)
     return {"disabled_references": disabled,
             "audit": {"records": len(records), "chain_problems": A.verify_log(store),
@@ -618,15 +619,32 @@ class Match:
     category: str | None = None
     reference_id: int | None = None
     coarse_score: float | None = None
-    fine_score: float | None = None
+    fine_score: float | None = None      # normalised fine score: what the thresholds apply to
+    fine_score_raw: float | None = None  # plain 512-d cosine of the same pair
+
+
+class Candidates(NamedTuple):
+    """The cascade's output for a batch of queries, ``(B, rerank_k)`` each.
+
+    ``F`` is the normalised fine score (``-inf`` where not reranked); ``offset`` ``(B,)`` is what
+    normalisation subtracted from each query's raw cosines (``F + offset`` = raw).
+    """
+
+    D: np.ndarray
+    I: np.ndarray
+    F: np.ndarray
+    survivors: np.ndarray
+    offset: np.ndarray
 
 
 class GalleryIndex:
     """A loaded, verified gallery version: cascade search plus the bank rules."""
 
     def __init__(self, manifest: dict[str, Any], cascade: CascadeIndex, entries: pd.DataFrame,
-                 params: CascadeParams) -> None:
+                 params: CascadeParams, background: np.ndarray | None = None) -> None:
         self.manifest, self.cascade, self.params = manifest, cascade, params
+        # (N, rerank_dim) background features of the query model, for score normalisation
+        self.background = background if params.norm.beta else None
         self.banks = {n: Bank.from_dict(b) for n, b in manifest["banks"].items()}
         self.entries = entries
         # References disabled by review decisions, as of load time: a job keeps one view for its
@@ -654,16 +672,27 @@ class GalleryIndex:
 
     @classmethod
     def load(cls, uri_or_store: str | Store, model_id: str | None = None, version: str | None = None,
-             use_gpu: bool | None = None, overrides: dict[str, float] | None = None) -> "GalleryIndex":
-        """Load and verify a version (default: ``CURRENT``); refuse a model-id mismatch."""
+             use_gpu: bool | None = None, overrides: dict[str, float] | None = None,
+             background: np.ndarray | None = None) -> "GalleryIndex":
+        """Load and verify a version (default: ``CURRENT``); refuse a model-id mismatch.
+
+        ``background`` is the query model's background bank (512-d); the manifest's ``norm``
+        settings say how it normalises fine scores. A gallery whose ``norm.beta > 0`` refuses to
+        load without one: its thresholds were calibrated on normalised scores.
+        """
         store = open_store(uri_or_store) if isinstance(uri_or_store, str) else uri_or_store
         m = read_manifest(store, version)
         if model_id is not None:
             _check_model(m, model_id)
         cascade, entries = load_streaming(store, m, use_gpu=use_gpu)
         t = {**m["thresholds"], **(overrides or {})}
-        params = CascadeParams(float(t["coarse"]), float(t["fine"]), int(t.get("rerank_k", 500)))
-        return cls(m, cascade, entries, params)
+        norm = ScoreNorm.from_dict({**m["thresholds"].get("norm", {}), **(overrides or {}).get("norm", {})})
+        params = CascadeParams(float(t["coarse"]), float(t["fine"]), int(t.get("rerank_k", 500)), norm)
+        if norm.beta and background is None:
+            raise GalleryIntegrityError(
+                f"gallery {m['version']} normalises fine scores (beta={norm.beta}) but no background bank "
+                f"was given: load it with the model's bank (FeatureExtractor.background)")
+        return cls(m, cascade, entries, params, background)
 
     def coarse(self, xq128: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stage 1 for every upload: ``D, I`` ``(B, rerank_k)`` above the coarse threshold."""
@@ -673,11 +702,17 @@ class GalleryIndex:
         """Stage 2 for survivors only: fine scores of their candidates."""
         return self.cascade.rerank(xq512, I)
 
-    def decide(self, D: np.ndarray, I: np.ndarray, F: np.ndarray | None) -> list[Match]:
+    def decide(self, D: np.ndarray, I: np.ndarray, F: np.ndarray | None,
+               offset: np.ndarray | None = None) -> list[Match]:
         """Bank rules per query: an allow-list match at least as good as the best blocking match
         wins (no flag); otherwise the best blocking match above its bank's fine threshold decides
         (ties: filter over downrank). ``F`` is None when no query was reranked."""
         out = []
+        off = np.zeros(len(I), np.float32) if offset is None else np.asarray(offset, np.float32)
+
+        def raw(q: int, fine: float | None) -> float | None:
+            return None if fine is None or not np.isfinite(fine) else float(fine + off[q])
+
         for q in range(len(I)):
             valid = I[q] >= 0
             best_coarse = float(D[q][valid].max()) if valid.any() else None
@@ -701,33 +736,41 @@ class GalleryIndex:
             best_fine = float(F[q][valid].max())
             if best_block is not None and (best_allow is None or best_allow[0] < best_block[0]):
                 fine, gid, bank, category, action, crs = best_block
-                out.append(Match(Status.MATCHED.value, action, bank, category, gid, crs, fine))
+                out.append(Match(Status.MATCHED.value, action, bank, category, gid, crs, fine, raw(q, fine)))
             elif best_block is not None and best_allow is not None:
                 fine, gid, bank, category, _a, crs = best_allow
-                out.append(Match(Status.CLEAN.value, Action.NONE.value, bank, category, gid, crs, fine))
+                out.append(Match(Status.CLEAN.value, Action.NONE.value, bank, category, gid, crs, fine, raw(q, fine)))
             else:
-                out.append(Match(Status.CLEAN.value, Action.NONE.value, coarse_score=best_coarse, fine_score=best_fine))
+                out.append(Match(Status.CLEAN.value, Action.NONE.value, coarse_score=best_coarse,
+                                 fine_score=best_fine, fine_score_raw=raw(q, best_fine)))
         return out
 
-    def candidates(self, xq128: np.ndarray, rerank_fn: Callable[[np.ndarray], np.ndarray]
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def normalise(self, xq512: np.ndarray, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw fine scores ``(B, k)`` of queries ``(B, rerank_dim)`` -> (normalised, offset ``(B,)``)."""
+        norm = self.params.norm
+        offset = norm.beta * background_term(xq512, self.background, norm.k) if norm.beta else np.zeros(len(F), np.float32)
+        return (F - offset[:, None]).astype(np.float32), offset.astype(np.float32)
+
+    def candidates(self, xq128: np.ndarray, rerank_fn: Callable[[np.ndarray], np.ndarray]) -> Candidates:
         """The cascade for a batch: coarse for all; ``rerank_fn(rows)`` -> 512-d queries, called only
-        for the rows with a coarse candidate. Returns ``D, I, F`` ``(B, rerank_k)`` and the survivor
-        mask; ``F`` is ``-inf`` where a query was not reranked."""
+        for the rows with a coarse candidate, whose fine scores are then normalised."""
         D, I = self.coarse(xq128)
         survivors = I[:, 0] >= 0
         F = np.full(I.shape, -np.inf, np.float32)
+        offset = np.zeros(len(I), np.float32)
         if survivors.any():
             rows = np.nonzero(survivors)[0]
-            F[rows] = self.rerank(rerank_fn(rows), I[rows])
-        return D, I, F, survivors
+            xq512 = rerank_fn(rows)
+            F[rows], offset[rows] = self.normalise(xq512, self.rerank(xq512, I[rows]))
+        return Candidates(D, I, F, survivors, offset)
 
     def search_single_stage(self, xq512: np.ndarray) -> list[Match]:
         """Baseline without the cascade: exhaustive 512-d search for every query (benchmarks)."""
         D, I = self.cascade.exhaustive_rerank(xq512, min(self.params.rerank_k, max(1, self.cascade.ntotal)))
-        return self.decide(D, I, D)
+        F, offset = self.normalise(xq512, D)
+        return self.decide(D, I, F, offset)
 
     def search(self, xq128: np.ndarray, rerank_fn: Callable[[np.ndarray], np.ndarray]) -> tuple[list[Match], np.ndarray]:
         """Cascade + bank rules: one :class:`Match` per query, and the survivor mask."""
-        D, I, F, survivors = self.candidates(xq128, rerank_fn)
-        return self.decide(D, I, F), survivors
+        c = self.candidates(xq128, rerank_fn)
+        return self.decide(c.D, c.I, c.F, c.offset), c.survivors

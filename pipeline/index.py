@@ -23,12 +23,49 @@ RERANK_DTYPES = ("float32", "float16", "int8")
 
 
 @dataclass(frozen=True)
+class ScoreNorm:
+    """Score normalisation of the fine (512-d) score, SSCD-style:
+
+    ``fine = raw - beta * mean(top-k cosine of the query to the background bank)``
+
+    The background bank (shipped with the model) holds pictures that are never references:
+    training photos and generated everyday pictures. A query that looks like much of the world
+    (a gradient, a caption on a flat colour, a generic scene) is close to the background and loses
+    more than a distinctive one, so one threshold holds across content types. ``beta = 0`` turns
+    it off. ``modscan evaluate`` calibrates ``beta`` and ``k`` and stores them in the card.
+    """
+
+    beta: float = 0.0
+    k: int = 1
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ScoreNorm":
+        d = d or {}
+        return cls(beta=float(d.get("beta", 0.0)), k=int(d.get("k", 1)))
+
+    def to_dict(self) -> dict:
+        return {"beta": self.beta, "k": self.k}
+
+
+def background_term(xq512: np.ndarray, background: np.ndarray | None, k: int) -> np.ndarray:
+    """``(B, d)`` queries x ``(N, d)`` background -> ``(B,)`` mean of each query's top-k cosines."""
+    xq = np.asarray(xq512, np.float32)
+    if background is None or len(background) == 0 or len(xq) == 0:
+        return np.zeros(len(xq), np.float32)
+    S = xq @ np.asarray(background, np.float32).T
+    k = max(1, min(k, S.shape[1]))
+    top = -np.partition(-S, k - 1, axis=1)[:, :k]
+    return top.mean(axis=1).astype(np.float32)
+
+
+@dataclass(frozen=True)
 class CascadeParams:
     """Thresholds and sizes of the cascade; the single place they live at query time."""
 
     coarse_threshold: float
     fine_threshold: float
     rerank_k: int = 500
+    norm: ScoreNorm = ScoreNorm()
 
 
 def encode_rerank(x: np.ndarray, dtype: str) -> np.ndarray:

@@ -28,13 +28,14 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from pipeline.errors import ModscanError
 from pipeline.storage import redact
 
 log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-class MetricsPushError(RuntimeError):
+class MetricsPushError(ModscanError, RuntimeError):
     """The Pushgateway refused or could not be reached (the partition is committed regardless)."""
 
 

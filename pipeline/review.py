@@ -24,6 +24,7 @@ from PIL import Image
 
 from pipeline.decode import DecodeConfig, DecodeError, open_image
 from pipeline.flags import partition_key
+from pipeline.errors import plain_message
 from pipeline.storage import Store, open_store, redact, split_uri
 
 THUMB = 160
@@ -120,8 +121,10 @@ def _groups_html(matched: pd.DataFrame, src: dict, input_uri: str, max_groups: i
     return "\n".join(out_rows)
 
 
-def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: str, max_rows: int = 200) -> str:
-    """Write ``_reviews/dt=D/review-<run_id>.html``; returns its URI."""
+def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: str, max_rows: int = 200,
+                 gallery_version: str | None = None) -> str:
+    """Write ``_reviews/dt=D/review-<run_id>.html``; returns its URI. ``gallery_version`` is the
+    run's pinned version (default: ``CURRENT``, which may have moved on since the run started)."""
     from pipeline.flags import read_flags
     from pipeline.gallery import read_manifest
 
@@ -131,7 +134,7 @@ def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: 
     allowed = df[(df["status"] == "clean") & df["bank"].notna()].head(max_rows // 4)
     errors = df[df["status"] == "error"]
     gstore = open_store(gallery_uri)
-    m = read_manifest(gstore)
+    m = read_manifest(gstore, gallery_version)
     import pyarrow.parquet as pq
 
     entries = pq.read_table(gstore.path(f"versions/{m['version']}/entries.parquet"), filesystem=gstore.fs).to_pandas()
@@ -152,11 +155,11 @@ def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: 
                     action=html.escape(str(r.action)), bank=html.escape(str(r.bank)), cat=html.escape(str(r.category)),
                     fine=float(r.fine_score) if pd.notna(r.fine_score) else float("nan"),
                     coarse=float(r.coarse_score) if pd.notna(r.coarse_score) else float("nan"),
-                    key=html.escape(str(r.image_key)), rid=html.escape(str(r.reference_id))))
+                    key=html.escape(str(r.image_key)), rid=int(r.reference_id) if pd.notna(r.reference_id) else "-"))
         return "\n".join(out_rows) or "<tr><td colspan=5>none</td></tr>"
 
     err_rows = "\n".join(f"<tr><td><code>{html.escape(str(r.image_key))}</code></td><td>{html.escape(str(r.error_code))}</td>"
-                         f"<td>{html.escape(redact(str(r.error_message)))}</td></tr>" for r in errors.head(max_rows).itertuples())
+                         f"<td>{html.escape(redact(plain_message(str(r.error_message))))}</td></tr>" for r in errors.head(max_rows).itertuples())
     counts = df["status"].value_counts().to_dict()
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>modscan review {html.escape(dt)}</title>
 <style>{CSS}</style></head><body>

@@ -27,6 +27,8 @@ class Status(str, enum.Enum):
     MATCHED = "matched"  # a blocking bank matched: action is filter or downrank
     CLEAN = "clean"      # nothing matched (or an allow-list entry won)
     ERROR = "error"      # the object could not be read or decoded; see error_code
+    LOW_CONTENT = "low_content"  # decoded, but near-uniform (flat colour, almost empty canvas):
+    #                              nothing to identify it by, never a match; action is none
 
 
 class Action(str, enum.Enum):
@@ -62,7 +64,7 @@ FLAG_SCHEMA = pa.schema([
     pa.field("category", pa.string()),                    # e.g. sensitive/violence
     pa.field("reference_id", pa.int64()),                 # gallery entry id of the best match
     pa.field("coarse_score", pa.float32()),               # best 128-d cosine (null: no candidate)
-    pa.field("fine_score", pa.float32()),                 # 512-d cosine of the match (null: not reranked)
+    pa.field("fine_score", pa.float32()),                 # normalised 512-d score of the match (null: not reranked)
     pa.field("model_version", pa.string(), nullable=False),
     pa.field("gallery_version", pa.string(), nullable=False),
     pa.field("run_id", pa.string(), nullable=False),
@@ -70,6 +72,7 @@ FLAG_SCHEMA = pa.schema([
     pa.field("error_message", pa.string()),
     pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field("reason", pa.string()),                      # why action = review (flood guard); else null
+    pa.field("fine_score_raw", pa.float32()),             # plain 512-d cosine of the same pair (before normalisation)
 ])
 
 # The partition column lives in the path (dt=YYYY-MM-DD/), hive style, not inside the files:

@@ -99,15 +99,17 @@ class Moderator:
     def __init__(self, gallery_uri: str, ctx: RunContext, model_dir: str | None = None,
                  device: str | None = None, threads: int | None = None,
                  threshold_overrides: dict[str, float] | None = None, single_stage: bool = False,
-                 gallery_version: str | None = None, fail_on_keys: tuple[str, ...] = ()) -> None:
+                 gallery_version: str | None = None, fail_on_keys: tuple[str, ...] = (),
+                 precision: str = "auto") -> None:
         from pipeline.features import FeatureExtractor
         from pipeline.gallery import GalleryIndex
 
-        self.fx = FeatureExtractor(model_dir, device=device, threads=threads)
+        self.fx = FeatureExtractor(model_dir, device=device, threads=threads, precision=precision)
+        background = self.fx.background.f512 if self.fx.background is not None else None
         # gallery_version: the job's pinned version (never CURRENT at actor start: a version
         # published during the run must not mix into its partition)
         self.gallery = GalleryIndex.load(gallery_uri, model_id=self.fx.version_id, overrides=threshold_overrides,
-                                         version=gallery_version)
+                                         version=gallery_version, background=background)
         self.fail_on_keys = frozenset(fail_on_keys)  # TEST ONLY (JobConfig.test_fail_keys): fault injection
         self.ctx = ctx
         self.single_stage = single_stage  # benchmark baseline: 512-d for every image, no cascade
@@ -119,7 +121,7 @@ class Moderator:
         rows that say so, never the run or silently lost uploads."""
         try:
             if self.fail_on_keys and self.fail_on_keys.intersection(str(k) for k in batch["image_key"]):
-                raise RuntimeError("fault injected for a key of this batch (test_fail_keys)")
+                raise RuntimeError(f"fault injected for a key of this batch (test_fail_keys) in {self!r}")
             return self._moderate(batch)
         except Exception as e:  # noqa: BLE001
             log.exception("Moderator failed on a batch of %d rows; writing internal_error rows", len(batch["image_key"]))
@@ -142,71 +144,73 @@ class Moderator:
                       "Moderator")
         t0 = time.perf_counter()
         ok = np.asarray(batch["ok"], dtype=bool)
-        n = len(ok)
-        matches: dict[int, Any] = {}
-        t_coarse = t_search = t_rerank = 0.0
-        n_survivors = 0
-        if ok.any():
-            rows = np.nonzero(ok)[0]
-            low, high = batch["low"][rows], batch["high"][rows]
-            t = time.perf_counter()
-            xq = self.fx.query_coarse(low) if not self.single_stage else None
-            t_coarse = time.perf_counter() - t
-            t = time.perf_counter()
-
-            def rerank_fn(sel: np.ndarray) -> np.ndarray:
-                nonlocal t_rerank
-                t1 = time.perf_counter()
-                out = self.fx.rerank(high[sel])
-                t_rerank += time.perf_counter() - t1
-                return out
-
-            if self.single_stage:
-                decisions = self.gallery.search_single_stage(rerank_fn(np.arange(len(rows))))
-                survivors = np.ones(len(rows), bool)
-            else:
-                decisions, survivors = self.gallery.search(xq, rerank_fn)
-            t_search = time.perf_counter() - t - t_rerank
-            n_survivors = int(survivors.sum())
-            matches = {int(r): d for r, d in zip(rows, decisions)}
-        now = _dt.datetime.now(_dt.timezone.utc)
-        cols: dict[str, list[Any]] = {f.name: [] for f in FILE_SCHEMA}
-        for i in range(n):
-            m = matches.get(i)
-            cols["image_key"].append(str(batch["image_key"][i]))
-            cols["image_sha256"].append(batch["image_sha256"][i])
-            if m is None:
-                code = batch["error_code"][i] or ErrorCode.INTERNAL_ERROR.value
-                cols["status"].append(Status.ERROR.value)
-                cols["action"].append(Action.NONE.value)
-                for c in ("bank", "category", "reference_id", "coarse_score", "fine_score"):
-                    cols[c].append(None)
-                cols["error_code"].append(code)
-                cols["error_message"].append(batch["error_message"][i])
-            else:
-                cols["status"].append(m.status)
-                cols["action"].append(m.action)
-                cols["bank"].append(m.bank)
-                cols["category"].append(m.category)
-                cols["reference_id"].append(m.reference_id)
-                cols["coarse_score"].append(m.coarse_score)
-                cols["fine_score"].append(m.fine_score if m.fine_score is None or np.isfinite(m.fine_score) else None)
-                cols["error_code"].append(None)
-                cols["error_message"].append(None)
-            cols["model_version"].append(self.fx.version_id)
-            cols["gallery_version"].append(self.gallery.version)
-            cols["run_id"].append(self.ctx.run_id)
-            cols["processed_at"].append(now)
-            cols["reason"].append(None)  # set only by the flood guard, on staged files
+        low_content = np.asarray(batch.get("low_content", np.zeros(len(ok), bool)), dtype=bool) & ok
+        searched = ok & ~low_content
+        matches, timing = self._search(batch, np.nonzero(searched)[0])
+        table = self._rows(batch, ok, low_content, matches)
         if self._timings is not None:
-            rec = {"rows": n, "decoded": int(ok.sum()), "survivors": n_survivors,
-                   "t_start": time.time() - (time.perf_counter() - t0), "t_end": time.time(),
-                   "seconds": {"model_coarse": t_coarse, "search": t_search, "model_rerank": t_rerank,
-                               "moderator_total": time.perf_counter() - t0}}
-            try:
-                self._timings.write_text(f"{uuid.uuid4().hex}.json", json.dumps(rec))
-            except Exception:  # noqa: BLE001 - timings are best effort, rows are not
-                pass
+            self._write_timing({"rows": len(ok), "decoded": int(ok.sum()), "low_content": int(low_content.sum()),
+                                "survivors": timing.pop("survivors"),
+                                "t_start": time.time() - (time.perf_counter() - t0), "t_end": time.time(),
+                                "seconds": {**timing, "moderator_total": time.perf_counter() - t0}})
+        return table
+
+    def _search(self, batch: dict[str, Any], rows: np.ndarray) -> tuple[dict[int, Any], dict[str, Any]]:
+        """The cascade for the decoded rows ``rows``: low-res coarse pass for all, high-res pass
+        for survivors only. Returns {row: Match} and the time split."""
+        timing: dict[str, Any] = {"model_coarse": 0.0, "search": 0.0, "model_rerank": 0.0, "survivors": 0}
+        if not len(rows):
+            return {}, timing
+        low, high = batch["low"][rows], batch["high"][rows]
+
+        def rerank_fn(sel: np.ndarray) -> np.ndarray:
+            t1 = time.perf_counter()
+            out = self.fx.rerank(high[sel])
+            timing["model_rerank"] += time.perf_counter() - t1
+            return out
+
+        t = time.perf_counter()
+        if self.single_stage:
+            decisions = self.gallery.search_single_stage(rerank_fn(np.arange(len(rows))))
+            survivors = np.ones(len(rows), bool)
+        else:
+            xq = self.fx.query_coarse(low)
+            timing["model_coarse"] = time.perf_counter() - t
+            decisions, survivors = self.gallery.search(xq, rerank_fn)
+        timing["search"] = time.perf_counter() - t - timing["model_coarse"] - timing["model_rerank"]
+        timing["survivors"] = int(survivors.sum())
+        return {int(r): d for r, d in zip(rows, decisions)}, timing
+
+    def _rows(self, batch: dict[str, Any], ok: np.ndarray, low_content: np.ndarray, matches: dict[int, Any]) -> Any:
+        """One flag row per input row (:data:`FILE_SCHEMA`)."""
         import pyarrow as pa
 
+        def finite(x: float | None) -> float | None:
+            return x if x is None or np.isfinite(x) else None
+
+        now = _dt.datetime.now(_dt.timezone.utc)
+        cols: dict[str, list[Any]] = {f.name: [] for f in FILE_SCHEMA}
+        for i in range(len(ok)):
+            m = matches.get(i)
+            row: dict[str, Any] = {c: None for c in cols}
+            row.update(image_key=str(batch["image_key"][i]), image_sha256=batch["image_sha256"][i],
+                       model_version=self.fx.version_id, gallery_version=self.gallery.version,
+                       run_id=self.ctx.run_id, processed_at=now, action=Action.NONE.value)
+            if low_content[i]:
+                row["status"] = Status.LOW_CONTENT.value
+            elif m is None:
+                row.update(status=Status.ERROR.value, error_message=batch["error_message"][i],
+                           error_code=batch["error_code"][i] or ErrorCode.INTERNAL_ERROR.value)
+            else:
+                row.update(status=m.status, action=m.action, bank=m.bank, category=m.category,
+                           reference_id=m.reference_id, coarse_score=m.coarse_score,
+                           fine_score=finite(m.fine_score), fine_score_raw=finite(m.fine_score_raw))
+            for c in cols:
+                cols[c].append(row[c])
         return pa.Table.from_pydict(cols, schema=FILE_SCHEMA)
+
+    def _write_timing(self, rec: dict[str, Any]) -> None:
+        try:
+            self._timings.write_text(f"{uuid.uuid4().hex}.json", json.dumps(rec))
+        except Exception as e:  # noqa: BLE001 - timings are best effort, rows are not
+            log.warning("could not write a timing record: %s", e)

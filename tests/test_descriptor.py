@@ -12,7 +12,7 @@ import torch
 from conftest import shared_dir
 from models.card import ModelIntegrityError, load_model, resize_square, to_batch
 from models.descriptor import Backbone, DescriptorConfig, DescriptorModel, GeM
-from models.train import PairDataset, TrainConfig, Trainer
+from models.train import TrainConfig, Trainer
 
 
 def test_output_shapes_and_unit_norms() -> None:
@@ -49,8 +49,9 @@ def test_gem_p1_is_average_pooling_and_large_p_approaches_max() -> None:
 
 def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:  # noqa: ANN001
     kw.setdefault("cache_views", 1)
-    cfg = TrainConfig(model=DescriptorConfig(high_res=64, low_res=48), batch_size=8,
-                      epochs_backbone=1, epochs_adapter1=2, epochs_adapter2=2, **kw)
+    cfg = TrainConfig(model=DescriptorConfig(high_res=64, low_res=48), batch_size=8, synthetic_images=4,
+                      epochs_backbone=1, epochs_adapter1=2, epochs_adapter2=2, batch_size_adapter2=16,
+                      queue_size=16, distill_bank=32, background_photos=4, background_graphics=3, **kw)
     return Trainer(images_dir, tmp_path, cfg, command="test")
 
 
@@ -68,7 +69,7 @@ def gen_images(tmp_path):  # noqa: ANN001
     return d
 
 
-@pytest.mark.parametrize("views", [1, 2])  # 1: (high A, low B) pairs; 2: two high-res views per image
+@pytest.mark.parametrize("views", [1, 2])
 def test_stage2_freezes_backbone_and_stage3_freezes_adapter1(tmp_path, gen_images, views) -> None:  # noqa: ANN001
     tr = _tiny_trainer(tmp_path / "run", gen_images, cache_views=views)
     tr.stage_backbone()
@@ -84,9 +85,76 @@ def test_stage2_freezes_backbone_and_stage3_freezes_adapter1(tmp_path, gen_image
     frozen3 = [k for k in snap2 if k.startswith(("backbone.", "pool.", "reduction.", "adapter1."))]
     assert all(torch.equal(snap2[k], after3[k]) for k in frozen3), "stage 3 changed backbone or adapter 1"
     assert not torch.equal(snap2["adapter2.widen.weight"], after3["adapter2.widen.weight"])
-    high, _, _ = tr.pooled_cache()
-    assert high.shape[0] == views * 16
+    c = tr.pooled_cache()
+    assert c["gallery"].shape[0] == c["query_low"].shape[0] == views * (16 + 4)  # photos + generated pictures
+    assert c["ids"].tolist() == list(range(20)) * views
     assert all(np.isfinite(tr.history[k]).all() and len(tr.history[k]) == 2 for k in ("adapter1", "adapter2"))
+
+
+def test_the_feature_cache_is_keyed_to_the_settings_that_shape_it(tmp_path, gen_images) -> None:  # noqa: ANN001
+    tr = _tiny_trainer(tmp_path / "run", gen_images, cache_views=1)
+    tr.stage_backbone()
+    tr.pooled_cache()
+    tr2 = _tiny_trainer(tmp_path / "run", gen_images, cache_views=2)
+    tr2.stage_backbone()  # resumes the same stage-1 weights
+    c2 = tr2.pooled_cache()
+    assert c2["gallery"].shape[0] == 2 * 20, "a changed cache_views reused a stale cache"
+    assert len(list((tmp_path / "run" / "checkpoints").glob("pooled_cache-*.pt"))) == 2
+
+
+def test_full_run_ships_fp16_weights_a_background_bank_and_a_card(tmp_path, gen_images) -> None:  # noqa: ANN001
+    from safetensors.torch import load_file
+
+    from models.card import load_background
+
+    tr = _tiny_trainer(tmp_path / "run", gen_images)
+    card = tr.run()
+    out = tmp_path / "run"
+    stored = load_file(str(out / "model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in stored.values() if v.is_floating_point())
+    m, card2 = load_model(out)
+    assert card2.version_id == card.version_id and next(m.parameters()).dtype == torch.float32
+    bank = load_background(out)
+    assert bank is not None and bank.f512.shape == (4 + 3, 512) and bank.f128.shape == (7, 128)
+    assert bank.kind.count("photo") == 4 and card.background["count"] == 7
+    np.testing.assert_allclose(np.linalg.norm(bank.f512, axis=1), 1.0, atol=2e-3)
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    stage1 = [r for r in log if r.get("stage") == 1 and "epoch" in r]
+    assert stage1 and {"infonce", "entropy", "loss"} <= set(stage1[0])  # each loss term logged apart
+    adapter2 = [r for r in log if r.get("stage") == "adapter2"]
+    assert adapter2[0]["epoch"] == 0 and {"cosine", "kl"} <= set(adapter2[-1])
+
+
+def test_tampered_background_bank_fails_with_a_clear_message(tmp_path, gen_images) -> None:  # noqa: ANN001
+    from models.card import load_background
+
+    tr = _tiny_trainer(tmp_path / "run", gen_images)
+    tr.run()
+    p = tmp_path / "run" / "background.safetensors"
+    raw = bytearray(p.read_bytes())
+    raw[-3] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    with pytest.raises(ModelIntegrityError, match="checksum mismatch"):
+        load_background(tmp_path / "run")
+
+
+def test_pca_init_makes_adapter1_the_top_principal_directions_of_the_512d_head() -> None:
+    from models.descriptor import CompressAdapter, RerankReduction
+    from models.train import pca_init
+
+    torch.manual_seed(0)
+    red, ad = RerankReduction(64, 32), CompressAdapter(64, 4)
+    pooled = torch.randn(2000, 64) @ torch.diag(torch.linspace(3, 0.1, 64))
+    with torch.no_grad():
+        f = red(pooled)
+        pca_init(ad, f, red, pooled)
+        _, _, v = torch.linalg.svd(f - f.mean(0), full_matrices=False)
+        proj = (f - f.mean(0)) @ v[:4].t()
+        lin = ad.fc(pooled)
+    for i in range(4):  # each adapter unit tracks one principal component (up to the normalisation)
+        c = torch.corrcoef(torch.stack([proj[:, i], lin[:, i]]))[0, 1]
+        assert c > 0.95, (i, float(c))
+    assert float(torch.tanh(lin).abs().mean()) < 0.6  # tanh starts in its near-linear range
 
 
 def test_training_resumes_from_checkpoint(tmp_path, gen_images) -> None:  # noqa: ANN001
@@ -101,17 +169,19 @@ def test_training_resumes_from_checkpoint(tmp_path, gen_images) -> None:  # noqa
 
 
 def test_a_few_training_steps_on_kodak_lower_the_loss(tmp_path) -> None:  # noqa: ANN001
+    from models.losses import info_nce
+    from models.preprocess import resize_pair
+
     kodak = shared_dir("kodak24")
     torch.manual_seed(0)
-    cfg = TrainConfig(model=DescriptorConfig(high_res=64, low_res=48), batch_size=12, temperature=0.1, entropy_weight=0.0)
+    cfg = TrainConfig(model=DescriptorConfig(high_res=64, low_res=48), batch_size=12, temperature=0.1,
+                      entropy_weight=0.0, synthetic_images=0)
     tr = Trainer(kodak, tmp_path, cfg, command="test")
-    ds = PairDataset(tr.images, 64, 48, seed=0, augment=lambda im, rng: im)  # fixed batch: loss must fall
-    hi = to_batch(np.stack([ds[i][0] for i in range(12)]))
-    lo = to_batch(np.stack([ds[i][1] for i in range(12)]))
+    pairs = [resize_pair(im, 48, 64) for im in tr.images[:12]]  # fixed batch: the loss must fall
+    hi = to_batch(np.stack([p[1] for p in pairs]))
+    lo = to_batch(np.stack([p[0] for p in pairs]))
     m = tr.model.train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    from models.losses import info_nce
-
     losses = []
     for _ in range(8):
         loss = info_nce(m.rerank_features(hi), m.rerank_features(lo), 0.1)

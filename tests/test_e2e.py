@@ -227,19 +227,23 @@ def test_manifest_input_with_a_missing_key(world, gallery) -> None:  # noqa: ANN
 
     s3 = world["s3"]
     keys = [f"s3://uploads-e2e/{DAY}/other/moon.jpg", f"s3://uploads-e2e/{DAY}/copies/astronaut-0-color.jpg",
-            f"s3://uploads-e2e/{DAY}/gone/deleted.jpg"]
+            f"s3://uploads-e2e/{DAY}/gone/deleted.jpg", "s3://uploads-e2e/private/secret.jpg", "local.jpg"]
+    s3.put_object(Bucket="uploads-e2e", Key="private/secret.jpg", Body=world["uploads"]["other/moon.jpg"][0])
+    s3.put_object(Bucket="uploads-e2e", Key="manifests/local.jpg", Body=world["uploads"]["other/moon.jpg"][0])
     b = io.BytesIO()
     pd.DataFrame({"key": keys}).to_parquet(b)
     s3.put_object(Bucket="uploads-e2e", Key="manifests/m.parquet", Body=b.getvalue())
+    # full URIs outside the manifest's prefix are read only under allowed_input_prefixes
     moderate("s3://uploads-e2e/manifests/m.parquet", gallery, "s3://flags-e2e/manifest-run", "2026-03-02",
-             cfg=JobConfig(batch_size=16), review=False)
+             cfg=JobConfig(batch_size=16, allowed_input_prefixes=(f"s3://uploads-e2e/{DAY}/",)), review=False)
     from pipeline.flags import read_flags
 
     df = read_flags("s3://flags-e2e/manifest-run").set_index("image_key")
-    assert len(df) == 3
+    assert len(df) == 5
     assert df.loc[keys[2], "status"] == "error" and df.loc[keys[2], "error_code"] == "read_error"
-    assert df.loc[keys[0], "status"] == "clean"
+    assert df.loc[keys[0], "status"] == "clean" and df.loc["local.jpg", "status"] == "clean"
     assert df.loc[keys[1], "status"] == "matched" and df.loc[keys[1], "bank"] == "violence"
+    assert df.loc[keys[3], "error_code"] == "forbidden_key" and pd.isna(df.loc[keys[3], "image_sha256"])
 
 
 def test_backfill_three_days_and_resume_after_a_deleted_partition(world, gallery) -> None:  # noqa: ANN001

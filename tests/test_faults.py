@@ -1,4 +1,5 @@
-"""Faults on real parts: a killed actor, a flaky S3 endpoint, a killed driver."""
+"""Faults on real parts: a killed actor, a flaky S3 endpoint (reads and writes), a killed driver,
+two concurrent runs of one date, a node lost mid-job."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -98,14 +100,19 @@ def test_actor_killed_mid_job_every_row_once(local_gallery, ray_cluster, tmp_pat
 
 
 class _FlakyProxy:
-    """HTTP proxy in front of the moto server: answers 503 SlowDown, or resets connections, for
-    the next ``fail`` read requests (GET/HEAD: object reads and listings), or forever with
-    ``fail = -1``."""
+    """HTTP proxy in front of the moto server: answers 503 SlowDown, or resets connections
+    (``mode`` "503", "reset" or "mixed": alternating), for the next ``fail`` matching requests, or
+    forever with ``fail = -1``. A request matches when its method is in ``methods`` (default
+    GET/HEAD: object reads and listings; PUT/POST/DELETE for writes) and its decoded path
+    contains ``path_filter``; the first ``pass_first`` matching requests still go through (a
+    fault in the middle of a sequence of writes)."""
 
     def __init__(self, upstream: str) -> None:
         host, port = upstream.split("//")[1].split(":")
         proxy = self
         self.fail, self.mode, self.failed = 0, "503", 0
+        self.methods: tuple[str, ...] = ("GET", "HEAD")
+        self.path_filter, self.pass_first = "", 0
         self.lock = threading.Lock()
 
         class H(BaseHTTPRequestHandler):
@@ -130,13 +137,16 @@ class _FlakyProxy:
             def _handle(self) -> None:
                 body = self._body()
                 with proxy.lock:
-                    # faults hit reads and listings (GET/HEAD); writes pass through
-                    bad = proxy.fail != 0 and self.command in ("GET", "HEAD")
-                    if proxy.fail > 0:
-                        proxy.fail -= 1
+                    match = (proxy.fail != 0 and self.command in proxy.methods
+                             and proxy.path_filter in urllib.parse.unquote(self.path))
+                    bad = match and proxy.pass_first <= 0
+                    if match and proxy.pass_first > 0:
+                        proxy.pass_first -= 1
                     if bad:
+                        proxy.fail -= 1 if proxy.fail > 0 else 0
                         proxy.failed += 1
-                if bad and proxy.mode == "reset":
+                    mode = proxy.mode if proxy.mode != "mixed" else ("reset" if proxy.failed % 2 else "503")
+                if bad and mode == "reset":
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
@@ -189,6 +199,8 @@ def flaky_s3(local_gallery):  # noqa: ANN001, ANN201
             b = io.BytesIO()
             Image.fromarray(photo("coins")).resize((100 + i, 100)).save(b, format="JPEG")
             s3.put_object(Bucket="flaky-up", Key=f"d/img-{i}.jpg", Body=b.getvalue())
+            if i < 6:
+                s3.put_object(Bucket="flaky-up", Key=f"small/img-{i}.jpg", Body=b.getvalue())
         yield proxy, s3
         os.environ.pop("MODSCAN_S3_RETRIES", None)
         ray.shutdown()
@@ -257,3 +269,158 @@ def test_driver_killed_during_the_write_then_rerun(local_gallery, tmp_path) -> N
     assert len(df) == 121 and df["image_key"].is_unique
     assert (out / "dt=2026-05-04" / "_SUCCESS").exists()
     assert not list((out / "_staging").glob("*")) if (out / "_staging").exists() else True
+
+
+def _healthy(proxy: _FlakyProxy) -> None:
+    proxy.fail, proxy.failed, proxy.mode = 0, 0, "503"
+    proxy.methods, proxy.path_filter, proxy.pass_first = ("GET", "HEAD"), "", 0
+
+
+def _s3_keys(s3, prefix: str) -> list[str]:  # noqa: ANN001
+    return [o["Key"] for o in s3.list_objects_v2(Bucket="flaky-out", Prefix=prefix).get("Contents", [])]
+
+
+def test_s3_write_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> None:  # noqa: ANN001
+    """503s and connection resets on PUT/POST/DELETE (staged writes, commit copies and deletes)."""
+    from jobs.moderate import JobConfig, moderate
+    from pipeline.flags import read_flags
+
+    proxy, s3 = flaky_s3
+    gal, _ = local_gallery
+    _healthy(proxy)
+    proxy.methods, proxy.mode, proxy.fail = ("PUT", "POST", "DELETE"), "mixed", 6
+    try:
+        info = moderate("s3://flaky-up/small/", gal, "s3://flaky-out/w-ok", "2026-05-05", cfg=JobConfig(batch_size=8),
+                        review=False)
+    finally:
+        failed = proxy.failed
+        _healthy(proxy)
+    assert failed == 6  # the faults happened (3 answered 503, 3 reset)
+    df = read_flags("s3://flaky-out/w-ok")
+    assert len(df) == 6 == info["inputs"] and df["image_key"].is_unique and (df["run_id"] == info["run_id"]).all()
+    assert "w-ok/dt=2026-05-05/_SUCCESS" in _s3_keys(s3, "w-ok/") and not _s3_keys(s3, "w-ok/_staging/")
+
+
+def test_s3_write_outage_mid_commit_publishes_nothing_then_a_rerun_repairs(flaky_s3, local_gallery) -> None:  # noqa: ANN001
+    from jobs.moderate import JobConfig, moderate
+    from pipeline.errors import ModscanError
+    from pipeline.flags import read_flags
+
+    proxy, s3 = flaky_s3
+    gal, _ = local_gallery
+    _healthy(proxy)
+    day, out, cfg = "2026-05-06", "s3://flaky-out/w-outage", JobConfig(batch_size=8)
+    # the commit's first two writes into the partition work (removing _SUCCESS, copying a data
+    # object in), then every write into it fails for good: the commit stops half-way
+    os.environ["MODSCAN_S3_RETRIES"] = "2"
+    proxy.methods, proxy.path_filter, proxy.pass_first, proxy.fail = ("PUT", "POST", "DELETE"), f"/w-outage/dt={day}/", 2, -1
+    try:
+        with pytest.raises((OSError, ModscanError)):
+            moderate("s3://flaky-up/small/", gal, out, day, cfg=cfg, review=False)
+        failed = proxy.failed
+    finally:
+        _healthy(proxy)
+        os.environ["MODSCAN_S3_RETRIES"] = "10"
+    assert failed >= 1
+    keys = _s3_keys(s3, f"w-outage/dt={day}/")
+    assert any(k.endswith(".parquet") for k in keys), keys  # the fault hit the commit, not an earlier step
+    assert f"w-outage/dt={day}/_SUCCESS" not in keys  # half a partition is never a published one
+    assert read_flags(out, day).empty
+    rerun = moderate("s3://flaky-up/small/", gal, out, day, cfg=cfg, review=False)
+    df = read_flags(out, day)
+    assert len(df) == 6 and df["image_key"].is_unique and set(df["run_id"]) == {rerun["run_id"]}
+    parquet = [k for k in _s3_keys(s3, f"w-outage/dt={day}/") if k.endswith(".parquet")]
+    assert parquet and all(rerun["run_id"] in k for k in parquet)  # nothing of the failed run is left
+    assert not _s3_keys(s3, "w-outage/_staging/")
+
+
+def test_two_concurrent_runs_of_one_date_one_wins_the_other_fails(local_gallery, ray_cluster, tmp_path) -> None:  # noqa: ANN001
+    """Both runs read, decode and stage at the same time; the later one owns the date. The older
+    one fails at commit with a clear error and publishes nothing: the partition is never mixed."""
+    from jobs.moderate import JobConfig, execute_run, prepare_run
+    from pipeline.flags import PartitionTakenError
+
+    gal, _ = local_gallery
+    src = _folder(tmp_path / "up", 24)
+    out, day = tmp_path / "flags", "2026-05-07"
+    cfg = JobConfig(batch_size=8, actors=1)
+    older = prepare_run(str(src), gal, str(out), day, cfg=cfg)
+    newer = prepare_run(str(src), gal, str(out), day, cfg=cfg)
+    results: dict[str, object] = {}
+
+    def run(name: str, plan) -> None:  # noqa: ANN001
+        try:
+            results[name] = execute_run(plan, review=False)
+        except Exception as e:  # noqa: BLE001
+            results[name] = e
+
+    threads = [threading.Thread(target=run, args=(n, p)) for n, p in (("older", older), ("newer", newer))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=400)
+    assert isinstance(results["older"], PartitionTakenError), results["older"]
+    msg = str(results["older"])
+    assert newer.run_id in msg and older.run_id in msg and "published nothing" in msg
+    assert isinstance(results["newer"], dict) and results["newer"]["run_id"] == newer.run_id
+    df = pd.read_parquet(out / f"dt={day}")
+    assert len(df) == 25 and df["image_key"].is_unique and set(df["run_id"]) == {newer.run_id}
+    assert (out / f"dt={day}" / "_SUCCESS").read_text().strip() == newer.run_id
+    assert not (out / "_staging").exists()
+
+
+def test_node_lost_mid_job_every_upload_exactly_one_row(local_gallery, tmp_path) -> None:  # noqa: ANN001
+    """A head and a second node (``ray.cluster_utils.Cluster``: two raylets, as two `ray start`);
+    the second node is killed (no graceful shutdown) while it holds work."""
+    import psutil
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from jobs.moderate import JobConfig, moderate, new_run_id
+
+    gal, _ = local_gallery
+    src = _folder(tmp_path / "up", 23)
+    out, day = tmp_path / "flags", "2026-05-08"
+    run_id = new_run_id(day)
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 200 << 20})
+    worker = cluster.add_node(num_cpus=2, object_store_memory=200 << 20)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    raylet = psutil.Process(worker.all_processes["raylet"][0].process.pid)
+    timings = out / "_staging" / run_id / "timings"
+    lost: list[list[str]] = []
+
+    def kill_worker_node_when_busy() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            # a Moderator actor on the second node that finished its __init__ (it holds batches)
+            busy = []
+            for c in raylet.children(recursive=True):
+                try:
+                    cmd = " ".join(c.cmdline()).strip()
+                except psutil.Error:
+                    continue
+                if "Moderator" in cmd and "__init__" not in cmd:
+                    busy.append(cmd)
+            done = len(list(timings.glob("*.json"))) if timings.exists() else 0
+            if busy and done >= 2:
+                cluster.remove_node(worker, allow_graceful=False)
+                lost.append(busy)
+                return
+            time.sleep(0.1)
+
+    th = threading.Thread(target=kill_worker_node_when_busy, daemon=True)
+    th.start()
+    try:
+        info = moderate(str(src), gal, str(out), day, cfg=JobConfig(batch_size=4, actors=2), run_id=run_id,
+                        review=False)
+        th.join(timeout=5)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert lost, "the second node was never killed while it held work: the test did not exercise the fault"
+    df = pd.read_parquet(out / f"dt={day}")
+    assert len(df) == 24 == info["inputs"] and df["image_key"].is_unique
+    assert df.set_index("image_key").loc["rocket.jpg", "status"] == "matched"
+

@@ -1,0 +1,101 @@
+"""The streaming gallery loader (``GalleryIndex.load``): same index as whole-file loading, every
+byte verified, and a load peak close to what stays resident (issue 13, ``bench memory``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+
+
+def _write_gallery(root, n: int, n_shards: int, rerank_dtype: str, seed: int = 0, holes: bool = True) -> str:  # noqa: ANN001
+    from models.card import read_card
+    from pipeline.banks import Bank
+    from pipeline.gallery import GalleryContent, write_version
+    from pipeline.storage import open_store
+
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(3 * n, n, replace=False)).astype(np.int64) if holes else np.arange(n, dtype=np.int64)
+    coarse = rng.standard_normal((n, 128), dtype=np.float32)
+    coarse /= np.linalg.norm(coarse, axis=1, keepdims=True)
+    rerank = rng.standard_normal((n, 512), dtype=np.float32)
+    rerank /= np.linalg.norm(rerank, axis=1, keepdims=True)
+    now = pd.Timestamp.now(tz="UTC")
+    entries = pd.DataFrame({"id": ids, "bank": "b", "category": "c", "action": "filter",
+                            "source_uri": [f"s3://refs/b/{i:08d}.jpg" for i in ids],
+                            "sha256": [f"{i:064x}" for i in ids], "added_at": now})
+    write_version(open_store(str(root), create=True), GalleryContent(ids, coarse, rerank, entries,
+                                                                      {"b": Bank("b", "-", "c", "filter")}),
+                  read_card(None), n_shards=n_shards, rerank_dtype=rerank_dtype)
+    return str(root)
+
+
+@pytest.mark.parametrize("rerank_dtype", ["float16", "int8", "float32"])
+def test_streaming_load_equals_whole_file_load(tmp_path, rerank_dtype: str) -> None:  # noqa: ANN001
+    from pipeline import gallery as G
+    from pipeline.index import CascadeIndex
+    from pipeline.storage import open_store
+
+    root = _write_gallery(tmp_path / "g", 3000, 3, rerank_dtype)
+    g = G.GalleryIndex.load(root)
+    store = open_store(root)
+    m = G.read_manifest(store)
+    shards, entries = G._load_verified(store, m)
+    ref = CascadeIndex(shards, 128, 512)
+    assert np.array_equal(g.cascade._sorted_ids, ref._sorted_ids)
+    assert g.cascade._rerank.dtype == ref._rerank.dtype and np.array_equal(g.cascade._rerank, ref._rerank)
+    pd.testing.assert_frame_equal(g.entries, entries)
+    xq = np.random.default_rng(1).standard_normal((20, 128), dtype=np.float32)
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    D1, I1 = g.cascade.coarse(xq, 50, -1.0)
+    D2, I2 = ref.coarse(xq, 50, -1.0)
+    assert np.array_equal(I1, I2) and np.allclose(D1, D2)
+    x512 = np.random.default_rng(2).standard_normal((20, 512), dtype=np.float32)
+    assert np.allclose(g.cascade.rerank(x512, I1), ref.rerank(x512, I2))
+
+
+@pytest.mark.parametrize("target,where", [("shard-001.rerank.safetensors", -5), ("shard-001.rerank.safetensors", 20),
+                                          ("shard-000.faiss", 200), ("shard-000.faiss", -1)])
+def test_streaming_load_refuses_any_changed_byte(tmp_path, target: str, where: int) -> None:  # noqa: ANN001
+    from pipeline import gallery as G
+
+    root = _write_gallery(tmp_path / "g", 500, 2, "float16")
+    p = tmp_path / "g" / "versions" / "v000001" / target
+    data = bytearray(p.read_bytes())
+    data[where] ^= 0x01  # vectors, the safetensors header, the faiss header, the faiss tail
+    p.write_bytes(bytes(data))
+    with pytest.raises(G.GalleryIntegrityError, match=target):
+        G.GalleryIndex.load(root)
+    assert [x["file"] for x in G.verify(root)["problems"]] == [target]
+
+
+_PROBE = r"""
+import ctypes, gc, sys
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+import faiss, numpy, pandas, pyarrow.parquet, torch  # noqa: F401 - imports are not the gallery's memory
+from pipeline.gallery import GalleryIndex
+base = status("VmRSS:")
+g = GalleryIndex.load(sys.argv[1])
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed transients back to the OS: what stays is resident
+print(status("VmHWM:") - base, status("VmRSS:") - base)
+"""
+
+
+def test_load_peak_is_close_to_resident(tmp_path) -> None:  # noqa: ANN001
+    """Whole-file loading peaked at ~2.5x the resident size (file bytes, per-shard and merged
+    matrices at once); the streaming loader must stay within 1.3x."""
+    root = _write_gallery(tmp_path / "g", 60_000, 4, "float16", holes=False)
+    r = subprocess.run([sys.executable, "-c", _PROBE, root], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    peak, resident = (int(x) for x in r.stdout.split())
+    assert resident > 60_000 * 1024  # rerank float16 alone is 1 KiB per entry: the load really happened
+    assert peak <= 1.3 * resident, f"peak {peak / 2**20:.0f} MiB > 1.3 x resident {resident / 2**20:.0f} MiB"
