@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 def _train(a: argparse.Namespace) -> int:
@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--model", default=None)
     p.add_argument("--rerank-dtype", choices=["float32", "float16", "int8"], default="float16")
+    p.add_argument("--coarse-index", choices=["flat", "hnsw", "ivf"], default="flat",
+                   help="coarse 128-d index per shard: flat (exact), hnsw or ivf (approximate, for large galleries)")
+    p.add_argument("--hnsw-m", type=int, default=32, help="hnsw: graph degree")
+    p.add_argument("--ivf-nlist", type=int, default=None, help="ivf: lists per shard (default 4*sqrt(n))")
+    p.add_argument("--nprobe", type=int, default=32, help="ivf: lists searched per query (stored; [job] overrides)")
+    p.add_argument("--ef-search", type=int, default=128, help="hnsw: search breadth (stored; [job] overrides)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="model trunk precision (auto: bf16 on CUDA or a CPU with native bf16, else fp32)")
     p.add_argument("--ray-address", default=None)
     _add_audit_args(p)
     p.set_defaults(fn=_gallery)

@@ -54,7 +54,8 @@ def _rows(b: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_size: int = 32) -> G.Extractor:
+def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_size: int = 32,
+                  precision: str = "auto") -> G.Extractor:
     """Extractor for :func:`pipeline.gallery.build`: Fetch -> Decode -> feature actors on Ray."""
 
     def extract(uris: list[str]) -> list[dict[str, Any]]:
@@ -78,7 +79,8 @@ def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_s
                             num_cpus=cfg.decode_num_cpus)
         ds = ds.map_batches(_decode_batch, fn_kwargs={"cfg": dcfg, "timings_uri": None},
                             batch_size=batch_size, num_cpus=cfg.decode_num_cpus)
-        ds = ds.map_batches(GalleryFeatureStage, fn_constructor_kwargs={"model_dir": model_dir, "threads": threads},
+        ds = ds.map_batches(GalleryFeatureStage, fn_constructor_kwargs={"model_dir": model_dir, "threads": threads,
+                                                                       "precision": precision},
                             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
                             num_cpus=ncpu, num_gpus=ngpu, batch_format="numpy")
         out = []
@@ -134,11 +136,15 @@ def run(a: argparse.Namespace) -> int:
         print(json.dumps({"version": v, **stats}, indent=2))
         return 0
     card = read_card(a.model)
-    extract = ray_extractor(a.model, a.ray_address)
+    extract = ray_extractor(a.model, a.ray_address, precision=getattr(a, "precision", "auto"))
     if a.gcmd == "build":
+        from pipeline.index import CoarseIndexSpec
+
         banks = load_banks(a.banks)
+        spec = CoarseIndexSpec(a.coarse_index, hnsw_m=a.hnsw_m, ivf_nlist=a.ivf_nlist, nprobe=a.nprobe,
+                               ef_search=a.ef_search)
         v, stats = G.build(open_store(a.out, create=True), banks, card, extract, a.shards, a.rerank_dtype,
-                           who=a.who, note=a.note)
+                           spec, who=a.who, note=a.note)
         print(json.dumps({"version": v, "banks": stats}, indent=2, default=str))
         return 0
     if a.gcmd == "add":

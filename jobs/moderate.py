@@ -15,15 +15,15 @@ import json
 import logging
 import os
 import posixpath
-import sys
+import re
 import time
-import tomllib
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow.fs as pafs
+import tomllib
 
 from pipeline import flags as F
 from pipeline.decode import DecodeConfig, Decoder
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 from models.preprocess import IMAGE_SUFFIXES  # noqa: E402  (the one list)
+
 # The only listed objects that get no row: commit markers of this and other batch jobs, and
 # folder placeholders / OS metadata that are never uploads. Anything else (``_DSC0001.JPG``,
 # ``.hidden.jpg``) is an upload and gets a row; skipped names are counted in ``_run.json``.
@@ -74,6 +75,8 @@ class JobConfig:
     review_max_rows: int = 200
     single_stage: bool = False       # benchmark baseline only: high-res 512-d pass for every image
     precision: str = "auto"          # model trunk: auto (bf16 on CUDA / native-bf16 CPUs, else fp32) | bf16 | fp32
+    coarse_nprobe: int | None = None     # ivf coarse index: lists searched (None: the gallery manifest's)
+    coarse_ef_search: int | None = None  # hnsw coarse index: search breadth (None: the gallery manifest's)
     max_matches_per_reference: int = 1000  # flood guard: more matches in one run -> action review (0: off)
     metrics_textfile: str | None = None    # node-exporter textfile (*.prom) written after each commit
     metrics_pushgateway: str | None = None  # Pushgateway base URL; metrics PUT after each commit
@@ -95,6 +98,10 @@ class JobConfig:
         for name in ("actor_num_cpus", "decode_num_cpus"):
             v = getattr(self, name)
             need(is_num(v) and v > 0, f"{name} must be a number > 0, got {v!r}")
+        need(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        for name in ("coarse_nprobe", "coarse_ef_search"):
+            v = getattr(self, name)
+            need(v is None or (is_int(v) and v >= 1), f"{name} must be an integer >= 1, got {v!r}")
         need(is_int(self.torch_threads) and self.torch_threads >= 0,
              f"torch_threads must be an integer >= 0, got {self.torch_threads!r}")
         need(is_int(self.review_max_rows) and self.review_max_rows >= 0,
@@ -124,7 +131,7 @@ class JobConfig:
         object.__setattr__(self, "test_fail_keys", tuple(self.test_fail_keys))
 
     @classmethod
-    def from_toml(cls, path: str | None, **overrides: Any) -> "JobConfig":
+    def from_toml(cls, path: str | None, **overrides: Any) -> JobConfig:
         d: dict[str, Any] = {}
         if path:
             try:
@@ -526,15 +533,29 @@ def prepare_run(input_uri: str, gallery_uri: str, output_uri: str, dt: str, mode
                    output_uri, t_start)
 
 
+_REMOTE_ERROR = re.compile(r"^(pipeline\.[\w.]+)\.(\w+): (.+)$", re.MULTILINE)
+
+
 def _modscan_cause(e: BaseException) -> ModscanError | None:
-    """The ModscanError inside an exception Ray raised for a task or actor, if any."""
-    seen = 0
+    """The ModscanError inside an exception Ray raised for a task or actor, if any: found in the
+    exception chain, or (an actor that died in ``__init__``: Ray keeps only the text) rebuilt
+    from the last ``pipeline.<module>.<Error>: message`` line of the remote traceback."""
+    import importlib
+
+    outer, seen = e, 0
     while e is not None and seen < 10:
         if isinstance(e, ModscanError) and type(e).__module__.startswith("pipeline"):
             return e
         cause = getattr(e, "cause", None)
         e = cause if isinstance(cause, BaseException) else e.__cause__
         seen += 1
+    for module, name, message in reversed(_REMOTE_ERROR.findall(str(outer))):
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, ModscanError):
+            return cls(message.strip())
     return None
 
 
@@ -561,7 +582,8 @@ def _run_pipeline(plan: RunPlan, ray_address: str | None) -> tuple[float, dict[s
                                    "ctx": RunContext(plan.dt, plan.run_id, timings_uri), "threads": threads,
                                    "threshold_overrides": cfg.threshold_overrides() or None,
                                    "single_stage": cfg.single_stage, "gallery_version": plan.gallery_version,
-                                   "fail_on_keys": cfg.test_fail_keys, "precision": cfg.precision},
+                                   "fail_on_keys": cfg.test_fail_keys, "precision": cfg.precision,
+                                   "nprobe": cfg.coarse_nprobe, "ef_search": cfg.coarse_ef_search},
             batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=ncpu, num_gpus=ngpu, batch_format="numpy")
         ds.write_parquet(out.path(f"{stage}/data"), filesystem=out.fs, filename_provider=None)

@@ -92,7 +92,7 @@ def read_run(out: Store, dt: str) -> dict[str, Any] | None:
 
 
 def verify_staged(out: Store, run_id: str, expected_keys: int | None,
-                  input_keys: "set[str] | None" = None, gallery_version: str | None = None) -> dict[str, Any]:
+                  input_keys: set[str] | None = None, gallery_version: str | None = None) -> dict[str, Any]:
     """Counts from the staged files; raises :class:`CommitError` on duplicates, lost rows, (when
     ``input_keys`` is given) a staged key that is not one of the inputs, or (when
     ``gallery_version`` is given) a row decided with another gallery version."""
@@ -135,16 +135,32 @@ def _run_dt(run_id: str) -> str:
     return run_id.split("T", 1)[0]
 
 
+def _owns_its_date(out: Store, run: str) -> bool:
+    """Whether ``run`` (id ``YYYYMMDDT...``) is still the owner of its date: it may be alive."""
+    d = _run_dt(run)
+    if len(d) != 8 or not d.isdigit():
+        return False
+    try:
+        return partition_owner(out, f"{d[:4]}-{d[4:6]}-{d[6:]}") == run
+    except ModscanError:  # not a real date: not a run of ours
+        return False
+
+
 def sweep_staging(out: Store, older_than_s: float = 3600.0, keep: str | None = None,
                   dt: str | None = None) -> list[str]:
-    """Delete staging folders of killed runs: runs of other dates older than ``older_than_s``, and
-    with ``dt`` every other run of that date (called by the owner of ``dt`` once it committed:
-    those runs can no longer publish). A run that is committing right now is never touched."""
+    """Delete staging folders of killed runs: with ``dt`` every other run of that date (called by
+    the owner of ``dt`` once it committed: those runs can no longer publish), and runs of other
+    dates older than ``older_than_s`` that no longer own their date. A run that is committing
+    right now, or a long run that still owns its date, is never touched: a killed owner's staging
+    goes when the next run of its date commits."""
     removed = []
     for d in out.list_dirs(STAGING):
         run = posixpath.basename(d)
         age = committing_heartbeat_age(out, run)
         if run == keep or (age is not None and age < COMMIT_STALE_S):
+            continue
+        same_dt = dt is not None and _run_dt(run) == dt.replace("-", "")
+        if not same_dt and _owns_its_date(out, run):
             continue
         started = None
         if out.exists(f"{STAGING}/{run}/started"):
@@ -152,7 +168,6 @@ def sweep_staging(out: Store, older_than_s: float = 3600.0, keep: str | None = N
                 started = float(out.read_text(f"{STAGING}/{run}/started"))
             except ValueError:
                 started = None
-        same_dt = dt is not None and _run_dt(run) == dt.replace("-", "")
         if same_dt or started is None or time.time() - started > older_than_s:
             out.delete_dir(f"{STAGING}/{run}")
             removed.append(run)
@@ -292,7 +307,7 @@ def commit_partition(out: Store, dt: str, run_id: str, run_info: dict[str, Any],
     return out.full_uri(part)
 
 
-def read_flags(uri: str, dt: str | None = None) -> "Any":
+def read_flags(uri: str, dt: str | None = None) -> Any:
     """Read committed flags into pandas (the recommender's view): partitions with ``_SUCCESS`` only."""
     from pipeline.storage import open_store
 

@@ -37,8 +37,8 @@ import pyarrow.parquet as pq
 from models.card import ModelCard
 from pipeline import audit as A
 from pipeline.banks import Bank
-from pipeline.index import CascadeIndex, CascadeParams, ScoreNorm, Shard, background_term
 from pipeline.errors import ModscanError
+from pipeline.index import CascadeIndex, CascadeParams, CoarseIndexSpec, ScoreNorm, Shard, background_term
 from pipeline.schemas import ENTRY_SCHEMA, Action, Status
 from pipeline.storage import Store, open_store
 
@@ -107,10 +107,11 @@ class GalleryContent:
 
 
 def write_version(store: Store, content: GalleryContent, card: ModelCard, n_shards: int,
-                  rerank_dtype: str = "float16", parent: str | None = None, coarse_spec: str = "Flat",
-                  publish: bool = True) -> str:
+                  rerank_dtype: str = "float16", parent: str | None = None,
+                  coarse_spec: "str | dict | CoarseIndexSpec | None" = None, publish: bool = True) -> str:
     """Write a complete new version (shards, entries, manifest) and publish it via ``CURRENT``."""
     content.check()
+    coarse_spec = CoarseIndexSpec.parse(coarse_spec)
     version = _next_version(store)
     vstore = store.child(f"versions/{version}")
     cascade = CascadeIndex.build(content.ids, content.coarse, content.rerank, n_shards, rerank_dtype,
@@ -142,7 +143,7 @@ def write_version(store: Store, content: GalleryContent, card: ModelCard, n_shar
                        "rerank_k": int(card.thresholds.get("rerank_k", 500)),
                        "norm": ScoreNorm.from_dict(card.thresholds.get("norm")).to_dict()},
         "rerank_dtype": rerank_dtype,
-        "coarse_index": coarse_spec,
+        "coarse_index": coarse_spec.to_dict(),
         "shards": shard_meta,
         "entries": {"file": "entries.parquet", "sha256": _sha256(eb), "rows": len(ent)},
         "banks": {n: {**b.to_dict(), "count": int(counts.get(n, 0))} for n, b in sorted(content.banks.items())},
@@ -275,7 +276,7 @@ class _HashingReader:
         return b
 
     def finish(self) -> str:
-        while chunk := self.read(_CHUNK):
+        while self.read(_CHUNK):
             pass
         return self.h.hexdigest()
 
@@ -356,7 +357,8 @@ def _fill_rerank(vstore: Store, name: str, sha: str, header: dict[str, Any], ids
         raise _mismatch(vstore, name, sha, actual)
 
 
-def load_streaming(store: Store, m: dict[str, Any], use_gpu: bool | None = None) -> tuple[CascadeIndex, pd.DataFrame]:
+def load_streaming(store: Store, m: dict[str, Any], use_gpu: bool | None = None, nprobe: int | None = None,
+                   ef_search: int | None = None) -> tuple[CascadeIndex, pd.DataFrame]:
     """The cascade and entries of manifest ``m``, every file verified, with a peak memory close to
     what stays resident (``modscan bench memory``): entries first (their transient copies are
     then the only data in memory), rerank vectors streamed straight into the one id-sorted matrix
@@ -390,7 +392,9 @@ def load_streaming(store: Store, m: dict[str, Any], use_gpu: bool | None = None)
         # concatenating and re-sorting per-shard copies
         shards.append(Shard(index, ids, np.empty((len(ids), 0), rerank.dtype)))
         off += len(ids)
-    cascade = CascadeIndex(shards, m["dims"]["coarse"], m["dims"]["rerank"], use_gpu=use_gpu)
+    spec = CoarseIndexSpec.parse(m.get("coarse_index"))
+    cascade = CascadeIndex(shards, m["dims"]["coarse"], m["dims"]["rerank"], use_gpu=use_gpu,
+                           nprobe=nprobe or spec.nprobe, ef_search=ef_search or spec.ef_search)
     cascade._rerank = rerank  # the id-sorted order CascadeIndex keeps (checked below)
     if not np.array_equal(cascade._sorted_ids, all_ids[order]):
         raise RuntimeError("CascadeIndex no longer keeps its rerank matrix in id order; update load_streaming")
@@ -407,7 +411,9 @@ def _coarse_vectors(sh: Shard) -> np.ndarray:
         id_map = faiss.vector_to_array(idx.id_map).astype(np.int64)
         pos = {int(g): i for i, g in enumerate(id_map)}
         return vecs[[pos[int(g)] for g in sh.ids]]
-    return np.vstack([idx.reconstruct(int(g)) for g in sh.ids])  # IVF with a direct map
+    ivf = faiss.extract_index_ivf(idx)  # IVF: reconstruct by id needs a direct map; ids are sparse
+    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return np.vstack([idx.reconstruct(int(g)) for g in sh.ids])
 
 
 def read_content(store: Store, version: str | None = None) -> tuple[dict[str, Any], GalleryContent]:
@@ -673,7 +679,8 @@ class GalleryIndex:
     @classmethod
     def load(cls, uri_or_store: str | Store, model_id: str | None = None, version: str | None = None,
              use_gpu: bool | None = None, overrides: dict[str, float] | None = None,
-             background: np.ndarray | None = None) -> "GalleryIndex":
+             background: np.ndarray | None = None, nprobe: int | None = None,
+             ef_search: int | None = None) -> "GalleryIndex":
         """Load and verify a version (default: ``CURRENT``); refuse a model-id mismatch.
 
         ``background`` is the query model's background bank (512-d); the manifest's ``norm``
@@ -684,7 +691,7 @@ class GalleryIndex:
         m = read_manifest(store, version)
         if model_id is not None:
             _check_model(m, model_id)
-        cascade, entries = load_streaming(store, m, use_gpu=use_gpu)
+        cascade, entries = load_streaming(store, m, use_gpu=use_gpu, nprobe=nprobe, ef_search=ef_search)
         t = {**m["thresholds"], **(overrides or {})}
         norm = ScoreNorm.from_dict({**m["thresholds"].get("norm", {}), **(overrides or {}).get("norm", {})})
         params = CascadeParams(float(t["coarse"]), float(t["fine"]), int(t.get("rerank_k", 500)), norm)

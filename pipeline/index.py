@@ -126,6 +126,59 @@ class Shard:
         return cls(index, t["ids"].astype(np.int64), t["vectors"])
 
 
+COARSE_INDEX_TYPES = ("flat", "hnsw", "ivf")
+
+
+@dataclass(frozen=True)
+class CoarseIndexSpec:
+    """The coarse (128-d) index of every shard: ``flat`` (exact), ``hnsw`` or ``ivf``.
+
+    Stored in the gallery manifest; ``nprobe`` / ``ef_search`` are the query-time defaults, which
+    ``[job] coarse_nprobe`` / ``coarse_ef_search`` override. IVF's ``nlist`` defaults to
+    ``4 * sqrt(n)`` per shard (faiss' rule of thumb), capped so each list trains on >= 39 points.
+    Add and remove rebuild every shard from the stored vectors, so every type supports both.
+    """
+
+    type: str = "flat"
+    hnsw_m: int = 32
+    ivf_nlist: int | None = None
+    nprobe: int = 32
+    ef_search: int = 128
+
+    def __post_init__(self) -> None:
+        if self.type not in COARSE_INDEX_TYPES:
+            raise ValueError(f"coarse index must be one of {COARSE_INDEX_TYPES}, got {self.type!r}")
+
+    def factory(self, n: int) -> str:
+        """faiss factory string for a shard of ``n`` vectors."""
+        if self.type == "hnsw":
+            return f"HNSW{self.hnsw_m}"
+        if self.type == "ivf":
+            nlist = self.ivf_nlist or int(4 * np.sqrt(max(1, n)))
+            return f"IVF{max(1, min(nlist, n // 39 or 1))},Flat"
+        return "Flat"
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "hnsw_m": self.hnsw_m, "ivf_nlist": self.ivf_nlist, "nprobe": self.nprobe,
+                "ef_search": self.ef_search}
+
+    @classmethod
+    def parse(cls, value: "str | dict | CoarseIndexSpec | None") -> "CoarseIndexSpec":
+        """From a manifest entry: a dict, or a factory string of older galleries (``Flat``, ``HNSW32``)."""
+        if isinstance(value, CoarseIndexSpec):
+            return value
+        if value is None:
+            return cls()
+        if isinstance(value, dict):
+            return cls(**{k: v for k, v in value.items() if k in cls.__dataclass_fields__})
+        v = str(value)
+        if v.upper().startswith("HNSW"):
+            return cls("hnsw", hnsw_m=int(v[4:] or 32))
+        if v.upper().startswith("IVF"):
+            return cls("ivf", ivf_nlist=int(v[3:].split(",")[0]))
+        return cls()
+
+
 def _new_coarse_index(dim: int, spec: str, train_x: np.ndarray | None) -> faiss.Index:
     """``spec`` is a faiss factory string for the coarse stage: ``Flat`` (exact, default),
     ``HNSW32``, ``IVF1024,Flat``...; always inner product on unit vectors (= cosine)."""
@@ -165,7 +218,10 @@ class CascadeIndex:
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def build(cls, ids: np.ndarray, coarse: np.ndarray, rerank: np.ndarray, n_shards: int,
-              rerank_dtype: str = "float16", coarse_spec: str = "Flat", use_gpu: bool | None = False) -> "CascadeIndex":
+              rerank_dtype: str = "float16", coarse_spec: "str | CoarseIndexSpec" = "Flat",
+              use_gpu: bool | None = False) -> "CascadeIndex":
+        """Shard ``id % n_shards``; ``coarse_spec`` is a :class:`CoarseIndexSpec` or a faiss
+        factory string (benchmarks)."""
         ids = np.asarray(ids, dtype=np.int64)
         if len(np.unique(ids)) != len(ids):
             raise ValueError("gallery ids must be unique")
@@ -180,10 +236,14 @@ class CascadeIndex:
         shards = []
         for s in range(n_shards):
             m = (ids % n_shards) == s
-            index = _new_coarse_index(cdim, coarse_spec, coarse[m] if m.any() else coarse)
+            factory = coarse_spec.factory(int(m.sum()) or len(ids)) if isinstance(coarse_spec, CoarseIndexSpec) \
+                else coarse_spec
+            index = _new_coarse_index(cdim, factory, coarse[m] if m.any() else coarse)
             if m.any():
                 index.add_with_ids(coarse[m], ids[m])
             shards.append(Shard(index, ids[m].copy(), encode_rerank(rerank[m], rerank_dtype)))
+        if isinstance(coarse_spec, CoarseIndexSpec):
+            return cls(shards, cdim, rdim, use_gpu=use_gpu, nprobe=coarse_spec.nprobe, ef_search=coarse_spec.ef_search)
         return cls(shards, cdim, rdim, use_gpu=use_gpu)
 
     def _searchable(self, s: Shard, use_gpu: bool | None, nprobe: int | None, ef_search: int | None):  # noqa: ANN202

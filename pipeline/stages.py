@@ -28,8 +28,8 @@ from pipeline.storage import KeyPolicy, Store, open_store, split_uri
 log = logging.getLogger(__name__)
 
 
-def error_rows(keys: "list[str]", codes: "list[str]", messages: "list[str | None]", *, model_version: str,
-               gallery_version: str, run_id: str, sha256s: "list[str | None] | None" = None) -> Any:
+def error_rows(keys: list[str], codes: list[str], messages: list[str | None], *, model_version: str,
+               gallery_version: str, run_id: str, sha256s: list[str | None] | None = None) -> Any:
     """``status = error`` flag rows (:data:`FILE_SCHEMA`) for keys that produced no decision: the
     driver's ``forbidden_key`` rows and a failed Moderator batch. Columns not named here are null."""
     import pyarrow as pa
@@ -100,7 +100,7 @@ class Moderator:
                  device: str | None = None, threads: int | None = None,
                  threshold_overrides: dict[str, float] | None = None, single_stage: bool = False,
                  gallery_version: str | None = None, fail_on_keys: tuple[str, ...] = (),
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", nprobe: int | None = None, ef_search: int | None = None) -> None:
         from pipeline.features import FeatureExtractor
         from pipeline.gallery import GalleryIndex
 
@@ -109,7 +109,8 @@ class Moderator:
         # gallery_version: the job's pinned version (never CURRENT at actor start: a version
         # published during the run must not mix into its partition)
         self.gallery = GalleryIndex.load(gallery_uri, model_id=self.fx.version_id, overrides=threshold_overrides,
-                                         version=gallery_version, background=background)
+                                         version=gallery_version, background=background, nprobe=nprobe,
+                                         ef_search=ef_search)
         self.fail_on_keys = frozenset(fail_on_keys)  # TEST ONLY (JobConfig.test_fail_keys): fault injection
         self.ctx = ctx
         self.single_stage = single_stage  # benchmark baseline: 512-d for every image, no cascade

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import pyarrow.fs as pafs
 
@@ -74,7 +74,7 @@ class Store:
         """Path of an object: the key must name something strictly inside the root."""
         return posixpath.join(self.root, safe_key(key))
 
-    def child(self, key: str) -> "Store":
+    def child(self, key: str) -> Store:
         k = safe_key(key)
         return Store(self.fs, posixpath.join(self.root, k), self.uri.rstrip("/") + "/" + k)
 
@@ -221,7 +221,7 @@ class KeyPolicy:
         return os.path.realpath(path)
 
     @classmethod
-    def for_manifest(cls, manifest_uri: str, allowed: "tuple[str, ...] | list[str]" = ()) -> "KeyPolicy":
+    def for_manifest(cls, manifest_uri: str, allowed: tuple[str, ...] | list[str] = ()) -> KeyPolicy:
         st, _ = split_uri(manifest_uri)
         base = _s3_location(st.uri) if st.uri.startswith("s3://") else os.path.realpath(st.root)
         if base is None:

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import SHARED, moto_server, photo
 from PIL import Image
 
-from conftest import SHARED, moto_server, photo
 from models.augment import apply_named
 from pipeline import flags as F
 

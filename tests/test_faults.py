@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import ROOT, moto_server, photo
 from PIL import Image
 
-from conftest import ROOT, moto_server, photo
 from jobs.demo import procedural
 
 pytestmark = pytest.mark.slow
@@ -229,8 +229,10 @@ def test_s3_outage_fails_cleanly_without_a_partial_partition(flaky_s3, local_gal
     gal, _ = local_gallery
     os.environ["MODSCAN_S3_RETRIES"] = "2"
     proxy.mode, proxy.fail = "503", -1
+    from pipeline.errors import ModscanError
+
     try:
-        with pytest.raises(Exception):
+        with pytest.raises((OSError, ModscanError)):
             moderate("s3://flaky-up/d/", gal, "s3://flaky-out/down", "2026-05-03", cfg=JobConfig(batch_size=8),
                      review=False)
     finally:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import ROOT, moto_server, photo
 from PIL import Image
 
-from conftest import ROOT, moto_server, photo
 from jobs.demo import procedural
 
 pytestmark = pytest.mark.slow
@@ -298,6 +298,23 @@ def test_corrupted_gallery_output_file_and_debug(capsys, tmp_path, gallery) -> N
     # not a ModscanError: still one line, with the hint
     rc, _, err = _cli(capsys, "card", "--model", str(tmp_path / "no-model"))
     assert rc == 1 and "run with --debug for the traceback" in _one_line(err)
+
+
+def test_bomb_message_names_the_configured_max_pixels() -> None:
+    """Pillow's own bomb check fires before ours for huge headers; the row must still say which
+    limit the operator configured."""
+    import struct
+    import zlib
+
+    from pipeline.decode import DecodeConfig, Decoder
+
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 90000, 90000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    for max_pixels in (1_000_000, 64_000_000):
+        row = Decoder(DecodeConfig(max_pixels=max_pixels)).decode_one(bomb)
+        assert row["error_code"] == "decompression_bomb" and f"max_pixels={max_pixels}" in row["error_message"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -231,3 +231,62 @@ def test_bf16_features_agree_with_fp32_and_heads_stay_fp32(tiny_model_dir) -> No
         assert b.dtype == torch.float32
         cos = (a * b).sum(1)
         assert float(cos.min()) >= 0.999, cos
+
+
+# -- approximate coarse indexes ---------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_path, shipped_model_dir, kind) -> None:  # noqa: ANN001
+    from jobs.gallery_cmd import local_extractor
+    from models.augment import apply_named
+    from models.card import read_card
+    from pipeline import gallery as G
+    from pipeline.index import CoarseIndexSpec
+    from pipeline.stages import Moderator, RunContext
+    from pipeline.storage import open_store
+    import random as _random
+
+    refs, extra = tmp_path / "refs", tmp_path / "extra"
+    refs.mkdir()
+    extra.mkdir()
+    pics = [generate("coarse-idx", i)[1] for i in range(90)]
+    for i, im in enumerate(pics[:80]):
+        im.save(refs / f"{i:03d}.png")
+    for i, im in enumerate(pics[80:]):
+        im.save(extra / f"{i:03d}.png")
+    card, ex = read_card(shipped_model_dir), local_extractor(str(shipped_model_dir))
+    bank = [Bank("b", str(refs), "s/x", "filter")]
+    flat_store, apx_store = open_store(str(tmp_path / "flat"), create=True), open_store(str(tmp_path / kind), create=True)
+    G.build(flat_store, bank, card, ex, n_shards=2)
+    spec = CoarseIndexSpec(kind, ivf_nlist=4, nprobe=4, ef_search=256)
+    G.build(apx_store, bank, card, ex, 2, "float16", spec)
+    m = G.read_manifest(apx_store)
+    assert m["coarse_index"]["type"] == kind and m["coarse_index"]["nprobe"] == 4
+    rng = _random.Random(0)
+    datas = []
+    for im in pics[:40:4] + pics[80:]:
+        buf = io.BytesIO()
+        apply_named(im, ["rescale_jpeg"], rng).save(buf, format="JPEG", quality=90)
+        datas.append(buf.getvalue())
+    dec = Decoder(DecodeConfig(low_res=card.config.low_res, high_res=card.config.high_res))
+    keys = np.asarray([f"q{i}" for i in range(len(datas))], object)
+
+    def flags(uri: str) -> list:  # noqa: ANN202
+        # rerank_k 3: the coarse index's top-3 decides what gets reranked, so its order matters
+        mod = Moderator(uri, RunContext("2026-01-01", "r"), model_dir=str(shipped_model_dir),
+                        threshold_overrides={"coarse": 0.0, "rerank_k": 3})
+        t = mod(dec({"image_key": keys, "bytes": np.asarray(datas, object)})).to_pandas()
+        return list(zip(t["status"], t["reference_id"].fillna(-1).astype(int)))
+
+    want = flags(str(tmp_path / "flat"))
+    assert sum(s == "matched" for s, _ in want) >= 5  # the comparison says something
+    assert flags(str(tmp_path / kind)) == want
+    # add and remove keep the index type and its parameters
+    n0 = m["counts"]["images"]
+    v2, st = G.add(apx_store, "b", G.list_source(str(extra)), card, ex)
+    v3, _ = G.remove(apx_store, card, ids=[0, 1])
+    m3 = G.read_manifest(apx_store)
+    assert st["added"] >= 8 and m3["coarse_index"] == m["coarse_index"]
+    assert m3["counts"]["images"] == n0 + st["added"] - 2
+    bank_f512 = Moderator(str(tmp_path / kind), RunContext("2026-01-01", "r"), model_dir=str(shipped_model_dir)).gallery
+    gal = bank_f512
+    assert gal.cascade.ntotal == n0 + st["added"] - 2 and not {0, 1} & set(gal.entries["id"].tolist())

@@ -1,0 +1,73 @@
+"""The commit protocol between runs of one output (pipeline/flags.py), on local disk, without a
+cluster: ownership of a date, what an older run may still do, what a sweep may delete."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import pytest
+
+from pipeline import flags as F
+from pipeline.stages import error_rows
+from pipeline.storage import open_store
+
+DAY = "2026-06-01"
+
+
+def _stage(out, run_id: str, keys: list[str], version: str = "v000001") -> None:  # noqa: ANN001
+    out.write_text(f"{F.staging_key(run_id)}/started", str(time.time()))
+    F.write_staged(out, run_id, "part.parquet", error_rows(keys, ["read_error"] * len(keys), ["gone"] * len(keys),
+                                                           model_version="m", gallery_version=version, run_id=run_id))
+
+
+def test_the_newest_claim_owns_the_date_and_the_older_run_publishes_nothing(tmp_path) -> None:  # noqa: ANN001
+    out = open_store(str(tmp_path / "flags"), create=True)
+    older, newer = "20260601T000001-aaaa", "20260601T000002-bbbb"
+    for run, keys in ((older, ["a", "b"]), (newer, ["a", "b", "c"])):
+        F.claim_partition(out, DAY, run)
+        _stage(out, run, keys)
+    with pytest.raises(F.PartitionTakenError, match=f"run {newer} .* run {older} published nothing"):
+        F.commit_partition(out, DAY, older, {"run_id": older})
+    assert not out.exists(f"dt={DAY}/_SUCCESS") and not out.exists(f"{F.staging_key(older)}/committing")
+    F.verify_staged(out, newer, 3, {"a", "b", "c"}, "v000001")
+    F.commit_partition(out, DAY, newer, {"run_id": newer})
+    df = pd.read_parquet(tmp_path / "flags" / f"dt={DAY}")
+    assert sorted(df["image_key"]) == ["a", "b", "c"] and set(df["run_id"]) == {newer}
+    assert not (tmp_path / "flags" / "_staging").exists()  # the older run's staging went with the commit
+
+
+def test_verify_refuses_wrong_keys_and_mixed_gallery_versions(tmp_path) -> None:  # noqa: ANN001
+    out = open_store(str(tmp_path / "flags"), create=True)
+    _stage(out, "r1", ["a", "b"])
+    with pytest.raises(F.CommitError, match="staged keys differ from the inputs"):
+        F.verify_staged(out, "r1", 2, {"a", "c"})
+    F.write_staged(out, "r1", "late.parquet", error_rows(["c"], ["read_error"], ["gone"], model_version="m",
+                                                         gallery_version="v000002", run_id="r1"))
+    with pytest.raises(F.CommitError, match="gallery versions .* pinned v000001"):
+        F.verify_staged(out, "r1", 3, {"a", "b", "c"}, "v000001")
+
+
+def test_a_commit_in_progress_is_waited_for_and_a_stale_one_is_not(tmp_path) -> None:  # noqa: ANN001
+    out = open_store(str(tmp_path / "flags"), create=True)
+    busy, mine = "20260601T000001-aaaa", "20260601T000002-bbbb"
+    _stage(out, busy, ["a"])
+    out.write_text(f"{F.staging_key(busy)}/committing", str(time.time() - 1000))  # killed mid-commit
+    F.claim_partition(out, DAY, mine)
+    _stage(out, mine, ["a"])
+    t = time.time()
+    F.commit_partition(out, DAY, mine, {"run_id": mine}, stale_s=60)
+    assert time.time() - t < 10 and not out.exists(F.staging_key(busy))
+
+
+def test_sweep_keeps_runs_that_may_be_alive(tmp_path) -> None:  # noqa: ANN001
+    out = open_store(str(tmp_path / "flags"), create=True)
+    long_owner, dead_loser, fresh = "20260602T000001-aaaa", "20260603T000001-bbbb", "20260604T000001-cccc"
+    for run in (long_owner, dead_loser, fresh):
+        _stage(out, run, ["a"])
+    for run in (long_owner, dead_loser):
+        out.write_text(f"{F.staging_key(run)}/started", str(time.time() - 7200))  # two hours ago
+    F.claim_partition(out, "2026-06-02", long_owner)       # still owns its date: may be a long run
+    F.claim_partition(out, "2026-06-03", "20260603T000009-dddd")  # a newer run of that date exists
+    assert F.sweep_staging(out, keep="20260605T000000-eeee") == [dead_loser]
+    assert out.exists(F.staging_key(long_owner)) and out.exists(F.staging_key(fresh))
