@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.modscan-installed
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test test-fast install evaluate bench clean
+.PHONY: demo test test-fast lint install evaluate bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,7 +19,11 @@ demo: $(STAMP)
 	$(VENV)/bin/modscan demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _images(photos: str | None, n: int) -> list:  # noqa: ANN001
+def _images(photos: str | None, n: int) -> list:
     from PIL import Image
 
     out = []
@@ -111,10 +111,11 @@ def main() -> int:
     res["cpu_vs_cuda"] = eq
     # 2. throughput
     tp = {}
-    for name, fx, x in (("cuda", gpu, None), ("cpu", cpu, None)):
+    for name, fx in (("cuda", gpu), ("cpu", cpu)):
         m = len(low) if name == "cuda" else 64
         reps = 5 if name == "cuda" else 1
-        fx.query_coarse(low[:m]); fx.rerank(high[:m])  # warm-up
+        fx.query_coarse(low[:m])  # warm-up
+        fx.rerank(high[:m])
         if name == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -136,12 +137,12 @@ def main() -> int:
     try:
         import pandas as pd
 
+        from models.augment import apply_named
         from models.card import read_card
         from pipeline.banks import Bank
         from pipeline.gallery import GalleryContent, write_version
         from pipeline.stages import Moderator, RunContext
         from pipeline.storage import open_store
-        from models.augment import apply_named
 
         gdir = tempfile.mkdtemp()
         gc, gr = cpu.gallery(high[:20])

@@ -142,7 +142,7 @@ class VectorFactory:
         return q128, q512, truth
 
 
-def _timed(fn, repeat: int = 1):  # noqa: ANN001, ANN202
+def _timed(fn, repeat: int = 1):
     best, out = float("inf"), None
     for _ in range(repeat):
         t = time.perf_counter()
@@ -185,7 +185,7 @@ def bench_search(n: int, n_queries: int, out_dir: Path) -> dict[str, Any]:
     exh_r1, exh_qps = r1(I), n_queries / t
     rows.append({"method": "exhaustive 512-d flat", "QPS": f"{exh_qps:.0f}", "recall@1": f"{exh_r1:.4f}",
                  "vs exhaustive QPS": "1.00x", "recall@1 / exhaustive": "1.000"})
-    del flat512
+    flat512.reset()  # free the 512-d copy before the next index
 
     def build(spec: str, **kw: Any) -> tuple[Any, float]:
         tb = time.perf_counter()
@@ -233,7 +233,7 @@ def bench_search(n: int, n_queries: int, out_dir: Path) -> dict[str, Any]:
     rows.append({"method": "128-d only (flat)", "K": 1, "QPS": f"{n_queries / t:.0f}",
                  "recall@1": f"{r1(I):.4f}", "vs exhaustive QPS": f"{n_queries / t / exh_qps:.2f}x",
                  "recall@1 / exhaustive": f"{r1(I) / exh_r1:.3f}" if exh_r1 else "-"})
-    del flat
+    flat = None
     # (d) approximate coarse stages, each at two search depths on the same index
     nlist = int(max(64, min(4096, 4 * np.sqrt(n))))
     ivf, sec = build(f"IVF{nlist},Flat", nprobe=32)
@@ -368,44 +368,49 @@ def _make_images(root: Path, n: int, refs: Path, seed: int = 0) -> int:
     return n_pos
 
 
-def _ceiling(images: Path, survivors_fraction: float, n_max: int = 2000) -> dict[str, float]:
-    """Model-only ceiling: decoded tensors, plain loop, coarse for all + rerank for survivors."""
+def _model_costs(images: Path, n_max: int = 512) -> dict[str, float]:
+    """Per-image costs on this machine, measured apart in one process: decode + resize (the
+    production decoder), the low-res coarse pass and the high-res rerank pass in the job's
+    precision (``auto``), and the same two passes in fp32 and in bf16 (model-only)."""
     import torch
 
     from models.card import read_card
+    from models.precision import cpu_has_native_bf16
     from pipeline.decode import DecodeConfig, Decoder
     from pipeline.features import FeatureExtractor
 
     card = read_card(None)
     dec = Decoder(DecodeConfig(low_res=card.config.low_res, high_res=card.config.high_res))
     files = sorted(images.iterdir())[:n_max]
-    lows, highs = [], []
-    for f in files:
-        r = dec.decode_one(f.read_bytes())
-        lows.append(r["low"])
-        highs.append(r["high"])
-    low, high = np.stack(lows), np.stack(highs)
-    fx = FeatureExtractor(None, threads=torch.get_num_threads())
-    n_s = int(round(survivors_fraction * len(files)))
+    datas = [f.read_bytes() for f in files]
     t = time.perf_counter()
-    for i in range(0, len(low), 64):
-        fx.query_coarse(low[i:i + 64])
-    t_low = time.perf_counter() - t
-    t = time.perf_counter()
-    for i in range(0, len(high), 64):
-        fx.rerank(high[i:i + 64])
-    t_high = time.perf_counter() - t
-    per_low, per_high = t_low / len(files), t_high / len(files)
-    return {"images": len(files), "low_res_s_per_image": per_low, "high_res_s_per_image": per_high,
-            "cascade_ceiling_images_per_s": 1.0 / (per_low + survivors_fraction * per_high),
-            "single_stage_ceiling_images_per_s": 1.0 / per_high, "survivors_fraction": survivors_fraction,
-            "survivors": n_s}
-
-
-FAST_COARSE = 0.70
+    rows = [dec.decode_one(d) for d in datas]
+    t_dec = (time.perf_counter() - t) / len(files)
+    low, high = np.stack([r["low"] for r in rows]), np.stack([r["high"] for r in rows])
+    out = {"images": len(files), "decode_s_per_image": t_dec, "native_bf16": bool(cpu_has_native_bf16() or torch.cuda.is_available())}
+    for prec in ("auto", "fp32", "bf16"):
+        fx = FeatureExtractor(None, threads=torch.get_num_threads(), precision=prec)
+        n = len(files) if prec != "bf16" or out["native_bf16"] else 32  # emulated bf16 is ~10x slower: sample
+        fx.query_coarse(low[:8])  # warm-up
+        t = time.perf_counter()
+        for i in range(0, n, 64):
+            fx.query_coarse(low[i:min(n, i + 64)])
+        t_low = (time.perf_counter() - t) / n
+        t = time.perf_counter()
+        for i in range(0, n, 64):
+            fx.rerank(high[i:min(n, i + 64)])
+        t_high = (time.perf_counter() - t) / n
+        out[f"low_res_s_per_image_{prec}"], out[f"high_res_s_per_image_{prec}"] = t_low, t_high
+        if prec == "auto":
+            out["auto_is"] = fx.precision.value
+    d, lo, hi = t_dec, out["low_res_s_per_image_auto"], out["high_res_s_per_image_auto"]
+    out["zero_survivor_bound"] = (d + hi) / (d + lo)
+    return out
 
 
 def bench_pipeline(n: int, work: Path, s3: bool = True) -> dict[str, Any]:
+    """The job at the card's thresholds, against the single-stage fp32 job, in one run; ratios
+    against the zero-survivor bound measured here too."""
     import shutil
 
     from jobs.gallery_cmd import local_extractor
@@ -423,8 +428,7 @@ def bench_pipeline(n: int, work: Path, s3: bool = True) -> dict[str, Any]:
             local_extractor(None), n_shards=2)
     ctx = None
     if s3:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import moto_server  # a real S3 endpoint, as in the tests
+        from jobs.s3local import moto_server  # a real S3 endpoint, as in the tests
 
         ctx = moto_server()
         endpoint = ctx.__enter__()
@@ -435,58 +439,115 @@ def bench_pipeline(n: int, work: Path, s3: bool = True) -> dict[str, Any]:
         for f in sorted(images.iterdir()):
             cli.upload_file(str(f), "bench-up", f"day/{f.name}")
     init_ray(None)
-    cfg = JobConfig(batch_size=64)
     rows, infos = [], {}
 
     def run(name: str, inp: str, c: JobConfig) -> None:
         info = moderate(inp, gal, str(work / f"flags-{name.split()[0]}"), "2026-06-01", cfg=c, review=False)
         infos[name] = info
+        st = info["stage_seconds_summed_over_workers"]
+        per = {k: 1000 * st.get(k, 0.0) / max(1, info["inputs"])
+               for k in ("decode_resize", "model_coarse", "model_rerank", "search")}
         rows.append({"job": name, "images": info["inputs"], "seconds": f"{info['pipeline_seconds']:.1f}",
                      "images/s": f"{info['images_per_second']:.1f}",
                      "steady-state images/s": f"{info['steady_state_images_per_second'] or 0:.1f}",
-                     "512-d passes": info["survivors"],
-                     "flagged": info["counts"]["by_status"].get("matched", 0)})
+                     "high-res passes": info["survivors"], "flagged": info["counts"]["by_status"].get("matched", 0),
+                     **{f"{k} ms/img": f"{v:.1f}" for k, v in per.items()}})
         print(rows[-1], flush=True)
 
-    run("cascade-local", str(images), cfg)
+    run("default (cascade, card thresholds, precision auto)", str(images), JobConfig(batch_size=64))
     if s3:
-        run("cascade-s3", "s3://bench-up/day/", cfg)
-    run("single-stage-local (512-d for every image)", str(images), JobConfig(batch_size=64, single_stage=True))
-    # The other end of the coarse threshold's trade-off: a threshold that stops almost every
-    # non-matching upload (on coco256 ~1 % of negative queries survive at 0.70, and the evaluation's
-    # trade-off table shows what that costs in recall). Shows the job speed the cascade reaches
-    # when the coarse stage does stop uploads.
-    fast = f"cascade-fast-local (coarse threshold {FAST_COARSE:.2f})"
-    run(fast, str(images), JobConfig(batch_size=64, coarse_threshold=FAST_COARSE))
-    casc = infos["cascade-local"]
-    ceil = _ceiling(images, casc["survivors"] / max(1, casc["decoded"]))
-    single = infos["single-stage-local (512-d for every image)"]
-    ratios = {
-        "cascade / single-stage (images/s)": casc["images_per_second"] / single["images_per_second"],
-        "cascade / single-stage (steady state)": casc["steady_state_images_per_second"] / single["steady_state_images_per_second"],
-        "cascade / model-only ceiling": casc["images_per_second"] / ceil["cascade_ceiling_images_per_s"],
-        "cascade steady state / model-only ceiling": casc["steady_state_images_per_second"] / ceil["cascade_ceiling_images_per_s"],
-        f"cascade at coarse {FAST_COARSE:.2f} / single-stage (images/s)": infos[fast]["images_per_second"] / single["images_per_second"],
-        f"cascade at coarse {FAST_COARSE:.2f} / single-stage (steady state)":
-            infos[fast]["steady_state_images_per_second"] / single["steady_state_images_per_second"],
+        run("default-s3", "s3://bench-up/day/", JobConfig(batch_size=64))
+    run("single-stage-fp32 (512-d for every image)", str(images), JobConfig(batch_size=64, single_stage=True, precision="fp32"))
+    costs = _model_costs(images)
+    if costs["native_bf16"]:
+        run("cascade-fp32", str(images), JobConfig(batch_size=64, precision="fp32"))
+    default, single = infos[rows[0]["job"]], infos["single-stage-fp32 (512-d for every image)"]
+    ss = lambda i: i["steady_state_images_per_second"] or i["images_per_second"]
+    ratios: dict[str, Any] = {
+        "default / single-stage fp32 (steady state; target >= 2.0)": ss(default) / ss(single),
+        "default / single-stage fp32 (end to end)": default["images_per_second"] / single["images_per_second"],
+        "zero-survivor bound (decode + high) / (decode + low)": costs["zero_survivor_bound"],
+        "cascade / single-stage as a share of the bound (target >= 0.85)": (ss(default) / ss(single)) / costs["zero_survivor_bound"],
+        "survivors (share of uploads given the high-res pass)": default["survivors"] / max(1, default["decoded"]),
+        "bf16 / fp32 model throughput (model-only)": (costs["low_res_s_per_image_fp32"] + costs["high_res_s_per_image_fp32"])
+        / (costs["low_res_s_per_image_bf16"] + costs["high_res_s_per_image_bf16"]),
     }
+    if costs["native_bf16"]:
+        ratios["bf16 job / fp32 job (steady state; target >= 1.8)"] = ss(default) / ss(infos["cascade-fp32"])
     if s3:
-        ratios["cascade S3 / cascade local"] = infos["cascade-s3"]["images_per_second"] / casc["images_per_second"]
-    stage = casc["stage_seconds_summed_over_workers"]
-    res = {"machine": machine(), "images": n, "positives": n_pos, "rows": rows, "ceiling": ceil, "ratios": ratios,
-           "where_time_goes_cascade_local_seconds_summed_over_workers": stage,
-           "where_time_goes_single_stage_seconds": single["stage_seconds_summed_over_workers"]}
+        ratios["default S3 / default local"] = infos["default-s3"]["images_per_second"] / default["images_per_second"]
+    res = {"machine": machine(), "images": n, "positives": n_pos, "rows": rows, "costs": costs, "ratios": ratios}
     print(f"\npipeline benchmark on {res['machine']}: {n} images, {n_pos} edited copies of 20 gallery images\n")
-    print(_table(rows, ["job", "images", "seconds", "images/s", "steady-state images/s", "512-d passes", "flagged"]))
-    print(f"\nmodel-only ceiling (decoded tensors, plain loop): {ceil['cascade_ceiling_images_per_s']:.1f} images/s for the "
-          f"cascade workload, {ceil['single_stage_ceiling_images_per_s']:.1f} for 512-d on every image "
-          f"(low-res {1000 * ceil['low_res_s_per_image']:.1f} ms, high-res {1000 * ceil['high_res_s_per_image']:.1f} ms per image)")
-    print("ratios: " + "; ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
-    print("where time goes (cascade, local; seconds summed over workers): "
-          + ", ".join(f"{k} {v:.1f}" for k, v in stage.items()))
+    print(_table(rows, list(rows[0])))
+    print(f"\nper image, measured apart: decode+resize {1000 * costs['decode_s_per_image']:.1f} ms; "
+          f"low-res {1000 * costs['low_res_s_per_image_auto']:.1f} ms, high-res {1000 * costs['high_res_s_per_image_auto']:.1f} ms "
+          f"(precision auto = {costs['auto_is']}); bf16 low/high {1000 * costs['low_res_s_per_image_bf16']:.1f}/"
+          f"{1000 * costs['high_res_s_per_image_bf16']:.1f} ms vs fp32 {1000 * costs['low_res_s_per_image_fp32']:.1f}/"
+          f"{1000 * costs['high_res_s_per_image_fp32']:.1f} ms" + ("" if costs["native_bf16"] else
+          " (this CPU has no native bf16: the bf16 job is not run, auto picks fp32)"))
+    print("ratios:\n" + "\n".join(f"  {k}: {v:.3f}" for k, v in ratios.items()))
     (work / "pipeline.json").write_text(json.dumps(res, indent=2, default=str))
     if ctx is not None:
         ctx.__exit__(None, None, None)
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# 4. decode
+# --------------------------------------------------------------------------------------------
+DECODE_SIZES = ((640, 480), (1920, 1080), (4032, 3024))
+
+
+def _encoded(fmt: str, size: tuple[int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    from models.synthetic import generate
+
+    src = _photo_paths(1)
+    if src:
+        with Image.open(src[0]) as im:
+            img = im.convert("RGB").resize(size, Image.BILINEAR)
+    else:
+        img = generate("bench-decode", 0, ("smooth_field",))[1].resize(size)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 88} if fmt in ("JPEG", "WEBP") else {}))
+    return buf.getvalue()
+
+
+def bench_decode(out_dir: Path, repeat: int = 20) -> dict[str, Any]:
+    """Decode + resize per image by format and size, with the JPEG draft scale that fits the
+    high-res side (today's decoder) and without a draft (full decode), in one run."""
+    from PIL import Image
+
+    from models.card import read_card
+    from models.preprocess import resize_pair
+    from pipeline.decode import DecodeConfig, Decoder, _to_rgb
+
+    c = read_card(None).config
+    dec = Decoder(DecodeConfig(low_res=c.low_res, high_res=c.high_res))
+
+    def full(data: bytes) -> None:
+        import io
+
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            resize_pair(_to_rgb(im), c.low_res, c.high_res)
+
+    rows = []
+    for fmt in ("JPEG", "PNG", "WEBP"):
+        for size in DECODE_SIZES:
+            data = _encoded(fmt, size)
+            t_dec, _ = _timed(lambda d=data: dec.decode_one(d), repeat)
+            t_full, _ = _timed(lambda d=data: full(d), max(3, repeat // 4))
+            rows.append({"format": fmt, "size": f"{size[0]}x{size[1]}", "KB": len(data) // 1024,
+                         "decode+resize ms (modscan)": f"{1000 * t_dec:.1f}",
+                         "full decode+resize ms": f"{1000 * t_full:.1f}", "speed-up": f"{t_full / t_dec:.2f}x"})
+    print(f"\ndecode benchmark on {machine()} (high {c.high_res} px, low {c.low_res} px; per image)\n")
+    print(_table(rows, list(rows[0])))
+    res = {"machine": machine(), "rows": rows}
+    (out_dir / "decode.json").write_text(json.dumps(res, indent=2))
     return res
 
 
@@ -497,6 +558,8 @@ def cli_bench(a: argparse.Namespace) -> int:
         bench_search(a.gallery_size, a.queries, out)
     elif a.bcmd == "memory":
         bench_memory(a.gallery_size, out)
+    elif a.bcmd == "decode":
+        bench_decode(out)
     elif a.bcmd == "pipeline":
         bench_pipeline(a.images, out / "pipeline", s3=not a.no_s3)
     return 0

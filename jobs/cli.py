@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--queries", type=int, default=2000)
     q.add_argument("--photos", default=None, help="real photos for the feature seeds (default: skimage + coco256 if present)")
     q.set_defaults(fn=_bench)
+    q = bs.add_parser("decode", help="decode + resize per image by format and size")
+    q.set_defaults(fn=_bench)
     q = bs.add_parser("pipeline")
     q.add_argument("--images", type=int, default=2000)
     q.add_argument("--workdir", default="bench-out")
@@ -231,8 +233,8 @@ def _add_debug(p: argparse.ArgumentParser, top: bool) -> None:
     """``--debug`` on every (sub-)command; a sub-command's flag never resets the top-level one."""
     p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
                    help="show the full traceback of a failure (also MODSCAN_DEBUG=1)")
-    for action in p._actions:  # noqa: SLF001 - argparse keeps sub-parsers only here
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
             for sp in action.choices.values():
                 _add_debug(sp, False)
 
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - one line for the operator; --debug for the developer
+    except Exception as e:
         if debug:
             raise
         from pipeline.storage import redact

@@ -25,7 +25,7 @@ def cli_lookup(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lookup", help="explain why images match the gallery or not (same code as the job)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="local paths or s3:// URIs")
     p.add_argument("--gallery", required=True, help="gallery root URI")

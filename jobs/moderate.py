@@ -204,12 +204,12 @@ def _decode_batch(batch: dict[str, Any], cfg: DecodeConfig, timings_uri: str | N
             open_store(timings_uri).write_text(
                 f"decode-{uuid.uuid4().hex}.json",
                 json.dumps({"rows": len(out["ok"]), "seconds": {"decode_resize": time.perf_counter() - t}}))
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
     return out
 
 
-def _relkey_fn(root: str):  # noqa: ANN202
+def _relkey_fn(root: str):
     def relkey(batch: dict[str, Any]) -> dict[str, Any]:
         keys = [posixpath.relpath(str(p), root) for p in batch["path"]]
         return {"image_key": np.asarray(keys, dtype=object), "bytes": batch["bytes"],
@@ -294,7 +294,7 @@ def read_manifest_keys(uri: str) -> list[str]:
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         raise InputError(f"manifest {redact(uri)}: column {col!r} has type {arr.type}; keys must be strings")
     keys = arr.to_pylist()
-    where = (lambda i: i + 2) if csv else (lambda i: i + 1)  # noqa: E731
+    where = (lambda i: i + 2) if csv else (lambda i: i + 1)
     unit = "line" if csv else "row"
     bad: dict[str, list[str]] = {}
     first_seen: dict[str, int] = {}
@@ -432,7 +432,7 @@ def _sum_timings(st: Store) -> dict[str, float]:
     for k in st.list():
         try:
             rec = json.loads(st.read_text(k))
-        except Exception:  # noqa: BLE001
+        except Exception:
             continue
         if "t_start" in rec:
             t0, t1 = min(t0, rec["t_start"]), max(t1, rec["t_end"])
@@ -604,7 +604,7 @@ def _fail(plan: RunPlan, e: Exception) -> NoReturn:
     F.abandon(plan.out, plan.run_id)
     try:
         taken = F.taken_error(plan.out, plan.dt, plan.run_id)
-    except Exception:  # noqa: BLE001 - storage down: the original error says more
+    except Exception:
         taken = None
     if taken is not None and not isinstance(e, F.PartitionTakenError):
         raise taken from e
@@ -661,7 +661,7 @@ def execute_run(plan: RunPlan, ray_address: str | None = None, review: bool = Tr
 
             run_info["review"] = write_review(out, dt, run_id, plan.input.uri, plan.gallery_uri,
                                               max_rows=cfg.review_max_rows, gallery_version=plan.gallery_version)
-        except Exception as e:  # noqa: BLE001 - the review page is a convenience, the flags are committed
+        except Exception as e:
             run_info["review_error"] = redact(plain_message(e))
     return run_info
 
@@ -761,7 +761,7 @@ def backfill(input_template: str, gallery: str, output: str, date_from: str, dat
                 result[dt] = "done"
             except MissingInput as e:
                 result[dt] = f"missing: {plain_message(str(e))}"
-            except Exception as e:  # noqa: BLE001 - one failed day must not stop the others
+            except Exception as e:
                 log.debug("backfill day %s failed", dt, exc_info=True)
                 result[dt] = f"failed: {plain_message(str(e) if isinstance(e, ModscanError) else e)}"
         d += _dt.timedelta(days=1)

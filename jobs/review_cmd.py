@@ -27,7 +27,7 @@ def cli_review(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's own type
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("review", help="feed reviewers' decisions back into the gallery")
     rs = p.add_subparsers(dest="rcmd", required=True)
     q = rs.add_parser("apply", help="apply a DECISIONS.csv as one new gallery version (all rows or none)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import random
 import string
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps

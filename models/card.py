@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -85,7 +84,7 @@ class ModelCard:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
+    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
         return cls(
             config=DescriptorConfig.from_dict(d["config"]),
             sha256=d.get("sha256", ""),

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 import torchvision
+from torch import nn
 
 from models.precision import Precision, resolve_precision
 
@@ -77,7 +77,7 @@ class DescriptorConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DescriptorConfig":
+    def from_dict(cls, d: dict[str, Any]) -> DescriptorConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 

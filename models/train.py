@@ -37,9 +37,10 @@ import random
 import shlex
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,6 @@ from models.augment import gallery_augment, query_augment
 from models.card import ModelCard, load_model, save_model
 from models.descriptor import DescriptorConfig, DescriptorModel, pick_device
 from models.losses import info_nce, koleo_entropy, relational_distill
-from models.precision import Precision
 from models.preprocess import IMAGE_SUFFIXES, resize_pair, resize_square, to_batch
 from models.synthetic import generate
 

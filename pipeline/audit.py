@@ -79,7 +79,7 @@ def default_actor() -> str:
         return who
     try:
         return getpass.getuser()
-    except Exception:  # noqa: BLE001 - containers without a passwd entry for the uid
+    except Exception:
         return f"uid:{os.getuid()}"
 
 

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 ACTIONS = ("filter", "downrank", "allow")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
@@ -42,7 +43,7 @@ class Bank:
                 "fine_threshold": self.fine_threshold, "enabled": self.enabled}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Bank":
+    def from_dict(cls, d: dict[str, Any]) -> Bank:
         return cls(d["name"], d["source"], d["category"], d["action"], d.get("fine_threshold"),
                    bool(d.get("enabled", True)))
 
@@ -93,7 +94,7 @@ def parse_banks(text: str, path: str = "<banks>", base_dir: str | None = None) -
     seen: dict[str, int] = {}
     for n, b in enumerate(raw):
         head, keys = where[n] if n < len(where) else (0, {})
-        line = lambda k: keys.get(k, head)  # noqa: E731
+        line = lambda k, keys=keys, head=head: keys.get(k, head)
         bad = False
         for k in sorted(set(b) - _KNOWN):
             errors.append((line(k), f"bank #{n + 1}: unknown key {k!r} (known: {sorted(_KNOWN)})"))

@@ -168,7 +168,7 @@ def built_benchmark(photos: str, out: Path, seed: int, queries_per_image: int = 
 
 def _split(ids: list[str], seed: int) -> tuple[list[str], list[str]]:
     """Deterministic half split by a salted hash (calibration, test)."""
-    h = lambda q: hashlib.sha256(f"{seed}:{q}".encode()).digest()[0]  # noqa: E731
+    h = lambda q: hashlib.sha256(f"{seed}:{q}".encode()).digest()[0]
     cal = [q for q in ids if h(q) % 2 == 0]
     test = [q for q in ids if h(q) % 2 == 1]
     return cal, test

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from models.card import BackgroundBank, ModelCard, load_background, load_model
+from models.card import BackgroundBank, load_background, load_model
 from models.descriptor import DescriptorConfig, pick_device
 from models.precision import Precision
 from models.preprocess import to_batch

@@ -115,7 +115,7 @@ def verify_staged(out: Store, run_id: str, expected_keys: int | None,
             lost = input_keys - set(keys)
             raise CommitError(f"run {run_id}: staged keys differ from the inputs ({len(lost)} without a row, "
                               f"e.g. {sorted(lost)[:3]}; {len(unknown)} unknown, e.g. {sorted(unknown)[:3]})")
-    by = lambda c: dict(Counter(v for v in t.column(c).to_pylist() if v is not None))  # noqa: E731
+    by = lambda c: dict(Counter(v for v in t.column(c).to_pylist() if v is not None))
     if gallery_version and set(by("gallery_version")) - {gallery_version}:
         raise CommitError(f"run {run_id}: rows decided with gallery versions {by('gallery_version')}, "
                           f"the run pinned {gallery_version}")
@@ -251,7 +251,7 @@ def abandon(out: Store, run_id: str) -> None:
     """Remove a run's staging after it failed (best effort: the next run sweeps what is left)."""
     try:
         _release_staging(out, run_id)
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
 
 

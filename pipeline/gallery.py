@@ -26,8 +26,9 @@ import datetime as _dt
 import io
 import json
 import posixpath
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -108,7 +109,7 @@ class GalleryContent:
 
 def write_version(store: Store, content: GalleryContent, card: ModelCard, n_shards: int,
                   rerank_dtype: str = "float16", parent: str | None = None,
-                  coarse_spec: "str | dict | CoarseIndexSpec | None" = None, publish: bool = True) -> str:
+                  coarse_spec: str | dict | CoarseIndexSpec | None = None, publish: bool = True) -> str:
     """Write a complete new version (shards, entries, manifest) and publish it via ``CURRENT``."""
     content.check()
     coarse_spec = CoarseIndexSpec.parse(coarse_spec)
@@ -680,7 +681,7 @@ class GalleryIndex:
     def load(cls, uri_or_store: str | Store, model_id: str | None = None, version: str | None = None,
              use_gpu: bool | None = None, overrides: dict[str, float] | None = None,
              background: np.ndarray | None = None, nprobe: int | None = None,
-             ef_search: int | None = None) -> "GalleryIndex":
+             ef_search: int | None = None) -> GalleryIndex:
         """Load and verify a version (default: ``CURRENT``); refuse a model-id mismatch.
 
         ``background`` is the query model's background bank (512-d); the manifest's ``norm``

@@ -11,7 +11,6 @@ is never identity: rerank vectors are looked up by id through a sorted id table.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import faiss
@@ -39,7 +38,7 @@ class ScoreNorm:
     k: int = 1
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "ScoreNorm":
+    def from_dict(cls, d: dict | None) -> ScoreNorm:
         d = d or {}
         return cls(beta=float(d.get("beta", 0.0)), k=int(d.get("k", 1)))
 
@@ -120,7 +119,7 @@ class Shard:
         return st_save({"ids": np.ascontiguousarray(self.ids, np.int64), "vectors": np.ascontiguousarray(self.rerank)})
 
     @classmethod
-    def from_bytes(cls, index_bytes: bytes, rerank_bytes: bytes) -> "Shard":
+    def from_bytes(cls, index_bytes: bytes, rerank_bytes: bytes) -> Shard:
         index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
         t = st_load(rerank_bytes)
         return cls(index, t["ids"].astype(np.int64), t["vectors"])
@@ -163,7 +162,7 @@ class CoarseIndexSpec:
                 "ef_search": self.ef_search}
 
     @classmethod
-    def parse(cls, value: "str | dict | CoarseIndexSpec | None") -> "CoarseIndexSpec":
+    def parse(cls, value: str | dict | CoarseIndexSpec | None) -> CoarseIndexSpec:
         """From a manifest entry: a dict, or a factory string of older galleries (``Flat``, ``HNSW32``)."""
         if isinstance(value, CoarseIndexSpec):
             return value
@@ -218,8 +217,8 @@ class CascadeIndex:
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def build(cls, ids: np.ndarray, coarse: np.ndarray, rerank: np.ndarray, n_shards: int,
-              rerank_dtype: str = "float16", coarse_spec: "str | CoarseIndexSpec" = "Flat",
-              use_gpu: bool | None = False) -> "CascadeIndex":
+              rerank_dtype: str = "float16", coarse_spec: str | CoarseIndexSpec = "Flat",
+              use_gpu: bool | None = False) -> CascadeIndex:
         """Shard ``id % n_shards``; ``coarse_spec`` is a :class:`CoarseIndexSpec` or a faiss
         factory string (benchmarks)."""
         ids = np.asarray(ids, dtype=np.int64)
@@ -246,7 +245,7 @@ class CascadeIndex:
             return cls(shards, cdim, rdim, use_gpu=use_gpu, nprobe=coarse_spec.nprobe, ef_search=coarse_spec.ef_search)
         return cls(shards, cdim, rdim, use_gpu=use_gpu)
 
-    def _searchable(self, s: Shard, use_gpu: bool | None, nprobe: int | None, ef_search: int | None):  # noqa: ANN202
+    def _searchable(self, s: Shard, use_gpu: bool | None, nprobe: int | None, ef_search: int | None):
         """Return (index to search, id table or None). On GPU the flat inner index is cloned to the
         device and labels mapped back through the IDMap's id table."""
         idx = s.index

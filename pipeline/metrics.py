@@ -23,11 +23,11 @@ class PRCurve:
     recall: np.ndarray
 
 
-def _labels(query_ids, reference_ids, gt: dict[str, str]) -> np.ndarray:  # noqa: ANN001
+def _labels(query_ids, reference_ids, gt: dict[str, str]) -> np.ndarray:
     return np.asarray([gt.get(q) == r for q, r in zip(query_ids, reference_ids)], dtype=bool)
 
 
-def pr_curve(query_ids, reference_ids, scores, gt: dict[str, str]) -> PRCurve:  # noqa: ANN001
+def pr_curve(query_ids, reference_ids, scores, gt: dict[str, str]) -> PRCurve:
     """Global PR curve over all predictions; ``gt`` = positive query -> reference id."""
     n_pos = len(gt)
     scores = np.asarray(scores, dtype=np.float64)
@@ -44,7 +44,7 @@ def pr_curve(query_ids, reference_ids, scores, gt: dict[str, str]) -> PRCurve:  
     return PRCurve(s[last], tp_g / n_g, tp_g / n_pos)
 
 
-def micro_ap(query_ids, reference_ids, scores, gt: dict[str, str]) -> float:  # noqa: ANN001
+def micro_ap(query_ids, reference_ids, scores, gt: dict[str, str]) -> float:
     """µAP: sum over thresholds of (recall gain) x (precision at that threshold)."""
     c = pr_curve(query_ids, reference_ids, scores, gt)
     if len(c.recall) == 0:
@@ -53,7 +53,7 @@ def micro_ap(query_ids, reference_ids, scores, gt: dict[str, str]) -> float:  # 
     return float(np.sum(dr * c.precision))
 
 
-def recall_at_precision(query_ids, reference_ids, scores, gt: dict[str, str], p: float) -> tuple[float, float | None]:  # noqa: ANN001
+def recall_at_precision(query_ids, reference_ids, scores, gt: dict[str, str], p: float) -> tuple[float, float | None]:
     """Highest recall among thresholds with precision >= ``p`` -> (recall, threshold or None)."""
     c = pr_curve(query_ids, reference_ids, scores, gt)
     ok = c.precision >= p
@@ -63,7 +63,7 @@ def recall_at_precision(query_ids, reference_ids, scores, gt: dict[str, str], p:
     return float(c.recall[i]), float(c.thresholds[i])
 
 
-def top1(query_ids, reference_ids, scores) -> dict[str, tuple[str, float]]:  # noqa: ANN001
+def top1(query_ids, reference_ids, scores) -> dict[str, tuple[str, float]]:
     """Best prediction per query: query -> (reference, score); ties keep the first seen."""
     best: dict[str, tuple[str, float]] = {}
     for q, r, s in zip(query_ids, reference_ids, scores):
@@ -72,7 +72,7 @@ def top1(query_ids, reference_ids, scores) -> dict[str, tuple[str, float]]:  # n
     return best
 
 
-def recall_at_1(query_ids, reference_ids, scores, gt: dict[str, str]) -> float:  # noqa: ANN001
+def recall_at_1(query_ids, reference_ids, scores, gt: dict[str, str]) -> float:
     """Share of positive queries whose best prediction is their reference (any score)."""
     if not gt:
         return 0.0
@@ -81,7 +81,7 @@ def recall_at_1(query_ids, reference_ids, scores, gt: dict[str, str]) -> float: 
 
 
 def operating_point(query_ids, reference_ids, scores, gt: dict[str, str], negatives: list[str],
-                    threshold: float) -> dict[str, float]:  # noqa: ANN001
+                    threshold: float) -> dict[str, float]:
     """Top-1 decisions at ``threshold``: precision, recall, false positives per negative query."""
     b = top1(query_ids, reference_ids, scores)
     flagged = {q: r for q, (r, s) in b.items() if s >= threshold}
@@ -94,7 +94,7 @@ def operating_point(query_ids, reference_ids, scores, gt: dict[str, str], negati
 
 
 def threshold_for_precision(query_ids, reference_ids, scores, gt: dict[str, str], target: float,
-                            negatives: list[str]) -> float:  # noqa: ANN001
+                            negatives: list[str]) -> float:
     """Smallest top-1 score threshold whose precision (over positives and negatives) >= target."""
     b = top1(query_ids, reference_ids, scores)
     items = sorted(((s, gt.get(q) == r) for q, (r, s) in b.items()), key=lambda t: -t[0])

@@ -17,14 +17,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Any
 
 import pandas as pd
 from PIL import Image
 
 from pipeline.decode import DecodeConfig, DecodeError, open_image
-from pipeline.flags import partition_key
 from pipeline.errors import plain_message
+from pipeline.flags import partition_key
 from pipeline.storage import Store, open_store, redact, split_uri
 
 THUMB = 160
@@ -65,7 +64,7 @@ def _read(uri: str) -> bytes | None:
     try:
         st, name = split_uri(uri)
         return st.read_bytes(name)
-    except Exception:  # noqa: BLE001 - a missing thumbnail must not break the page
+    except Exception:
         return None
 
 

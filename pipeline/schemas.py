@@ -18,7 +18,7 @@ so that a type drift is an error, not a silently different file.
 from __future__ import annotations
 
 import enum
-from typing import Iterable
+from collections.abc import Iterable
 
 import pyarrow as pa
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import plain_message
-from pipeline.schemas import FILE_SCHEMA, FLAG_SCHEMA, Action, ErrorCode, Status, check_columns
+from pipeline.schemas import FILE_SCHEMA, Action, ErrorCode, Status, check_columns
 from pipeline.storage import KeyPolicy, Store, open_store, split_uri
 
 log = logging.getLogger(__name__)
@@ -73,7 +72,7 @@ class Fetcher:
             try:
                 datas.append(self._fetch(str(uri)))
                 errors.append(None)
-            except Exception as e:  # noqa: BLE001 - any storage failure is this object's error row
+            except Exception as e:
                 datas.append(b"")
                 errors.append(plain_message(e, 300))
         return {"image_key": np.asarray(batch["image_key"], dtype=object),
@@ -124,7 +123,7 @@ class Moderator:
             if self.fail_on_keys and self.fail_on_keys.intersection(str(k) for k in batch["image_key"]):
                 raise RuntimeError(f"fault injected for a key of this batch (test_fail_keys) in {self!r}")
             return self._moderate(batch)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log.exception("Moderator failed on a batch of %d rows; writing internal_error rows", len(batch["image_key"]))
             return self._failed_batch(batch, e)
 
@@ -213,5 +212,5 @@ class Moderator:
     def _write_timing(self, rec: dict[str, Any]) -> None:
         try:
             self._timings.write_text(f"{uuid.uuid4().hex}.json", json.dumps(rec))
-        except Exception as e:  # noqa: BLE001 - timings are best effort, rows are not
+        except Exception as e:
             log.warning("could not write a timing record: %s", e)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def shipped_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def photo(name: str) -> "np.ndarray":
+def photo(name: str) -> np.ndarray:
     """A photo scikit-image ships, as RGB uint8."""
     from jobs.demo import skimage_photo
 
@@ -63,35 +62,7 @@ def ray_local():
     yield ray
 
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value-xyz",
-          "AWS_REGION": "us-east-1"}
-
-
-@contextlib.contextmanager
-def moto_server():
-    """A real S3 HTTP endpoint (moto server on 127.0.0.1, random port); sets the AWS environment
-    for boto3, pyarrow and Ray workers started afterwards, and restores it on exit."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield endpoint
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+from jobs.s3local import S3_ENV, moto_server  # noqa: E402,F401  (re-exported for the tests)
 
 
 @pytest.fixture()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import http.server
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 
 @dataclass
@@ -30,7 +30,7 @@ def pushgateway(status: int = 200) -> Iterator[Gateway]:
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-        do_PUT = do_POST = _record  # noqa: N815
+        do_PUT = do_POST = _record
 
         def log_message(self, *args: object) -> None:  # keep test output clean
             pass

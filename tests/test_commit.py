@@ -15,13 +15,13 @@ from pipeline.storage import open_store
 DAY = "2026-06-01"
 
 
-def _stage(out, run_id: str, keys: list[str], version: str = "v000001") -> None:  # noqa: ANN001
+def _stage(out, run_id: str, keys: list[str], version: str = "v000001") -> None:
     out.write_text(f"{F.staging_key(run_id)}/started", str(time.time()))
     F.write_staged(out, run_id, "part.parquet", error_rows(keys, ["read_error"] * len(keys), ["gone"] * len(keys),
                                                            model_version="m", gallery_version=version, run_id=run_id))
 
 
-def test_the_newest_claim_owns_the_date_and_the_older_run_publishes_nothing(tmp_path) -> None:  # noqa: ANN001
+def test_the_newest_claim_owns_the_date_and_the_older_run_publishes_nothing(tmp_path) -> None:
     out = open_store(str(tmp_path / "flags"), create=True)
     older, newer = "20260601T000001-aaaa", "20260601T000002-bbbb"
     for run, keys in ((older, ["a", "b"]), (newer, ["a", "b", "c"])):
@@ -37,7 +37,7 @@ def test_the_newest_claim_owns_the_date_and_the_older_run_publishes_nothing(tmp_
     assert not (tmp_path / "flags" / "_staging").exists()  # the older run's staging went with the commit
 
 
-def test_verify_refuses_wrong_keys_and_mixed_gallery_versions(tmp_path) -> None:  # noqa: ANN001
+def test_verify_refuses_wrong_keys_and_mixed_gallery_versions(tmp_path) -> None:
     out = open_store(str(tmp_path / "flags"), create=True)
     _stage(out, "r1", ["a", "b"])
     with pytest.raises(F.CommitError, match="staged keys differ from the inputs"):
@@ -48,7 +48,7 @@ def test_verify_refuses_wrong_keys_and_mixed_gallery_versions(tmp_path) -> None:
         F.verify_staged(out, "r1", 3, {"a", "b", "c"}, "v000001")
 
 
-def test_a_commit_in_progress_is_waited_for_and_a_stale_one_is_not(tmp_path) -> None:  # noqa: ANN001
+def test_a_commit_in_progress_is_waited_for_and_a_stale_one_is_not(tmp_path) -> None:
     out = open_store(str(tmp_path / "flags"), create=True)
     busy, mine = "20260601T000001-aaaa", "20260601T000002-bbbb"
     _stage(out, busy, ["a"])
@@ -60,7 +60,7 @@ def test_a_commit_in_progress_is_waited_for_and_a_stale_one_is_not(tmp_path) -> 
     assert time.time() - t < 10 and not out.exists(F.staging_key(busy))
 
 
-def test_sweep_keeps_runs_that_may_be_alive(tmp_path) -> None:  # noqa: ANN001
+def test_sweep_keeps_runs_that_may_be_alive(tmp_path) -> None:
     out = open_store(str(tmp_path / "flags"), create=True)
     long_owner, dead_loser, fresh = "20260602T000001-aaaa", "20260603T000001-bbbb", "20260604T000001-cccc"
     for run in (long_owner, dead_loser, fresh):

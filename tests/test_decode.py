@@ -8,15 +8,15 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import photo, shared_dir
 from PIL import Image
 
-from conftest import photo, shared_dir
 from pipeline.decode import DecodeConfig, Decoder
 
 DEC = Decoder(DecodeConfig(low_res=48, high_res=64))
 
 
-def _enc(im: Image.Image, fmt: str, **kw) -> bytes:  # noqa: ANN003
+def _enc(im: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format=fmt, **kw)
     return buf.getvalue()

@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from conftest import shared_dir
+
 from models.card import ModelIntegrityError, load_model, resize_square, to_batch
 from models.descriptor import Backbone, DescriptorConfig, DescriptorModel, GeM
 from models.train import TrainConfig, Trainer
@@ -47,7 +47,7 @@ def test_gem_p1_is_average_pooling_and_large_p_approaches_max() -> None:
     assert GeM(p=3.0).p.requires_grad
 
 
-def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:  # noqa: ANN001
+def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:
     kw.setdefault("cache_views", 1)
     cfg = TrainConfig(model=DescriptorConfig(high_res=64, low_res=48), batch_size=8, synthetic_images=4,
                       epochs_backbone=1, epochs_adapter1=2, epochs_adapter2=2, batch_size_adapter2=16,
@@ -56,8 +56,7 @@ def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:  # noqa: ANN001
 
 
 @pytest.fixture()
-def gen_images(tmp_path):  # noqa: ANN001
-    from PIL import Image
+def gen_images(tmp_path):
 
     from jobs.demo import procedural
 
@@ -70,7 +69,7 @@ def gen_images(tmp_path):  # noqa: ANN001
 
 
 @pytest.mark.parametrize("views", [1, 2])
-def test_stage2_freezes_backbone_and_stage3_freezes_adapter1(tmp_path, gen_images, views) -> None:  # noqa: ANN001
+def test_stage2_freezes_backbone_and_stage3_freezes_adapter1(tmp_path, gen_images, views) -> None:
     tr = _tiny_trainer(tmp_path / "run", gen_images, cache_views=views)
     tr.stage_backbone()
     snap = {k: v.clone() for k, v in tr.model.state_dict().items()}
@@ -91,7 +90,7 @@ def test_stage2_freezes_backbone_and_stage3_freezes_adapter1(tmp_path, gen_image
     assert all(np.isfinite(tr.history[k]).all() and len(tr.history[k]) == 2 for k in ("adapter1", "adapter2"))
 
 
-def test_the_feature_cache_is_keyed_to_the_settings_that_shape_it(tmp_path, gen_images) -> None:  # noqa: ANN001
+def test_the_feature_cache_is_keyed_to_the_settings_that_shape_it(tmp_path, gen_images) -> None:
     tr = _tiny_trainer(tmp_path / "run", gen_images, cache_views=1)
     tr.stage_backbone()
     tr.pooled_cache()
@@ -102,7 +101,7 @@ def test_the_feature_cache_is_keyed_to_the_settings_that_shape_it(tmp_path, gen_
     assert len(list((tmp_path / "run" / "checkpoints").glob("pooled_cache-*.pt"))) == 2
 
 
-def test_full_run_ships_fp16_weights_a_background_bank_and_a_card(tmp_path, gen_images) -> None:  # noqa: ANN001
+def test_full_run_ships_fp16_weights_a_background_bank_and_a_card(tmp_path, gen_images) -> None:
     from safetensors.torch import load_file
 
     from models.card import load_background
@@ -125,7 +124,7 @@ def test_full_run_ships_fp16_weights_a_background_bank_and_a_card(tmp_path, gen_
     assert adapter2[0]["epoch"] == 0 and {"cosine", "kl"} <= set(adapter2[-1])
 
 
-def test_tampered_background_bank_fails_with_a_clear_message(tmp_path, gen_images) -> None:  # noqa: ANN001
+def test_tampered_background_bank_fails_with_a_clear_message(tmp_path, gen_images) -> None:
     from models.card import load_background
 
     tr = _tiny_trainer(tmp_path / "run", gen_images)
@@ -157,7 +156,7 @@ def test_pca_init_makes_adapter1_the_top_principal_directions_of_the_512d_head()
     assert float(torch.tanh(lin).abs().mean()) < 0.6  # tanh starts in its near-linear range
 
 
-def test_training_resumes_from_checkpoint(tmp_path, gen_images) -> None:  # noqa: ANN001
+def test_training_resumes_from_checkpoint(tmp_path, gen_images) -> None:
     tr = _tiny_trainer(tmp_path / "run", gen_images)
     tr.stage_backbone(epochs=1)
     w1 = tr.model.state_dict()["backbone.0.weight"].clone()
@@ -168,7 +167,7 @@ def test_training_resumes_from_checkpoint(tmp_path, gen_images) -> None:  # noqa
     assert log[0]["stage"] == 1 and log[0]["epoch"] == 1
 
 
-def test_a_few_training_steps_on_kodak_lower_the_loss(tmp_path) -> None:  # noqa: ANN001
+def test_a_few_training_steps_on_kodak_lower_the_loss(tmp_path) -> None:
     from models.losses import info_nce
     from models.preprocess import resize_pair
 
@@ -192,7 +191,7 @@ def test_a_few_training_steps_on_kodak_lower_the_loss(tmp_path) -> None:  # noqa
     assert losses[-1] < losses[0] * 0.8, losses
 
 
-def test_safetensors_round_trip_reproduces_outputs(tiny_model_dir) -> None:  # noqa: ANN001
+def test_safetensors_round_trip_reproduces_outputs(tiny_model_dir) -> None:
     m1, card = load_model(tiny_model_dir)
     m2, _ = load_model(tiny_model_dir)
     x = torch.randn(2, 3, 64, 64)
@@ -202,7 +201,7 @@ def test_safetensors_round_trip_reproduces_outputs(tiny_model_dir) -> None:  # n
     assert card.version_id.startswith("resnet18-64x48-")
 
 
-def test_tampered_weights_fail_with_a_clear_message(tiny_model_dir, tmp_path) -> None:  # noqa: ANN001
+def test_tampered_weights_fail_with_a_clear_message(tiny_model_dir, tmp_path) -> None:
     import shutil
 
     d = tmp_path / "m"
@@ -214,7 +213,7 @@ def test_tampered_weights_fail_with_a_clear_message(tiny_model_dir, tmp_path) ->
         load_model(d)
 
 
-def test_shipped_model_ranks_edited_copies_above_unrelated_photos(shipped_model_dir) -> None:  # noqa: ANN001
+def test_shipped_model_ranks_edited_copies_above_unrelated_photos(shipped_model_dir) -> None:
     mods = shared_dir("edge-cases/pdq-bridge-mods")
     kodak = shared_dir("kodak24")
     from PIL import Image
@@ -222,7 +221,7 @@ def test_shipped_model_ranks_edited_copies_above_unrelated_photos(shipped_model_
     m, card = load_model(shipped_model_dir)
     hr = card.config.high_res
 
-    def feat(p):  # noqa: ANN001, ANN202
+    def feat(p):
         with Image.open(p) as im:
             return m.rerank_features(to_batch([resize_square(im, hr)]))[0]
 

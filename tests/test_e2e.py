@@ -84,7 +84,7 @@ def _png(im: Image.Image) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, shipped_model_dir):  # noqa: ANN001, ANN201
+def world(tmp_path_factory, shipped_model_dir):
     import boto3
     import ray
 
@@ -114,7 +114,7 @@ def world(tmp_path_factory, shipped_model_dir):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="module")
-def gallery(world):  # noqa: ANN001, ANN201
+def gallery(world):
     from jobs.gallery_cmd import ray_extractor
     from models.card import read_card
     from pipeline import gallery as G
@@ -128,7 +128,7 @@ def gallery(world):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="module")
-def first_run(world, gallery):  # noqa: ANN001, ANN201
+def first_run(world, gallery):
     from jobs.moderate import JobConfig, moderate
 
     info = moderate(f"s3://uploads-e2e/{DAY}/", gallery, "s3://flags-e2e/flags", DAY, cfg=JobConfig(batch_size=16))
@@ -143,7 +143,7 @@ def _read_partition(dt: str) -> pd.DataFrame:
     return t.to_pandas()
 
 
-def test_one_row_per_upload_with_the_right_decisions(world, first_run) -> None:  # noqa: ANN001
+def test_one_row_per_upload_with_the_right_decisions(world, first_run) -> None:
     up = world["uploads"]
     df = _read_partition(DAY)
     assert len(df) == len(up) and df["image_key"].is_unique
@@ -180,7 +180,7 @@ def test_one_row_per_upload_with_the_right_decisions(world, first_run) -> None: 
     assert (df["gallery_version"] == "v000001").all()
 
 
-def test_run_json_success_marker_and_counts(world, first_run) -> None:  # noqa: ANN001
+def test_run_json_success_marker_and_counts(world, first_run) -> None:
     import json
 
     s3 = world["s3"]
@@ -197,7 +197,7 @@ def test_run_json_success_marker_and_counts(world, first_run) -> None:  # noqa: 
     assert staged == [], staged
 
 
-def test_pandas_and_duckdb_read_the_hive_partition(world, first_run) -> None:  # noqa: ANN001
+def test_pandas_and_duckdb_read_the_hive_partition(world, first_run) -> None:
     from pipeline.flags import read_flags
 
     df = read_flags("s3://flags-e2e/flags")
@@ -209,7 +209,7 @@ def test_pandas_and_duckdb_read_the_hive_partition(world, first_run) -> None:  #
     assert page.count("data:image/jpeg;base64,") >= 2 and "testing-secret-value-xyz" not in page
 
 
-def test_rerun_of_the_same_date_replaces_the_partition(world, gallery, first_run) -> None:  # noqa: ANN001
+def test_rerun_of_the_same_date_replaces_the_partition(world, gallery, first_run) -> None:
     from jobs.moderate import JobConfig, moderate
 
     before = _read_partition(DAY).sort_values("image_key").reset_index(drop=True)
@@ -222,7 +222,7 @@ def test_rerun_of_the_same_date_replaces_the_partition(world, gallery, first_run
     pd.testing.assert_frame_equal(before[cols], after[cols])
 
 
-def test_manifest_input_with_a_missing_key(world, gallery) -> None:  # noqa: ANN001
+def test_manifest_input_with_a_missing_key(world, gallery) -> None:
     from jobs.moderate import JobConfig, moderate
 
     s3 = world["s3"]
@@ -246,7 +246,7 @@ def test_manifest_input_with_a_missing_key(world, gallery) -> None:  # noqa: ANN
     assert df.loc[keys[3], "error_code"] == "forbidden_key" and pd.isna(df.loc[keys[3], "image_sha256"])
 
 
-def test_backfill_three_days_and_resume_after_a_deleted_partition(world, gallery) -> None:  # noqa: ANN001
+def test_backfill_three_days_and_resume_after_a_deleted_partition(world, gallery) -> None:
     from jobs.moderate import JobConfig, backfill
     from pipeline.storage import open_store
 

@@ -6,9 +6,9 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import photo
 from PIL import Image
 
-from conftest import photo
 from pipeline.evaluate import GroundTruthError, built_benchmark, evaluate, prepared_benchmark
 
 NAMES = ["astronaut", "rocket", "coffee", "camera", "chelsea", "horse", "coins", "clock", "moon", "page",
@@ -16,7 +16,7 @@ NAMES = ["astronaut", "rocket", "coffee", "camera", "chelsea", "horse", "coins",
 
 
 @pytest.fixture()
-def photos(tmp_path):  # noqa: ANN001, ANN201
+def photos(tmp_path):
     d = tmp_path / "photos"
     d.mkdir()
     for n in NAMES:
@@ -24,7 +24,7 @@ def photos(tmp_path):  # noqa: ANN001, ANN201
     return d
 
 
-def test_built_mode_is_deterministic_for_a_seed(photos, tmp_path) -> None:  # noqa: ANN001
+def test_built_mode_is_deterministic_for_a_seed(photos, tmp_path) -> None:
     a = built_benchmark(str(photos), tmp_path / "a", seed=3)
     b = built_benchmark(str(photos), tmp_path / "b", seed=3)
     c = built_benchmark(str(photos), tmp_path / "c", seed=4)
@@ -38,7 +38,7 @@ def test_built_mode_is_deterministic_for_a_seed(photos, tmp_path) -> None:  # no
     assert negs and all(q.split("-")[2] not in a.gallery for q in negs)
 
 
-def test_evaluate_writes_all_outputs(photos, tmp_path, tiny_model_dir) -> None:  # noqa: ANN001
+def test_evaluate_writes_all_outputs(photos, tmp_path, tiny_model_dir) -> None:
     bench = built_benchmark(str(photos), tmp_path / "out", seed=0)
     m = evaluate(bench, tmp_path / "out", str(tiny_model_dir), seed=0)
     for f in ("predictions.parquet", "metrics.json", "report.md", "pr_curve.png"):
@@ -69,7 +69,7 @@ def test_evaluate_writes_all_outputs(photos, tmp_path, tiny_model_dir) -> None: 
     assert set(saved["per_edit"]) and "µAP" in (tmp_path / "out" / "report.md").read_text()
 
 
-def _prepared(tmp_path):  # noqa: ANN001, ANN202
+def _prepared(tmp_path):
     g, q = tmp_path / "g", tmp_path / "q"
     g.mkdir()
     q.mkdir()
@@ -80,7 +80,7 @@ def _prepared(tmp_path):  # noqa: ANN001, ANN202
     return g, q
 
 
-def test_prepared_mode_accepts_the_documented_csv(tmp_path) -> None:  # noqa: ANN001
+def test_prepared_mode_accepts_the_documented_csv(tmp_path) -> None:
     g, q = _prepared(tmp_path)
     (tmp_path / "gt.csv").write_text("query_id,reference_id\nq0,astronaut\nq1,rocket\nq2,\n")
     b = prepared_benchmark(str(g), str(q), str(tmp_path / "gt.csv"))
@@ -95,7 +95,7 @@ def test_prepared_mode_accepts_the_documented_csv(tmp_path) -> None:  # noqa: AN
     ("query_id,reference_id\nq9,astronaut\n", ":2: query 'q9' has no image"),
     ("query_id,reference_id\nq0,nosuchref\n", ":2: reference 'nosuchref' has no image"),
 ])
-def test_prepared_mode_rejects_a_malformed_csv(tmp_path, text: str, msg: str) -> None:  # noqa: ANN001
+def test_prepared_mode_rejects_a_malformed_csv(tmp_path, text: str, msg: str) -> None:
     g, q = _prepared(tmp_path)
     (tmp_path / "gt.csv").write_text(text)
     with pytest.raises(GroundTruthError, match=msg.replace("(", r"\(")):

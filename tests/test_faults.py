@@ -37,7 +37,7 @@ def _folder(root: Path, n: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_gallery(tmp_path_factory, shipped_model_dir):  # noqa: ANN001, ANN201
+def local_gallery(tmp_path_factory, shipped_model_dir):
     from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
@@ -54,7 +54,7 @@ def local_gallery(tmp_path_factory, shipped_model_dir):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():  # noqa: ANN201
+def ray_cluster():
     import ray
 
     ray.shutdown()
@@ -77,7 +77,7 @@ def _kill_actor_when_busy(marker: Path, stop: threading.Event, killed: list[int]
         time.sleep(0.05)
 
 
-def test_actor_killed_mid_job_every_row_once(local_gallery, ray_cluster, tmp_path) -> None:  # noqa: ANN001
+def test_actor_killed_mid_job_every_row_once(local_gallery, ray_cluster, tmp_path) -> None:
     from jobs.moderate import JobConfig, moderate, new_run_id
 
     gal, _ = local_gallery
@@ -118,7 +118,7 @@ class _FlakyProxy:
         class H(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, *a):  # noqa: ANN002, ANN202
+            def log_message(self, *a):
                 pass
 
             def _body(self) -> bytes:
@@ -182,7 +182,7 @@ class _FlakyProxy:
 
 
 @pytest.fixture(scope="module")
-def flaky_s3(local_gallery):  # noqa: ANN001, ANN201
+def flaky_s3(local_gallery):
     import boto3
     import ray
 
@@ -207,7 +207,7 @@ def flaky_s3(local_gallery):  # noqa: ANN001, ANN201
 
 
 @pytest.mark.parametrize("mode", ["503", "reset"])
-def test_s3_errors_for_a_while_are_retried(flaky_s3, local_gallery, mode: str) -> None:  # noqa: ANN001
+def test_s3_errors_for_a_while_are_retried(flaky_s3, local_gallery, mode: str) -> None:
     from jobs.moderate import JobConfig, moderate
     from pipeline.flags import read_flags
 
@@ -222,7 +222,7 @@ def test_s3_errors_for_a_while_are_retried(flaky_s3, local_gallery, mode: str) -
     assert len(df) == 20 == info["inputs"] and (df["status"] == "clean").all()
 
 
-def test_s3_outage_fails_cleanly_without_a_partial_partition(flaky_s3, local_gallery) -> None:  # noqa: ANN001
+def test_s3_outage_fails_cleanly_without_a_partial_partition(flaky_s3, local_gallery) -> None:
     from jobs.moderate import JobConfig, moderate
 
     proxy, s3 = flaky_s3
@@ -242,7 +242,7 @@ def test_s3_outage_fails_cleanly_without_a_partial_partition(flaky_s3, local_gal
     assert not [k for k in keys if k.startswith("down/dt=")], keys
 
 
-def test_driver_killed_during_the_write_then_rerun(local_gallery, tmp_path) -> None:  # noqa: ANN001
+def test_driver_killed_during_the_write_then_rerun(local_gallery, tmp_path) -> None:
     gal, _ = local_gallery
     src = _folder(tmp_path / "up", 120)
     out = tmp_path / "flags"
@@ -278,11 +278,11 @@ def _healthy(proxy: _FlakyProxy) -> None:
     proxy.methods, proxy.path_filter, proxy.pass_first = ("GET", "HEAD"), "", 0
 
 
-def _s3_keys(s3, prefix: str) -> list[str]:  # noqa: ANN001
+def _s3_keys(s3, prefix: str) -> list[str]:
     return [o["Key"] for o in s3.list_objects_v2(Bucket="flaky-out", Prefix=prefix).get("Contents", [])]
 
 
-def test_s3_write_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> None:  # noqa: ANN001
+def test_s3_write_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> None:
     """503s and connection resets on PUT/POST/DELETE (staged writes, commit copies and deletes)."""
     from jobs.moderate import JobConfig, moderate
     from pipeline.flags import read_flags
@@ -303,7 +303,7 @@ def test_s3_write_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> Non
     assert "w-ok/dt=2026-05-05/_SUCCESS" in _s3_keys(s3, "w-ok/") and not _s3_keys(s3, "w-ok/_staging/")
 
 
-def test_s3_write_outage_mid_commit_publishes_nothing_then_a_rerun_repairs(flaky_s3, local_gallery) -> None:  # noqa: ANN001
+def test_s3_write_outage_mid_commit_publishes_nothing_then_a_rerun_repairs(flaky_s3, local_gallery) -> None:
     from jobs.moderate import JobConfig, moderate
     from pipeline.errors import ModscanError
     from pipeline.flags import read_flags
@@ -336,7 +336,7 @@ def test_s3_write_outage_mid_commit_publishes_nothing_then_a_rerun_repairs(flaky
     assert not _s3_keys(s3, "w-outage/_staging/")
 
 
-def test_two_concurrent_runs_of_one_date_one_wins_the_other_fails(local_gallery, ray_cluster, tmp_path) -> None:  # noqa: ANN001
+def test_two_concurrent_runs_of_one_date_one_wins_the_other_fails(local_gallery, ray_cluster, tmp_path) -> None:
     """Both runs read, decode and stage at the same time; the later one owns the date. The older
     one fails at commit with a clear error and publishes nothing: the partition is never mixed."""
     from jobs.moderate import JobConfig, execute_run, prepare_run
@@ -350,10 +350,10 @@ def test_two_concurrent_runs_of_one_date_one_wins_the_other_fails(local_gallery,
     newer = prepare_run(str(src), gal, str(out), day, cfg=cfg)
     results: dict[str, object] = {}
 
-    def run(name: str, plan) -> None:  # noqa: ANN001
+    def run(name: str, plan) -> None:
         try:
             results[name] = execute_run(plan, review=False)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             results[name] = e
 
     threads = [threading.Thread(target=run, args=(n, p)) for n, p in (("older", older), ("newer", newer))]
@@ -371,7 +371,7 @@ def test_two_concurrent_runs_of_one_date_one_wins_the_other_fails(local_gallery,
     assert not (out / "_staging").exists()
 
 
-def test_node_lost_mid_job_every_upload_exactly_one_row(local_gallery, tmp_path) -> None:  # noqa: ANN001
+def test_node_lost_mid_job_every_upload_exactly_one_row(local_gallery, tmp_path) -> None:
     """A head and a second node (``ray.cluster_utils.Cluster``: two raylets, as two `ray start`);
     the second node is killed (no graceful shutdown) while it holds work."""
     import psutil

@@ -8,9 +8,9 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import photo
 from PIL import Image
 
-from conftest import photo
 from models.card import read_card
 from pipeline import gallery as G
 from pipeline.banks import Bank, BankFileError, parse_banks
@@ -19,7 +19,7 @@ from pipeline.storage import open_store
 NAMES = ["astronaut", "rocket", "coffee", "camera", "chelsea", "horse"]
 
 
-def _write_refs(root, names):  # noqa: ANN001, ANN202
+def _write_refs(root, names):
     root.mkdir(parents=True, exist_ok=True)
     for n in names:
         Image.fromarray(photo(n)).save(root / f"{n}.png")
@@ -27,7 +27,7 @@ def _write_refs(root, names):  # noqa: ANN001, ANN202
 
 
 @pytest.fixture()
-def built(tmp_path, tiny_model_dir):  # noqa: ANN001, ANN202
+def built(tmp_path, tiny_model_dir):
     from jobs.gallery_cmd import local_extractor
 
     a = _write_refs(tmp_path / "a", NAMES[:3])
@@ -42,7 +42,7 @@ def built(tmp_path, tiny_model_dir):  # noqa: ANN001, ANN202
     return store, card, extract, v, stats, tmp_path
 
 
-def test_build_dedupes_by_sha_and_records_rejects(built) -> None:  # noqa: ANN001
+def test_build_dedupes_by_sha_and_records_rejects(built) -> None:
     store, card, _, v, stats, _ = built
     assert v == "v000001" and G.current_version(store) == v
     assert stats["aa"]["added"] == 3 and stats["bb"]["added"] == 1 and stats["bb"]["new_membership"] == 1
@@ -55,7 +55,7 @@ def test_build_dedupes_by_sha_and_records_rejects(built) -> None:  # noqa: ANN00
     assert m["rejected"][0]["error_code"] == "truncated"
 
 
-def test_load_round_trip_and_self_match(built) -> None:  # noqa: ANN001
+def test_load_round_trip_and_self_match(built) -> None:
     store, card, extract, *_ = built
     gal = G.GalleryIndex.load(store, model_id=card.version_id)
     _, content = G.read_content(store)
@@ -66,7 +66,7 @@ def test_load_round_trip_and_self_match(built) -> None:  # noqa: ANN001
     assert np.allclose(F[:, 0], 1.0, atol=2e-3)  # float16 storage
 
 
-def test_tampered_shard_is_a_checksum_error(built) -> None:  # noqa: ANN001
+def test_tampered_shard_is_a_checksum_error(built) -> None:
     store, card, *_ = built
     p = store.path("versions/v000001/shard-001.rerank.safetensors")
     raw = bytearray(open(p, "rb").read())
@@ -76,17 +76,17 @@ def test_tampered_shard_is_a_checksum_error(built) -> None:  # noqa: ANN001
         G.GalleryIndex.load(store, model_id=card.version_id)
 
 
-def test_model_mismatch_is_a_clear_error(built) -> None:  # noqa: ANN001
+def test_model_mismatch_is_a_clear_error(built) -> None:
     store, *_ = built
     with pytest.raises(G.GalleryModelMismatch, match="rebuild the gallery"):
         G.GalleryIndex.load(store, model_id="resnet18-160x112-000000000000")
 
 
-def test_add_and_remove_make_new_versions_without_reextracting(built) -> None:  # noqa: ANN001
+def test_add_and_remove_make_new_versions_without_reextracting(built) -> None:
     store, card, extract, _, _, tmp = built
     calls: list[int] = []
 
-    def counting(uris):  # noqa: ANN001, ANN202
+    def counting(uris):
         calls.append(len(uris))
         return extract(uris)
 
@@ -193,7 +193,7 @@ def test_bank_file_errors_are_reported_with_their_lines() -> None:
         parse_banks('[[bank]]\nname = "x\n', "banks.toml")
 
 
-def test_relative_sources_resolve_against_the_bank_file(tmp_path) -> None:  # noqa: ANN001
+def test_relative_sources_resolve_against_the_bank_file(tmp_path) -> None:
     from pipeline.banks import load_banks
 
     p = tmp_path / "conf" / "banks.toml"
@@ -202,7 +202,7 @@ def test_relative_sources_resolve_against_the_bank_file(tmp_path) -> None:  # no
     assert load_banks(p)[0].source == str(tmp_path / "refs")
 
 
-def test_build_from_s3(s3_server, tmp_path, tiny_model_dir) -> None:  # noqa: ANN001
+def test_build_from_s3(s3_server, tmp_path, tiny_model_dir) -> None:
     import boto3
 
     from jobs.gallery_cmd import local_extractor

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 
 
-def _write_gallery(root, n: int, n_shards: int, rerank_dtype: str, seed: int = 0, holes: bool = True) -> str:  # noqa: ANN001
+def _write_gallery(root, n: int, n_shards: int, rerank_dtype: str, seed: int = 0, holes: bool = True) -> str:
     from models.card import read_card
     from pipeline.banks import Bank
     from pipeline.gallery import GalleryContent, write_version
@@ -35,7 +35,7 @@ def _write_gallery(root, n: int, n_shards: int, rerank_dtype: str, seed: int = 0
 
 
 @pytest.mark.parametrize("rerank_dtype", ["float16", "int8", "float32"])
-def test_streaming_load_equals_whole_file_load(tmp_path, rerank_dtype: str) -> None:  # noqa: ANN001
+def test_streaming_load_equals_whole_file_load(tmp_path, rerank_dtype: str) -> None:
     from pipeline import gallery as G
     from pipeline.index import CascadeIndex
     from pipeline.storage import open_store
@@ -60,7 +60,7 @@ def test_streaming_load_equals_whole_file_load(tmp_path, rerank_dtype: str) -> N
 
 @pytest.mark.parametrize("target,where", [("shard-001.rerank.safetensors", -5), ("shard-001.rerank.safetensors", 20),
                                           ("shard-000.faiss", 200), ("shard-000.faiss", -1)])
-def test_streaming_load_refuses_any_changed_byte(tmp_path, target: str, where: int) -> None:  # noqa: ANN001
+def test_streaming_load_refuses_any_changed_byte(tmp_path, target: str, where: int) -> None:
     from pipeline import gallery as G
 
     root = _write_gallery(tmp_path / "g", 500, 2, "float16")
@@ -89,7 +89,7 @@ print(status("VmHWM:") - base, status("VmRSS:") - base)
 """
 
 
-def test_load_peak_is_close_to_resident(tmp_path) -> None:  # noqa: ANN001
+def test_load_peak_is_close_to_resident(tmp_path) -> None:
     """Whole-file loading peaked at ~2.5x the resident size (file bytes, per-shard and merged
     matrices at once); the streaming loader must stay within 1.3x."""
     root = _write_gallery(tmp_path / "g", 60_000, 4, "float16", holes=False)

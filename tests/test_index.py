@@ -12,7 +12,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _data(n: int, nq: int, seed: int = 0):  # noqa: ANN202
+def _data(n: int, nq: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     ids = rng.choice(10_000_000, size=n, replace=False).astype(np.int64)  # sparse, unordered ids
     c = _unit(rng.normal(size=(n, 128)))
@@ -24,7 +24,7 @@ def _data(n: int, nq: int, seed: int = 0):  # noqa: ANN202
     return ids, c, r, qc, qr
 
 
-def _exhaustive(ids, c, r, qc, qr, k, thr):  # noqa: ANN001, ANN202
+def _exhaustive(ids, c, r, qc, qr, k, thr):
     """Reference: numpy scores, coarse filter by threshold, top-k by coarse, fine score by id."""
     S = qc @ c.T
     out = []
@@ -95,7 +95,7 @@ def test_shard_bytes_round_trip() -> None:
 
 @pytest.mark.parametrize("ids", [np.delete(np.arange(400), [5, 17, 200]),            # compact: dense row table
                                  np.arange(397, dtype=np.int64) * 1_000_003])         # sparse: binary search
-def test_rerank_scores_equal_brute_force_with_padding_and_unknown_ids(ids) -> None:  # noqa: ANN001
+def test_rerank_scores_equal_brute_force_with_padding_and_unknown_ids(ids) -> None:
     rng = np.random.default_rng(7)
     n = len(ids)
     c = rng.standard_normal((n, 8)).astype(np.float32)

@@ -73,7 +73,7 @@ def gallery(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():  # noqa: ANN201
+def ray_cluster():
     import ray
 
     ray.shutdown()
@@ -85,7 +85,7 @@ def ray_cluster():  # noqa: ANN201
 # --------------------------------------------------------------------------------------------
 # Dates (finding 5)
 # --------------------------------------------------------------------------------------------
-def test_one_strict_date_validator_names_the_flag(capsys, tmp_path, gallery) -> None:  # noqa: ANN001
+def test_one_strict_date_validator_names_the_flag(capsys, tmp_path, gallery) -> None:
     from pipeline.errors import UsageError
     from pipeline.flags import partition_key, valid_date
 
@@ -113,7 +113,7 @@ def test_one_strict_date_validator_names_the_flag(capsys, tmp_path, gallery) -> 
 # --------------------------------------------------------------------------------------------
 # Input existence and empty inputs (finding 1)
 # --------------------------------------------------------------------------------------------
-def test_missing_input_exits_1_with_one_line_and_no_partition(tmp_path, gallery) -> None:  # noqa: ANN001
+def test_missing_input_exits_1_with_one_line_and_no_partition(tmp_path, gallery) -> None:
     """What an operator sees: a separate process, exit 1, one line on stderr, nothing written."""
     out = tmp_path / "flags"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
@@ -126,7 +126,7 @@ def test_missing_input_exits_1_with_one_line_and_no_partition(tmp_path, gallery)
     assert not out.exists()
 
 
-def test_missing_s3_bucket_or_prefix_fails_before_ray(capsys, tmp_path, gallery) -> None:  # noqa: ANN001
+def test_missing_s3_bucket_or_prefix_fails_before_ray(capsys, tmp_path, gallery) -> None:
     import boto3
 
     with moto_server() as endpoint:
@@ -145,7 +145,7 @@ def test_missing_s3_bucket_or_prefix_fails_before_ray(capsys, tmp_path, gallery)
         assert "Contents" not in s3.list_objects_v2(Bucket="flags-out")
 
 
-def test_empty_input_fails_unless_allowed_and_the_readme_reader_works(capsys, tmp_path, gallery) -> None:  # noqa: ANN001
+def test_empty_input_fails_unless_allowed_and_the_readme_reader_works(capsys, tmp_path, gallery) -> None:
     up = tmp_path / "up"
     up.mkdir()
     (up / "_SUCCESS").write_text("")  # an upstream job's marker: listed, but nothing to moderate
@@ -176,7 +176,7 @@ def test_empty_input_fails_unless_allowed_and_the_readme_reader_works(capsys, tm
 # --------------------------------------------------------------------------------------------
 # Manifests (findings 2 and 4)
 # --------------------------------------------------------------------------------------------
-def test_manifest_keys_are_strings_and_bad_lines_are_numbered(capsys, tmp_path, gallery) -> None:  # noqa: ANN001
+def test_manifest_keys_are_strings_and_bad_lines_are_numbered(capsys, tmp_path, gallery) -> None:
     from jobs.moderate import read_manifest_keys
     from pipeline.errors import InputError
 
@@ -204,7 +204,7 @@ def test_manifest_keys_are_strings_and_bad_lines_are_numbered(capsys, tmp_path, 
     assert rc == 1 and "blank key at lines 3, 4, 7" in _one_line(err) and not out.exists()
 
 
-def test_key_policy(tmp_path) -> None:  # noqa: ANN001
+def test_key_policy(tmp_path) -> None:
     from jobs.moderate import JobConfig
     from pipeline.errors import UsageError
     from pipeline.storage import ForbiddenKey, KeyPolicy
@@ -242,7 +242,7 @@ def test_key_policy(tmp_path) -> None:  # noqa: ANN001
 # --------------------------------------------------------------------------------------------
 # Clean operator errors (finding 7)
 # --------------------------------------------------------------------------------------------
-def test_config_values_are_checked_before_ray(capsys, tmp_path, gallery) -> None:  # noqa: ANN001
+def test_config_values_are_checked_before_ray(capsys, tmp_path, gallery) -> None:
     up = tmp_path / "up"
     _jpeg(up / "a.jpg")
     out = tmp_path / "flags"
@@ -264,7 +264,7 @@ def test_config_values_are_checked_before_ray(capsys, tmp_path, gallery) -> None
     assert not out.exists()
 
 
-def test_corrupted_gallery_output_file_and_debug(capsys, tmp_path, gallery) -> None:  # noqa: ANN001
+def test_corrupted_gallery_output_file_and_debug(capsys, tmp_path, gallery) -> None:
     from pipeline.errors import ModscanError
 
     gal = tmp_path / "gal"
@@ -325,7 +325,7 @@ DAY_KEYS = ["_DSC0001.JPG", ".hidden.jpg", "sub/_x.jpg", "100075.jpg", "boom.jpg
 
 
 @pytest.fixture(scope="module")
-def day_run(gallery, ray_cluster, tmp_path_factory):  # noqa: ANN001, ANN201
+def day_run(gallery, ray_cluster, tmp_path_factory):
     """One day with camera names, hidden names and markers; a new gallery version is published
     between the driver's resolve and the actors' start; one batch fails inside the Moderator."""
     from jobs.moderate import JobConfig, execute_run, prepare_run
@@ -355,7 +355,7 @@ def day_run(gallery, ray_cluster, tmp_path_factory):  # noqa: ANN001, ANN201
             "df": pd.read_parquet(out / f"dt={DAY}").set_index("image_key")}
 
 
-def test_every_listed_object_gets_a_row_except_markers(day_run) -> None:  # noqa: ANN001
+def test_every_listed_object_gets_a_row_except_markers(day_run) -> None:
     from jobs.moderate import summary
 
     df, info = day_run["df"], day_run["info"]
@@ -368,7 +368,7 @@ def test_every_listed_object_gets_a_row_except_markers(day_run) -> None:  # noqa
     assert '{"marker": 2}' in summary(info)
 
 
-def test_gallery_version_is_pinned_for_actors_and_review(day_run) -> None:  # noqa: ANN001
+def test_gallery_version_is_pinned_for_actors_and_review(day_run) -> None:
     df, info = day_run["df"], day_run["info"]
     assert info["gallery_version"] == "v000001"
     assert set(df["gallery_version"]) == {"v000001"}  # although CURRENT was v000002 before any actor started
@@ -378,7 +378,7 @@ def test_gallery_version_is_pinned_for_actors_and_review(day_run) -> None:  # no
     assert "ref #0<" in page and not re.search(r"ref #\d+\.\d", page)  # integer reference ids
 
 
-def test_a_moderator_exception_becomes_internal_error_rows(day_run) -> None:  # noqa: ANN001
+def test_a_moderator_exception_becomes_internal_error_rows(day_run) -> None:
     df, info = day_run["df"], day_run["info"]
     row = df.loc["boom.jpg"]
     assert (row["status"], row["error_code"], row["action"]) == ("error", "internal_error", "none")
@@ -390,7 +390,7 @@ def test_a_moderator_exception_becomes_internal_error_rows(day_run) -> None:  # 
     assert "fault injected" in page and "object at 0x" not in page
 
 
-def test_manifest_rows_forbidden_keys_are_never_read(ray_cluster, gallery, tmp_path) -> None:  # noqa: ANN001
+def test_manifest_rows_forbidden_keys_are_never_read(ray_cluster, gallery, tmp_path) -> None:
     from jobs.moderate import JobConfig, moderate
 
     m, allowed, other = tmp_path / "m", tmp_path / "allowed", tmp_path / "other"
@@ -418,7 +418,7 @@ def test_manifest_rows_forbidden_keys_are_never_read(ray_cluster, gallery, tmp_p
     assert info["counts"]["by_error_code"] == {"forbidden_key": len(forbidden), "read_error": 1}
 
 
-def test_backfill_never_commits_a_missing_day_and_exits_non_zero(capsys, ray_cluster, gallery, tmp_path) -> None:  # noqa: ANN001
+def test_backfill_never_commits_a_missing_day_and_exits_non_zero(capsys, ray_cluster, gallery, tmp_path) -> None:
     src, out = tmp_path / "uploads", tmp_path / "flags"
     _jpeg(src / "2026-02-01" / "a.jpg", 1)
     args = ["backfill", "--input-template", str(src) + "/{date}", "--gallery", gallery, "--output", str(out),

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pushgateway_stub import pushgateway
 
 from pipeline.jobmetrics import MetricsPushError, publish, push, render, write_textfile
-from pushgateway_stub import pushgateway
 
 RUN = {  # the shape moderate() commits as _run.json
     "run_id": "20261125T031502-ab12cd34", "dt": "2026-11-25", "model_version": "resnet18-160x112-1fa986fea88d",
@@ -59,7 +59,7 @@ def test_label_values_are_escaped() -> None:
     assert s[("modscan_run_matches", (("bank", 'we"ird\\bank\nname'),))] == 2
 
 
-def test_textfile_is_replaced_atomically(tmp_path) -> None:  # noqa: ANN001
+def test_textfile_is_replaced_atomically(tmp_path) -> None:
     p = tmp_path / "collector" / "modscan.prom"
     write_textfile(str(p), "old 1\n")
     write_textfile(str(p), render(RUN))
@@ -77,7 +77,7 @@ def test_push_puts_the_text_to_the_pushgateway_group() -> None:
     assert gw.headers[0]["Authorization"] == "Basic b3BzOnMzY3JldA=="  # ops:s3cret
 
 
-def test_push_failures_are_clear_errors(tmp_path) -> None:  # noqa: ANN001
+def test_push_failures_are_clear_errors(tmp_path) -> None:
     with pushgateway(status=500) as gw:
         with pytest.raises(MetricsPushError, match=r"answered HTTP 500"):
             push(gw.url, "x 1\n")

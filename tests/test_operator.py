@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import photo
 from PIL import Image
 
-from conftest import photo
 from models.augment import apply_named
 from pipeline import audit as A
 from pipeline import flags as F
@@ -80,7 +80,7 @@ def banks_for(refs: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, shipped_model_dir):  # noqa: ANN001, ANN201
+def world(tmp_path_factory, shipped_model_dir):
     from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline.storage import open_store
@@ -100,7 +100,7 @@ def world(tmp_path_factory, shipped_model_dir):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture()
-def fresh(world, tmp_path):  # noqa: ANN001, ANN201
+def fresh(world, tmp_path):
     """A private copy of the built gallery (tests that write versions must not share one)."""
     dst = tmp_path / "gallery"
     shutil.copytree(world["gallery"], dst)
@@ -108,19 +108,19 @@ def fresh(world, tmp_path):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="module")
-def fx():  # noqa: ANN201
+def fx():
     from pipeline.features import FeatureExtractor
 
     return FeatureExtractor(None)
 
 
 @pytest.fixture(scope="module")
-def moderated(world):  # noqa: ANN001, ANN201
+def moderated(world):
     """The job's own Moderator stage on every upload (no Ray): the flag rows the job would stage."""
     return _moderate_rows(str(world["gallery"]), world["uploads_list"], world["uploads"], "run-local")
 
 
-def _moderate_rows(gallery_uri: str, uris: list[str], root: Path | str, run_id: str):  # noqa: ANN202
+def _moderate_rows(gallery_uri: str, uris: list[str], root: Path | str, run_id: str):
     from models.card import read_card
     from pipeline.decode import DecodeConfig, Decoder
     from pipeline.stages import Fetcher, Moderator, RunContext
@@ -134,13 +134,13 @@ def _moderate_rows(gallery_uri: str, uris: list[str], root: Path | str, run_id: 
     return Moderator(gallery_uri, RunContext(DAY, run_id))(dec)
 
 
-def _load(gallery: Path | str, fx) -> G.GalleryIndex:  # noqa: ANN001
+def _load(gallery: Path | str, fx) -> G.GalleryIndex:
     """Load a gallery the way the job's Moderator does (model id checked, background bank given)."""
     bg = fx.background.f512 if fx.background is not None else None
     return G.GalleryIndex.load(str(gallery), model_id=fx.version_id, background=bg)
 
 
-def _lookup(gallery: Path | str, images: list[str], fx, **kw):  # noqa: ANN001, ANN202
+def _lookup(gallery: Path | str, images: list[str], fx, **kw):
     from pipeline.explain import explain
 
     return {Path(e.image).name: e for e in explain(images, _load(gallery, fx), fx, **kw).explanations}
@@ -149,7 +149,7 @@ def _lookup(gallery: Path | str, images: list[str], fx, **kw):  # noqa: ANN001, 
 # ---------------------------------------------------------------------------------------------
 # lookup
 # ---------------------------------------------------------------------------------------------
-def test_lookup_makes_the_jobs_decisions_and_names_the_rule(world, moderated, fx) -> None:  # noqa: ANN001
+def test_lookup_makes_the_jobs_decisions_and_names_the_rule(world, moderated, fx) -> None:
     from pipeline.explain import Rule
 
     ex = _lookup(world["gallery"], world["uploads_list"], fx, top_k=3)
@@ -185,7 +185,7 @@ def test_lookup_makes_the_jobs_decisions_and_names_the_rule(world, moderated, fx
     assert coins.candidates[0].coarse_score >= coins.candidates[-1].coarse_score
 
 
-def test_lookup_rules_for_a_disabled_bank_and_the_coarse_stage(world, fx) -> None:  # noqa: ANN001
+def test_lookup_rules_for_a_disabled_bank_and_the_coarse_stage(world, fx) -> None:
     from pipeline.explain import Rule, explain
 
     base = _load(world["gallery"], fx)
@@ -203,7 +203,7 @@ def test_lookup_rules_for_a_disabled_bank_and_the_coarse_stage(world, fx) -> Non
     assert {m.verdict for c in e.candidates for m in c.memberships} == {"not_reranked"}
 
 
-def test_lookup_cli_table_and_json(world, capsys) -> None:  # noqa: ANN001
+def test_lookup_cli_table_and_json(world, capsys) -> None:
     from jobs.cli import main
 
     img = str(world["uploads"] / "copy-rocket-color.jpg")
@@ -227,7 +227,7 @@ def _csv(*rows: str) -> str:
     return "image_key,reference_id,decision,reviewer,note,bank,until,run_id\n" + "\n".join(rows) + "\n"
 
 
-def test_malformed_decisions_are_reported_by_line_and_nothing_is_applied(world, fresh) -> None:  # noqa: ANN001
+def test_malformed_decisions_are_reported_by_line_and_nothing_is_applied(world, fresh) -> None:
     from pipeline.decisions import DecisionFileError, apply_decisions
     from pipeline.storage import open_store
 
@@ -271,7 +271,7 @@ def test_malformed_decisions_are_reported_by_line_and_nothing_is_applied(world, 
     assert {k: store.read_bytes(k) for k in store.list()} == before  # nothing written at all
 
 
-def test_review_apply_writes_one_version_reusing_vectors(world, fresh, fx) -> None:  # noqa: ANN001
+def test_review_apply_writes_one_version_reusing_vectors(world, fresh, fx) -> None:
     from pipeline.decisions import apply_decisions
     from pipeline.explain import Rule
     from pipeline.storage import open_store
@@ -311,7 +311,7 @@ def test_review_apply_writes_one_version_reusing_vectors(world, fresh, fx) -> No
     assert [d["id"] for d in G.read_manifest(store)["disabled_references"]] == [ref["plain-gradient"]]
 
 
-def test_disabled_until_expires(world) -> None:  # noqa: ANN001
+def test_disabled_until_expires(world) -> None:
     import datetime as dt
 
     m = {"disabled_references": [{"id": 1, "until": "2030-01-01T00:00:00+00:00"}, {"id": 2, "until": None}]}
@@ -319,7 +319,7 @@ def test_disabled_until_expires(world) -> None:  # noqa: ANN001
     assert set(G.disabled_in_force(m, dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc))) == {2}
 
 
-def test_audit_log_survives_add_remove_apply_and_is_never_rewritten(world, fresh, capsys) -> None:  # noqa: ANN001
+def test_audit_log_survives_add_remove_apply_and_is_never_rewritten(world, fresh, capsys) -> None:
     from jobs.cli import main
     from pipeline.decisions import apply_decisions
     from pipeline.storage import open_store
@@ -368,7 +368,7 @@ def test_audit_log_survives_add_remove_apply_and_is_never_rewritten(world, fresh
 # ---------------------------------------------------------------------------------------------
 # flood guard + review page
 # ---------------------------------------------------------------------------------------------
-def _stage(out, run_id: str, table) -> None:  # noqa: ANN001
+def _stage(out, run_id: str, table) -> None:
     """Claim the partition and stage rows the way the job does (several Parquet files under
     _staging/R/data/)."""
     F.claim_partition(out, DAY, run_id)
@@ -377,7 +377,7 @@ def _stage(out, run_id: str, table) -> None:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def committed(world, moderated, tmp_path_factory):  # noqa: ANN001, ANN201
+def committed(world, moderated, tmp_path_factory):
     """Moderator rows staged, flood-guarded, verified and committed; review page written."""
     from pipeline.floodguard import guard_staged
     from pipeline.review import write_review
@@ -393,7 +393,7 @@ def committed(world, moderated, tmp_path_factory):  # noqa: ANN001, ANN201
     return {"out": out, "report": report, "counts": counts, "page": page, "run_id": run_id}
 
 
-def test_flood_guard_holds_the_over_broad_reference(world, committed) -> None:  # noqa: ANN001
+def test_flood_guard_holds_the_over_broad_reference(world, committed) -> None:
     ref, rep = world["ref"], committed["report"]
     assert [(h.reference_id, h.bank, h.matches, h.held_action) for h in rep.held] == [
         (ref["plain-gradient"], "violence", N_PLAIN, "filter")]
@@ -414,7 +414,7 @@ def test_flood_guard_holds_the_over_broad_reference(world, committed) -> None:  
     assert F.read_run(committed["out"], DAY)["flood_guard"]["held_rows"] == N_PLAIN
 
 
-def test_flood_guard_off_and_under_the_limit_changes_nothing(world, moderated, tmp_path) -> None:  # noqa: ANN001
+def test_flood_guard_off_and_under_the_limit_changes_nothing(world, moderated, tmp_path) -> None:
     from pipeline.floodguard import guard_staged
     from pipeline.storage import open_store
 
@@ -427,11 +427,11 @@ def test_flood_guard_off_and_under_the_limit_changes_nothing(world, moderated, t
         assert {k: out.read_bytes(k) for k in out.list()} == before
 
 
-def _page_html(committed) -> str:  # noqa: ANN001
+def _page_html(committed) -> str:
     return committed["out"].read_text(f"_reviews/dt={DAY}/review-{committed['run_id']}.html")
 
 
-def test_review_page_groups_by_reference_blurs_sensitive_and_shouts_about_held(world, committed) -> None:  # noqa: ANN001
+def test_review_page_groups_by_reference_blurs_sensitive_and_shouts_about_held(world, committed) -> None:
     import re
 
     page = _page_html(committed)
@@ -443,8 +443,8 @@ def test_review_page_groups_by_reference_blurs_sensitive_and_shouts_about_held(w
     assert groups[0] == (str(ref["plain-gradient"]), "violence", str(N_PLAIN))
     assert (str(ref["rocket"]), "violence", "1") in groups and (str(ref["chelsea"]), "spam", "1") in groups
     # sensitive thumbnails are wrapped in the click-to-reveal blur; spam ones are not
-    spam_row = next(r for r in page.split("<tr>") if "ref #%d</small>" % ref["chelsea"] in r)
-    rocket_row = next(r for r in page.split("<tr>") if "ref #%d</small>" % ref["rocket"] in r)
+    spam_row = next(r for r in page.split("<tr>") if f"ref #{ref['chelsea']}</small>" in r)
+    rocket_row = next(r for r in page.split("<tr>") if f"ref #{ref['rocket']}</small>" in r)
     assert 'class="sens"' in rocket_row and 'class="sens"' not in spam_row
     assert "filter:blur(14px) grayscale(1)" in page and "input:checked~img{filter:none}" in page
     # offline: nothing fetched from anywhere, every image inline
@@ -472,12 +472,12 @@ def _reveal_stats(blurred: Image.Image, revealed: Image.Image) -> dict[str, floa
     area share and colour spread (max - min channel) in each."""
     b, r = (np.asarray(im, np.int16) for im in (blurred, revealed))
     diff = np.abs(b - r).max(axis=2) > 16
-    spread = lambda a: float((a.max(axis=2) - a.min(axis=2))[diff].mean())  # noqa: E731
+    spread = lambda a: float((a.max(axis=2) - a.min(axis=2))[diff].mean())
     return {"area": float(diff.mean()), "spread_blurred": spread(b), "spread_revealed": spread(r)}
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (Debian: apt-get install chromium)")
-def test_review_page_in_headless_chromium_is_blurred_until_clicked(committed, tmp_path) -> None:  # noqa: ANN001
+def test_review_page_in_headless_chromium_is_blurred_until_clicked(committed, tmp_path) -> None:
     page = _page_html(committed)
     blurred_html, revealed_html = tmp_path / "review.html", tmp_path / "revealed.html"
     blurred_html.write_text(page)
@@ -496,7 +496,7 @@ def test_review_page_in_headless_chromium_is_blurred_until_clicked(committed, tm
 # ---------------------------------------------------------------------------------------------
 # the same tools on a real S3 endpoint (moto server)
 # ---------------------------------------------------------------------------------------------
-def test_tools_against_a_gallery_and_flags_on_s3(world, s3_server, capsys) -> None:  # noqa: ANN001
+def test_tools_against_a_gallery_and_flags_on_s3(world, s3_server, capsys) -> None:
     import boto3
 
     from jobs.cli import main
@@ -548,12 +548,12 @@ def test_tools_against_a_gallery_and_flags_on_s3(world, s3_server, capsys) -> No
 # the real job on a local Ray cluster: flood guard, _run.json, summary, metrics
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_job_holds_floods_and_writes_metrics(world, ray_local, tmp_path) -> None:  # noqa: ANN001
+def test_job_holds_floods_and_writes_metrics(world, ray_local, tmp_path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
+    from pushgateway_stub import pushgateway
 
     from jobs.moderate import JobConfig, moderate, summary
     from pipeline.storage import open_store
-    from pushgateway_stub import pushgateway
 
     with pushgateway() as gw:
         cfg = JobConfig(batch_size=8, max_matches_per_reference=FLOOD_LIMIT,
@@ -566,7 +566,7 @@ def test_job_holds_floods_and_writes_metrics(world, ray_local, tmp_path) -> None
     assert F.read_run(open_store(str(tmp_path / "flags")), DAY)["flood_guard"]["held_rows"] == N_PLAIN
     text = (tmp_path / "textfile" / "modscan.prom").read_text()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
-    val = lambda name, **lab: next(s.value for s in fams[name].samples if all(s.labels.get(k) == v for k, v in lab.items()))  # noqa: E731
+    val = lambda name, **lab: next(s.value for s in fams[name].samples if all(s.labels.get(k) == v for k, v in lab.items()))
     assert val("modscan_run_images") == N_PLAIN + 7
     assert val("modscan_run_rows_by_action", action="review") == N_PLAIN
     assert val("modscan_run_error_rows", error_code="truncated") == 1

@@ -14,7 +14,7 @@ from PIL import Image
 from models.losses import info_nce, koleo_entropy, relational_distill
 from models.synthetic import EVERYDAY, generate
 from pipeline.banks import Bank
-from pipeline.decode import Decoder, DecodeConfig, is_low_content
+from pipeline.decode import DecodeConfig, Decoder, is_low_content
 from pipeline.index import CascadeIndex, CascadeParams, ScoreNorm, background_term
 
 
@@ -23,7 +23,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1)
 
 
-def _reference_info_nce(a, b, t, ids, q, qids):  # noqa: ANN001, ANN202
+def _reference_info_nce(a, b, t, ids, q, qids):
     """Row by row: positives on the diagonal, negatives = every entry of another image."""
     losses = []
     for x, y in ((a, b), (b, a)):
@@ -105,7 +105,7 @@ def test_photos_are_not_low_content() -> None:
         assert not dec.decode_one(buf.getvalue())["low_content"], name
 
 
-def test_moderator_rows_say_low_content_and_never_match(tmp_path, tiny_model_dir) -> None:  # noqa: ANN001
+def test_moderator_rows_say_low_content_and_never_match(tmp_path, tiny_model_dir) -> None:
     from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
@@ -144,7 +144,7 @@ def test_background_term_is_the_mean_of_the_top_k_cosines() -> None:
     assert background_term(xq, None, 3).tolist() == [0.0, 0.0, 0.0]
 
 
-def _index(beta: float, background: np.ndarray | None):  # noqa: ANN202
+def _index(beta: float, background: np.ndarray | None):
     from pipeline import gallery as G
 
     rng = np.random.default_rng(1)
@@ -182,7 +182,7 @@ def test_normalised_fine_score_subtracts_beta_times_the_background_term() -> Non
     np.testing.assert_allclose(c0.F[ok], raw[ok], rtol=1e-5)
 
 
-def test_a_normalising_gallery_refuses_to_load_without_a_background_bank(tmp_path, tiny_model_dir) -> None:  # noqa: ANN001
+def test_a_normalising_gallery_refuses_to_load_without_a_background_bank(tmp_path, tiny_model_dir) -> None:
     from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
@@ -213,7 +213,7 @@ def test_auto_precision_follows_the_hardware() -> None:
         resolve_precision("fp8", "cpu")
 
 
-def test_bf16_features_agree_with_fp32_and_heads_stay_fp32(tiny_model_dir) -> None:  # noqa: ANN001
+def test_bf16_features_agree_with_fp32_and_heads_stay_fp32(tiny_model_dir) -> None:
     from models.card import load_model
     from models.preprocess import to_batch
 
@@ -235,7 +235,9 @@ def test_bf16_features_agree_with_fp32_and_heads_stay_fp32(tiny_model_dir) -> No
 
 # -- approximate coarse indexes ---------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
-def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_path, shipped_model_dir, kind) -> None:  # noqa: ANN001
+def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_path, shipped_model_dir, kind) -> None:
+    import random as _random
+
     from jobs.gallery_cmd import local_extractor
     from models.augment import apply_named
     from models.card import read_card
@@ -243,7 +245,6 @@ def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_pa
     from pipeline.index import CoarseIndexSpec
     from pipeline.stages import Moderator, RunContext
     from pipeline.storage import open_store
-    import random as _random
 
     refs, extra = tmp_path / "refs", tmp_path / "extra"
     refs.mkdir()
@@ -270,7 +271,7 @@ def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_pa
     dec = Decoder(DecodeConfig(low_res=card.config.low_res, high_res=card.config.high_res))
     keys = np.asarray([f"q{i}" for i in range(len(datas))], object)
 
-    def flags(uri: str) -> list:  # noqa: ANN202
+    def flags(uri: str) -> list:
         # rerank_k 3: the coarse index's top-3 decides what gets reranked, so its order matters
         mod = Moderator(uri, RunContext("2026-01-01", "r"), model_dir=str(shipped_model_dir),
                         threshold_overrides={"coarse": 0.0, "rerank_k": 3})

@@ -8,12 +8,12 @@ from pipeline.storage import UnsafeKeyError, open_store, redact, safe_key
 
 
 @pytest.mark.parametrize("key", ["../x", "a/../../b", "/etc/passwd", "", "a/\x00b", ".."])
-def test_unsafe_keys_are_refused(key: str, tmp_path) -> None:  # noqa: ANN001
+def test_unsafe_keys_are_refused(key: str, tmp_path) -> None:
     with pytest.raises(UnsafeKeyError):
         open_store(str(tmp_path)).write_text(key, "x")
 
 
-def test_odd_but_safe_keys(tmp_path) -> None:  # noqa: ANN001
+def test_odd_but_safe_keys(tmp_path) -> None:
     st = open_store(str(tmp_path / "root"), create=True)
     for k in ["with space/ü ñ 图片.jpg", "./a//b.txt"]:
         st.write_text(k, "ok")
