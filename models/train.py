@@ -201,7 +201,11 @@ def pca_init(adapter: nn.Module, f512: torch.Tensor, reduction: nn.Module, poole
     """
     mu = f512.mean(0)
     _, _, v = torch.linalg.svd(f512 - mu, full_matrices=False)
-    p = v[: adapter.fc.out_features]                       # (128, 512)
+    out = adapter.fc.out_features
+    if v.shape[0] < out:  # fewer samples than outputs (tiny runs): random orthonormal rest
+        q, _ = torch.linalg.qr(torch.randn(f512.shape[1], out - v.shape[0], generator=torch.Generator().manual_seed(0)))
+        v = torch.cat([v, q.t()])
+    p = v[:out]                                            # (128, 512)
     w = reduction.fc.weight                                # (512, C)
     norm = (pooled @ w.t()).norm(dim=1).mean()
     weight = p @ w / norm

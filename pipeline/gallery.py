@@ -685,8 +685,8 @@ class GalleryIndex:
         """Load and verify a version (default: ``CURRENT``); refuse a model-id mismatch.
 
         ``background`` is the query model's background bank (512-d); the manifest's ``norm``
-        settings say how it normalises fine scores. A gallery whose ``norm.beta > 0`` refuses to
-        load without one: its thresholds were calibrated on normalised scores.
+        settings say how it normalises fine scores. A gallery whose ``norm.beta > 0`` loads without
+        one (to inspect it) but refuses to score: its thresholds were calibrated on normalised scores.
         """
         store = open_store(uri_or_store) if isinstance(uri_or_store, str) else uri_or_store
         m = read_manifest(store, version)
@@ -696,10 +696,6 @@ class GalleryIndex:
         t = {**m["thresholds"], **(overrides or {})}
         norm = ScoreNorm.from_dict({**m["thresholds"].get("norm", {}), **(overrides or {}).get("norm", {})})
         params = CascadeParams(float(t["coarse"]), float(t["fine"]), int(t.get("rerank_k", 500)), norm)
-        if norm.beta and background is None:
-            raise GalleryIntegrityError(
-                f"gallery {m['version']} normalises fine scores (beta={norm.beta}) but no background bank "
-                f"was given: load it with the model's bank (FeatureExtractor.background)")
         return cls(m, cascade, entries, params, background)
 
     def coarse(self, xq128: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -756,6 +752,10 @@ class GalleryIndex:
     def normalise(self, xq512: np.ndarray, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw fine scores ``(B, k)`` of queries ``(B, rerank_dim)`` -> (normalised, offset ``(B,)``)."""
         norm = self.params.norm
+        if norm.beta and self.background is None:
+            raise GalleryIntegrityError(
+                f"gallery {self.version} normalises fine scores (beta={norm.beta}) but was loaded without a "
+                f"background bank: load it with the query model's bank (FeatureExtractor.background)")
         offset = norm.beta * background_term(xq512, self.background, norm.k) if norm.beta else np.zeros(len(F), np.float32)
         return (F - offset[:, None]).astype(np.float32), offset.astype(np.float32)
 

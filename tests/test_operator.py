@@ -58,11 +58,11 @@ def make_world(root: Path) -> dict[str, Path]:
     _jpeg(Image.fromarray(photo("camera")), refs / "fp" / "camera.jpg")   # known false positive: allow wins
     up = root / "uploads"
     for i in range(N_PLAIN):  # plain gradient backgrounds (wallpapers, text-post backgrounds): not low content
-        _jpeg(_near_blank(rng, 240 + 10 * i, 320, rng.uniform(180, 240, 3), 40.0 + 10 * i, 4.0), up / f"plain-{i:02d}.jpg")
+        _jpeg(_near_blank(rng, 240 + 10 * i, 320, rng.uniform(200, 220, 3), 50.0 + 3 * i, 4.0), up / f"plain-{i:02d}.jpg")
     _jpeg(_near_blank(rng, 200, 300, np.array([120, 160, 200])), up / "flat.jpg")  # low content: never searched
-    _jpeg(apply_named(Image.fromarray(photo("rocket")), ["color"], r), up / "copy-rocket-color.jpg")
-    _jpeg(apply_named(Image.fromarray(photo("chelsea")), ["color"], r), up / "copy-chelsea-color.jpg")
-    _jpeg(apply_named(Image.fromarray(photo("camera")), ["color"], r), up / "copy-camera-color.jpg")
+    _jpeg(apply_named(Image.fromarray(photo("rocket")), ["flip"], r), up / "copy-rocket-flip.jpg")
+    _jpeg(apply_named(Image.fromarray(photo("chelsea")), ["flip"], r), up / "copy-chelsea-flip.jpg")
+    _jpeg(apply_named(Image.fromarray(photo("camera")), ["flip"], r), up / "copy-camera-flip.jpg")
     for n in ("coins", "horse"):
         _jpeg(Image.fromarray(photo(n)), up / f"other-{n}.jpg")
     buf = io.BytesIO()
@@ -162,10 +162,10 @@ def test_lookup_makes_the_jobs_decisions_and_names_the_rule(world, moderated, fx
             assert d.fine_score == pytest.approx(r["fine_score"], abs=1e-3)
             assert d.fine_score_raw == pytest.approx(r["fine_score_raw"], abs=1e-3)
     ref = world["ref"]
-    assert ex["copy-rocket-color.jpg"].decision.rule == Rule.BANK_THRESHOLD.value
-    assert ex["copy-rocket-color.jpg"].decision.reference_id == ref["rocket"]
-    assert ex["copy-chelsea-color.jpg"].decision.action == "downrank"
-    cam = ex["copy-camera-color.jpg"]
+    assert ex["copy-rocket-flip.jpg"].decision.rule == Rule.BANK_THRESHOLD.value
+    assert ex["copy-rocket-flip.jpg"].decision.reference_id == ref["rocket"]
+    assert ex["copy-chelsea-flip.jpg"].decision.action == "downrank"
+    cam = ex["copy-camera-flip.jpg"]
     assert (cam.decision.status, cam.decision.bank, cam.decision.rule) == ("clean", "fp", Rule.ALLOW_LIST_PRECEDENCE.value)
     top = cam.candidates[0]  # camera is in the blocking and the allow bank: both memberships shown, both pass
     assert top.reference_id == ref["camera"] and top.reranked_by_job
@@ -192,7 +192,7 @@ def test_lookup_rules_for_a_disabled_bank_and_the_coarse_stage(world, fx) -> Non
     m = json.loads(json.dumps(base.manifest))
     m["banks"]["violence"]["enabled"] = False
     off = G.GalleryIndex(m, base.cascade, base.entries, base.params, base.background)
-    e = explain([str(world["uploads"] / "copy-rocket-color.jpg")], off, fx).explanations[0]
+    e = explain([str(world["uploads"] / "copy-rocket-flip.jpg")], off, fx).explanations[0]
     assert (e.decision.status, e.decision.rule) == ("clean", Rule.DISABLED_BANK.value)
     assert "violence" in e.decision.detail
     strict = G.GalleryIndex(base.manifest, base.cascade, base.entries,
@@ -206,7 +206,7 @@ def test_lookup_rules_for_a_disabled_bank_and_the_coarse_stage(world, fx) -> Non
 def test_lookup_cli_table_and_json(world, capsys) -> None:
     from jobs.cli import main
 
-    img = str(world["uploads"] / "copy-rocket-color.jpg")
+    img = str(world["uploads"] / "copy-rocket-flip.jpg")
     assert main(["lookup", img, str(world["uploads"] / "broken-truncated.jpg"), "--gallery", str(world["gallery"]),
                  "--json", "--top-k", "4"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -240,7 +240,7 @@ def test_malformed_decisions_are_reported_by_line_and_nothing_is_applied(world, 
         f",{rocket},disable_reference,,no reviewer,,,",                      # 4: empty reviewer
         f",{rocket},delete,carol,x,,,",                                      # 5: unknown decision
         f",{rocket},disable_reference,dan,old,,2020-01-01,",                 # 6: until in the past
-        "copy-chelsea-color.jpg,,confirmed,erin,spam,fp,,",                  # 7: confirmed into an allow bank
+        "copy-chelsea-flip.jpg,,confirmed,erin,spam,fp,,",                  # 7: confirmed into an allow bank
         '"../../etc/passwd",,confirmed,frank,"multi\nline note",spam,,',     # 8-9: key escapes --input
         f",{rocket},enable_reference,gina,not disabled,,,",                  # 10: nothing to enable
         "plain-02.jpg,abc,false_positive,hal,x,,,",                          # 11: reference_id not an int
@@ -280,7 +280,7 @@ def test_review_apply_writes_one_version_reusing_vectors(world, fresh, fx) -> No
     ref, up = world["ref"], world["uploads"]
     _, before = G.read_content(store)
     text = _csv("plain-01.jpg,,false_positive,alice,plain backgrounds are not violence,fp,,run-1",
-                f"copy-chelsea-color.jpg,{ref['chelsea']},confirmed,bob,same spam template,,,run-1",
+                f"copy-chelsea-flip.jpg,{ref['chelsea']},confirmed,bob,same spam template,,,run-1",
                 f",{ref['rocket']},disable_reference,carol,\"appeal pending, see ticket 12\",,2099-01-01,run-1")
     res = apply_decisions(store, text, "DECISIONS.csv", world["card"], world["extract"], input_uri=str(up))
     assert (res.version, res.parent) == ("v000002", "v000001") and G.list_versions(store) == ["v000001", "v000002"]
@@ -292,12 +292,12 @@ def test_review_apply_writes_one_version_reusing_vectors(world, fresh, fx) -> No
     assert len(after.ids) == len(before.ids) + 2
     assert m["disabled_references"][0]["id"] == ref["rocket"]
     assert m["disabled_references"][0]["until"] == "2099-01-01T00:00:00+00:00"
-    ex = _lookup(fresh, [str(up / n) for n in ("plain-01.jpg", "copy-chelsea-color.jpg", "copy-rocket-color.jpg",
+    ex = _lookup(fresh, [str(up / n) for n in ("plain-01.jpg", "copy-chelsea-flip.jpg", "copy-rocket-flip.jpg",
                                                "plain-03.jpg")], fx)
     assert (ex["plain-01.jpg"].decision.rule, ex["plain-01.jpg"].decision.bank) == (Rule.ALLOW_LIST_PRECEDENCE.value, "fp")
-    ch = ex["copy-chelsea-color.jpg"].decision  # now matches its own bytes in the spam bank
-    assert ch.bank == "spam" and ch.reference_id not in ref.values() and ch.fine_score > 0.99
-    rk = ex["copy-rocket-color.jpg"].decision
+    ch = ex["copy-chelsea-flip.jpg"].decision  # now matches its own bytes in the spam bank
+    assert ch.bank == "spam" and ch.reference_id not in ref.values() and ch.fine_score_raw > 0.99
+    rk = ex["copy-rocket-flip.jpg"].decision
     assert (rk.status, rk.rule) == ("clean", Rule.DISABLED_REFERENCE.value) and "appeal pending" in rk.detail
     assert ex["plain-03.jpg"].decision.status == "matched"  # the allow entry is one upload, not the whole reference
     # second review: re-enable the rocket, switch off the over-broad reference indefinitely
@@ -305,8 +305,8 @@ def test_review_apply_writes_one_version_reusing_vectors(world, fresh, fx) -> No
                                        f"plain-03.jpg,{ref['plain-gradient']},false_positive,erin,matches every blank photo,,,run-2"),
                            "DECISIONS-2.csv", world["card"], world["extract"], input_uri=str(up))
     assert res2.version == "v000003" and res2.added == {}
-    ex = _lookup(fresh, [str(up / "copy-rocket-color.jpg"), str(up / "plain-05.jpg")], fx)
-    assert ex["copy-rocket-color.jpg"].decision.status == "matched"
+    ex = _lookup(fresh, [str(up / "copy-rocket-flip.jpg"), str(up / "plain-05.jpg")], fx)
+    assert ex["copy-rocket-flip.jpg"].decision.status == "matched"
     assert ex["plain-05.jpg"].decision.rule == Rule.DISABLED_REFERENCE.value
     assert [d["id"] for d in G.read_manifest(store)["disabled_references"]] == [ref["plain-gradient"]]
 
@@ -407,7 +407,7 @@ def test_flood_guard_holds_the_over_broad_reference(world, committed) -> None:
     assert (held["status"] == "matched").all() and held["reason"].str.contains(
         f"reference #{ref['plain-gradient']} \\(violence\\) matched {N_PLAIN} uploads").all()
     assert held["reason"].str.contains(f"max_matches_per_reference={FLOOD_LIMIT}; held for review instead of filter").all()
-    rocket = df[df["image_key"] == "copy-rocket-color.jpg"].iloc[0]
+    rocket = df[df["image_key"] == "copy-rocket-flip.jpg"].iloc[0]
     assert rocket["action"] == "filter" and pd.isna(rocket["reason"])  # one match: not held
     assert df.loc[df["action"] != "review", "reason"].isna().all()
     assert committed["counts"]["by_action"]["review"] == N_PLAIN  # the commit's counts see the final rows
@@ -513,7 +513,7 @@ def test_tools_against_a_gallery_and_flags_on_s3(world, s3_server, capsys) -> No
     G.build(open_store(gal_uri), banks_for(str(world["refs"])), world["card"], world["extract"], n_shards=2)
     ref = world["ref"]  # same banks, same order: same ids as the local gallery
     # lookup: an S3 upload against the S3 gallery
-    assert main(["lookup", f"{up_uri}/copy-rocket-color.jpg", "--gallery", gal_uri, "--json"]) == 0
+    assert main(["lookup", f"{up_uri}/copy-rocket-flip.jpg", "--gallery", gal_uri, "--json"]) == 0
     d = json.loads(capsys.readouterr().out)["explanations"][0]["decision"]
     assert (d["rule"], d["reference_id"]) == ("bank_threshold", ref["rocket"])
     # flood guard + commit + review page, with staging and output on S3

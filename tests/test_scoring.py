@@ -182,7 +182,7 @@ def test_normalised_fine_score_subtracts_beta_times_the_background_term() -> Non
     np.testing.assert_allclose(c0.F[ok], raw[ok], rtol=1e-5)
 
 
-def test_a_normalising_gallery_refuses_to_load_without_a_background_bank(tmp_path, tiny_model_dir) -> None:
+def test_a_normalising_gallery_refuses_to_score_without_a_background_bank(tmp_path, tiny_model_dir) -> None:
     from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
@@ -196,8 +196,9 @@ def test_a_normalising_gallery_refuses_to_load_without_a_background_bank(tmp_pat
     store = open_store(str(tmp_path / "g"), create=True)
     G.build(store, [Bank("b", str(refs), "s/x", "filter")], card, local_extractor(str(tiny_model_dir)), n_shards=1)
     assert G.read_manifest(store)["thresholds"]["norm"] == {"beta": 0.5, "k": 3}
-    with pytest.raises(G.GalleryIntegrityError, match="no background bank"):
-        G.GalleryIndex.load(store)
+    gal = G.GalleryIndex.load(store)  # loads (to inspect) but refuses to score
+    with pytest.raises(G.GalleryIntegrityError, match="without a background bank"):
+        gal.normalise(np.zeros((1, 512), np.float32), np.zeros((1, 1), np.float32))
     bg = np.eye(3, 512, dtype=np.float32)
     assert G.GalleryIndex.load(store, background=bg).params.norm == ScoreNorm(0.5, 3)
 
