@@ -174,17 +174,30 @@ def bench_search(n: int, n_queries: int, out_dir: Path) -> dict[str, Any]:
           f"in {time.time() - t0:.0f}s; coarse threshold {thr_c}, K={k}", flush=True)
     pos = truth >= 0
     rows = []
+    # flags in the job's terms: a correct top-1 whose normalised fine score reaches the card's
+    # fine threshold (normalisation subtracts a per-query offset from the model's background bank)
+    from models.card import load_background
+    from pipeline.index import ScoreNorm, background_term
+
+    norm, fine = ScoreNorm.from_dict(card.thresholds.get("norm")), float(card.thresholds["fine"])
+    bank = load_background(None, card)
+    offset = norm.beta * background_term(q512, bank.f512 if bank is not None else None, norm.k)
 
     def r1(I: np.ndarray) -> float:
         return float((I[pos, 0] == truth[pos]).mean())
+
+    def flags(I: np.ndarray, D: np.ndarray) -> np.ndarray:
+        return pos & (I[:, 0] == truth) & (D[:, 0] - offset >= fine)
 
     # (b) exhaustive 512-d
     flat512 = faiss.IndexFlatIP(g512.shape[1])
     flat512.add(g512)
     t, (D, I) = _timed(lambda: flat512.search(q512, 1))
     exh_r1, exh_qps = r1(I), n_queries / t
+    exh_flags = flags(I, D)
     rows.append({"method": "exhaustive 512-d flat", "QPS": f"{exh_qps:.0f}", "recall@1": f"{exh_r1:.4f}",
-                 "vs exhaustive QPS": "1.00x", "recall@1 / exhaustive": "1.000"})
+                 "vs exhaustive QPS": "1.00x", "recall@1 / exhaustive": "1.000",
+                 "flags kept": f"1.000 ({int(exh_flags.sum())})"})
     flat512.reset()  # free the 512-d copy before the next index
 
     def build(spec: str, **kw: Any) -> tuple[Any, float]:
@@ -210,14 +223,15 @@ def bench_search(n: int, n_queries: int, out_dir: Path) -> dict[str, Any]:
             best = np.argmax(Fs, axis=1)
             out = np.take_along_axis(Ic, best[:, None], 1)
             out[~surv] = -1
-            return out
+            return out, np.take_along_axis(Fs, best[:, None], 1)
 
-        t, I1 = _timed(run)
+        t, (I1, F1) = _timed(run)
         rec = r1(I1)
+        kept = (flags(I1, F1) & exh_flags).sum() / max(1, exh_flags.sum())
         rows.append({"method": name, "K": kk, "QPS": f"{n_queries / t:.0f}", "recall@1": f"{rec:.4f}",
                      "vs exhaustive QPS": f"{n_queries / t / exh_qps:.2f}x",
                      "recall@1 / exhaustive": f"{rec / exh_r1:.3f}" if exh_r1 else "-",
-                     "true match in coarse top-K": f"{parts['hit']:.3f}",
+                     "true match in coarse top-K": f"{parts['hit']:.3f}", "flags kept": f"{kept:.3f}",
                      "ms/query coarse + rerank": f"{1000 * parts['coarse'] / n_queries:.2f} + "
                                                  f"{1000 * parts['rerank'] / n_queries:.2f}",
                      "build s": f"{build_s:.1f}" if build_s is not None else ""})
@@ -247,7 +261,7 @@ def bench_search(n: int, n_queries: int, out_dir: Path) -> dict[str, Any]:
     res = {"machine": machine(), "gallery_size": n, "queries": n_queries, "positives": n_pos,
            "coarse_threshold": thr_c, "rerank_k": k, "model": card.version_id, "rows": rows}
     print(f"\nsearch benchmark on {res['machine']}; gallery {n:,}; K={k}; coarse threshold {thr_c}\n")
-    print(_table(rows, ["method", "K", "QPS", "recall@1", "vs exhaustive QPS", "recall@1 / exhaustive",
+    print(_table(rows, ["method", "K", "QPS", "vs exhaustive QPS", "flags kept", "recall@1", "recall@1 / exhaustive",
                         "true match in coarse top-K", "ms/query coarse + rerank", "build s"]))
     (out_dir / "search.json").write_text(json.dumps(res, indent=2))
     return res
