@@ -69,3 +69,14 @@ from jobs.s3local import S3_ENV, moto_server  # noqa: E402,F401  (re-exported fo
 def s3_server():
     with moto_server() as endpoint:
         yield endpoint
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs shared by the tests of one module."""
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

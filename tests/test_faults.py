@@ -53,14 +53,6 @@ def local_gallery(tmp_path_factory, shipped_model_dir):
     return str(tmp / "gal"), tmp
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def _kill_actor_when_busy(marker: Path, stop: threading.Event, killed: list[int]) -> None:

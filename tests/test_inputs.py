@@ -72,14 +72,6 @@ def gallery(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp / "gal")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 # --------------------------------------------------------------------------------------------
