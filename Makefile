@@ -35,6 +35,7 @@ evaluate: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/modscan bench search --gallery-size 1000000
 	$(VENV)/bin/modscan bench memory --gallery-size 1000000
+	$(VENV)/bin/modscan bench decode
 	$(VENV)/bin/modscan bench pipeline --images 2000
 
 clean:

@@ -319,15 +319,6 @@ def read_manifest_keys(uri: str) -> list[str]:
     return keys
 
 
-def resolve_key(manifest_uri: str, key: str) -> str:
-    """Where a manifest key points (no policy check: see :class:`~pipeline.storage.KeyPolicy`).
-    Used by the review page for rows the job already read."""
-    if key.startswith("s3://") or key.startswith("/"):
-        return key
-    st, _ = split_uri(manifest_uri)
-    return st.uri.rstrip("/") + "/" + key
-
-
 def _open_input_store(uri: str) -> Store:
     """The input folder or prefix; :class:`MissingInput` when it (or its bucket) does not exist."""
     try:

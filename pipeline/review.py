@@ -24,7 +24,7 @@ from PIL import Image
 from pipeline.decode import DecodeConfig, DecodeError, open_image
 from pipeline.errors import plain_message
 from pipeline.flags import partition_key
-from pipeline.storage import Store, open_store, redact, split_uri
+from pipeline.storage import Store, open_store, redact, resolve_key, split_uri
 
 THUMB = 160
 SENSITIVE_PREFIX = "sensitive/"
@@ -70,8 +70,6 @@ def _read(uri: str) -> bytes | None:
 
 def _input_uri(input_uri: str, key: str) -> str:
     if input_uri.lower().endswith((".parquet", ".csv")):
-        from jobs.moderate import resolve_key
-
         return resolve_key(input_uri, key)
     return input_uri.rstrip("/") + "/" + key
 

@@ -265,3 +265,12 @@ def redact(text: str) -> str:
         if val and len(val) >= 4:
             out = out.replace(val, "***")
     return out
+
+
+def resolve_key(manifest_uri: str, key: str) -> str:
+    """Where a manifest key points (no policy check: see :class:`KeyPolicy`). Used by the review
+    page for rows the job already read."""
+    if key.startswith("s3://") or key.startswith("/"):
+        return key
+    st, _ = split_uri(manifest_uri)
+    return st.uri.rstrip("/") + "/" + key
