@@ -533,9 +533,18 @@ def add(store: Store, bank_name: str, uris: list[str], card: ModelCard, extract:
             raise KeyError(f"bank {bank_name!r} is not in gallery {m['version']}; pass --banks to declare it")
         content.banks[bank_name] = new_bank
     stats = _add_images(content, content.banks[bank_name], uris, extract)
+    card = _keeping_thresholds(card, m)
     version = write_audited(store, content, card, len(m["shards"]), m["rerank_dtype"], m["version"],
                             m.get("coarse_index", "Flat"), "add", who, note, details={"bank": bank_name, **stats})
     return version, stats
+
+
+def _keeping_thresholds(card: ModelCard, manifest: dict[str, Any]) -> ModelCard:
+    """A copy of ``card`` carrying the gallery's own thresholds: an update never resets what a
+    gallery was calibrated or overridden to (``gallery build`` is where the card's apply)."""
+    from dataclasses import replace
+
+    return replace(card, thresholds=dict(manifest["thresholds"]))
 
 
 def remove(store: Store, card: ModelCard, bank: str | None = None, ids: Iterable[int] = (),
@@ -563,6 +572,7 @@ def remove(store: Store, card: ModelCard, bank: str | None = None, ids: Iterable
     if bank is not None and not ids and not shas:
         content.banks.pop(bank)
     stats = {"memberships_removed": removed, "images_dropped": dropped}
+    card = _keeping_thresholds(card, m)
     version = write_audited(store, content, card, len(m["shards"]), m["rerank_dtype"], m["version"],
                             m.get("coarse_index", "Flat"), "remove", who, note,
                             details={"bank": bank, "ids": sorted(ids), "sha256": sorted(shas), **stats})
@@ -628,6 +638,17 @@ class Match:
     coarse_score: float | None = None
     fine_score: float | None = None      # normalised fine score: what the thresholds apply to
     fine_score_raw: float | None = None  # plain 512-d cosine of the same pair
+
+
+class _Hit(NamedTuple):
+    """One (query, gallery entry, bank) pair that reached its bank's fine threshold."""
+
+    fine: float
+    gid: int
+    bank: str
+    category: str
+    action: str
+    coarse: float
 
 
 class Candidates(NamedTuple):
@@ -723,27 +744,28 @@ class GalleryIndex:
             if F is None or not valid.any():
                 out.append(Match(Status.CLEAN.value, Action.NONE.value, coarse_score=best_coarse))
                 continue
-            best_block: tuple[float, int, str, str, str, float] | None = None
-            best_allow: tuple[float, int, str, str, str, float] | None = None
+            best_block: _Hit | None = None
+            best_allow: _Hit | None = None
             for j in np.nonzero(valid)[0]:
                 gid, fine, crs = int(I[q, j]), float(F[q, j]), float(D[q, j])
                 for bank, category, action, thr in self._members.get(gid, ()):
                     if fine < thr:
                         continue
-                    cand = (fine, gid, bank, category, action, crs)
+                    hit = _Hit(fine, gid, bank, category, action, crs)
                     if action == Action.ALLOW.value:
-                        if best_allow is None or fine > best_allow[0]:
-                            best_allow = cand
+                        if best_allow is None or fine > best_allow.fine:
+                            best_allow = hit
                     elif best_block is None or (fine, action == Action.FILTER.value) > (
-                            best_block[0], best_block[4] == Action.FILTER.value):
-                        best_block = cand
+                            best_block.fine, best_block.action == Action.FILTER.value):
+                        best_block = hit
             best_fine = float(F[q][valid].max())
-            if best_block is not None and (best_allow is None or best_allow[0] < best_block[0]):
-                fine, gid, bank, category, action, crs = best_block
-                out.append(Match(Status.MATCHED.value, action, bank, category, gid, crs, fine, raw(q, fine)))
+            if best_block is not None and (best_allow is None or best_allow.fine < best_block.fine):
+                b = best_block
+                out.append(Match(Status.MATCHED.value, b.action, b.bank, b.category, b.gid, b.coarse, b.fine, raw(q, b.fine)))
             elif best_block is not None and best_allow is not None:
-                fine, gid, bank, category, _a, crs = best_allow
-                out.append(Match(Status.CLEAN.value, Action.NONE.value, bank, category, gid, crs, fine, raw(q, fine)))
+                a = best_allow
+                out.append(Match(Status.CLEAN.value, Action.NONE.value, a.bank, a.category, a.gid, a.coarse, a.fine,
+                                 raw(q, a.fine)))
             else:
                 out.append(Match(Status.CLEAN.value, Action.NONE.value, coarse_score=best_coarse,
                                  fine_score=best_fine, fine_score_raw=raw(q, best_fine)))

@@ -292,3 +292,29 @@ def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_pa
     bank_f512 = Moderator(str(tmp_path / kind), RunContext("2026-01-01", "r"), model_dir=str(shipped_model_dir)).gallery
     gal = bank_f512
     assert gal.cascade.ntotal == n0 + st["added"] - 2 and not {0, 1} & set(gal.entries["id"].tolist())
+
+
+def test_add_and_remove_keep_the_gallerys_own_thresholds(tmp_path, tiny_model_dir) -> None:
+    import dataclasses
+
+    from jobs.gallery_cmd import local_extractor
+    from models.card import read_card
+    from pipeline import gallery as G
+    from pipeline.storage import open_store
+
+    refs, more = tmp_path / "refs", tmp_path / "more"
+    refs.mkdir()
+    more.mkdir()
+    generate("keep-thr", 0, ("chart",))[1].save(refs / "0.png")
+    generate("keep-thr", 1, ("text_screenshot",))[1].save(more / "1.png")
+    card = read_card(tiny_model_dir)
+    card.thresholds = {"coarse": 0.11, "fine": 0.55, "rerank_k": 7, "norm": {"beta": 0.25, "k": 3}}
+    store = open_store(str(tmp_path / "g"), create=True)
+    ex = local_extractor(str(tiny_model_dir))
+    G.build(store, [Bank("b", str(refs), "s/x", "filter")], card, ex, n_shards=1)
+    built = G.read_manifest(store)["thresholds"]
+    recalibrated = dataclasses.replace(card, thresholds={"coarse": 0.9, "fine": 0.99, "rerank_k": 1})
+    G.add(store, "b", G.list_source(str(more)), recalibrated, ex)
+    assert G.read_manifest(store)["thresholds"] == built
+    G.remove(store, recalibrated, ids=[0])
+    assert G.read_manifest(store)["thresholds"] == built
