@@ -131,7 +131,7 @@ def run(a: argparse.Namespace) -> int:
     if a.gcmd == "remove":
         card = read_card(None)
         m = G.read_manifest(open_store(a.gallery))
-        card = _card_for(m, card)
+        card = G.card_for_update(card, m)
         v, stats = G.remove(open_store(a.gallery), card, a.bank, a.ids, a.sha256, who=a.who, note=a.note)
         print(json.dumps({"version": v, **stats}, indent=2))
         return 0
@@ -156,13 +156,3 @@ def run(a: argparse.Namespace) -> int:
         print(json.dumps({"version": v, **stats}, indent=2))
         return 0
     raise SystemExit(f"unknown gallery command {a.gcmd}")
-
-
-def _card_for(manifest: dict[str, Any], card: Any) -> Any:
-    """``remove`` needs no features; it keeps the gallery's own model id and thresholds."""
-    from dataclasses import replace
-
-    c = replace(card) if hasattr(card, "__dataclass_fields__") else card
-    c.version_id = manifest["model_id"]
-    c.thresholds = {**c.thresholds, **manifest["thresholds"]}
-    return c

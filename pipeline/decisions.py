@@ -303,7 +303,7 @@ def apply_decisions(store: Store, text: str, path: str, card: ModelCard, extract
     if dry_run:
         return ApplyResult(None, m["version"], tuple(changes), added)
     # keep the gallery's own thresholds: a review never recalibrates
-    card = dataclasses.replace(card, version_id=m["model_id"], thresholds={**card.thresholds, **m["thresholds"]})
+    card = G.card_for_update(card, m)
     counts: dict[str, int] = {}
     for c in changes:
         counts[c.decision] = counts.get(c.decision, 0) + 1

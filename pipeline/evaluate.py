@@ -29,7 +29,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -399,7 +399,8 @@ def run_cascade(ft: Features, sp: Split, cal: Calibration, card: Any, bank: Any,
     entries = pd.DataFrame({"id": keep.astype(np.int64), "bank": "eval", "category": "eval", "action": "filter",
                             "source_uri": [str(bench.gallery[sp.gids[j]]) for j in keep],
                             "sha256": [f"id:{sp.gids[j]}" for j in keep], "added_at": now})
-    card.thresholds = {"coarse": cal.coarse, "fine": cal.fine, "rerank_k": cal.rerank_k, "norm": cal.norm.to_dict()}
+    card = replace(card, thresholds={"coarse": cal.coarse, "fine": cal.fine, "rerank_k": cal.rerank_k,
+                                     "norm": cal.norm.to_dict()})
     content = GalleryContent(keep.astype(np.int64), ft.g128[keep], ft.g512[keep], entries,
                              {"eval": Bank("eval", str(out), "eval", "filter")})
     write_version(gstore, content, card, n_shards=4, rerank_dtype="float16")
@@ -502,7 +503,6 @@ def ablation(S512: np.ndarray, ft: Features, bank: Any, sp: Split, cal: Calibrat
 def evaluate(bench: Benchmark, out: Path, model_dir: str | None = None, seed: int = 0,
              target_precision: float = 0.99, rerank_k: int = 500, coarse_flag_budget: float = 0.01,
              precision: str = "auto") -> dict[str, Any]:
-    from models.card import read_card
     from pipeline.features import FeatureExtractor
 
     out.mkdir(parents=True, exist_ok=True)
@@ -519,7 +519,7 @@ def evaluate(bench: Benchmark, out: Path, model_dir: str | None = None, seed: in
     S512, S128, bq = _scores(ft, bank, sp)
     cal = calibrate(S512, S128, bq, sp, target_precision, rerank_k, coarse_flag_budget)
     Fexh = S512 - cal.norm.beta * bq[cal.norm.k][:, None] if cal.norm.beta else S512
-    Fn, Fr, surv, t_casc = run_cascade(ft, sp, cal, read_card(model_dir), bank, out, bench)
+    Fn, Fr, surv, t_casc = run_cascade(ft, sp, cal, fx.card, bank, out, bench)
     Spdq = pdq_scores(bench, sp)
     m = _assemble(bench, sp, ft, cal, S512, S128, Fexh, Fn, Fr, Spdq, surv, target_precision, coarse_flag_budget, fx)
     m["ablation"] = ablation(S512, ft, bank, sp, cal, target_precision)

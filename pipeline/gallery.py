@@ -533,18 +533,20 @@ def add(store: Store, bank_name: str, uris: list[str], card: ModelCard, extract:
             raise KeyError(f"bank {bank_name!r} is not in gallery {m['version']}; pass --banks to declare it")
         content.banks[bank_name] = new_bank
     stats = _add_images(content, content.banks[bank_name], uris, extract)
-    card = _keeping_thresholds(card, m)
+    card = card_for_update(card, m)
     version = write_audited(store, content, card, len(m["shards"]), m["rerank_dtype"], m["version"],
                             m.get("coarse_index", "Flat"), "add", who, note, details={"bank": bank_name, **stats})
     return version, stats
 
 
-def _keeping_thresholds(card: ModelCard, manifest: dict[str, Any]) -> ModelCard:
-    """A copy of ``card`` carrying the gallery's own thresholds: an update never resets what a
-    gallery was calibrated or overridden to (``gallery build`` is where the card's apply)."""
+def card_for_update(card: ModelCard, manifest: dict[str, Any]) -> ModelCard:
+    """A copy of ``card`` carrying the gallery's own model id and thresholds, for a version derived
+    from ``manifest`` (add, remove, review apply): an update never resets what a gallery was
+    calibrated or overridden to, nor adds settings it never had (``gallery build`` is where the
+    card's thresholds apply)."""
     from dataclasses import replace
 
-    return replace(card, thresholds=dict(manifest["thresholds"]))
+    return replace(card, version_id=manifest["model_id"], thresholds=dict(manifest["thresholds"]))
 
 
 def remove(store: Store, card: ModelCard, bank: str | None = None, ids: Iterable[int] = (),
@@ -572,7 +574,7 @@ def remove(store: Store, card: ModelCard, bank: str | None = None, ids: Iterable
     if bank is not None and not ids and not shas:
         content.banks.pop(bank)
     stats = {"memberships_removed": removed, "images_dropped": dropped}
-    card = _keeping_thresholds(card, m)
+    card = card_for_update(card, m)
     version = write_audited(store, content, card, len(m["shards"]), m["rerank_dtype"], m["version"],
                             m.get("coarse_index", "Flat"), "remove", who, note,
                             details={"bank": bank, "ids": sorted(ids), "sha256": sorted(shas), **stats})
