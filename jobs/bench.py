@@ -276,15 +276,17 @@ def hwm():  # peak RSS of this process since exec (ru_maxrss would include the f
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
+from models.card import load_background
 from pipeline.gallery import GalleryIndex
+bank = load_background()  # the query model's (normalisation), ~1 MB: before the baseline
 base = hwm()
 t = time.time()
-g = GalleryIndex.load(sys.argv[1])
+g = GalleryIndex.load(sys.argv[1], background=bank.f512 if bank is not None else None)
 q = np.load(sys.argv[2])
 q128, q512 = q["q128"], q["q512"]
-D, I, F, s = g.candidates(q128, lambda rows: q512[rows])
-best = np.take_along_axis(I, np.argmax(F, axis=1)[:, None], 1)[:, 0]
-best[~s] = -1
+c = g.candidates(q128, lambda rows: q512[rows])
+best = np.take_along_axis(c.I, np.argmax(c.F, axis=1)[:, None], 1)[:, 0]
+best[~c.survivors] = -1
 np.save(sys.argv[3], best)
 print(hwm(), base, time.time() - t)
 """
