@@ -67,9 +67,9 @@ def pooled_statistics(model_dir: str | None = None, seed: int = 0) -> dict[str, 
     import torch
     from PIL import Image
 
-    from jobs.demo import UNRELATED_PHOTOS, skimage_photo
     from models.augment import apply_named, random_edit_names
     from models.card import load_model, resize_square, to_batch
+    from pipeline.samples import UNRELATED_PHOTOS, skimage_photo
 
     model, card = load_model(model_dir)
     c = card.config
@@ -354,8 +354,8 @@ def _make_images(root: Path, n: int, refs: Path, seed: int = 0) -> int:
     """n uploads (1% edited copies of the references), JPEG ~640x480 like phone uploads."""
     from PIL import Image
 
-    from jobs.demo import procedural
     from models.augment import apply_named, crop, random_edit_names
+    from pipeline.samples import procedural
 
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -366,7 +366,7 @@ def _make_images(root: Path, n: int, refs: Path, seed: int = 0) -> int:
         with Image.open(p) as im:
             pool.append(im.convert("RGB"))
     if not pool:
-        from jobs.demo import UNRELATED_PHOTOS, skimage_photo
+        from pipeline.samples import UNRELATED_PHOTOS, skimage_photo
 
         pool = [skimage_photo(x) for x in UNRELATED_PHOTOS]
     ref_imgs = pool[:20]

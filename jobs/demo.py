@@ -1,7 +1,7 @@
 """``modscan demo``: the embedded default, end to end on this machine.
 
 Generates a sample gallery and one day of sample uploads from the photos scikit-image ships
-(no download), builds the gallery with Ray, runs the moderation job on a local Ray cluster with
+(no download; the images come from :mod:`pipeline.samples`), builds the gallery with Ray, runs the moderation job on a local Ray cluster with
 the shipped model, and prints the summary and where to look.
 """
 
@@ -15,23 +15,19 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from models.augment import apply_named, crop, random_edit_names
+from pipeline.samples import UNRELATED_PHOTOS, procedural, skimage_photo
 
-GALLERY_PHOTOS = {
+_GALLERY_PHOTOS = {
     # bank -> skimage photo names
     "sensitive_demo": ["astronaut", "rocket", "stereo_motorcycle", "coffee"],
     "spam_demo": ["camera", "chelsea"],
     "allow_demo": ["coffee"],  # known false positive: also in sensitive_demo, the allow-list wins
 }
-# retina stays out of the demo gallery: a mostly-black photo draws false positives from other dark
-# pictures (moon, deep field) just above the fine threshold — a known weakness of the shipped model.
-UNRELATED_PHOTOS = ["hubble_deep_field", "immunohistochemistry", "retina", "colorwheel", "moon", "page",
-                    "coins", "clock", "horse", "brick", "grass", "gravel", "text", "cell", "logo"]
 
-BANKS_TOML = """# Sample banks of `modscan demo` (see configs/banks.example.toml for the full reference).
+_BANKS_TOML = """# Sample banks of `modscan demo` (see configs/banks.example.toml for the full reference).
 [[bank]]
 name = "sensitive_demo"
 source = "refs/sensitive_demo"
@@ -52,55 +48,21 @@ action = "allow"
 """
 
 
-def skimage_photo(name: str) -> Image.Image:
-    import skimage.data
-
-    a = getattr(skimage.data, name)()
-    if isinstance(a, tuple):
-        a = a[0]
-    a = np.asarray(a)
-    if a.dtype != np.uint8:
-        a = a.astype(np.float64)
-        a = (255 * (a - a.min()) / max(1e-9, float(a.max() - a.min()))).astype(np.uint8)
-    im = Image.fromarray(a)
-    return im.convert("RGB")
-
-
-def procedural(rng: random.Random, size: tuple[int, int] = (480, 360)) -> Image.Image:
-    """A synthetic unrelated picture: gradient background plus random shapes."""
-    from PIL import ImageDraw
-
-    w, h = size
-    g = np.random.default_rng(rng.randrange(2**32))
-    x = np.linspace(0, 1, w)[None, :, None]
-    y = np.linspace(0, 1, h)[:, None, None]
-    c0, c1, c2 = (g.uniform(0, 255, 3) for _ in range(3))
-    a = c0 * (1 - x) * (1 - y) + c1 * x + c2 * y * (1 - x)
-    im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(im)
-    for _ in range(rng.randint(3, 12)):
-        x0, y0 = rng.randrange(w), rng.randrange(h)
-        s = rng.randint(10, 150)
-        fill = tuple(rng.randrange(256) for _ in range(3))
-        rng.choice((d.ellipse, d.rectangle))([x0, y0, x0 + s, y0 + s], fill=fill)
-    return im
-
-
 def _save(im: Image.Image, path: Path, fmt: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = fmt or ("PNG" if path.suffix == ".png" else "JPEG")
     im.save(path, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
 
 
-def make_sample(workdir: Path, n_uploads: int, seed: int = 0) -> dict[str, int]:
+def _make_sample(workdir: Path, n_uploads: int, seed: int = 0) -> dict[str, int]:
     """Write ``refs/<bank>/*.jpg``, ``banks.toml`` and ``uploads/*`` under ``workdir``."""
     rng = random.Random(seed)
-    for bank, names in GALLERY_PHOTOS.items():
+    for bank, names in _GALLERY_PHOTOS.items():
         for n in names:
             _save(skimage_photo(n), workdir / "refs" / bank / f"{n}.jpg")
-    (workdir / "banks.toml").write_text(BANKS_TOML)
+    (workdir / "banks.toml").write_text(_BANKS_TOML)
     up = workdir / "uploads"
-    gallery_names = sorted({n for ns in GALLERY_PHOTOS.values() for n in ns})
+    gallery_names = sorted({n for ns in _GALLERY_PHOTOS.values() for n in ns})
     n_copies = max(1, n_uploads // 5)
     n_broken = 4
     n_unrelated = max(0, n_uploads - n_copies - n_broken)
@@ -137,7 +99,7 @@ def run_demo(a: argparse.Namespace) -> int:
     work = Path(a.workdir).resolve()
     if work.exists():
         shutil.rmtree(work)
-    counts = make_sample(work, a.uploads)
+    counts = _make_sample(work, a.uploads)
     print(f"sample data in {work}: {json.dumps(counts)} uploads; banks in {work / 'banks.toml'}")
     card = read_card(None)
     print(f"model {card.version_id} ({card.config.backbone.value}, {card.config.high_res}/{card.config.low_res} px)")

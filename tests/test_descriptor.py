@@ -58,7 +58,7 @@ def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:
 @pytest.fixture()
 def gen_images(tmp_path):
 
-    from jobs.demo import procedural
+    from pipeline.samples import procedural
 
     d = tmp_path / "imgs"
     d.mkdir()

@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, moto_server, photo
 from PIL import Image
 
-from jobs.demo import procedural
+from pipeline.samples import procedural
 
 pytestmark = pytest.mark.slow
 
