@@ -98,10 +98,7 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--who", default=None, help="operator for the audit log (default: $MODSCAN_OPERATOR or the OS user)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="modscan", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="three-stage self-supervised training of the descriptor")
     p.add_argument("--images", required=True, help="folder of training photos (recursive)")
     p.add_argument("--out", required=True, help="output model directory (checkpoints resume from here)")
@@ -109,12 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides, e.g. epochs_backbone=30 high_res=224 low_res=160")
     p.set_defaults(fn=_train)
 
+
+def _add_card_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("card", help="verify a model's checksum and print its model card")
     p.add_argument("--model", default=None)
     p.set_defaults(fn=_card)
 
-    g = sub.add_parser("gallery", help="build, update and inspect gallery versions")
-    gs = g.add_subparsers(dest="gcmd", required=True)
+
+def _add_gallery_build_parser(gs: argparse._SubParsersAction) -> None:
     p = gs.add_parser("build", help="extract features for every bank and publish a new version")
     p.add_argument("--banks", required=True, help="banks TOML file")
     p.add_argument("--out", required=True, help="gallery root URI")
@@ -132,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None)
     _add_audit_args(p)
     p.set_defaults(fn=_gallery)
+
+
+def _add_gallery_parser(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("gallery", help="build, update and inspect gallery versions")
+    gs = g.add_subparsers(dest="gcmd", required=True)
+    _add_gallery_build_parser(gs)
     p = gs.add_parser("add", help="add images (a folder or prefix) to a bank, as a new version")
     p.add_argument("gallery")
     p.add_argument("--bank", required=True)
@@ -155,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default=None, help="with --verify: the version to check (default: CURRENT)")
     p.set_defaults(fn=_gallery)
 
+
+def _add_moderate_parsers(sub: argparse._SubParsersAction) -> None:
+    """moderate, nightly and backfill: the job, for one day, yesterday or a date range."""
     p = sub.add_parser("moderate", help="check one day of uploads and write its flags partition")
     p.add_argument("--input", required=True, help="prefix (local/s3://) or a .parquet/.csv manifest of keys")
     p.add_argument("--date", required=True, help="partition date YYYY-MM-DD")
@@ -176,12 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_args(p)
     p.set_defaults(fn=_backfill)
 
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="embedded default: sample gallery + a day of sample uploads, end to end")
     p.add_argument("--workdir", default="demo-out")
     p.add_argument("--date", default="2026-01-01")
     p.add_argument("--uploads", type=int, default=120)
     p.set_defaults(fn=_demo)
 
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="copy-detection metrics, cascade vs exhaustive vs PDQ")
     p.add_argument("--photos", default=None, help="mode 2: build a benchmark from a photo folder")
     p.add_argument("--seed", type=int, default=0)
@@ -203,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the calibrated thresholds in the model card")
     p.set_defaults(fn=_evaluate)
 
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: search, pipeline, memory")
     bs = p.add_subparsers(dest="bcmd", required=True)
     q = bs.add_parser("search")
@@ -221,11 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gallery-size", type=int, default=1_000_000)
     q.set_defaults(fn=_bench)
 
-    from jobs.lookup_cmd import add_parser as add_lookup  # both modules import their heavy parts lazily
+
+def build_parser() -> argparse.ArgumentParser:
+    # lookup, review and gpu-check define their own sub-parsers; they import their heavy parts lazily
+    from jobs.gpu_check import add_parser as add_gpu_check
+    from jobs.lookup_cmd import add_parser as add_lookup
     from jobs.review_cmd import add_parser as add_review
 
-    add_lookup(sub)
-    add_review(sub)
+    ap = argparse.ArgumentParser(prog="modscan", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for add in (_add_train_parser, _add_card_parser, _add_gallery_parser, _add_moderate_parsers, _add_demo_parser,
+                _add_evaluate_parser, _add_bench_parser, add_lookup, add_review, add_gpu_check):
+        add(sub)
     return ap
 
 
