@@ -17,15 +17,11 @@ def _train(a: argparse.Namespace) -> int:
     from models.descriptor import DescriptorConfig
     from models.train import TrainConfig, parse_overrides, train
 
-    over = parse_overrides(a.set or [])
-    model_keys = set(DescriptorConfig.__dataclass_fields__)
-    mcfg = DescriptorConfig(**{k: v for k, v in over.items() if k in model_keys})
-    tkeys = set(TrainConfig.__dataclass_fields__) - {"model"}
-    unknown = set(over) - model_keys - tkeys
-    if unknown:
-        raise SystemExit(f"modscan train: unknown --set keys {sorted(unknown)}; "
-                         f"known: {sorted(model_keys | tkeys)}")
-    cfg = TrainConfig(model=mcfg, **{k: v for k, v in over.items() if k in tkeys})
+    try:
+        model_over, train_over = parse_overrides(a.set or [])
+        cfg = TrainConfig(model=DescriptorConfig(**model_over), **train_over)
+    except ValueError as e:
+        raise SystemExit(f"modscan train: {e}") from None
     card = train(a.images, a.out, cfg, command="modscan " + " ".join(sys.argv[1:]))
     print(json.dumps(card.to_dict(), indent=2))
     return 0

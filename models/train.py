@@ -28,6 +28,7 @@ Checkpoints load with ``torch.load(weights_only=True)``: tensors only, nothing e
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ import random
 import shlex
 import sys
 import time
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,6 +74,7 @@ class TrainConfig:
     lr_backbone: float = 1e-3
     lr_adapter: float = 3e-3
     lr_adapter1: float = 3e-4        # adapter 1 starts from PCA: fine-tune it gently
+    adapter1_init: str = "pca"       # pca (of the 512-d head) | random (ablation: the patent's plain init)
     weight_decay: float = 1e-4
     temperature: float = 0.05
     entropy_weight: float = 3.0
@@ -290,7 +293,7 @@ class Trainer:
             start = int(ck["epoch"])
             self.history["backbone"] = [float(x) for x in ck.get("history", torch.zeros(0)).tolist()]
         elif cfg.init_from:
-            self._warm_start()
+            self._warm_start()  # also with epochs_backbone=0: stages 2-3 on a committed backbone
         if start >= epochs:
             return self.history["backbone"]
         ds = PairDataset(self.images, cfg.model.high_res, cfg.model.low_res, cfg.seed)
@@ -420,9 +423,12 @@ class Trainer:
         self._freeze(m.backbone, m.pool, m.reduction)
         c = self.pooled_cache()
         gal, qh, ids = c["gallery"], c["query_high"], c["ids"]
-        with torch.no_grad():
-            sample = gal[torch.randperm(len(gal), generator=torch.Generator().manual_seed(cfg.seed))[:20000]]
-            pca_init(m.adapter1, m.reduction(sample.to(self.device)), m.reduction, sample.to(self.device))
+        if cfg.adapter1_init == "pca":
+            with torch.no_grad():
+                sample = gal[torch.randperm(len(gal), generator=torch.Generator().manual_seed(cfg.seed))[:20000]]
+                pca_init(m.adapter1, m.reduction(sample.to(self.device)), m.reduction, sample.to(self.device))
+        elif cfg.adapter1_init != "random":
+            raise ValueError(f"adapter1_init must be pca or random, got {cfg.adapter1_init!r}")
         m.adapter1.train()
 
         def step(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -521,16 +527,49 @@ def train(images_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
     return Trainer(images_dir, out_dir, cfg, command).run()
 
 
-def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
-    """``key=value`` strings -> dict with ints/floats parsed."""
-    out: dict[str, Any] = {}
-    for p in pairs:
-        k, _, v = p.partition("=")
+def _coerce(key: str, raw: str, hint: Any) -> Any:
+    """``raw`` as the type ``hint`` of a config field (``int``, ``float``, ``bool``, ``str``, enums,
+    ``X | None``); a ``ValueError`` naming the key otherwise."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if raw.lower() in ("none", "null", ""):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        if raw.lower() in ("true", "1", "yes", "on"):
+            return True
+        if raw.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"--set {key}={raw}: expected true or false")
+    if hint in (int, float):
         try:
-            out[k] = int(v)
+            return hint(raw)
         except ValueError:
-            try:
-                out[k] = float(v)
-            except ValueError:
-                out[k] = v
-    return out
+            raise ValueError(f"--set {key}={raw}: expected {'an integer' if hint is int else 'a number'}") from None
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(raw)
+        except ValueError:
+            raise ValueError(f"--set {key}={raw}: expected one of {[e.value for e in hint]}") from None
+    return raw
+
+
+def parse_overrides(pairs: Iterable[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``key=value`` strings -> (DescriptorConfig overrides, TrainConfig overrides), each value
+    converted to its field's declared type. Unknown keys, a missing ``=`` and values of the wrong
+    type raise ``ValueError`` with the offending ``--set``."""
+    model_hints = typing.get_type_hints(DescriptorConfig)
+    train_hints = {k: v for k, v in typing.get_type_hints(TrainConfig).items() if k != "model"}
+    model_over: dict[str, Any] = {}
+    train_over: dict[str, Any] = {}
+    for p in pairs:
+        k, eq, v = p.partition("=")
+        if not eq or not k:
+            raise ValueError(f"--set {p}: expected key=value")
+        if k in model_hints:
+            model_over[k] = _coerce(k, v, model_hints[k])
+        elif k in train_hints:
+            train_over[k] = _coerce(k, v, train_hints[k])
+        else:
+            raise ValueError(f"--set {k}: unknown key; known: {sorted(model_hints) + sorted(train_hints)}")
+    return model_over, train_over
