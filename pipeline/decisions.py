@@ -38,6 +38,7 @@ import dataclasses
 import datetime as _dt
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +129,71 @@ class _Gallery:
         self.disabled = set(content.disabled)
 
 
+def _parse_or_record(errs: list[str], parse: Callable[..., Any], *args: Any) -> Any:
+    """``parse(*args)``, or None with the ValueError's message appended to ``errs``."""
+    try:
+        return parse(*args)
+    except ValueError as e:
+        errs.append(str(e))
+        return None
+
+
+def _parse_reference(text: str, gal: _Gallery) -> int:
+    try:
+        ref = int(text)
+    except ValueError:
+        raise ValueError(f"reference_id {text!r} is not an integer") from None
+    if ref not in gal.ids:
+        raise ValueError(f"reference #{ref} is not in the gallery")
+    return ref
+
+
+def _false_positive_effect(r: dict[str, str], bank: str | None, gal: _Gallery, errs: list[str]) -> str:
+    if not r.get("bank"):
+        if not r.get("reference_id"):
+            errs.append("false_positive without a bank disables the reference: reference_id is empty")
+        return "disable"
+    if bank is not None and gal.banks[bank].action != Action.ALLOW.value:
+        errs.append(f"false_positive adds the upload to an allow bank; {bank!r} is a "
+                    f"{gal.banks[bank].action} bank")
+    if not r.get("image_key"):
+        errs.append("false_positive with a bank needs the upload's image_key")
+    if r.get("until"):
+        errs.append("until applies to disabling a reference; leave bank empty to disable it")
+    return "add_to_bank"
+
+
+def _confirmed_bank(r: dict[str, str], ref: int | None, bank: str | None, gal: _Gallery, errs: list[str]) -> str | None:
+    """The bank a ``confirmed`` row adds to: its own, or the one blocking bank of its reference."""
+    if not r.get("image_key"):
+        errs.append("confirmed needs the upload's image_key")
+    if r.get("until"):
+        errs.append("until is only for disabling a reference")
+    if bank is not None and gal.banks[bank].action == Action.ALLOW.value:
+        errs.append(f"confirmed adds the upload to a blocking bank; {bank!r} is an allow bank")
+    if not r.get("bank") and ref is not None:
+        blocking = sorted(b for b in gal.banks_of.get(ref, []) if gal.banks[b].action != Action.ALLOW.value)
+        if len(blocking) == 1:
+            return blocking[0]
+        errs.append(f"reference #{ref} is in blocking banks {blocking}: name one in column bank")
+    elif not r.get("bank") and not r.get("reference_id"):
+        errs.append("confirmed needs a bank or the matched reference_id")
+    return bank
+
+
+def _switch_effect(decision: str, r: dict[str, str], ref: int | None, gal: _Gallery, errs: list[str]) -> str:
+    """disable_reference / enable_reference."""
+    if not r.get("reference_id"):
+        errs.append(f"{decision} needs a reference_id")
+    if r.get("bank"):
+        errs.append(f"{decision} takes no bank (a reference is switched off in every bank)")
+    if decision == "enable_reference" and r.get("until"):
+        errs.append("enable_reference takes no until")
+    if decision == "enable_reference" and ref is not None and ref not in gal.disabled:
+        errs.append(f"reference #{ref} is not disabled")
+    return "disable" if decision == "disable_reference" else "enable"
+
+
 def _check_row(r: dict[str, str], line: int, gal: _Gallery, input_uri: str | None, now: _dt.datetime
                ) -> tuple[Change | None, list[tuple[int, str]]]:
     """One row -> (change, errors). Collects every error of the row, not only the first."""
@@ -138,75 +204,22 @@ def _check_row(r: dict[str, str], line: int, gal: _Gallery, input_uri: str | Non
     for col in REQUIRED[1:]:
         if not r.get(col):
             errs.append(f"{col} is empty")
-    ref: int | None = None
-    if r.get("reference_id"):
-        try:
-            ref = int(r["reference_id"])
-        except ValueError:
-            errs.append(f"reference_id {r['reference_id']!r} is not an integer")
-        else:
-            if ref not in gal.ids:
-                errs.append(f"reference #{ref} is not in the gallery")
-                ref = None
-    image = None
-    if r.get("image_key"):
-        try:
-            image = _resolve_image(r["image_key"], input_uri)
-        except ValueError as e:
-            errs.append(str(e))
+    ref = _parse_or_record(errs, _parse_reference, r["reference_id"], gal) if r.get("reference_id") else None
+    image = _parse_or_record(errs, _resolve_image, r["image_key"], input_uri) if r.get("image_key") else None
     if not r.get("image_key") and not r.get("reference_id"):
         errs.append("needs an image_key or a reference_id")
-    until = None
-    if r.get("until"):
-        try:
-            until = _parse_until(r["until"], now)
-        except ValueError as e:
-            errs.append(str(e))
+    until = _parse_or_record(errs, _parse_until, r["until"], now) if r.get("until") else None
     bank = r.get("bank") or None
     if bank is not None and bank not in gal.banks:
         errs.append(f"bank {bank!r} is not in the gallery (banks: {sorted(gal.banks)})")
         bank = None
     effect = ""
     if decision == "false_positive":
-        if r.get("bank"):
-            effect = "add_to_bank"
-            if bank is not None and gal.banks[bank].action != Action.ALLOW.value:
-                errs.append(f"false_positive adds the upload to an allow bank; {bank!r} is a "
-                            f"{gal.banks[bank].action} bank")
-            if not r.get("image_key"):
-                errs.append("false_positive with a bank needs the upload's image_key")
-            if r.get("until"):
-                errs.append("until applies to disabling a reference; leave bank empty to disable it")
-        else:
-            effect = "disable"
-            if not r.get("reference_id"):
-                errs.append("false_positive without a bank disables the reference: reference_id is empty")
+        effect = _false_positive_effect(r, bank, gal, errs)
     elif decision == "confirmed":
-        effect = "add_to_bank"
-        if not r.get("image_key"):
-            errs.append("confirmed needs the upload's image_key")
-        if r.get("until"):
-            errs.append("until is only for disabling a reference")
-        if bank is not None and gal.banks[bank].action == Action.ALLOW.value:
-            errs.append(f"confirmed adds the upload to a blocking bank; {bank!r} is an allow bank")
-        if not r.get("bank") and ref is not None:
-            blocking = sorted(b for b in gal.banks_of.get(ref, []) if gal.banks[b].action != Action.ALLOW.value)
-            if len(blocking) == 1:
-                bank = blocking[0]
-            else:
-                errs.append(f"reference #{ref} is in blocking banks {blocking}: name one in column bank")
-        elif not r.get("bank") and not r.get("reference_id"):
-            errs.append("confirmed needs a bank or the matched reference_id")
+        effect, bank = "add_to_bank", _confirmed_bank(r, ref, bank, gal, errs)
     elif decision in ("disable_reference", "enable_reference"):
-        effect = "disable" if decision == "disable_reference" else "enable"
-        if not r.get("reference_id"):
-            errs.append(f"{decision} needs a reference_id")
-        if r.get("bank"):
-            errs.append(f"{decision} takes no bank (a reference is switched off in every bank)")
-        if decision == "enable_reference" and r.get("until"):
-            errs.append("enable_reference takes no until")
-        if decision == "enable_reference" and ref is not None and ref not in gal.disabled:
-            errs.append(f"reference #{ref} is not disabled")
+        effect = _switch_effect(decision, r, ref, gal, errs)
     if errs:
         return None, [(line, m) for m in errs]
     return Change(line, decision, r["reviewer"], r["note"], effect, image, ref, bank, until,
