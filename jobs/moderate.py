@@ -19,7 +19,7 @@ import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -33,6 +33,9 @@ from pipeline.floodguard import summary_lines as flood_summary_lines
 from pipeline.jobmetrics import MetricsPushError
 from pipeline.jobmetrics import publish as publish_metrics
 from pipeline.storage import ForbiddenKey, KeyPolicy, Store, open_store, redact, split_uri
+
+if TYPE_CHECKING:
+    from pipeline.stages import Moderator
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +58,18 @@ class JobConfig:
     the read/decode tasks and the job stalls without an error.
 
     Values are checked when the config is built (:class:`~pipeline.errors.UsageError`, exit 2), so
-    a bad value fails before Ray starts. ``test_fail_keys`` is for tests only (fault injection: the
-    Moderator raises on a batch holding one of these keys); it cannot be set from a TOML file.
+    a bad value fails before Ray starts; :meth:`from_toml` reports each one at its line.
+    ``torch_threads`` is each actor's ``torch.set_num_threads``; 0 picks min(4, cluster CPUs //
+    actors), at least 1, for CPU actors and 2 for GPU actors. ``test_fail_keys`` is for tests only
+    (fault injection: the Moderator raises on a batch holding one of these keys); it cannot be set
+    from a TOML file.
     """
 
     batch_size: int = 64
     actors: int = 0
     actor_num_cpus: float = 0.5
     decode_num_cpus: float = 0.5
-    torch_threads: int = 0           # 0: min(4, CPUs on the node) for CPU actors
+    torch_threads: int = 0           # per actor; 0: CPU actors min(4, cluster CPUs // actors), GPU actors 2
     image_extensions_only: bool = False  # prefix input: skip keys without an image extension
     allow_empty_input: bool = False  # an input with nothing to moderate fails the run unless true
     allowed_input_prefixes: tuple[str, ...] = ()  # manifests: where absolute paths / URIs may point
@@ -73,7 +79,6 @@ class JobConfig:
     fine_threshold: float | None = None
     rerank_k: int | None = None
     review_max_rows: int = 200
-    single_stage: bool = False       # benchmark baseline only: high-res 512-d pass for every image
     precision: str = "auto"          # model trunk: auto (bf16 on CUDA / native-bf16 CPUs, else fp32) | bf16 | fp32
     coarse_nprobe: int | None = None     # ivf coarse index: lists searched (None: the gallery manifest's)
     coarse_ef_search: int | None = None  # hnsw coarse index: search breadth (None: the gallery manifest's)
@@ -106,7 +111,7 @@ class JobConfig:
              f"torch_threads must be an integer >= 0, got {self.torch_threads!r}")
         need(is_int(self.review_max_rows) and self.review_max_rows >= 0,
              f"review_max_rows must be an integer >= 0, got {self.review_max_rows!r}")
-        for name in ("image_extensions_only", "allow_empty_input", "verify_gallery", "single_stage"):
+        for name in ("image_extensions_only", "allow_empty_input", "verify_gallery"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("coarse_threshold", "fine_threshold"):
             v = getattr(self, name)
@@ -132,24 +137,10 @@ class JobConfig:
 
     @classmethod
     def from_toml(cls, path: str | None, **overrides: Any) -> JobConfig:
-        d: dict[str, Any] = {}
-        if path:
-            try:
-                with open(path, "rb") as f:
-                    d = tomllib.load(f).get("job", {})
-            except FileNotFoundError:
-                raise UsageError(f"--config {path}: no such file") from None
-            except tomllib.TOMLDecodeError as e:
-                raise UsageError(f"--config {path}: not valid TOML: {e}") from None
-        known = {f.name for f in fields(cls)} - {"test_fail_keys"}
-        unknown = set(d) - known
-        if unknown:
-            raise UsageError(f"{path}: unknown [job] keys {sorted(unknown)}; known: {sorted(known)}")
-        if "decode" in d:
-            try:
-                d["decode"] = DecodeConfig(**d["decode"])
-            except TypeError as e:
-                raise UsageError(f"{path}: [job.decode]: {e}") from None
+        """The ``[job]`` table of a TOML file (every key optional), with ``overrides`` (command-line
+        flags; None: not given) on top. Every problem of the file is reported at its line, as
+        ``FILE:LINE: message`` (:class:`JobConfigError`, exit 2), before anything runs."""
+        d = read_job_table(path) if path else {}
         d.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**d)
 
@@ -157,6 +148,118 @@ class JobConfig:
         """The thresholds this config sets over the gallery manifest's (job and ``lookup`` alike)."""
         return {k: v for k, v in {"coarse": self.coarse_threshold, "fine": self.fine_threshold,
                                   "rerank_k": self.rerank_k}.items() if v is not None}
+
+
+class JobConfigError(UsageError):
+    """All problems of a job config file, each as ``file:line: message`` (like bank files)."""
+
+    def __init__(self, path: str, errors: list[tuple[int, str]]) -> None:
+        self.path, self.errors = path, sorted(errors)
+        lines = [f"{path}:{ln}: {msg}" for ln, msg in self.errors]
+        super().__init__(f"{len(errors)} error(s) in job config:\n" + "\n".join(lines))
+
+
+# Keys a [job] table no longer takes, with what replaced them.
+_REMOVED_JOB_KEYS = {
+    "single_stage": "the single-stage baseline is benchmark-only (`modscan bench pipeline` runs it)",
+}
+_MODEL_SIZES = ("low_res", "high_res")
+
+
+def toml_key_lines(text: str) -> dict[str, int]:
+    """First line (1-based) of each table header and key of a TOML text, by dotted path (``"job"``,
+    ``"job.decode"``, ``"job.decode.min_side"``), for error messages. Knows ``[table]`` and
+    ``[[array]]`` headers and bare, quoted and dotted keys; lines inside multi-line values that
+    look like ``key = ...`` may be taken for keys (only a line number can be off, never a value)."""
+    def path(raw: str) -> str:
+        return ".".join(p.strip().strip("\"'") for p in raw.split("."))
+
+    where: dict[str, int] = {}
+    table = ""
+    for i, line in enumerate(text.splitlines(), start=1):
+        s = line.strip()
+        head = re.match(r"^\[\[?([^\[\]]+)\]\]?", s)
+        key = re.match(r"^([A-Za-z0-9_\-.\"' ]+?)\s*=", s)
+        if head:
+            table = path(head.group(1))
+            where.setdefault(table, i)
+        elif key:
+            parts = (table.split(".") if table else []) + path(key.group(1)).split(".")
+            for n in range(1, len(parts) + 1):
+                where.setdefault(".".join(parts[:n]), i)
+    return where
+
+
+def read_job_table(path: str) -> dict[str, Any]:
+    """The checked ``[job]`` table of a config file (``decode`` as a :class:`DecodeConfig`).
+
+    Raises :class:`~pipeline.errors.UsageError` for a missing file and :class:`JobConfigError`
+    listing every problem with its line: TOML syntax, unknown tables and keys, wrong types and
+    ranges (each value is checked by the same code as :class:`JobConfig` and :class:`DecodeConfig`),
+    and ``low_res``/``high_res`` in ``[job.decode]``, which come from the model card."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config {path}: cannot be read: {plain_message(e, 300)}") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        raise JobConfigError(path, [(int(m.group(1)) if m else 1, f"TOML syntax: {e}")]) from None
+    where = toml_key_lines(text)
+
+    def line(*keys: str) -> int:
+        for k in keys:
+            if k in where:
+                return where[k]
+        return 1
+
+    errors: list[tuple[int, str]] = []
+    for k in sorted(set(doc) - {"job"}):
+        errors.append((line(k), f"unknown top-level key {k!r} (expected a [job] table)"))
+    job = doc.get("job", {})
+    if not isinstance(job, dict):
+        raise JobConfigError(path, errors + [(line("job"), "job must be a [job] table")])
+    known = sorted(f.name for f in fields(JobConfig) if f.name not in ("test_fail_keys", "decode"))
+    for k, v in job.items():
+        at = line(f"job.{k}", "job")
+        if k == "decode":
+            continue
+        if k in _REMOVED_JOB_KEYS:
+            errors.append((at, f"[job] {k} was removed: {_REMOVED_JOB_KEYS[k]}"))
+        elif k not in known:
+            errors.append((at, f"[job] unknown key {k!r} (known: {', '.join(known + ['[job.decode]'])})"))
+        else:
+            try:
+                JobConfig(**{k: v})  # the same checks as a JobConfig built in code, one key at a time
+            except UsageError as e:
+                errors.append((at, str(e)))
+    decode = job.get("decode", {})
+    if not isinstance(decode, dict):
+        errors.append((line("job.decode", "job"), f"[job] decode must be a [job.decode] table, got {decode!r}"))
+        decode = {}
+    dknown = sorted(f.name for f in fields(DecodeConfig) if f.name not in _MODEL_SIZES)
+    for k, v in decode.items():
+        at = line(f"job.decode.{k}", "job.decode", "job")
+        if k in _MODEL_SIZES:
+            errors.append((at, f"[job.decode] {k} cannot be set: the decode sizes come from the model card "
+                               f"(the sizes the model was trained at; `modscan card` shows them)"))
+        elif k not in dknown:
+            errors.append((at, f"[job.decode] unknown key {k!r} (known: {', '.join(dknown)})"))
+        else:
+            try:
+                DecodeConfig(**{k: v})
+            except ValueError as e:
+                errors.append((at, f"[job.decode] {e}"))
+    if errors:
+        raise JobConfigError(path, errors)
+    out = {k: v for k, v in job.items() if k != "decode"}
+    if "decode" in job:
+        out["decode"] = DecodeConfig(**decode)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,8 +307,8 @@ def _decode_batch(batch: dict[str, Any], cfg: DecodeConfig, timings_uri: str | N
             open_store(timings_uri).write_text(
                 f"decode-{uuid.uuid4().hex}.json",
                 json.dumps({"rows": len(out["ok"]), "seconds": {"decode_resize": time.perf_counter() - t}}))
-        except Exception:
-            pass
+        except Exception:  # the rows are what matters; a lost record only thins the timing summary
+            log.warning("could not write a decode timing record under %s", redact(timings_uri), exc_info=True)
     return out
 
 
@@ -423,7 +526,9 @@ def _sum_timings(st: Store) -> dict[str, float]:
     for k in st.list():
         try:
             rec = json.loads(st.read_text(k))
-        except Exception:
+        except Exception:  # a half-written record of a killed actor: the summary goes on without it
+            log.warning("timing record %s unreadable; left out of the run's timings and survivor count", k,
+                        exc_info=True)
             continue
         if "t_start" in rec:
             t0, t1 = min(t0, rec["t_start"]), max(t1, rec["t_end"])
@@ -550,9 +655,10 @@ def _modscan_cause(e: BaseException) -> ModscanError | None:
     return None
 
 
-def _run_pipeline(plan: RunPlan, ray_address: str | None) -> tuple[float, dict[str, Any]]:
-    """Ray part: read -> decode -> Moderator actors -> staged Parquet. -> (seconds, resources)."""
-    from pipeline.stages import Moderator, RunContext
+def _run_pipeline(plan: RunPlan, ray_address: str | None,
+                  moderator: type[Moderator]) -> tuple[float, dict[str, Any]]:
+    """Ray part: read -> decode -> ``moderator`` actors -> staged Parquet. -> (seconds, resources)."""
+    from pipeline.stages import RunContext
 
     cfg, out, stage = plan.cfg, plan.out, F.staging_key(plan.run_id)
     timings_uri = out.full_uri(f"{stage}/timings")
@@ -568,11 +674,11 @@ def _run_pipeline(plan: RunPlan, ray_address: str | None) -> tuple[float, dict[s
         ds = ds.map_batches(_decode_batch, fn_kwargs={"cfg": plan.decode, "timings_uri": timings_uri},
                             batch_size=cfg.batch_size, num_cpus=cfg.decode_num_cpus)
         ds = ds.map_batches(
-            Moderator,
+            moderator,
             fn_constructor_kwargs={"gallery_uri": plan.gallery_uri, "model_dir": plan.model_dir,
                                    "ctx": RunContext(plan.dt, plan.run_id, timings_uri), "threads": threads,
                                    "threshold_overrides": cfg.threshold_overrides() or None,
-                                   "single_stage": cfg.single_stage, "gallery_version": plan.gallery_version,
+                                   "gallery_version": plan.gallery_version,
                                    "fail_on_keys": cfg.test_fail_keys, "precision": cfg.precision,
                                    "nprobe": cfg.coarse_nprobe, "ef_search": cfg.coarse_ef_search},
             batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
@@ -595,7 +701,8 @@ def _fail(plan: RunPlan, e: Exception) -> NoReturn:
     F.abandon(plan.out, plan.run_id)
     try:
         taken = F.taken_error(plan.out, plan.dt, plan.run_id)
-    except Exception:
+    except Exception:  # the run's own failure is what gets raised; this one must still leave a trace
+        log.warning("run %s: could not check who owns dt=%s after the failure", plan.run_id, plan.dt, exc_info=True)
         taken = None
     if taken is not None and not isinstance(e, F.PartitionTakenError):
         raise taken from e
@@ -605,12 +712,19 @@ def _fail(plan: RunPlan, e: Exception) -> NoReturn:
     raise e
 
 
-def execute_run(plan: RunPlan, ray_address: str | None = None, review: bool = True) -> dict[str, Any]:
-    """Run the pipeline for a prepared run, verify and commit. Returns the ``_run.json`` content."""
+def execute_run(plan: RunPlan, ray_address: str | None = None, review: bool = True,
+                moderator: type[Moderator] | None = None) -> dict[str, Any]:
+    """Run the pipeline for a prepared run, verify and commit. Returns the ``_run.json`` content.
+
+    ``moderator``: the actor class (default :class:`~pipeline.stages.Moderator`); the benchmarks
+    pass a subclass for their baselines, recorded in ``_run.json`` as ``moderator``."""
+    from pipeline.stages import Moderator
+
+    moderator = moderator or Moderator
     cfg, out, run_id, dt = plan.cfg, plan.out, plan.run_id, plan.dt
     stage = F.staging_key(run_id)
     try:
-        t_pipeline, resources = _run_pipeline(plan, ray_address)
+        t_pipeline, resources = _run_pipeline(plan, ray_address, moderator)
         all_keys = set(plan.input.keys) | {k for k, _ in plan.input.forbidden}
         F.check_owner(out, dt, run_id)  # a newer run of dt took over: say so before anything else
         flood = guard_staged(out, run_id, cfg.max_matches_per_reference)  # may rewrite staged rows: before verify
@@ -630,7 +744,7 @@ def execute_run(plan: RunPlan, ray_address: str | None = None, review: bool = Tr
         "stage_seconds_summed_over_workers": {k: round(v, 3) for k, v in timings.items()},
         "pipeline_seconds": round(t_pipeline, 3), "wall_seconds": round(time.time() - plan.t_start, 3),
         "images_per_second": round(n / t_pipeline, 2) if t_pipeline > 0 else None,
-        "resources": resources,
+        "resources": resources, "moderator": f"{moderator.__module__}.{moderator.__qualname__}",
         # a Pushgateway URL may hold a password
         "config": json.loads(redact(json.dumps({k: v for k, v in asdict(cfg).items() if k != "test_fail_keys"},
                                                default=str))),
@@ -659,10 +773,11 @@ def execute_run(plan: RunPlan, ray_address: str | None = None, review: bool = Tr
 
 def moderate(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_dir: str | None = None,
              cfg: JobConfig | None = None, ray_address: str | None = None, review: bool = True,
-             run_id: str | None = None) -> dict[str, Any]:
-    """Run one day: :func:`prepare_run` then :func:`execute_run`. Returns the ``_run.json`` content."""
+             run_id: str | None = None, moderator: type[Moderator] | None = None) -> dict[str, Any]:
+    """Run one day: :func:`prepare_run` then :func:`execute_run` (``moderator``: the actor class,
+    default :class:`~pipeline.stages.Moderator`). Returns the ``_run.json`` content."""
     plan = prepare_run(input_uri, gallery_uri, output_uri, dt, model_dir, cfg, run_id)
-    return execute_run(plan, ray_address, review)
+    return execute_run(plan, ray_address, review, moderator)
 
 
 def summary(info: dict[str, Any]) -> str:

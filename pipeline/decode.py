@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -27,13 +27,22 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Input bounds and output sizes of the decoder."""
+    """Input bounds and output sizes of the decoder; every field an integer >= 1 (ValueError).
+
+    The sizes are the model's (its card's ``low_res``/``high_res``): the job sets them from the
+    card, never from ``[job.decode]``."""
 
     low_res: int = 112
     high_res: int = 160
     max_bytes: int = 50 * 1024 * 1024
     max_pixels: int = 64_000_000
     min_side: int = 16
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{f.name} must be an integer >= 1, got {v!r}")
 
 
 class DecodeError(Exception):

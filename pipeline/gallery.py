@@ -796,12 +796,6 @@ class GalleryIndex:
             F[rows], offset[rows] = self.normalise(xq512, self.rerank(xq512, I[rows]))
         return Candidates(D, I, F, survivors, offset)
 
-    def search_single_stage(self, xq512: np.ndarray) -> list[Match]:
-        """Baseline without the cascade: exhaustive 512-d search for every query (benchmarks)."""
-        D, I = self.cascade.exhaustive_rerank(xq512, min(self.params.rerank_k, max(1, self.cascade.ntotal)))
-        F, offset = self.normalise(xq512, D)
-        return self.decide(D, I, F, offset)
-
     def search(self, xq128: np.ndarray, rerank_fn: Callable[[np.ndarray], np.ndarray]) -> tuple[list[Match], np.ndarray]:
         """Cascade + bank rules: one :class:`Match` per query, and the survivor mask."""
         c = self.candidates(xq128, rerank_fn)

@@ -92,12 +92,13 @@ class Moderator:
     """Features + cascade + decision for decoded batches -> flag rows.
 
     Only rows with a coarse candidate get the 512-d high-res pass (the expensive part of the model
-    run): that is the cascade's point, since most uploads match nothing.
+    run): that is the cascade's point, since most uploads match nothing. :meth:`_search` is the
+    one step a subclass replaces (the benchmark's single-stage baseline, ``jobs/bench.py``).
     """
 
     def __init__(self, gallery_uri: str, ctx: RunContext, model_dir: str | None = None,
                  device: str | None = None, threads: int | None = None,
-                 threshold_overrides: dict[str, float] | None = None, single_stage: bool = False,
+                 threshold_overrides: dict[str, float] | None = None,
                  gallery_version: str | None = None, fail_on_keys: tuple[str, ...] = (),
                  precision: str = "auto", nprobe: int | None = None, ef_search: int | None = None) -> None:
         from pipeline.features import FeatureExtractor
@@ -112,7 +113,6 @@ class Moderator:
                                          ef_search=ef_search)
         self.fail_on_keys = frozenset(fail_on_keys)  # TEST ONLY (JobConfig.test_fail_keys): fault injection
         self.ctx = ctx
-        self.single_stage = single_stage  # benchmark baseline: 512-d for every image, no cascade
         self._timings = open_store(ctx.timings_uri) if ctx.timings_uri else None
 
     def __call__(self, batch: dict[str, Any]) -> Any:
@@ -157,7 +157,8 @@ class Moderator:
 
     def _search(self, batch: dict[str, Any], rows: np.ndarray) -> tuple[dict[int, Any], dict[str, Any]]:
         """The cascade for the decoded rows ``rows``: low-res coarse pass for all, high-res pass
-        for survivors only. Returns {row: Match} and the time split."""
+        for survivors only. Returns {row: Match} and the time split (``model_coarse``, ``search``,
+        ``model_rerank`` in seconds, ``survivors``: rows given the high-res pass)."""
         timing: dict[str, Any] = {"model_coarse": 0.0, "search": 0.0, "model_rerank": 0.0, "survivors": 0}
         if not len(rows):
             return {}, timing
@@ -170,13 +171,9 @@ class Moderator:
             return out
 
         t = time.perf_counter()
-        if self.single_stage:
-            decisions = self.gallery.search_single_stage(rerank_fn(np.arange(len(rows))))
-            survivors = np.ones(len(rows), bool)
-        else:
-            xq = self.fx.query_coarse(low)
-            timing["model_coarse"] = time.perf_counter() - t
-            decisions, survivors = self.gallery.search(xq, rerank_fn)
+        xq = self.fx.query_coarse(low)
+        timing["model_coarse"] = time.perf_counter() - t
+        decisions, survivors = self.gallery.search(xq, rerank_fn)
         timing["search"] = time.perf_counter() - t - timing["model_coarse"] - timing["model_rerank"]
         timing["survivors"] = int(survivors.sum())
         return {int(r): d for r, d in zip(rows, decisions)}, timing

@@ -238,13 +238,14 @@ def test_config_values_are_checked_before_ray(capsys, tmp_path, gallery) -> None
     up = tmp_path / "up"
     _jpeg(up / "a.jpg")
     out = tmp_path / "flags"
-    for text, want in (('[job]\nbatch_size = "64"\n', "batch_size must be an integer"),
-                       ("[job]\nactors = -1\n", "actors must be an integer >= 0"),
-                       ("[job]\nbatchsize = 64\n", "unknown [job] keys ['batchsize']"),
-                       ('[job]\ntest_fail_keys = ["a.jpg"]\n', "unknown [job] keys ['test_fail_keys']"),
-                       ("[job]\ncoarse_threshold = 3.0\n", "coarse_threshold must be a cosine"),
-                       ("[job.decode]\nmax_pixel = 5\n", "[job.decode]"),
-                       ("[job\n", "not valid TOML")):
+    for text, want in (('[job]\nbatch_size = "64"\n', "job.toml:2: [job] batch_size must be an integer"),
+                       ("[job]\nactors = -1\n", "job.toml:2: [job] actors must be an integer >= 0"),
+                       ("[job]\nbatchsize = 64\n", "job.toml:2: [job] unknown key 'batchsize'"),
+                       ('[job]\ntest_fail_keys = ["a.jpg"]\n', "job.toml:2: [job] unknown key 'test_fail_keys'"),
+                       ("[job]\ncoarse_threshold = 3.0\n", "job.toml:2: [job] coarse_threshold must be a cosine"),
+                       ("[job.decode]\nmax_pixel = 5\n", "job.toml:2: [job.decode] unknown key 'max_pixel'"),
+                       ("[job.decode]\nhigh_res = 224\n", "job.toml:2: [job.decode] high_res cannot be set"),
+                       ("[job\n", "job.toml:1: TOML syntax")):
         cfg = tmp_path / "job.toml"
         cfg.write_text(text)
         rc, _, err = _cli(capsys, "moderate", "--input", str(up), "--gallery", gallery, "--output", str(out),
