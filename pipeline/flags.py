@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import posixpath
 import re
 import time
@@ -43,6 +44,8 @@ import pyarrow.parquet as pq
 from pipeline.errors import ModscanError, UsageError
 from pipeline.schemas import FILE_SCHEMA, FLAG_SCHEMA
 from pipeline.storage import Store
+
+log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
 RUN_JSON = "_run.json"
@@ -248,11 +251,13 @@ def _release_staging(out: Store, run_id: str) -> None:
 
 
 def abandon(out: Store, run_id: str) -> None:
-    """Remove a run's staging after it failed (best effort: the next run sweeps what is left)."""
+    """Remove a run's staging after it failed (best effort: the next run sweeps what is left, so
+    a failure here is logged, not raised: the run's own failure is the one to report)."""
     try:
         _release_staging(out, run_id)
     except Exception:
-        pass
+        log.warning("run %s: could not remove its staging %s (the next run sweeps it)", run_id,
+                    staging_key(run_id), exc_info=True)
 
 
 def commit_partition(out: Store, dt: str, run_id: str, run_info: dict[str, Any],

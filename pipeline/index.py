@@ -252,7 +252,7 @@ class CascadeIndex:
         if nprobe is not None and hasattr(faiss, "extract_index_ivf"):
             try:
                 faiss.extract_index_ivf(idx).nprobe = nprobe
-            except RuntimeError:
+            except RuntimeError:  # not an IVF index (flat, hnsw): nprobe does not apply
                 pass
         inner = faiss.downcast_index(idx.index) if isinstance(idx, faiss.IndexIDMap2) else None
         if ef_search is not None and inner is not None and hasattr(inner, "hnsw"):

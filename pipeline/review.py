@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
 
 import pandas as pd
 from PIL import Image
@@ -25,6 +26,8 @@ from pipeline.decode import DecodeConfig, DecodeError, open_image
 from pipeline.errors import plain_message
 from pipeline.flags import partition_key
 from pipeline.storage import Store, open_store, redact, resolve_key, split_uri
+
+log = logging.getLogger(__name__)
 
 THUMB = 160
 SENSITIVE_PREFIX = "sensitive/"
@@ -61,10 +64,12 @@ def _thumb(data: bytes, sensitive: bool = False) -> str:
 
 
 def _read(uri: str) -> bytes | None:
+    """The object's bytes, or None (the page says "unreadable"; the log says why)."""
     try:
         st, name = split_uri(uri)
         return st.read_bytes(name)
-    except Exception:
+    except Exception as e:
+        log.warning("review page: %s cannot be read for a thumbnail: %s", redact(uri), plain_message(e, 300))
         return None
 
 

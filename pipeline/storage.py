@@ -133,7 +133,7 @@ class Store:
     def delete_file(self, key: str) -> None:
         try:
             self.fs.delete_file(self.path(key))
-        except FileNotFoundError:
+        except FileNotFoundError:  # absent is the state asked for
             pass
 
     def move(self, src: str, dst: str) -> None:

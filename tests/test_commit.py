@@ -71,3 +71,37 @@ def test_sweep_keeps_runs_that_may_be_alive(tmp_path) -> None:
     F.claim_partition(out, "2026-06-03", "20260603T000009-dddd")  # a newer run of that date exists
     assert F.sweep_staging(out, keep="20260605T000000-eeee") == [dead_loser]
     assert out.exists(F.staging_key(long_owner)) and out.exists(F.staging_key(fresh))
+
+
+# --------------------------------------------------------------------------------------------
+# Best-effort steps that fail leave a trace in the log (they do not raise)
+# --------------------------------------------------------------------------------------------
+def test_abandon_that_cannot_remove_staging_logs_a_warning(tmp_path, monkeypatch, caplog) -> None:
+    out = open_store(str(tmp_path / "flags"), create=True)
+    _stage(out, "r1", ["a"])
+
+    def refuse(key: str) -> None:
+        raise PermissionError(f"denied: {key}")
+
+    monkeypatch.setattr(out, "delete_dir", refuse)
+    with caplog.at_level("WARNING", logger="pipeline.flags"):
+        F.abandon(out, "r1")  # best effort: never raises over the run's own failure
+    (rec,) = [r for r in caplog.records if r.name == "pipeline.flags"]
+    assert rec.levelname == "WARNING" and "run r1: could not remove its staging _staging/r1" in rec.getMessage()
+    assert isinstance(rec.exc_info[1], PermissionError)
+    assert out.exists(F.staging_key("r1"))
+
+
+def test_an_unreadable_timing_record_is_left_out_with_a_warning(tmp_path, caplog) -> None:
+    import json
+
+    from jobs.moderate import _sum_timings
+
+    st = open_store(str(tmp_path / "timings"), create=True)
+    st.write_text("a.json", json.dumps({"survivors": 3, "decoded": 5, "seconds": {"search": 0.5}}))
+    st.write_text("b.json", '{"survivors": 4, "deco')  # half-written by a killed actor
+    with caplog.at_level("WARNING", logger="jobs.moderate"):
+        tot = _sum_timings(st)
+    assert tot == {"survivors": 3, "decoded": 5, "search": 0.5}
+    (rec,) = [r for r in caplog.records if r.name == "jobs.moderate"]
+    assert "timing record b.json unreadable" in rec.getMessage() and rec.exc_info is not None
