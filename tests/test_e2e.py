@@ -181,8 +181,11 @@ def test_one_row_per_upload_with_the_right_decisions(world, first_run) -> None:
     assert (df["gallery_version"] == "v000001").all()
 
 
-def test_run_json_success_marker_and_counts(world, first_run) -> None:
+def test_run_json_success_marker_and_counts(world, gallery, first_run) -> None:
     import json
+
+    from pipeline import gallery as G
+    from pipeline.storage import open_store
 
     s3 = world["s3"]
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="flags-e2e", Prefix=f"flags/dt={DAY}/")["Contents"]}
@@ -191,7 +194,15 @@ def test_run_json_success_marker_and_counts(world, first_run) -> None:
     assert run["inputs"] == len(world["uploads"]) == run["counts"]["rows"]
     assert sum(run["counts"]["by_status"].values()) == run["inputs"]
     assert run["counts"]["by_error_code"]["not_an_image"] >= 2
-    assert run["survivors"] < run["decoded"]  # the cascade stopped most uploads after the cheap stage
+    # survivors: exactly the uploads with a coarse candidate at or above the gallery's coarse
+    # threshold (their rows carry that coarse score; every other row has none); fewer than decoded
+    df = _read_partition(DAY)
+    thr = G.read_manifest(open_store(gallery), run["gallery_version"])["thresholds"]["coarse"]
+    scored = df["coarse_score"].dropna()
+    assert (scored >= thr).all(), scored[scored < thr]
+    assert run["survivors"] == int((df["coarse_score"] >= thr).sum()) == len(scored)
+    assert run["decoded"] == int((df["status"] != "error").sum())
+    assert 0 < run["survivors"] < run["decoded"]
     text = json.dumps(run)
     assert "testing-secret-value-xyz" not in text and "testing-key-id" not in text
     staged = [o["Key"] for o in s3.list_objects_v2(Bucket="flags-e2e", Prefix="flags/_staging/").get("Contents", [])]
