@@ -24,6 +24,8 @@ from typing import Any
 
 import tomllib
 
+from pipeline.errors import UsageError
+
 ACTIONS = ("filter", "downrank", "allow")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
 _KNOWN = {"name", "source", "category", "action", "fine_threshold", "enabled"}
@@ -48,7 +50,7 @@ class Bank:
                    bool(d.get("enabled", True)))
 
 
-class BankFileError(ValueError):
+class BankFileError(UsageError, ValueError):
     """All problems of a bank file, each as ``file:line: message``."""
 
     def __init__(self, path: str, errors: list[tuple[int, str]]) -> None:

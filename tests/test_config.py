@@ -178,3 +178,20 @@ def test_bank_file_errors_name_file_and_line(tmp_path) -> None:
         load_banks(path)
     assert str(e.value).splitlines()[1:] == [f"{path}:5: bank 'ok': action 'block' must be one of "
                                              "['filter', 'downrank', 'allow']"]
+
+
+def test_bad_bank_file_through_the_cli_is_a_usage_error(tmp_path, capsys) -> None:
+    """A bad bank file is the user's to fix: exit 2 and the FILE:LINE message, not 'unexpected error'."""
+    from jobs.cli import main
+
+    path = _write(tmp_path, """
+        [[bank]]
+        name = "ok"
+        source = "refs"
+        category = "sensitive/x"
+        action = "block"
+        """, "banks.toml")
+    rc = main(["gallery", "build", "--banks", str(path), "--out", str(tmp_path / "gallery")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"{path}:5: bank 'ok': action 'block'" in err and "unexpected" not in err
