@@ -512,36 +512,95 @@ def _model_costs(images: Path, n_max: int = 512) -> dict[str, float]:
     return out
 
 
-def bench_pipeline(n: int, work: Path, s3: bool = True) -> dict[str, Any]:
-    """The job at the card's thresholds, against the single-stage fp32 job, in one run; ratios
-    against the zero-survivor bound measured here too."""
-    import shutil
-
+def _pipeline_gallery(work: Path, n: int) -> tuple[Path, int, str]:
+    """The uploads and a 2-shard gallery of their 20 references -> (uploads folder, edited copies, gallery root)."""
     from jobs.gallery_cmd import local_extractor
-    from jobs.moderate import JobConfig, init_ray, moderate
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.banks import Bank
     from pipeline.storage import open_store
 
-    shutil.rmtree(work, ignore_errors=True)
     images, refs = work / "uploads", work / "refs"
     n_pos = _make_images(images, n, refs)
     gal = str(work / "gallery")
     G.build(open_store(gal, create=True), [Bank("bench", str(refs), "sensitive/bench", "filter")], read_card(None),
             local_extractor(None), n_shards=2)
-    ctx = None
+    return images, n_pos, gal
+
+
+def _s3_uploads(images: Path) -> Any:
+    """A real S3 endpoint (moto, as in the tests) holding the uploads under ``s3://bench-up/day/``
+    -> its context manager, entered: the caller exits it."""
+    import boto3
+
+    from jobs.s3local import moto_server
+
+    ctx = moto_server()
+    endpoint = ctx.__enter__()
+    cli = boto3.client("s3", endpoint_url=endpoint)
+    cli.create_bucket(Bucket="bench-up")
+    for f in sorted(images.iterdir()):
+        cli.upload_file(str(f), "bench-up", f"day/{f.name}")
+    return ctx
+
+
+def _job_row(name: str, info: dict[str, Any]) -> dict[str, Any]:
+    """One table row of a finished job: throughput, survivors, flags, per-stage ms per image."""
+    st = info["stage_seconds_summed_over_workers"]
+    per = {k: 1000 * st.get(k, 0.0) / max(1, info["inputs"])
+           for k in ("decode_resize", "model_coarse", "model_rerank", "search")}
+    return {"job": name, "images": info["inputs"], "seconds": f"{info['pipeline_seconds']:.1f}",
+            "images/s": f"{info['images_per_second']:.1f}",
+            "steady-state images/s": f"{info['steady_state_images_per_second'] or 0:.1f}",
+            "high-res passes": info["survivors"], "flagged": info["counts"]["by_status"].get("matched", 0),
+            **{f"{k} ms/img": f"{v:.1f}" for k, v in per.items()}}
+
+
+def _steady(info: dict[str, Any]) -> float:
+    return info["steady_state_images_per_second"] or info["images_per_second"]
+
+
+def _pipeline_ratios(infos: dict[str, dict[str, Any]], default_job: str, costs: dict[str, Any], s3: bool) -> dict[str, Any]:
+    default, single = infos[default_job], infos["single-stage-fp32 (512-d for every image)"]
+    ratios: dict[str, Any] = {
+        "default / single-stage fp32 (steady state; target >= 2.0)": _steady(default) / _steady(single),
+        "default / single-stage fp32 (end to end)": default["images_per_second"] / single["images_per_second"],
+        "zero-survivor bound (decode + high) / (decode + low)": costs["zero_survivor_bound"],
+        "cascade / single-stage as a share of the bound (target >= 0.85)": (_steady(default) / _steady(single)) / costs["zero_survivor_bound"],
+        "survivors (share of uploads given the high-res pass)": default["survivors"] / max(1, default["decoded"]),
+        "bf16 / fp32 model throughput (model-only)": (costs["low_res_s_per_image_fp32"] + costs["high_res_s_per_image_fp32"])
+        / (costs["low_res_s_per_image_bf16"] + costs["high_res_s_per_image_bf16"]),
+    }
+    if costs["native_bf16"]:
+        ratios["bf16 job / fp32 job (steady state; target >= 1.8)"] = _steady(default) / _steady(infos["cascade-fp32"])
     if s3:
-        from jobs.s3local import moto_server  # a real S3 endpoint, as in the tests
+        ratios["default S3 / default local"] = infos["default-s3"]["images_per_second"] / default["images_per_second"]
+    return ratios
 
-        ctx = moto_server()
-        endpoint = ctx.__enter__()
-        import boto3
 
-        cli = boto3.client("s3", endpoint_url=endpoint)
-        cli.create_bucket(Bucket="bench-up")
-        for f in sorted(images.iterdir()):
-            cli.upload_file(str(f), "bench-up", f"day/{f.name}")
+def _print_pipeline(res: dict[str, Any]) -> None:
+    rows, costs, ratios = res["rows"], res["costs"], res["ratios"]
+    print(f"\npipeline benchmark on {res['machine']}: {res['images']} images, {res['positives']} edited copies of 20 gallery images\n")
+    print(_table(rows, list(rows[0])))
+    print(f"\nper image, measured apart: decode+resize {1000 * costs['decode_s_per_image']:.1f} ms; "
+          f"low-res {1000 * costs['low_res_s_per_image_auto']:.1f} ms, high-res {1000 * costs['high_res_s_per_image_auto']:.1f} ms "
+          f"(precision auto = {costs['auto_is']}); bf16 low/high {1000 * costs['low_res_s_per_image_bf16']:.1f}/"
+          f"{1000 * costs['high_res_s_per_image_bf16']:.1f} ms vs fp32 {1000 * costs['low_res_s_per_image_fp32']:.1f}/"
+          f"{1000 * costs['high_res_s_per_image_fp32']:.1f} ms" + ("" if costs["native_bf16"] else
+          " (this CPU has no native bf16: the bf16 job is not run, auto picks fp32)"))
+    print("ratios:\n" + "\n".join(f"  {k}: {v:.3f}" for k, v in ratios.items()))
+
+
+def bench_pipeline(n: int, work: Path, s3: bool = True) -> dict[str, Any]:
+    """The job at the card's thresholds, against the single-stage fp32 job, in one run; ratios
+    against the zero-survivor bound measured here too."""
+    import shutil
+
+    from jobs.moderate import JobConfig, init_ray, moderate
+
+    shutil.rmtree(work, ignore_errors=True)
+    images, n_pos, gal = _pipeline_gallery(work, n)
+    ctx = _s3_uploads(images) if s3 else None
     init_ray(None)
     rows, infos = [], {}
 
@@ -549,14 +608,7 @@ def bench_pipeline(n: int, work: Path, s3: bool = True) -> dict[str, Any]:
         info = moderate(inp, gal, str(work / f"flags-{name.split()[0]}"), "2026-06-01", cfg=c, review=False,
                         moderator=moderator)
         infos[name] = info
-        st = info["stage_seconds_summed_over_workers"]
-        per = {k: 1000 * st.get(k, 0.0) / max(1, info["inputs"])
-               for k in ("decode_resize", "model_coarse", "model_rerank", "search")}
-        rows.append({"job": name, "images": info["inputs"], "seconds": f"{info['pipeline_seconds']:.1f}",
-                     "images/s": f"{info['images_per_second']:.1f}",
-                     "steady-state images/s": f"{info['steady_state_images_per_second'] or 0:.1f}",
-                     "high-res passes": info["survivors"], "flagged": info["counts"]["by_status"].get("matched", 0),
-                     **{f"{k} ms/img": f"{v:.1f}" for k, v in per.items()}})
+        rows.append(_job_row(name, info))
         print(rows[-1], flush=True)
 
     run("default (cascade, card thresholds, precision auto)", str(images), JobConfig(batch_size=64))
@@ -567,31 +619,9 @@ def bench_pipeline(n: int, work: Path, s3: bool = True) -> dict[str, Any]:
     costs = _model_costs(images)
     if costs["native_bf16"]:
         run("cascade-fp32", str(images), JobConfig(batch_size=64, precision="fp32"))
-    default, single = infos[rows[0]["job"]], infos["single-stage-fp32 (512-d for every image)"]
-    ss = lambda i: i["steady_state_images_per_second"] or i["images_per_second"]
-    ratios: dict[str, Any] = {
-        "default / single-stage fp32 (steady state; target >= 2.0)": ss(default) / ss(single),
-        "default / single-stage fp32 (end to end)": default["images_per_second"] / single["images_per_second"],
-        "zero-survivor bound (decode + high) / (decode + low)": costs["zero_survivor_bound"],
-        "cascade / single-stage as a share of the bound (target >= 0.85)": (ss(default) / ss(single)) / costs["zero_survivor_bound"],
-        "survivors (share of uploads given the high-res pass)": default["survivors"] / max(1, default["decoded"]),
-        "bf16 / fp32 model throughput (model-only)": (costs["low_res_s_per_image_fp32"] + costs["high_res_s_per_image_fp32"])
-        / (costs["low_res_s_per_image_bf16"] + costs["high_res_s_per_image_bf16"]),
-    }
-    if costs["native_bf16"]:
-        ratios["bf16 job / fp32 job (steady state; target >= 1.8)"] = ss(default) / ss(infos["cascade-fp32"])
-    if s3:
-        ratios["default S3 / default local"] = infos["default-s3"]["images_per_second"] / default["images_per_second"]
+    ratios = _pipeline_ratios(infos, rows[0]["job"], costs, s3)
     res = {"machine": machine(), "images": n, "positives": n_pos, "rows": rows, "costs": costs, "ratios": ratios}
-    print(f"\npipeline benchmark on {res['machine']}: {n} images, {n_pos} edited copies of 20 gallery images\n")
-    print(_table(rows, list(rows[0])))
-    print(f"\nper image, measured apart: decode+resize {1000 * costs['decode_s_per_image']:.1f} ms; "
-          f"low-res {1000 * costs['low_res_s_per_image_auto']:.1f} ms, high-res {1000 * costs['high_res_s_per_image_auto']:.1f} ms "
-          f"(precision auto = {costs['auto_is']}); bf16 low/high {1000 * costs['low_res_s_per_image_bf16']:.1f}/"
-          f"{1000 * costs['high_res_s_per_image_bf16']:.1f} ms vs fp32 {1000 * costs['low_res_s_per_image_fp32']:.1f}/"
-          f"{1000 * costs['high_res_s_per_image_fp32']:.1f} ms" + ("" if costs["native_bf16"] else
-          " (this CPU has no native bf16: the bf16 job is not run, auto picks fp32)"))
-    print("ratios:\n" + "\n".join(f"  {k}: {v:.3f}" for k, v in ratios.items()))
+    _print_pipeline(res)
     (work / "pipeline.json").write_text(json.dumps(res, indent=2, default=str))
     if ctx is not None:
         ctx.__exit__(None, None, None)
