@@ -356,7 +356,7 @@ def bench_memory(n: int, out_dir: Path, n_queries: int = 1000) -> dict[str, Any]
     import pandas as pd
 
     from pipeline.banks import Bank
-    from pipeline.gallery import GalleryContent, write_version
+    from pipeline.gallery import GalleryContent, VersionModel, write_version
     from pipeline.storage import open_store
 
     st = pooled_statistics()
@@ -381,7 +381,7 @@ def bench_memory(n: int, out_dir: Path, n_queries: int = 1000) -> dict[str, Any]
 
         shutil.rmtree(root, ignore_errors=True)
         content = GalleryContent(ids, g128, g512, entries, {"b": Bank("b", "-", "c", "filter")})
-        write_version(open_store(str(root), create=True), content, card, n_shards=4, rerank_dtype=dtype)
+        write_version(open_store(str(root), create=True), content, VersionModel.from_card(card), n_shards=4, rerank_dtype=dtype)
         disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
         r = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(root), str(qfile), str(out_dir / f"best-{dtype}.npy")],
                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])

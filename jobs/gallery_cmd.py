@@ -128,11 +128,8 @@ def run(a: argparse.Namespace) -> int:
                 f"gallery {v['version']}: {len(problems)} of {v['files']} files fail verification: "
                 + "; ".join(f"{p['file']}: {p['problem']}" for p in problems))
         return 0
-    if a.gcmd == "remove":
-        card = read_card(None)
-        m = G.read_manifest(open_store(a.gallery))
-        card = G.card_for_update(card, m)
-        v, stats = G.remove(open_store(a.gallery), card, a.bank, a.ids, a.sha256, who=a.who, note=a.note)
+    if a.gcmd == "remove":  # extracts nothing, so no model: the new version keeps the gallery's own
+        v, stats = G.remove(open_store(a.gallery), None, a.bank, a.ids, a.sha256, who=a.who, note=a.note)
         print(json.dumps({"version": v, **stats}, indent=2))
         return 0
     card = read_card(a.model)

@@ -160,7 +160,7 @@ def _small_gallery(cpu: Any, high: np.ndarray, model_dir: str | None) -> str:
 
     from models.card import read_card
     from pipeline.banks import Bank
-    from pipeline.gallery import GalleryContent, write_version
+    from pipeline.gallery import GalleryContent, VersionModel, write_version
     from pipeline.storage import open_store
 
     gdir = tempfile.mkdtemp()
@@ -170,7 +170,7 @@ def _small_gallery(cpu: Any, high: np.ndarray, model_dir: str | None) -> str:
                         "source_uri": [f"img-{i}" for i in ids], "sha256": [str(i) for i in ids],
                         "added_at": pd.Timestamp.now(tz="UTC")})
     write_version(open_store(gdir, create=True), GalleryContent(ids, gc, gr, ent, {"b": Bank("b", "-", "c", "filter")}),
-                  read_card(model_dir), n_shards=2)
+                  VersionModel.from_card(read_card(model_dir)), n_shards=2)
     return gdir
 
 

@@ -298,13 +298,13 @@ def apply_decisions(store: Store, text: str, path: str, card: ModelCard, extract
         input_uri = open_store(input_uri).uri
     changes = parse_decisions(text, path, content, input_uri)
     if any(c.effect == "add_to_bank" for c in changes):
-        G._check_model(m, card.version_id)
+        G.check_model(m, card.version_id)
     results = _extract_uploads(changes, extract, path)
     added: dict[str, dict[str, int]] = {}
     now = _dt.datetime.now(_dt.timezone.utc).isoformat()
     for c in changes:
         if c.effect == "add_to_bank":
-            st = G._add_images(content, content.banks[c.bank], [c.image], lambda _u, r=results[c.image]: [r])
+            st = G.add_images(content, content.banks[c.bank], [c.image], lambda _u, r=results[c.image]: [r])
             tot = added.setdefault(c.bank, {})
             for k, v in st.items():
                 tot[k] = tot.get(k, 0) + v
@@ -315,13 +315,12 @@ def apply_decisions(store: Store, text: str, path: str, card: ModelCard, extract
             content.disabled.pop(c.reference_id, None)
     if dry_run:
         return ApplyResult(None, m["version"], tuple(changes), added)
-    # keep the gallery's own thresholds: a review never recalibrates
-    card = G.card_for_update(card, m)
     counts: dict[str, int] = {}
     for c in changes:
         counts[c.decision] = counts.get(c.decision, 0) + 1
     runs = {c.run_id for c in changes if c.run_id}
-    version = G.write_audited(store, content, card, len(m["shards"]), m["rerank_dtype"], m["version"],
+    model = G.VersionModel.from_manifest(m)  # the gallery's own thresholds: a review never recalibrates
+    version = G.write_audited(store, content, model, len(m["shards"]), m["rerank_dtype"], m["version"],
                               m.get("coarse_index", "Flat"), "review_apply", who,
                               run_id=runs.pop() if len(runs) == 1 else None,
                               note=f"review apply {os.path.basename(path)}: {len(changes)} decision(s)",

@@ -388,7 +388,7 @@ def run_cascade(ft: Features, sp: Split, cal: Calibration, card: Any, bank: Any,
                 bench: Benchmark) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Write a real gallery version and query it like the job: -> (normalised F, raw F, survivors, s)."""
     from pipeline.banks import Bank
-    from pipeline.gallery import GalleryContent, GalleryIndex, write_version
+    from pipeline.gallery import GalleryContent, GalleryIndex, VersionModel, write_version
     from pipeline.storage import open_store
 
     gstore = open_store(str(out / "gallery"), create=True)
@@ -403,7 +403,7 @@ def run_cascade(ft: Features, sp: Split, cal: Calibration, card: Any, bank: Any,
                                      "norm": cal.norm.to_dict()})
     content = GalleryContent(keep.astype(np.int64), ft.g128[keep], ft.g512[keep], entries,
                              {"eval": Bank("eval", str(out), "eval", "filter")})
-    write_version(gstore, content, card, n_shards=4, rerank_dtype="float16")
+    write_version(gstore, content, VersionModel.from_card(card), n_shards=4, rerank_dtype="float16")
     gal = GalleryIndex.load(gstore, model_id=card.version_id, background=bank.f512 if bank is not None else None)
     searched = np.nonzero(~ft.low_content)[0]
     t = time.perf_counter()

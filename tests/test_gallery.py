@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
 
@@ -108,6 +109,30 @@ def test_add_and_remove_make_new_versions_without_reextracting(built) -> None:
     assert G.list_versions(store) == ["v000001", "v000002", "v000003"]
     # old versions stay readable (immutable)
     assert G.read_manifest(store, "v000001")["counts"]["images"] == 4
+
+
+def test_write_version_records_the_model_and_thresholds_it_is_given(tmp_path) -> None:
+    from pipeline.index import CascadeParams, ScoreNorm
+
+    card = read_card(None)
+    model = G.VersionModel(card.version_id, card.config.coarse_dim, card.config.rerank_dim, 0.123, 0.456, 17,
+                           ScoreNorm(0.3, 4))
+    assert model.thresholds() != G.VersionModel.from_card(card).thresholds()  # a card's would fail below
+    rng = np.random.default_rng(0)
+    ids = np.array([3, 5, 8], np.int64)
+    c, r = rng.standard_normal((3, 128)).astype(np.float32), rng.standard_normal((3, 512)).astype(np.float32)
+    entries = pd.DataFrame({"id": ids, "bank": "b", "category": "c", "action": "filter", "source_uri": ["x"] * 3,
+                            "sha256": ["a", "b", "c"], "added_at": pd.Timestamp.now(tz="UTC")})
+    store = open_store(str(tmp_path / "g"), create=True)
+    G.write_version(store, G.GalleryContent(ids, c, r, entries, {"b": Bank("b", "-", "c", "filter")}), model, n_shards=2)
+    m = G.read_manifest(store)
+    assert m["model_id"] == card.version_id and m["dims"] == {"coarse": 128, "rerank": 512}
+    assert m["thresholds"] == {"coarse": 0.123, "fine": 0.456, "rerank_k": 17, "norm": {"beta": 0.3, "k": 4}}
+    assert G.VersionModel.from_manifest(m) == model  # what add, remove and review apply carry over
+    assert G.GalleryIndex.load(store, model_id=card.version_id).params == CascadeParams(0.123, 0.456, 17, ScoreNorm(0.3, 4))
+    # a card without rerank_k or norm: the defaults a manifest has always recorded
+    bare = G.VersionModel.from_card(dataclasses.replace(card, thresholds={"coarse": 0.5, "fine": 0.6}))
+    assert bare.thresholds() == {"coarse": 0.5, "fine": 0.6, "rerank_k": 500, "norm": {"beta": 0.0, "k": 1}}
 
 
 def _gallery_with(banks: dict[str, Bank], members: list[tuple[int, str]], fine: float = 0.5) -> G.GalleryIndex:
@@ -272,7 +297,7 @@ def test_gallery_add_and_remove_through_the_cli(tmp_path, tiny_model_dir, monkey
     assert (out["version"], out["added"], out["new_membership"]) == ("v000003", 0, 2)
     m3 = G.read_manifest(store)
     assert m3["counts"] == {"images": 3, "memberships": 5} and m3["banks"]["bb"]["action"] == "downrank"
-    # remove runs with the shipped model's card: the gallery keeps its own model id and thresholds
+    # remove runs without a model: the gallery keeps its own model id and thresholds
     horse = int(G.read_content(store)[1].entries.query("source_uri.str.endswith('horse.png')")["id"].iloc[0])
     assert cli("gallery", "remove", gal, "--ids", str(horse), "--who", "ops-t") == {
         "version": "v000004", "memberships_removed": 2, "images_dropped": 1}

@@ -15,7 +15,7 @@ from conftest import ROOT
 def _write_gallery(root, n: int, n_shards: int, rerank_dtype: str, seed: int = 0, holes: bool = True) -> str:
     from models.card import read_card
     from pipeline.banks import Bank
-    from pipeline.gallery import GalleryContent, write_version
+    from pipeline.gallery import GalleryContent, VersionModel, write_version
     from pipeline.storage import open_store
 
     rng = np.random.default_rng(seed)
@@ -30,13 +30,14 @@ def _write_gallery(root, n: int, n_shards: int, rerank_dtype: str, seed: int = 0
                             "sha256": [f"{i:064x}" for i in ids], "added_at": now})
     write_version(open_store(str(root), create=True), GalleryContent(ids, coarse, rerank, entries,
                                                                       {"b": Bank("b", "-", "c", "filter")}),
-                  read_card(None), n_shards=n_shards, rerank_dtype=rerank_dtype)
+                  VersionModel.from_card(read_card(None)), n_shards=n_shards, rerank_dtype=rerank_dtype)
     return str(root)
 
 
 @pytest.mark.parametrize("rerank_dtype", ["float16", "int8", "float32"])
 def test_streaming_load_equals_whole_file_load(tmp_path, rerank_dtype: str) -> None:
     from pipeline import gallery as G
+    from pipeline.gallery.store import _load_verified
     from pipeline.index import CascadeIndex
     from pipeline.storage import open_store
 
@@ -44,7 +45,7 @@ def test_streaming_load_equals_whole_file_load(tmp_path, rerank_dtype: str) -> N
     g = G.GalleryIndex.load(root)
     store = open_store(root)
     m = G.read_manifest(store)
-    shards, entries = G._load_verified(store, m)
+    shards, entries = _load_verified(store, m)
     ref = CascadeIndex(shards, 128, 512)
     assert np.array_equal(g.cascade._sorted_ids, ref._sorted_ids)
     assert g.cascade._rerank.dtype == ref._rerank.dtype and np.array_equal(g.cascade._rerank, ref._rerank)

@@ -1,4 +1,5 @@
-"""Gallery versions in object storage, and the query-side :class:`GalleryIndex`.
+"""Gallery versions in object storage: what a version records, writing and publishing one, reading
+and verifying one, and the streaming loader the query side (:mod:`pipeline.gallery.query`) uses.
 
 Layout under a gallery root (local folder or ``s3://bucket/prefix``)::
 
@@ -26,7 +27,7 @@ import datetime as _dt
 import io
 import json
 import posixpath
-from collections.abc import Callable, Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -39,12 +40,11 @@ from models.card import ModelCard
 from pipeline import audit as A
 from pipeline.banks import Bank
 from pipeline.errors import ModscanError
-from pipeline.index import CascadeIndex, CascadeParams, CoarseIndexSpec, ScoreNorm, Shard, background_term
-from pipeline.schemas import ENTRY_SCHEMA, Action, Status
+from pipeline.index import CascadeIndex, CoarseIndexSpec, ScoreNorm, Shard
+from pipeline.schemas import ENTRY_SCHEMA
 from pipeline.storage import Store, open_store
 
 FORMAT_VERSION = 1
-from models.preprocess import IMAGE_SUFFIXES  # noqa: E402  (the one list)
 
 
 class GalleryIntegrityError(ModscanError, RuntimeError):
@@ -107,10 +107,51 @@ class GalleryContent:
             raise ValueError(f"entries refer to undeclared banks {sorted(unknown)}")
 
 
-def write_version(store: Store, content: GalleryContent, card: ModelCard, n_shards: int,
+@dataclass(frozen=True)
+class VersionModel:
+    """What a version records about the model whose vectors it holds, and the thresholds it is
+    queried at: the model id (checked at load), the vector dims, and the cascade thresholds.
+
+    :meth:`from_card` is for a new gallery (``gallery build``: the card's calibrated thresholds
+    apply); :meth:`from_manifest` for a version derived from another (add, remove, review apply):
+    an update never resets what a gallery was calibrated or overridden to, nor adds settings it
+    never had, whatever card the operator's command loaded."""
+
+    model_id: str
+    coarse_dim: int
+    rerank_dim: int
+    coarse_threshold: float
+    fine_threshold: float
+    rerank_k: int = 500
+    norm: ScoreNorm = field(default_factory=ScoreNorm)
+
+    @classmethod
+    def from_thresholds(cls, model_id: str, coarse_dim: int, rerank_dim: int,
+                        thresholds: Mapping[str, Any]) -> VersionModel:
+        """From a card's or manifest's ``thresholds`` dict (``rerank_k`` 500 and no ``norm`` when absent)."""
+        return cls(model_id, int(coarse_dim), int(rerank_dim), float(thresholds["coarse"]), float(thresholds["fine"]),
+                   int(thresholds.get("rerank_k", 500)), ScoreNorm.from_dict(thresholds.get("norm")))
+
+    @classmethod
+    def from_card(cls, card: ModelCard) -> VersionModel:
+        return cls.from_thresholds(card.version_id, card.config.coarse_dim, card.config.rerank_dim, card.thresholds)
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> VersionModel:
+        return cls.from_thresholds(manifest["model_id"], manifest["dims"]["coarse"], manifest["dims"]["rerank"],
+                                   manifest["thresholds"])
+
+    def thresholds(self) -> dict[str, Any]:
+        """The manifest's ``thresholds`` entry."""
+        return {"coarse": self.coarse_threshold, "fine": self.fine_threshold, "rerank_k": self.rerank_k,
+                "norm": self.norm.to_dict()}
+
+
+def write_version(store: Store, content: GalleryContent, model: VersionModel, n_shards: int,
                   rerank_dtype: str = "float16", parent: str | None = None,
                   coarse_spec: str | dict | CoarseIndexSpec | None = None, publish: bool = True) -> str:
-    """Write a complete new version (shards, entries, manifest) and publish it via ``CURRENT``."""
+    """Write a complete new version (shards, entries, manifest) and publish it via ``CURRENT``.
+    ``model`` is what the manifest records of the model and thresholds (see :class:`VersionModel`)."""
     content.check()
     coarse_spec = CoarseIndexSpec.parse(coarse_spec)
     version = _next_version(store)
@@ -138,11 +179,9 @@ def write_version(store: Store, content: GalleryContent, card: ModelCard, n_shar
         "version": version,
         "parent": parent,
         "created_at": _now().isoformat(),
-        "model_id": card.version_id,
-        "dims": {"coarse": card.config.coarse_dim, "rerank": card.config.rerank_dim},
-        "thresholds": {"coarse": float(card.thresholds["coarse"]), "fine": float(card.thresholds["fine"]),
-                       "rerank_k": int(card.thresholds.get("rerank_k", 500)),
-                       "norm": ScoreNorm.from_dict(card.thresholds.get("norm")).to_dict()},
+        "model_id": model.model_id,
+        "dims": {"coarse": model.coarse_dim, "rerank": model.rerank_dim},
+        "thresholds": model.thresholds(),
         "rerank_dtype": rerank_dtype,
         "coarse_index": coarse_spec.to_dict(),
         "shards": shard_meta,
@@ -163,13 +202,13 @@ def publish_version(store: Store, version: str) -> None:
     store.write_text("CURRENT", version + "\n")
 
 
-def write_audited(store: Store, content: GalleryContent, card: ModelCard, n_shards: int, rerank_dtype: str,
+def write_audited(store: Store, content: GalleryContent, model: VersionModel, n_shards: int, rerank_dtype: str,
                   parent: str | None, coarse_spec: str, action: str, who: str | None = None,
                   note: str | None = None, run_id: str | None = None, details: dict[str, Any] | None = None,
                   changes: list[dict[str, Any]] | tuple[dict[str, Any], ...] = ()) -> str:
     """Write a version, append its audit record, then publish it: the record goes first so that
     every version ``CURRENT`` ever names has one (see :mod:`pipeline.audit`)."""
-    version = write_version(store, content, card, n_shards, rerank_dtype, parent, coarse_spec, publish=False)
+    version = write_version(store, content, model, n_shards, rerank_dtype, parent, coarse_spec, publish=False)
     A.append(store, action, version, parent, who=who, note=note, run_id=run_id, details=details, changes=changes)
     publish_version(store, version)
     return version
@@ -217,7 +256,7 @@ def resolve_version(uri_or_store: str | Store, model_id: str | None = None) -> d
     store = open_store(uri_or_store) if isinstance(uri_or_store, str) else uri_or_store
     m = read_manifest(store)
     if model_id is not None:
-        _check_model(m, model_id)
+        check_model(m, model_id)
     return m
 
 
@@ -358,8 +397,15 @@ def _fill_rerank(vstore: Store, name: str, sha: str, header: dict[str, Any], ids
         raise _mismatch(vstore, name, sha, actual)
 
 
+class LoadedVersion(NamedTuple):
+    """A version ready to query: its cascade and its entries (one row per id and bank)."""
+
+    cascade: CascadeIndex
+    entries: pd.DataFrame
+
+
 def load_streaming(store: Store, m: dict[str, Any], use_gpu: bool | None = None, nprobe: int | None = None,
-                   ef_search: int | None = None) -> tuple[CascadeIndex, pd.DataFrame]:
+                   ef_search: int | None = None) -> LoadedVersion:
     """The cascade and entries of manifest ``m``, every file verified, with a peak memory close to
     what stays resident (``modscan bench memory``): entries first (their transient copies are
     then the only data in memory), rerank vectors streamed straight into the one id-sorted matrix
@@ -399,7 +445,7 @@ def load_streaming(store: Store, m: dict[str, Any], use_gpu: bool | None = None,
     cascade._rerank = rerank  # the id-sorted order CascadeIndex keeps (checked below)
     if not np.array_equal(cascade._sorted_ids, all_ids[order]):
         raise RuntimeError("CascadeIndex no longer keeps its rerank matrix in id order; update load_streaming")
-    return cascade, entries
+    return LoadedVersion(cascade, entries)
 
 
 def _coarse_vectors(sh: Shard) -> np.ndarray:
@@ -417,7 +463,14 @@ def _coarse_vectors(sh: Shard) -> np.ndarray:
     return np.vstack([idx.reconstruct(int(g)) for g in sh.ids])
 
 
-def read_content(store: Store, version: str | None = None) -> tuple[dict[str, Any], GalleryContent]:
+class StoredVersion(NamedTuple):
+    """A version read back for deriving the next one: its manifest and its decoded content."""
+
+    manifest: dict[str, Any]
+    content: GalleryContent
+
+
+def read_content(store: Store, version: str | None = None) -> StoredVersion:
     """Load a version's vectors and entries (verified), e.g. to derive the next version."""
     m = read_manifest(store, version)
     shards, entries = _load_verified(store, m)
@@ -438,173 +491,12 @@ def read_content(store: Store, version: str | None = None) -> tuple[dict[str, An
         rerank=np.concatenate(rerank) if rerank else np.zeros((0, rd), np.float32),
         entries=entries, banks=banks, rejected=list(m.get("rejected", [])),
         disabled={int(d["id"]): d for d in m.get("disabled_references", [])})
-    return m, content
+    return StoredVersion(m, content)
 
 
 # --------------------------------------------------------------------------------------------
-# Building and updating
+# Rules read off a manifest: references disabled now, the model a version belongs to
 # --------------------------------------------------------------------------------------------
-# extract(uris) -> one dict per uri: {"uri", "sha256", "ok", "error_code", "error_message",
-#                                     "coarse": (128,) or None, "rerank": (512,) or None}
-Extractor = Callable[[list[str]], list[dict[str, Any]]]
-
-
-def list_source(source: str) -> list[str]:
-    """Image URIs under a bank source (folder or S3 prefix), sorted."""
-    st = open_store(source)
-    return [st.full_uri(k) for k in st.list() if k.lower().endswith(IMAGE_SUFFIXES)]
-
-
-def _add_images(content: GalleryContent, bank: Bank, uris: list[str], extract: Extractor) -> dict[str, int]:
-    """Extract ``uris`` and add them to ``bank`` in ``content``; dedupes by sha256."""
-    stats = {"added": 0, "already_present": 0, "new_membership": 0, "rejected": 0}
-    if not uris:
-        return stats
-    by_sha = {}
-    if len(content.entries):
-        by_sha = dict(zip(content.entries["sha256"], content.entries["id"]))
-    members = set(zip(content.entries["id"], content.entries["bank"])) if len(content.entries) else set()
-    next_id = int(content.ids.max()) + 1 if len(content.ids) else 0
-    new_ids, new_c, new_r, new_rows = [], [], [], []
-    now = _now()
-    for r in extract(uris):
-        if not r["ok"]:
-            content.rejected.append({"bank": bank.name, "uri": r["uri"], "error_code": r["error_code"],
-                                     "error_message": r["error_message"]})
-            stats["rejected"] += 1
-            continue
-        sha = r["sha256"]
-        if sha in by_sha:
-            gid = int(by_sha[sha])
-            if (gid, bank.name) in members:
-                stats["already_present"] += 1
-                continue
-            stats["new_membership"] += 1
-        else:
-            gid = next_id
-            next_id += 1
-            by_sha[sha] = gid
-            new_ids.append(gid)
-            new_c.append(r["coarse"])
-            new_r.append(r["rerank"])
-            stats["added"] += 1
-        members.add((gid, bank.name))
-        new_rows.append({"id": gid, "bank": bank.name, "category": bank.category, "action": bank.action,
-                         "source_uri": r["uri"], "sha256": sha, "added_at": now})
-    if new_ids:
-        content.ids = np.concatenate([content.ids, np.asarray(new_ids, np.int64)])
-        content.coarse = np.concatenate([content.coarse, np.vstack(new_c).astype(np.float32)])
-        content.rerank = np.concatenate([content.rerank, np.vstack(new_r).astype(np.float32)])
-    if new_rows:
-        add = pd.DataFrame(new_rows)
-        content.entries = pd.concat([content.entries, add], ignore_index=True) if len(content.entries) else add
-    return stats
-
-
-def _empty_content(coarse_dim: int, rerank_dim: int) -> GalleryContent:
-    return GalleryContent(np.zeros(0, np.int64), np.zeros((0, coarse_dim), np.float32),
-                          np.zeros((0, rerank_dim), np.float32),
-                          pd.DataFrame({f.name: pd.Series(dtype=object) for f in ENTRY_SCHEMA}), {})
-
-
-def build(store: Store, banks: list[Bank], card: ModelCard, extract: Extractor, n_shards: int = 4,
-          rerank_dtype: str = "float16", coarse_spec: str = "Flat", *, who: str | None = None,
-          note: str | None = None) -> tuple[str, dict[str, Any]]:
-    """Extract every enabled bank and publish a new version. Returns (version, per-bank stats)."""
-    content = _empty_content(card.config.coarse_dim, card.config.rerank_dim)
-    stats: dict[str, Any] = {}
-    for b in banks:
-        content.banks[b.name] = b
-        stats[b.name] = _add_images(content, b, list_source(b.source), extract) if b.enabled else {"skipped": "disabled"}
-    parent = current_version(store)
-    version = write_audited(store, content, card, n_shards, rerank_dtype, parent, coarse_spec, "build",
-                            who, note, details={"banks": stats})
-    return version, stats
-
-
-def add(store: Store, bank_name: str, uris: list[str], card: ModelCard, extract: Extractor,
-        new_bank: Bank | None = None, *, who: str | None = None, note: str | None = None
-        ) -> tuple[str, dict[str, int]]:
-    """New version = current + ``uris`` in ``bank_name``; existing vectors are reused, not re-extracted."""
-    m, content = read_content(store)
-    _check_model(m, card.version_id)
-    if bank_name not in content.banks:
-        if new_bank is None:
-            raise KeyError(f"bank {bank_name!r} is not in gallery {m['version']}; pass --banks to declare it")
-        content.banks[bank_name] = new_bank
-    stats = _add_images(content, content.banks[bank_name], uris, extract)
-    card = card_for_update(card, m)
-    version = write_audited(store, content, card, len(m["shards"]), m["rerank_dtype"], m["version"],
-                            m.get("coarse_index", "Flat"), "add", who, note, details={"bank": bank_name, **stats})
-    return version, stats
-
-
-def card_for_update(card: ModelCard, manifest: dict[str, Any]) -> ModelCard:
-    """A copy of ``card`` carrying the gallery's own model id and thresholds, for a version derived
-    from ``manifest`` (add, remove, review apply): an update never resets what a gallery was
-    calibrated or overridden to, nor adds settings it never had (``gallery build`` is where the
-    card's thresholds apply)."""
-    from dataclasses import replace
-
-    return replace(card, version_id=manifest["model_id"], thresholds=dict(manifest["thresholds"]))
-
-
-def remove(store: Store, card: ModelCard, bank: str | None = None, ids: Iterable[int] = (),
-           shas: Iterable[str] = (), *, who: str | None = None, note: str | None = None
-           ) -> tuple[str, dict[str, int]]:
-    """New version without the given memberships. An image left in no bank loses its vectors."""
-    m, content = read_content(store)
-    _check_model(m, card.version_id)
-    e = content.entries
-    ids, shas = set(int(i) for i in ids), set(shas)
-    sel = pd.Series(True, index=e.index)
-    if ids or shas:
-        sel &= e["id"].isin(ids) | e["sha256"].isin(shas)
-    elif bank is None:
-        raise ValueError("remove needs --bank, --ids or --sha256")
-    if bank is not None:
-        if bank not in content.banks:
-            raise KeyError(f"bank {bank!r} is not in gallery {m['version']}")
-        sel &= e["bank"] == bank
-    removed = int(sel.sum())
-    content.entries = e[~sel].reset_index(drop=True)
-    keep = np.isin(content.ids, content.entries["id"].to_numpy(np.int64))
-    dropped = int((~keep).sum())
-    content.ids, content.coarse, content.rerank = content.ids[keep], content.coarse[keep], content.rerank[keep]
-    if bank is not None and not ids and not shas:
-        content.banks.pop(bank)
-    stats = {"memberships_removed": removed, "images_dropped": dropped}
-    card = card_for_update(card, m)
-    version = write_audited(store, content, card, len(m["shards"]), m["rerank_dtype"], m["version"],
-                            m.get("coarse_index", "Flat"), "remove", who, note,
-                            details={"bank": bank, "ids": sorted(ids), "sha256": sorted(shas), **stats})
-    return version, stats
-
-
-def info(store: Store) -> dict[str, Any]:
-    """Versions, counts per bank, model id and size of the current version."""
-    m = read_manifest(store)
-    vstore = store.child(f"versions/{m['version']}")
-    size = sum(store.fs.get_file_info(vstore.path(k)).size for k in vstore.list())
-    return {"root": store.uri, "current": m["version"], "versions": list_versions(store), "model_id": m["model_id"],
-            "created_at": m["created_at"], "counts": m["counts"],
-            "banks": {n: {k: b[k] for k in ("category", "action", "count", "enabled", "fine_threshold")}
-                      for n, b in m["banks"].items()},
-            "shards": len(m["shards"]), "rerank_dtype": m["rerank_dtype"], "thresholds": m["thresholds"],
-            "bytes": int(size), "rejected": len(m.get("rejected", [])),
-            **_review_state(store, m)}
-
-
-def _review_state(store: Store, m: dict[str, Any], recent: int = 20) -> dict[str, Any]:
-    """Disabled references of ``m`` (in force or expired) and the tail of the audit log."""
-    in_force = disabled_in_force(m)
-    disabled = [{**d, "in_force": d["id"] in in_force} for d in m.get("disabled_references", [])]
-    records = A.read_log(store)
-    return {"disabled_references": disabled,
-            "audit": {"records": len(records), "chain_problems": A.verify_log(store),
-                      "recent": A.flat_entries(records)[-recent:]}}
-
-
 def disabled_in_force(manifest: dict[str, Any], at: _dt.datetime | None = None) -> dict[int, dict[str, Any]]:
     """References of a version that are disabled at ``at`` (default: now): id -> record. A record
     with ``until = None`` is disabled until a person enables it again; otherwise until that instant."""
@@ -617,186 +509,10 @@ def disabled_in_force(manifest: dict[str, Any], at: _dt.datetime | None = None) 
     return out
 
 
-def _check_model(manifest: dict[str, Any], model_id: str) -> None:
+def check_model(manifest: dict[str, Any], model_id: str) -> None:
+    """Refuse features of model ``model_id`` against a version built with another model."""
     if manifest["model_id"] != model_id:
         raise GalleryModelMismatch(
             f"gallery {manifest['version']} was built with model {manifest['model_id']!r} but the query model is "
             f"{model_id!r}: features of different models are not comparable; rebuild the gallery "
             f"(`modscan gallery build`) or use the matching model")
-
-
-# --------------------------------------------------------------------------------------------
-# Query side
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Match:
-    """The decision for one query image."""
-
-    status: str
-    action: str
-    bank: str | None = None
-    category: str | None = None
-    reference_id: int | None = None
-    coarse_score: float | None = None
-    fine_score: float | None = None      # normalised fine score: what the thresholds apply to
-    fine_score_raw: float | None = None  # plain 512-d cosine of the same pair
-
-
-class _Hit(NamedTuple):
-    """One (query, gallery entry, bank) pair that reached its bank's fine threshold."""
-
-    fine: float
-    gid: int
-    bank: str
-    category: str
-    action: str
-    coarse: float
-
-
-class Candidates(NamedTuple):
-    """The cascade's output for a batch of queries, ``(B, rerank_k)`` each.
-
-    ``F`` is the normalised fine score (``-inf`` where not reranked); ``offset`` ``(B,)`` is what
-    normalisation subtracted from each query's raw cosines (``F + offset`` = raw).
-    """
-
-    D: np.ndarray
-    I: np.ndarray
-    F: np.ndarray
-    survivors: np.ndarray
-    offset: np.ndarray
-
-
-class GalleryIndex:
-    """A loaded, verified gallery version: cascade search plus the bank rules."""
-
-    def __init__(self, manifest: dict[str, Any], cascade: CascadeIndex, entries: pd.DataFrame,
-                 params: CascadeParams, background: np.ndarray | None = None) -> None:
-        self.manifest, self.cascade, self.params = manifest, cascade, params
-        # (N, rerank_dim) background features of the query model, for score normalisation
-        self.background = background if params.norm.beta else None
-        self.banks = {n: Bank.from_dict(b) for n, b in manifest["banks"].items()}
-        self.entries = entries
-        # References disabled by review decisions, as of load time: a job keeps one view for its
-        # whole run, like it keeps one gallery version.
-        self.disabled: dict[int, dict[str, Any]] = disabled_in_force(manifest)
-        self._members: dict[int, list[tuple[str, str, str, float]]] = {}
-        for gid, bank in zip(entries["id"].tolist(), entries["bank"].tolist()):
-            b = self.banks[bank]
-            if not b.enabled or int(gid) in self.disabled:
-                continue
-            self._members.setdefault(int(gid), []).append((bank, b.category, b.action, self.bank_threshold(bank)))
-
-    def bank_threshold(self, bank: str) -> float:
-        """The fine threshold in force for ``bank``: its own, else the gallery's (or override)."""
-        b = self.banks[bank]
-        return float(b.fine_threshold if b.fine_threshold is not None else self.params.fine_threshold)
-
-    @property
-    def version(self) -> str:
-        return self.manifest["version"]
-
-    @property
-    def model_id(self) -> str:
-        return self.manifest["model_id"]
-
-    @classmethod
-    def load(cls, uri_or_store: str | Store, model_id: str | None = None, version: str | None = None,
-             use_gpu: bool | None = None, overrides: dict[str, float] | None = None,
-             background: np.ndarray | None = None, nprobe: int | None = None,
-             ef_search: int | None = None) -> GalleryIndex:
-        """Load and verify a version (default: ``CURRENT``); refuse a model-id mismatch.
-
-        ``background`` is the query model's background bank (512-d); the manifest's ``norm``
-        settings say how it normalises fine scores. A gallery whose ``norm.beta > 0`` loads without
-        one (to inspect it) but refuses to score: its thresholds were calibrated on normalised scores.
-        """
-        store = open_store(uri_or_store) if isinstance(uri_or_store, str) else uri_or_store
-        m = read_manifest(store, version)
-        if model_id is not None:
-            _check_model(m, model_id)
-        cascade, entries = load_streaming(store, m, use_gpu=use_gpu, nprobe=nprobe, ef_search=ef_search)
-        t = {**m["thresholds"], **(overrides or {})}
-        norm = ScoreNorm.from_dict({**m["thresholds"].get("norm", {}), **(overrides or {}).get("norm", {})})
-        params = CascadeParams(float(t["coarse"]), float(t["fine"]), int(t.get("rerank_k", 500)), norm)
-        return cls(m, cascade, entries, params, background)
-
-    def coarse(self, xq128: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Stage 1 for every upload: ``D, I`` ``(B, rerank_k)`` above the coarse threshold."""
-        return self.cascade.coarse(xq128, self.params.rerank_k, self.params.coarse_threshold)
-
-    def rerank(self, xq512: np.ndarray, I: np.ndarray) -> np.ndarray:
-        """Stage 2 for survivors only: fine scores of their candidates."""
-        return self.cascade.rerank(xq512, I)
-
-    def decide(self, D: np.ndarray, I: np.ndarray, F: np.ndarray | None,
-               offset: np.ndarray | None = None) -> list[Match]:
-        """Bank rules per query: an allow-list match at least as good as the best blocking match
-        wins (no flag); otherwise the best blocking match above its bank's fine threshold decides
-        (ties: filter over downrank). ``F`` is None when no query was reranked."""
-        out = []
-        off = np.zeros(len(I), np.float32) if offset is None else np.asarray(offset, np.float32)
-
-        def raw(q: int, fine: float | None) -> float | None:
-            return None if fine is None or not np.isfinite(fine) else float(fine + off[q])
-
-        for q in range(len(I)):
-            valid = I[q] >= 0
-            best_coarse = float(D[q][valid].max()) if valid.any() else None
-            if F is None or not valid.any():
-                out.append(Match(Status.CLEAN.value, Action.NONE.value, coarse_score=best_coarse))
-                continue
-            best_block: _Hit | None = None
-            best_allow: _Hit | None = None
-            for j in np.nonzero(valid)[0]:
-                gid, fine, crs = int(I[q, j]), float(F[q, j]), float(D[q, j])
-                for bank, category, action, thr in self._members.get(gid, ()):
-                    if fine < thr:
-                        continue
-                    hit = _Hit(fine, gid, bank, category, action, crs)
-                    if action == Action.ALLOW.value:
-                        if best_allow is None or fine > best_allow.fine:
-                            best_allow = hit
-                    elif best_block is None or (fine, action == Action.FILTER.value) > (
-                            best_block.fine, best_block.action == Action.FILTER.value):
-                        best_block = hit
-            best_fine = float(F[q][valid].max())
-            if best_block is not None and (best_allow is None or best_allow.fine < best_block.fine):
-                b = best_block
-                out.append(Match(Status.MATCHED.value, b.action, b.bank, b.category, b.gid, b.coarse, b.fine, raw(q, b.fine)))
-            elif best_block is not None and best_allow is not None:
-                a = best_allow
-                out.append(Match(Status.CLEAN.value, Action.NONE.value, a.bank, a.category, a.gid, a.coarse, a.fine,
-                                 raw(q, a.fine)))
-            else:
-                out.append(Match(Status.CLEAN.value, Action.NONE.value, coarse_score=best_coarse,
-                                 fine_score=best_fine, fine_score_raw=raw(q, best_fine)))
-        return out
-
-    def normalise(self, xq512: np.ndarray, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw fine scores ``(B, k)`` of queries ``(B, rerank_dim)`` -> (normalised, offset ``(B,)``)."""
-        norm = self.params.norm
-        if norm.beta and self.background is None:
-            raise GalleryIntegrityError(
-                f"gallery {self.version} normalises fine scores (beta={norm.beta}) but was loaded without a "
-                f"background bank: load it with the query model's bank (FeatureExtractor.background)")
-        offset = norm.beta * background_term(xq512, self.background, norm.k) if norm.beta else np.zeros(len(F), np.float32)
-        return (F - offset[:, None]).astype(np.float32), offset.astype(np.float32)
-
-    def candidates(self, xq128: np.ndarray, rerank_fn: Callable[[np.ndarray], np.ndarray]) -> Candidates:
-        """The cascade for a batch: coarse for all; ``rerank_fn(rows)`` -> 512-d queries, called only
-        for the rows with a coarse candidate, whose fine scores are then normalised."""
-        D, I = self.coarse(xq128)
-        survivors = I[:, 0] >= 0
-        F = np.full(I.shape, -np.inf, np.float32)
-        offset = np.zeros(len(I), np.float32)
-        if survivors.any():
-            rows = np.nonzero(survivors)[0]
-            xq512 = rerank_fn(rows)
-            F[rows], offset[rows] = self.normalise(xq512, self.rerank(xq512, I[rows]))
-        return Candidates(D, I, F, survivors, offset)
-
-    def search(self, xq128: np.ndarray, rerank_fn: Callable[[np.ndarray], np.ndarray]) -> tuple[list[Match], np.ndarray]:
-        """Cascade + bank rules: one :class:`Match` per query, and the survivor mask."""
-        c = self.candidates(xq128, rerank_fn)
-        return self.decide(c.D, c.I, c.F, c.offset), c.survivors

@@ -1,0 +1,195 @@
+"""Gallery updates: build a version from bank sources, add or remove images, describe a gallery.
+
+Every update writes one new immutable version (:func:`pipeline.gallery.store.write_audited`) with
+its audit record. A version derived from another (add, remove; review apply in
+:mod:`pipeline.decisions`) reuses the stored vectors and keeps the gallery's own model id and
+thresholds (:meth:`VersionModel.from_manifest`); only ``build`` takes them from a model card.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from models.card import ModelCard
+from models.preprocess import IMAGE_SUFFIXES
+from pipeline import audit as A
+from pipeline.banks import Bank
+from pipeline.gallery.store import (
+    GalleryContent,
+    VersionModel,
+    _now,
+    check_model,
+    current_version,
+    disabled_in_force,
+    list_versions,
+    read_content,
+    read_manifest,
+    write_audited,
+)
+from pipeline.schemas import ENTRY_SCHEMA
+from pipeline.storage import Store, open_store
+
+# extract(uris) -> one dict per uri: {"uri", "sha256", "ok", "error_code", "error_message",
+#                                     "coarse": (128,) or None, "rerank": (512,) or None}
+Extractor = Callable[[list[str]], list[dict[str, Any]]]
+
+
+class Update(NamedTuple):
+    """A published update: the new version and what it did (counts per bank, or of the change)."""
+
+    version: str
+    stats: dict[str, Any]
+
+
+def list_source(source: str) -> list[str]:
+    """Image URIs under a bank source (folder or S3 prefix), sorted."""
+    st = open_store(source)
+    return [st.full_uri(k) for k in st.list() if k.lower().endswith(IMAGE_SUFFIXES)]
+
+
+def add_images(content: GalleryContent, bank: Bank, uris: list[str], extract: Extractor) -> dict[str, int]:
+    """Extract ``uris`` and add them to ``bank`` in ``content``; dedupes by sha256."""
+    stats = {"added": 0, "already_present": 0, "new_membership": 0, "rejected": 0}
+    if not uris:
+        return stats
+    by_sha = {}
+    if len(content.entries):
+        by_sha = dict(zip(content.entries["sha256"], content.entries["id"]))
+    members = set(zip(content.entries["id"], content.entries["bank"])) if len(content.entries) else set()
+    next_id = int(content.ids.max()) + 1 if len(content.ids) else 0
+    new_ids, new_c, new_r, new_rows = [], [], [], []
+    now = _now()
+    for r in extract(uris):
+        if not r["ok"]:
+            content.rejected.append({"bank": bank.name, "uri": r["uri"], "error_code": r["error_code"],
+                                     "error_message": r["error_message"]})
+            stats["rejected"] += 1
+            continue
+        sha = r["sha256"]
+        if sha in by_sha:
+            gid = int(by_sha[sha])
+            if (gid, bank.name) in members:
+                stats["already_present"] += 1
+                continue
+            stats["new_membership"] += 1
+        else:
+            gid = next_id
+            next_id += 1
+            by_sha[sha] = gid
+            new_ids.append(gid)
+            new_c.append(r["coarse"])
+            new_r.append(r["rerank"])
+            stats["added"] += 1
+        members.add((gid, bank.name))
+        new_rows.append({"id": gid, "bank": bank.name, "category": bank.category, "action": bank.action,
+                         "source_uri": r["uri"], "sha256": sha, "added_at": now})
+    if new_ids:
+        content.ids = np.concatenate([content.ids, np.asarray(new_ids, np.int64)])
+        content.coarse = np.concatenate([content.coarse, np.vstack(new_c).astype(np.float32)])
+        content.rerank = np.concatenate([content.rerank, np.vstack(new_r).astype(np.float32)])
+    if new_rows:
+        add = pd.DataFrame(new_rows)
+        content.entries = pd.concat([content.entries, add], ignore_index=True) if len(content.entries) else add
+    return stats
+
+
+def _empty_content(coarse_dim: int, rerank_dim: int) -> GalleryContent:
+    return GalleryContent(np.zeros(0, np.int64), np.zeros((0, coarse_dim), np.float32),
+                          np.zeros((0, rerank_dim), np.float32),
+                          pd.DataFrame({f.name: pd.Series(dtype=object) for f in ENTRY_SCHEMA}), {})
+
+
+def build(store: Store, banks: list[Bank], card: ModelCard, extract: Extractor, n_shards: int = 4,
+          rerank_dtype: str = "float16", coarse_spec: str = "Flat", *, who: str | None = None,
+          note: str | None = None) -> Update:
+    """Extract every enabled bank and publish a new version, recording the card's model and
+    thresholds. Returns (version, per-bank stats)."""
+    model = VersionModel.from_card(card)
+    content = _empty_content(model.coarse_dim, model.rerank_dim)
+    stats: dict[str, Any] = {}
+    for b in banks:
+        content.banks[b.name] = b
+        stats[b.name] = add_images(content, b, list_source(b.source), extract) if b.enabled else {"skipped": "disabled"}
+    parent = current_version(store)
+    version = write_audited(store, content, model, n_shards, rerank_dtype, parent, coarse_spec, "build",
+                            who, note, details={"banks": stats})
+    return Update(version, stats)
+
+
+def add(store: Store, bank_name: str, uris: list[str], card: ModelCard, extract: Extractor,
+        new_bank: Bank | None = None, *, who: str | None = None, note: str | None = None
+        ) -> Update:
+    """New version = current + ``uris`` in ``bank_name``; existing vectors are reused, not re-extracted.
+    ``card`` is the model ``extract`` runs (it must be the gallery's); the gallery keeps its thresholds."""
+    m, content = read_content(store)
+    check_model(m, card.version_id)
+    if bank_name not in content.banks:
+        if new_bank is None:
+            raise KeyError(f"bank {bank_name!r} is not in gallery {m['version']}; pass --banks to declare it")
+        content.banks[bank_name] = new_bank
+    stats = add_images(content, content.banks[bank_name], uris, extract)
+    version = write_audited(store, content, VersionModel.from_manifest(m), len(m["shards"]), m["rerank_dtype"],
+                            m["version"], m.get("coarse_index", "Flat"), "add", who, note,
+                            details={"bank": bank_name, **stats})
+    return Update(version, stats)
+
+
+def remove(store: Store, card: ModelCard | None = None, bank: str | None = None, ids: Iterable[int] = (),
+           shas: Iterable[str] = (), *, who: str | None = None, note: str | None = None) -> Update:
+    """New version without the given memberships. An image left in no bank loses its vectors.
+    Removing extracts nothing, so ``card`` is optional: given, a gallery of another model is refused."""
+    m, content = read_content(store)
+    if card is not None:
+        check_model(m, card.version_id)
+    e = content.entries
+    ids, shas = set(int(i) for i in ids), set(shas)
+    sel = pd.Series(True, index=e.index)
+    if ids or shas:
+        sel &= e["id"].isin(ids) | e["sha256"].isin(shas)
+    elif bank is None:
+        raise ValueError("remove needs --bank, --ids or --sha256")
+    if bank is not None:
+        if bank not in content.banks:
+            raise KeyError(f"bank {bank!r} is not in gallery {m['version']}")
+        sel &= e["bank"] == bank
+    removed = int(sel.sum())
+    content.entries = e[~sel].reset_index(drop=True)
+    keep = np.isin(content.ids, content.entries["id"].to_numpy(np.int64))
+    dropped = int((~keep).sum())
+    content.ids, content.coarse, content.rerank = content.ids[keep], content.coarse[keep], content.rerank[keep]
+    if bank is not None and not ids and not shas:
+        content.banks.pop(bank)
+    stats = {"memberships_removed": removed, "images_dropped": dropped}
+    version = write_audited(store, content, VersionModel.from_manifest(m), len(m["shards"]), m["rerank_dtype"],
+                            m["version"], m.get("coarse_index", "Flat"), "remove", who, note,
+                            details={"bank": bank, "ids": sorted(ids), "sha256": sorted(shas), **stats})
+    return Update(version, stats)
+
+
+def info(store: Store) -> dict[str, Any]:
+    """Versions, counts per bank, model id and size of the current version."""
+    m = read_manifest(store)
+    vstore = store.child(f"versions/{m['version']}")
+    size = sum(store.fs.get_file_info(vstore.path(k)).size for k in vstore.list())
+    return {"root": store.uri, "current": m["version"], "versions": list_versions(store), "model_id": m["model_id"],
+            "created_at": m["created_at"], "counts": m["counts"],
+            "banks": {n: {k: b[k] for k in ("category", "action", "count", "enabled", "fine_threshold")}
+                      for n, b in m["banks"].items()},
+            "shards": len(m["shards"]), "rerank_dtype": m["rerank_dtype"], "thresholds": m["thresholds"],
+            "bytes": int(size), "rejected": len(m.get("rejected", [])),
+            **_review_state(store, m)}
+
+
+def _review_state(store: Store, m: dict[str, Any], recent: int = 20) -> dict[str, Any]:
+    """Disabled references of ``m`` (in force or expired) and the tail of the audit log."""
+    in_force = disabled_in_force(m)
+    disabled = [{**d, "in_force": d["id"] in in_force} for d in m.get("disabled_references", [])]
+    records = A.read_log(store)
+    return {"disabled_references": disabled,
+            "audit": {"records": len(records), "chain_problems": A.verify_log(store),
+                      "recent": A.flat_entries(records)[-recent:]}}
+
