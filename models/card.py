@@ -112,7 +112,9 @@ def save_model(model: DescriptorModel, out_dir: str | os.PathLike[str], card: Mo
     tmp = out / f".{WEIGHTS_FILE}.tmp"
     state = {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()).contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": "pt", "dtype": "float16"})
+    # one metadata key: safetensors writes a multi-key header in hash order, which would make the
+    # bytes (and so the card's sha256) differ between two runs of the same training
+    save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / WEIGHTS_FILE)
     card.sha256 = sha256_file(out / WEIGHTS_FILE)
     if background is not None:

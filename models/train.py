@@ -28,6 +28,7 @@ Checkpoints load with ``torch.load(weights_only=True)``: tensors only, nothing e
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import json
@@ -39,7 +40,7 @@ import shlex
 import sys
 import time
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -405,6 +406,20 @@ class Trainer:
             self._log({"stage": name, "epoch": epoch + 1, **mean})
         return self.history[name]
 
+    @contextlib.contextmanager
+    def _one_thread(self) -> Iterator[None]:
+        """Stages 2-3 on one CPU thread: multi-threaded CPU reductions in their backward pass
+        differ from run to run in the last bits, and the relational distillation amplifies that
+        (two runs on 2 threads differed by 0.2 in adapter-2 weights). These stages take about a
+        minute, so byte-identical adapters cost little; stage 1 keeps every thread."""
+        n = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
+
     def _freeze(self, *modules: nn.Module) -> None:
         for mod in modules:
             mod.eval()
@@ -412,6 +427,10 @@ class Trainer:
                 p.requires_grad_(False)
 
     def stage_adapter1(self, epochs: int | None = None) -> list[float]:
+        with self._one_thread():
+            return self._stage_adapter1(epochs)
+
+    def _stage_adapter1(self, epochs: int | None) -> list[float]:
         """Backbone frozen; adapter 1 starts from PCA of the 512-d head, then InfoNCE on
         (gallery view, high-res query view) pooled features of the same image."""
         cfg, m = self.cfg, self.model
@@ -442,6 +461,10 @@ class Trainer:
         return self.history["adapter1"]
 
     def stage_adapter2(self, epochs: int | None = None) -> list[float]:
+        with self._one_thread():
+            return self._stage_adapter2(epochs)
+
+    def _stage_adapter2(self, epochs: int | None) -> list[float]:
         """Backbone and adapter 1 frozen; adapter2(pool(low-res query view)) distilled to
         adapter1(pool(high-res gallery view)) of the same image: cosine + relational KL."""
         cfg, m = self.cfg, self.model

@@ -49,8 +49,9 @@ def test_gem_p1_is_average_pooling_and_large_p_approaches_max() -> None:
 
 def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:
     kw.setdefault("cache_views", 1)
+    kw.setdefault("epochs_backbone", 1)
     cfg = TrainConfig(model=DescriptorConfig(high_res=64, low_res=48), batch_size=8, synthetic_images=4,
-                      epochs_backbone=1, epochs_adapter1=2, epochs_adapter2=2, batch_size_adapter2=16,
+                      epochs_adapter1=2, epochs_adapter2=2, batch_size_adapter2=16,
                       queue_size=16, distill_bank=32, background_photos=4, background_graphics=3, **kw)
     return Trainer(images_dir, tmp_path, cfg, command="test")
 
@@ -122,6 +123,23 @@ def test_full_run_ships_fp16_weights_a_background_bank_and_a_card(tmp_path, gen_
     assert stage1 and {"infonce", "entropy", "loss"} <= set(stage1[0])  # each loss term logged apart
     adapter2 = [r for r in log if r.get("stage") == "adapter2"]
     assert adapter2[0]["epoch"] == 0 and {"cosine", "kl"} <= set(adapter2[-1])
+
+
+def test_stages_2_3_on_a_committed_backbone_reproduce_the_same_bytes(tmp_path, gen_images) -> None:
+    """The shipped model's claim: ``init_from=<model> epochs_backbone=0`` retrains adapters and
+    bank byte for byte (weights, bank and so the card's sha256 and version id)."""
+    from models.card import sha256_file
+
+    first = _tiny_trainer(tmp_path / "base", gen_images).run()
+    runs = []
+    for name in ("a", "b", "c"):
+        tr = _tiny_trainer(tmp_path / name, gen_images, init_from=str(tmp_path / "base"), epochs_backbone=0,
+                           threads=2)
+        card = tr.run()
+        runs.append((card.version_id, sha256_file(tmp_path / name / "model.safetensors"),
+                     sha256_file(tmp_path / name / "background.safetensors")))
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0][0] != first.version_id  # adapters were retrained, not copied
 
 
 def test_tampered_background_bank_fails_with_a_clear_message(tmp_path, gen_images) -> None:
