@@ -244,6 +244,7 @@ class Trainer:
         self._images: list[Image.Image] | None = None
         self.log_path = self.out / "train_log.jsonl"
         self.history: dict[str, list[float]] = {"backbone": [], "adapter1": [], "adapter2": []}
+        self.lineage: dict[str, Any] | None = None  # the init_from model whose trunk this one starts from
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -277,6 +278,10 @@ class Trainer:
                              f"!= {self.cfg.model.backbone.value}")
         keep = {k: v for k, v in src.state_dict().items() if k.split(".")[0] in ("backbone", "pool", "reduction")}
         self.model.load_state_dict(keep, strict=False)
+        self.lineage = {"dir": str(self.cfg.init_from), "version_id": card.version_id,
+                        "copied": ["backbone", "pool", "reduction"],
+                        "its_training": {k: card.training[k] for k in ("command", "history_note", "init_from")
+                                         if k in card.training}}
         self._log({"stage": 1, "init_from": str(self.cfg.init_from), "init_version": card.version_id})
 
     # -- stage 1 ---------------------------------------------------------------------------
@@ -293,6 +298,7 @@ class Trainer:
             opt.load_state_dict(ck["optim"])
             start = int(ck["epoch"])
             self.history["backbone"] = [float(x) for x in ck.get("history", torch.zeros(0)).tolist()]
+            self.lineage = json.loads(ck["lineage"]) if ck.get("lineage") else None
         elif cfg.init_from:
             self._warm_start()  # also with epochs_backbone=0: stages 2-3 on a committed backbone
         if start >= epochs:
@@ -331,7 +337,8 @@ class Trainer:
             mean = {k: round(float(np.mean(v)), 4) for k, v in terms.items() if v}
             self.history["backbone"].append(mean["loss"])
             self._save_ckpt("stage1.pt", {"model": m.state_dict(), "optim": opt.state_dict(), "epoch": epoch + 1,
-                                          "history": torch.tensor(self.history["backbone"])})
+                                          "history": torch.tensor(self.history["backbone"]),
+                                          "lineage": json.dumps(self.lineage) if self.lineage else ""})
             self._log({"stage": 1, "epoch": epoch + 1, **mean, "gem_p": round(m.pool.p.item(), 3),
                        "precision": self.precision.value, "seconds": round(time.time() - t0, 1)})
         return self.history["backbone"]
@@ -533,6 +540,7 @@ class Trainer:
                      "synthetic_images": self.cfg.synthetic_images,
                      "note": "self-supervised: no labels; evaluation set (coco256) never used"},
             "command": self.command,
+            **({"init_from": self.lineage} if self.lineage else {}),
             "train_config": cfg_d,
             "device": str(self.device),
             "precision": self.precision.value,

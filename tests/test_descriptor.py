@@ -140,6 +140,8 @@ def test_stages_2_3_on_a_committed_backbone_reproduce_the_same_bytes(tmp_path, g
                      sha256_file(tmp_path / name / "background.safetensors")))
     assert runs[0] == runs[1] == runs[2]
     assert runs[0][0] != first.version_id  # adapters were retrained, not copied
+    assert card.training["init_from"]["version_id"] == first.version_id  # the card names the backbone's origin
+    assert card.training["init_from"]["its_training"]["command"] == "test"
 
 
 def test_tampered_background_bank_fails_with_a_clear_message(tmp_path, gen_images) -> None:
