@@ -484,13 +484,13 @@ def _model_costs(images: Path, n_max: int = 512) -> dict[str, float]:
     from pipeline.features import FeatureExtractor
 
     card = read_card(None)
-    dec = Decoder(DecodeConfig(low_res=card.config.low_res, high_res=card.config.high_res))
+    dec = Decoder(DecodeConfig.for_model(card.config))
     files = sorted(images.iterdir())[:n_max]
     datas = [f.read_bytes() for f in files]
     t = time.perf_counter()
-    rows = [dec.decode_one(d) for d in datas]
+    decoded = dec.decode_all(datas, names=[f.name for f in files])
     t_dec = (time.perf_counter() - t) / len(files)
-    low, high = np.stack([r["low"] for r in rows]), np.stack([r["high"] for r in rows])
+    low, high = decoded["low"], decoded["high"]
     out = {"images": len(files), "decode_s_per_image": t_dec, "native_bf16": bool(cpu_has_native_bf16() or torch.cuda.is_available())}
     for prec in ("auto", "fp32", "bf16"):
         fx = FeatureExtractor(None, threads=torch.get_num_threads(), precision=prec)
@@ -662,7 +662,7 @@ def bench_decode(out_dir: Path, repeat: int = 20) -> dict[str, Any]:
     from pipeline.decode import DecodeConfig, Decoder, _to_rgb
 
     c = read_card(None).config
-    dec = Decoder(DecodeConfig(low_res=c.low_res, high_res=c.high_res))
+    dec = Decoder(DecodeConfig.for_model(c))
 
     def full(data: bytes) -> None:
         import io

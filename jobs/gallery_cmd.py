@@ -72,7 +72,7 @@ def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_s
         card = read_card(model_dir)
         cfg = JobConfig()
         actors, ncpu, ngpu, threads = _resources(cfg)
-        dcfg = DecodeConfig(low_res=card.config.low_res, high_res=card.config.high_res)
+        dcfg = DecodeConfig.for_model(card.config)
         ds = ray.data.from_items([{"image_key": u, "uri": u} for u in uris],
                                  override_num_blocks=max(1, min(100, len(uris) // 32 or 1)))
         ds = ds.map_batches(Fetcher, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
@@ -99,7 +99,7 @@ def local_extractor(model_dir: str | None = None) -> G.Extractor:
     from pipeline.stages import Fetcher
 
     card = read_card(model_dir)
-    fetch, dec = Fetcher(), Decoder(DecodeConfig(low_res=card.config.low_res, high_res=card.config.high_res))
+    fetch, dec = Fetcher(), Decoder(DecodeConfig.for_model(card.config))
     stage = GalleryFeatureStage(model_dir)
 
     def extract(uris: list[str]) -> list[dict[str, Any]]:

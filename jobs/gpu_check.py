@@ -103,12 +103,13 @@ def _model_dir(a: argparse.Namespace, res: dict[str, Any]) -> str | None:
 
 def _decoded(imgs: list, dec: Any) -> tuple[np.ndarray, np.ndarray]:
     """The images JPEG-encoded and decoded by the production decoder -> (low, high) batches."""
-    rows = []
+    datas = []
     for im in imgs:
         b = io.BytesIO()
         im.save(b, format="JPEG", quality=90)
-        rows.append(dec.decode_one(b.getvalue()))
-    return np.stack([r["low"] for r in rows]), np.stack([r["high"] for r in rows])
+        datas.append(b.getvalue())
+    d = dec.decode_all(datas)
+    return d["low"], d["high"]
 
 
 def _check_equality(cpu: Any, gpu: Any, low: np.ndarray, high: np.ndarray, n: int = 64) -> dict[str, Any]:
@@ -244,7 +245,7 @@ def cli_gpu_check(a: argparse.Namespace) -> int:
     res["model"] = res.get("model", cpu.version_id)
     c = cpu.config
     imgs = _images(a.photos, 256)
-    dec = Decoder(DecodeConfig(low_res=c.low_res, high_res=c.high_res))
+    dec = Decoder(DecodeConfig.for_model(c))
     low, high = _decoded(imgs, dec)
     res["cpu_vs_cuda"] = _check_equality(cpu, gpu, low, high)
     res["throughput"] = _check_throughput(cpu, gpu, low, high)

@@ -18,7 +18,7 @@ import posixpath
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
@@ -624,7 +624,7 @@ def prepare_run(input_uri: str, gallery_uri: str, output_uri: str, dt: str, mode
     F.sweep_staging(out, keep=run_id)  # killed runs of other dates, older than an hour
     out.write_text(f"{F.staging_key(run_id)}/started", str(time.time()))
     F.claim_partition(out, dt, run_id)
-    decode_cfg = replace(cfg.decode, low_res=card.config.low_res, high_res=card.config.high_res)
+    decode_cfg = DecodeConfig.for_model(card.config, base=cfg.decode)
     return RunPlan(dt, run_id, plan_in, gallery_uri, version, model_dir, card.version_id, cfg, decode_cfg, out,
                    output_uri, t_start)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,13 @@ class DecodeConfig:
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{f.name} must be an integer >= 1, got {v!r}")
+
+    @classmethod
+    def for_model(cls, model: Any, base: DecodeConfig | None = None) -> DecodeConfig:
+        """``base`` (default bounds if None) with the sizes of ``model``: a ``DescriptorConfig``,
+        or anything with ``low_res``/``high_res`` (a card's ``config``, an extractor's). The one
+        place a decoder gets a model's resolutions."""
+        return replace(base or cls(), low_res=int(model.low_res), high_res=int(model.high_res))
 
 
 class DecodeError(Exception):
@@ -147,6 +154,17 @@ class Decoder:
 
     def __init__(self, cfg: DecodeConfig | None = None) -> None:
         self.cfg = cfg or DecodeConfig()
+
+    def decode_all(self, datas: list[bytes], names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Decode a list of files that must all be good (evaluation, benchmarks, checks):
+        ``{"low": (N, l, l, 3), "high": (N, h, h, 3), "low_content": (N,)}``; a ``ValueError``
+        naming the first undecodable ones (by ``names`` if given) otherwise."""
+        rows = [self.decode_one(d) for d in datas]
+        bad = [(names[i] if names else f"#{i}") + f" ({r['error_code']})" for i, r in enumerate(rows) if not r["ok"]]
+        if bad:
+            raise ValueError(f"undecodable images: {bad[:10]}")
+        return {"low": np.stack([r["low"] for r in rows]), "high": np.stack([r["high"] for r in rows]),
+                "low_content": np.asarray([r["low_content"] for r in rows], bool)}
 
     def decode_one(self, data: bytes | None, read_error: str | None = None) -> dict[str, Any]:
         cfg = self.cfg

@@ -193,21 +193,16 @@ class Features:
 
 
 def _decode(paths: list[Path], dec: Any) -> dict[str, np.ndarray]:
-    rows = [dec.decode_one(p.read_bytes()) for p in paths]
-    bad = [str(p) for p, r in zip(paths, rows) if not r["ok"]]
-    if bad:
-        raise ValueError(f"undecodable images in the benchmark: {bad[:10]}")
-    return {k: np.stack([r[k] for r in rows]) if k in ("low", "high") else np.asarray([r[k] for r in rows])
-            for k in ("low", "high", "low_content")}
+    return dec.decode_all([p.read_bytes() for p in paths], names=[str(p) for p in paths])
 
 
 def extract(bench: Benchmark, gids: list[str], qids: list[str], fx: Any) -> Features:
     """Decode like production, then the model's three outputs (plus two 512-d diagnostics)."""
     from PIL import Image
 
-    from pipeline.decode import Decoder
+    from pipeline.decode import DecodeConfig, Decoder
 
-    dec = Decoder(decode_config(fx.card))
+    dec = Decoder(DecodeConfig.for_model(fx.card.config))
     g = _decode([bench.gallery[x] for x in gids], dec)
     q = _decode([bench.queries[x] for x in qids], dec)
     t = time.perf_counter()
@@ -220,13 +215,6 @@ def extract(bench: Benchmark, gids: list[str], qids: list[str], fx: Any) -> Feat
     q112 = np.stack([np.asarray(Image.fromarray(h).resize((112, 112), Image.BILINEAR)) for h in q["high"]])
     return Features(g128, g512, q128, q512, fx.rerank(q["low"]), fx.rerank(q112), q["low_content"],
                     g["low_content"], {"model_gallery": round(tg, 3), "model_queries": round(tq, 3)})
-
-
-def decode_config(card: Any) -> Any:
-    """The decoder settings a model needs (its two resolutions)."""
-    from pipeline.decode import DecodeConfig
-
-    return DecodeConfig(low_res=card.config.low_res, high_res=card.config.high_res)
 
 
 def _topk_rows(qids: list[str], gids: list[str], S: np.ndarray, rows: list[int], stage: str,

@@ -213,7 +213,7 @@ def explain(images: list[str], gal: GalleryIndex, fx: Any, top_k: int = 10,
     ``fx`` is a :class:`~pipeline.features.FeatureExtractor` of the gallery's model."""
     from pipeline.stages import Fetcher
 
-    decode_cfg = decode_cfg or DecodeConfig(low_res=fx.config.low_res, high_res=fx.config.high_res)
+    decode_cfg = decode_cfg or DecodeConfig.for_model(fx.config)
     uris = np.asarray(images, dtype=object)
     fetched = Fetcher()({"image_key": uris, "uri": uris})
     sizes = [len(b) for b in fetched["bytes"]]

@@ -155,3 +155,27 @@ def test_batch_call_keeps_one_row_per_input() -> None:
     r = DEC({"image_key": np.array(["m"], object), "bytes": np.array([b""], object),
              "read_error": np.array(["NoSuchKey"], object)})
     assert r["error_code"][0] == "read_error"
+
+
+def test_decode_config_for_a_model_keeps_the_bounds_and_takes_the_sizes() -> None:
+    from models.descriptor import DescriptorConfig
+
+    base = DecodeConfig(max_bytes=1000, min_side=20)
+    cfg = DecodeConfig.for_model(DescriptorConfig(high_res=160, low_res=128), base=base)
+    assert (cfg.low_res, cfg.high_res, cfg.max_bytes, cfg.min_side) == (128, 160, 1000, 20)
+    assert DecodeConfig.for_model(DescriptorConfig(high_res=224, low_res=160)).max_bytes == DecodeConfig().max_bytes
+
+
+def test_decode_all_stacks_good_files_and_names_bad_ones() -> None:
+    def jpeg(colour_shift: int) -> bytes:
+        a = (np.indices((64, 80)).sum(0)[..., None] * [1, 2, 3] + colour_shift) % 256
+        b = io.BytesIO()
+        Image.fromarray(a.astype(np.uint8)).save(b, format="JPEG")
+        return b.getvalue()
+
+    dec = Decoder(DecodeConfig(low_res=32, high_res=48))
+    out = dec.decode_all([jpeg(0), jpeg(40)])
+    assert out["low"].shape == (2, 32, 32, 3) and out["high"].shape == (2, 48, 48, 3)
+    assert out["low_content"].tolist() == [False, False]
+    with pytest.raises(ValueError, match=r"undecodable images: \['broken.jpg \("):
+        dec.decode_all([jpeg(0), b"not an image"], names=["good.jpg", "broken.jpg"])
