@@ -71,7 +71,8 @@ def pooled_statistics(model_dir: str | None = None, seed: int = 0) -> dict[str, 
     from PIL import Image
 
     from models.augment import apply_named, random_edit_names
-    from models.card import load_model, resize_square, to_batch
+    from models.card import load_model
+    from models.preprocess import resize_pair, to_batch
     from pipeline.samples import UNRELATED_PHOTOS, skimage_photo
 
     model, card = load_model(model_dir)
@@ -88,11 +89,12 @@ def pooled_statistics(model_dir: str | None = None, seed: int = 0) -> dict[str, 
 
         ims += [crop(b, rng, 0.2) for b in base for _ in range(12)]
     hi_o, lo_e, hi_e = [], [], []
-    for im in ims:
+    for im in ims:  # the job's resize: the query's low square is made from its high one
         e = apply_named(im, random_edit_names(rng), rng)
-        hi_o.append(resize_square(im, c.high_res))
-        lo_e.append(resize_square(e, c.low_res))
-        hi_e.append(resize_square(e, c.high_res))
+        hi_o.append(resize_pair(im, c.low_res, c.high_res)[1])
+        lo, hi = resize_pair(e, c.low_res, c.high_res)
+        lo_e.append(lo)
+        hi_e.append(hi)
     with torch.inference_mode():
         P = torch.cat([model.pooled(to_batch(hi_o[i:i + 64])) for i in range(0, len(hi_o), 64)]).numpy()
         Plo = torch.cat([model.pooled(to_batch(lo_e[i:i + 64])) for i in range(0, len(lo_e), 64)]).numpy()

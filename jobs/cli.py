@@ -218,7 +218,6 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     q = bs.add_parser("search")
     q.add_argument("--gallery-size", type=int, default=1_000_000)
     q.add_argument("--queries", type=int, default=2000)
-    q.add_argument("--photos", default=None, help="real photos for the feature seeds (default: skimage + coco256 if present)")
     q.set_defaults(fn=_bench)
     q = bs.add_parser("decode", help="decode + resize per image by format and size")
     q.set_defaults(fn=_bench)
