@@ -17,13 +17,13 @@ import os
 import posixpath
 import re
 import time
+import tomllib
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import pyarrow.fs as pafs
-import tomllib
 
 from pipeline import flags as F
 from pipeline.decode import DecodeConfig, Decoder
@@ -515,7 +515,7 @@ def build_input(plan: InputPlan, cfg: JobConfig) -> Any:
 # The job
 # --------------------------------------------------------------------------------------------
 def new_run_id(dt: str) -> str:
-    return f"{dt.replace('-', '')}T{_dt.datetime.now(_dt.timezone.utc).strftime('%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    return f"{dt.replace('-', '')}T{_dt.datetime.now(_dt.UTC).strftime('%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
 def _sum_timings(st: Store) -> dict[str, float]:
@@ -748,7 +748,7 @@ def execute_run(plan: RunPlan, ray_address: str | None = None, review: bool = Tr
         # a Pushgateway URL may hold a password
         "config": json.loads(redact(json.dumps({k: v for k, v in asdict(cfg).items() if k != "test_fail_keys"},
                                                default=str))),
-        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "finished_at": _dt.datetime.now(_dt.UTC).isoformat(),
         "flood_guard": flood.to_dict(),
     }
     counts.pop("files", None)
@@ -828,7 +828,7 @@ def cli_moderate(a: argparse.Namespace) -> int:
 
 
 def yesterday() -> str:
-    return (_dt.datetime.now(_dt.timezone.utc).date() - _dt.timedelta(days=1)).isoformat()
+    return (_dt.datetime.now(_dt.UTC).date() - _dt.timedelta(days=1)).isoformat()
 
 
 def cli_nightly(a: argparse.Namespace) -> int:

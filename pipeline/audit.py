@@ -100,7 +100,7 @@ def append(store: Store, action: str, version: str, parent: str | None, who: str
         raise ValueError(f"audit action must be one of {ACTIONS}, got {action!r}")
     keys = list_keys(store)
     prev = _sha256(store.read_bytes(keys[-1])) if keys else None
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     rec = AuditRecord(at=now.isoformat(), action=action, who=who or default_actor(), version=version,
                       parent=parent, note=note, run_id=run_id, details=dict(details or {}),
                       changes=tuple(changes), prev_sha256=prev)
@@ -109,7 +109,7 @@ def append(store: Store, action: str, version: str, parent: str | None, who: str
         # A writer whose clock is behind the last one's must still sort after it: the key's time
         # is only for ordering, ``at`` keeps the writer's own clock.
         last = _dt.datetime.strptime(keys[-1].split("/")[-1][:len(_STAMP_EXAMPLE)], _STAMP)
-        last = last.replace(tzinfo=_dt.timezone.utc)
+        last = last.replace(tzinfo=_dt.UTC)
         stamp = max(now, last + _dt.timedelta(microseconds=1))
     key = f"{AUDIT_PREFIX}/{stamp.strftime(_STAMP)}-{version}-{uuid.uuid4().hex[:8]}.json"
     if store.exists(key):

@@ -94,10 +94,10 @@ def _parse_until(text: str, now: _dt.datetime) -> str:
     """``YYYY-MM-DD`` (start of that day, UTC) or an ISO timestamp (UTC if naive) -> ISO UTC."""
     try:
         if len(text) == 10:
-            t = _dt.datetime.combine(_dt.date.fromisoformat(text), _dt.time(), _dt.timezone.utc)
+            t = _dt.datetime.combine(_dt.date.fromisoformat(text), _dt.time(), _dt.UTC)
         else:
             t = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-            t = t.replace(tzinfo=_dt.timezone.utc) if t.tzinfo is None else t.astimezone(_dt.timezone.utc)
+            t = t.replace(tzinfo=_dt.UTC) if t.tzinfo is None else t.astimezone(_dt.UTC)
     except ValueError:
         raise ValueError(f"until {text!r} is not YYYY-MM-DD or an ISO 8601 timestamp") from None
     if t <= now:
@@ -230,7 +230,7 @@ def parse_decisions(text: str, path: str, content: G.GalleryContent, input_uri: 
                     now: _dt.datetime | None = None) -> list[Change]:
     """Validate a whole decisions file against a gallery version; raise
     :class:`DecisionFileError` with every problem, or return the changes in file order."""
-    now = now or _dt.datetime.now(_dt.timezone.utc)
+    now = now or _dt.datetime.now(_dt.UTC)
     reader = csv.reader(io.StringIO(text))
     try:
         header = [h.strip() for h in next(reader)]
@@ -301,7 +301,7 @@ def apply_decisions(store: Store, text: str, path: str, card: ModelCard, extract
         G.check_model(m, card.version_id)
     results = _extract_uploads(changes, extract, path)
     added: dict[str, dict[str, int]] = {}
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    now = _dt.datetime.now(_dt.UTC).isoformat()
     for c in changes:
         if c.effect == "add_to_bank":
             st = G.add_images(content, content.banks[c.bank], [c.image], lambda _u, r=results[c.image]: [r])

@@ -100,7 +100,7 @@ def render(run_info: dict[str, Any]) -> str:
             _epoch(run_info["finished_at"]))
     d.gauge("modscan_last_success_partition_timestamp_seconds",
             "00:00 UTC of the partition date the last successful run committed (Unix time).",
-            _dt.datetime.combine(_dt.date.fromisoformat(run_info["dt"]), _dt.time(), _dt.timezone.utc).timestamp())
+            _dt.datetime.combine(_dt.date.fromisoformat(run_info["dt"]), _dt.time(), _dt.UTC).timestamp())
     return d.text()
 
 

@@ -34,7 +34,7 @@ def error_rows(keys: list[str], codes: list[str], messages: list[str | None], *,
     import pyarrow as pa
 
     n = len(keys)
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     given: dict[str, list[Any]] = {
         "image_key": list(keys), "image_sha256": list(sha256s) if sha256s is not None else [None] * n,
         "status": [Status.ERROR.value] * n, "action": [Action.NONE.value] * n,
@@ -185,7 +185,7 @@ class Moderator:
         def finite(x: float | None) -> float | None:
             return x if x is None or np.isfinite(x) else None
 
-        now = _dt.datetime.now(_dt.timezone.utc)
+        now = _dt.datetime.now(_dt.UTC)
         cols: dict[str, list[Any]] = {f.name: [] for f in FILE_SCHEMA}
         for i in range(len(ok)):
             m = matches.get(i)

@@ -166,14 +166,17 @@ def test_toml_key_lines() -> None:
     assert (where["bank"], where["bank.name"], where["job.decode.max_bytes"]) == (6, 7, 9)
 
 
-def test_bank_file_errors_name_file_and_line(tmp_path) -> None:
-    path = _write(tmp_path, """
+_BAD_ACTION_BANK = """
         [[bank]]
         name = "ok"
         source = "refs"
         category = "sensitive/x"
         action = "block"
-        """, "banks.toml")
+        """
+
+
+def test_bank_file_errors_name_file_and_line(tmp_path) -> None:
+    path = _write(tmp_path, _BAD_ACTION_BANK, "banks.toml")
     with pytest.raises(BankFileError) as e:
         load_banks(path)
     assert str(e.value).splitlines()[1:] == [f"{path}:5: bank 'ok': action 'block' must be one of "
@@ -184,13 +187,7 @@ def test_bad_bank_file_through_the_cli_is_a_usage_error(tmp_path, capsys) -> Non
     """A bad bank file is the user's to fix: exit 2 and the FILE:LINE message, not 'unexpected error'."""
     from jobs.cli import main
 
-    path = _write(tmp_path, """
-        [[bank]]
-        name = "ok"
-        source = "refs"
-        category = "sensitive/x"
-        action = "block"
-        """, "banks.toml")
+    path = _write(tmp_path, _BAD_ACTION_BANK, "banks.toml")
     rc = main(["gallery", "build", "--banks", str(path), "--out", str(tmp_path / "gallery")])
     err = capsys.readouterr().err
     assert rc == 2

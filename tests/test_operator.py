@@ -315,8 +315,8 @@ def test_disabled_until_expires(world) -> None:
     import datetime as dt
 
     m = {"disabled_references": [{"id": 1, "until": "2030-01-01T00:00:00+00:00"}, {"id": 2, "until": None}]}
-    assert set(G.disabled_in_force(m, dt.datetime(2029, 12, 31, 23, 59, tzinfo=dt.timezone.utc))) == {1, 2}
-    assert set(G.disabled_in_force(m, dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc))) == {2}
+    assert set(G.disabled_in_force(m, dt.datetime(2029, 12, 31, 23, 59, tzinfo=dt.UTC))) == {1, 2}
+    assert set(G.disabled_in_force(m, dt.datetime(2030, 1, 1, tzinfo=dt.UTC))) == {2}
 
 
 def test_audit_log_survives_add_remove_apply_and_is_never_rewritten(world, fresh, capsys) -> None:

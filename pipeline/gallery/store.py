@@ -66,7 +66,7 @@ def _sha256(b: bytes) -> str:
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 # --------------------------------------------------------------------------------------------

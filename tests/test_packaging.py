@@ -1,0 +1,18 @@
+"""A plain `pip install .` (the Docker image) ships every package of the source tree and the model."""
+
+import tomllib
+from pathlib import Path
+
+from setuptools import find_packages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_source_package_is_installed() -> None:
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = set(find_packages(str(ROOT), include=cfg["packages"]["find"]["include"]))
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for top in ("models", "pipeline", "jobs")
+               for p in (ROOT / top).rglob("__init__.py")}
+    assert "pipeline.gallery" in on_disk
+    assert on_disk <= shipped, sorted(on_disk - shipped)
+    assert {"default/*.json", "default/*.safetensors"} <= set(cfg["package-data"]["models"])
