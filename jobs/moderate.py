@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 
 from pipeline import flags as F
 from pipeline.decode import DecodeConfig, Decoder
-from pipeline.errors import InputError, MissingInput, ModscanError, UsageError, plain_message
+from pipeline.errors import ConfigFileError, InputError, MissingInput, ModscanError, UsageError, plain_message, toml_error_line
 from pipeline.floodguard import guard_staged
 from pipeline.floodguard import summary_lines as flood_summary_lines
 from pipeline.jobmetrics import MetricsPushError
@@ -150,13 +150,13 @@ class JobConfig:
                                   "rerank_k": self.rerank_k}.items() if v is not None}
 
 
-class JobConfigError(UsageError):
-    """All problems of a job config file, each as ``file:line: message`` (like bank files)."""
+class JobConfigError(ConfigFileError):
+    """All problems of a job config file, each as ``file:line: message`` (like bank files), in line order."""
+
+    what = "job config"
 
     def __init__(self, path: str, errors: list[tuple[int, str]]) -> None:
-        self.path, self.errors = path, sorted(errors)
-        lines = [f"{path}:{ln}: {msg}" for ln, msg in self.errors]
-        super().__init__(f"{len(errors)} error(s) in job config:\n" + "\n".join(lines))
+        super().__init__(path, sorted(errors))
 
 
 # Keys a [job] table no longer takes, with what replaced them.
@@ -207,8 +207,7 @@ def read_job_table(path: str) -> dict[str, Any]:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        m = re.search(r"line (\d+)", str(e))
-        raise JobConfigError(path, [(int(m.group(1)) if m else 1, f"TOML syntax: {e}")]) from None
+        raise JobConfigError(path, [(toml_error_line(e, 1), f"TOML syntax: {e}")]) from None
     where = toml_key_lines(text)
 
     def line(*keys: str) -> int:

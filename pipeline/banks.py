@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UsageError
+from pipeline.errors import ConfigFileError, toml_error_line
 
 ACTIONS = ("filter", "downrank", "allow")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
@@ -49,13 +49,10 @@ class Bank:
                    bool(d.get("enabled", True)))
 
 
-class BankFileError(UsageError, ValueError):
+class BankFileError(ConfigFileError, ValueError):
     """All problems of a bank file, each as ``file:line: message``."""
 
-    def __init__(self, path: str, errors: list[tuple[int, str]]) -> None:
-        self.errors = errors
-        lines = [f"{path}:{ln}: {msg}" for ln, msg in errors]
-        super().__init__(f"{len(errors)} error(s) in bank file:\n" + "\n".join(lines))
+    what = "bank file"
 
 
 def _locate(text: str) -> list[tuple[int, dict[str, int]]]:
@@ -80,8 +77,7 @@ def parse_banks(text: str, path: str = "<banks>", base_dir: str | None = None) -
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        m = re.search(r"line (\d+)", str(e))
-        raise BankFileError(path, [(int(m.group(1)) if m else 0, f"TOML syntax: {e}")]) from None
+        raise BankFileError(path, [(toml_error_line(e, 0), f"TOML syntax: {e}")]) from None
     errors: list[tuple[int, str]] = []
     top_unknown = set(doc) - {"bank"}
     for k in sorted(top_unknown):

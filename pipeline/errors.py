@@ -25,6 +25,24 @@ class UsageError(ModscanError):
     exit_code = 2
 
 
+class ConfigFileError(UsageError):
+    """All problems of one configuration file, each as ``file:line: message`` (bank files, job
+    configs): a user fixes them all in one pass. Subclasses name the kind of file in ``what``."""
+
+    what = "config file"
+
+    def __init__(self, path: str, errors: list[tuple[int, str]]) -> None:
+        self.path, self.errors = path, list(errors)
+        lines = [f"{path}:{ln}: {msg}" for ln, msg in self.errors]
+        super().__init__(f"{len(self.errors)} error(s) in {self.what}:\n" + "\n".join(lines))
+
+
+def toml_error_line(e: Exception, default: int) -> int:
+    """The line a ``tomllib.TOMLDecodeError`` names in its message (``default`` if none)."""
+    m = re.search(r"line (\d+)", str(e))
+    return int(m.group(1)) if m else default
+
+
 class InputError(ModscanError):
     """The job's input is missing, empty or malformed (a manifest with bad keys). Exit code 1."""
 
