@@ -1,8 +1,9 @@
 """``modscan demo``: the embedded default, end to end on this machine.
 
 Generates a sample gallery and one day of sample uploads from the photos scikit-image ships
-(no download; the images come from :mod:`pipeline.samples`), builds the gallery with Ray, runs the moderation job on a local Ray cluster with
-the shipped model, and prints the summary and where to look.
+(no download; the images come from :mod:`pipeline.samples`), builds the gallery with Ray, runs
+the moderation job on a local Ray cluster with the shipped model, and prints the summary and
+where to look.
 """
 
 from __future__ import annotations
