@@ -242,6 +242,7 @@ class Trainer:
             paths = paths[: cfg.max_images]
         self.paths = paths
         self._images: list[Image.Image] | None = None
+        self._pooled: dict[str, torch.Tensor] | None = None  # the feature cache, read once per run
         self.log_path = self.out / "train_log.jsonl"
         self.history: dict[str, list[float]] = {"backbone": [], "adapter1": [], "adapter2": []}
         self.lineage: dict[str, Any] | None = None  # the init_from model whose trunk this one starts from
@@ -360,10 +361,13 @@ class Trainer:
     def pooled_cache(self) -> dict[str, torch.Tensor]:
         """``(V*N, C)`` pooled features (frozen backbone) of gallery views (high), query views at
         low and at high res, plus ``ids``; row ``v*N + i`` is view ``v`` of image ``i``."""
+        if self._pooled is not None:
+            return self._pooled
         key = self._cache_key()
         p = self.ckpt / f"pooled_cache-{key}.pt"
         if p.exists():
-            return torch.load(p, map_location="cpu", weights_only=True)
+            self._pooled = torch.load(p, map_location="cpu", weights_only=True)
+            return self._pooled
         cfg, m = self.cfg, self.model
         m.eval()
         out: dict[str, list[torch.Tensor]] = {"gallery": [], "query_low": [], "query_high": [], "ids": []}
@@ -377,7 +381,7 @@ class Trainer:
                 out["query_low"].append(m.pooled(to_batch(q_low, self.device)).cpu())
                 out["query_high"].append(m.pooled(to_batch(q_high, self.device)).cpu())
                 out["ids"].append(torch.from_numpy(ids))
-        d = {k: torch.cat(v) for k, v in out.items()}
+        d = self._pooled = {k: torch.cat(v) for k, v in out.items()}
         self._save_ckpt(p.name, d)
         self._log({"stage": "cache", "key": key, "views": cfg.cache_views, "rows": int(d["ids"].shape[0])})
         return d
@@ -418,7 +422,8 @@ class Trainer:
         """Stages 2-3 on one CPU thread: multi-threaded CPU reductions in their backward pass
         differ from run to run in the last bits, and the relational distillation amplifies that
         (two runs on 2 threads differed by 0.2 in adapter-2 weights). These stages take about a
-        minute, so byte-identical adapters cost little; stage 1 keeps every thread."""
+        minute, so byte-identical adapters cost little; stage 1 and the feature cache (callers
+        build it before entering) keep every thread."""
         n = torch.get_num_threads()
         if self.device.type == "cpu":
             torch.set_num_threads(1)
@@ -434,6 +439,8 @@ class Trainer:
                 p.requires_grad_(False)
 
     def stage_adapter1(self, epochs: int | None = None) -> list[float]:
+        if not (self.ckpt / "stage2.pt").exists():
+            self.pooled_cache()  # the backbone pass: every thread (its bytes do not vary run to run)
         with self._one_thread():
             return self._stage_adapter1(epochs)
 
@@ -468,6 +475,8 @@ class Trainer:
         return self.history["adapter1"]
 
     def stage_adapter2(self, epochs: int | None = None) -> list[float]:
+        if not (self.ckpt / "stage3.pt").exists():
+            self.pooled_cache()
         with self._one_thread():
             return self._stage_adapter2(epochs)
 
