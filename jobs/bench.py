@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.stages import Moderator
+from pipeline.moderation.moderator import Moderator
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -73,7 +73,7 @@ def pooled_statistics(model_dir: str | None = None, seed: int = 0) -> dict[str, 
     from models.augment import apply_named, random_edit_names
     from models.card import load_model
     from models.preprocess import resize_pair, to_batch
-    from pipeline.samples import UNRELATED_PHOTOS, skimage_photo
+    from pipeline.evaluation.samples import UNRELATED_PHOTOS, skimage_photo
 
     model, card = load_model(model_dir)
     c = card.config
@@ -200,7 +200,7 @@ class _Exhaustive:
 def _search_vectors(n: int, n_queries: int) -> tuple[Any, np.ndarray, np.ndarray, _SearchQueries]:
     """Gallery vectors and queries from the shipped model -> (card, g128, g512, queries)."""
     from models.card import load_background
-    from pipeline.index import ScoreNorm, background_term
+    from pipeline.gallery.index import ScoreNorm, background_term
 
     t0 = time.time()
     st = pooled_statistics()
@@ -236,7 +236,7 @@ def _exhaustive_row(g512: np.ndarray, qs: _SearchQueries) -> tuple[dict[str, Any
 
 def _build_cascade(g128: np.ndarray, g512: np.ndarray, spec: str, **kw: Any) -> tuple[Any, float]:
     """One-shard cascade index with the coarse stage ``spec`` (a faiss factory string) -> (index, build s)."""
-    from pipeline.index import CascadeIndex
+    from pipeline.gallery.index import CascadeIndex
 
     tb = time.perf_counter()
     idx = CascadeIndex.build(np.arange(len(g128), dtype=np.int64), g128, g512, 1, "float16", coarse_spec=spec)
@@ -247,7 +247,7 @@ def _build_cascade(g128: np.ndarray, g512: np.ndarray, spec: str, **kw: Any) -> 
 
 def _retuned(idx: Any, **kw: Any) -> Any:
     """The same shards searched with other parameters (``nprobe``, ``ef_search``)."""
-    from pipeline.index import CascadeIndex
+    from pipeline.gallery.index import CascadeIndex
 
     return CascadeIndex(idx.shards, idx.coarse_dim, idx.rerank_dim, **kw)
 
@@ -357,9 +357,9 @@ print(hwm(), base, time.time() - t)
 def bench_memory(n: int, out_dir: Path, n_queries: int = 1000) -> dict[str, Any]:
     import pandas as pd
 
-    from pipeline.banks import Bank
     from pipeline.gallery import GalleryContent, VersionModel, write_version
-    from pipeline.storage import open_store
+    from pipeline.gallery.banks import Bank
+    from pipeline.ingest.storage import open_store
 
     st = pooled_statistics()
     card = st["card"]
@@ -445,7 +445,7 @@ def _make_images(root: Path, n: int, refs: Path, seed: int = 0) -> int:
     from PIL import Image
 
     from models.augment import apply_named, crop, random_edit_names
-    from pipeline.samples import procedural
+    from pipeline.evaluation.samples import procedural
 
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -456,7 +456,7 @@ def _make_images(root: Path, n: int, refs: Path, seed: int = 0) -> int:
         with Image.open(p) as im:
             pool.append(im.convert("RGB"))
     if not pool:
-        from pipeline.samples import UNRELATED_PHOTOS, skimage_photo
+        from pipeline.evaluation.samples import UNRELATED_PHOTOS, skimage_photo
 
         pool = [skimage_photo(x) for x in UNRELATED_PHOTOS]
     ref_imgs = pool[:20]
@@ -482,8 +482,8 @@ def _model_costs(images: Path, n_max: int = 512) -> dict[str, float]:
 
     from models.card import read_card
     from models.precision import cpu_has_native_bf16
-    from pipeline.decode import DecodeConfig, Decoder
     from pipeline.features import FeatureExtractor
+    from pipeline.ingest.decode import DecodeConfig, Decoder
 
     card = read_card(None)
     dec = Decoder(DecodeConfig.for_model(card.config))
@@ -519,8 +519,8 @@ def _pipeline_gallery(work: Path, n: int) -> tuple[Path, int, str]:
     from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
-    from pipeline.banks import Bank
-    from pipeline.storage import open_store
+    from pipeline.gallery.banks import Bank
+    from pipeline.ingest.storage import open_store
 
     images, refs = work / "uploads", work / "refs"
     n_pos = _make_images(images, n, refs)
@@ -661,7 +661,7 @@ def bench_decode(out_dir: Path, repeat: int = 20) -> dict[str, Any]:
 
     from models.card import read_card
     from models.preprocess import resize_pair
-    from pipeline.decode import DecodeConfig, Decoder, _to_rgb
+    from pipeline.ingest.decode import DecodeConfig, Decoder, _to_rgb
 
     c = read_card(None).config
     dec = Decoder(DecodeConfig.for_model(c))

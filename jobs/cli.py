@@ -22,7 +22,13 @@ def _train(a: argparse.Namespace) -> int:
         cfg = TrainConfig(model=DescriptorConfig(**model_over), **train_over)
     except ValueError as e:
         raise SystemExit(f"modscan train: {e}") from None
-    card = train(a.images, a.out, cfg, command="modscan " + " ".join(sys.argv[1:]))
+    trainer_monitor = None
+    if a.monitor_photos:
+        from models.descriptor import DescriptorModel
+        from pipeline.evaluation.train_monitor import stage1_monitor
+
+        trainer_monitor = stage1_monitor(a.monitor_photos, DescriptorModel(cfg.model), seed=a.monitor_seed)
+    card = train(a.images, a.out, cfg, command="modscan " + " ".join(sys.argv[1:]), monitor=trainer_monitor)
     print(json.dumps(card.to_dict(), indent=2))
     return 0
 
@@ -100,6 +106,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output model directory (checkpoints resume from here)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. epochs_backbone=30 high_res=224 low_res=160")
+    p.add_argument("--monitor-photos", metavar="DIR",
+                   help="photos for the stage-1 monitor (an evaluation benchmark built from them): "
+                        "stage 1 stops at its plateau and keeps the best epoch")
+    p.add_argument("--monitor-seed", type=int, default=0, help="seed of the monitor's benchmark")
     p.set_defaults(fn=_train)
 
 
@@ -285,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        from pipeline.storage import redact
+        from pipeline.ingest.storage import redact
 
         print(f"{prog}: unexpected error: {redact(plain_message(e, 2000))} (run with --debug for the traceback)",
               file=sys.stderr)

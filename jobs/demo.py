@@ -1,7 +1,7 @@
 """``modscan demo``: the embedded default, end to end on this machine.
 
 Generates a sample gallery and one day of sample uploads from the photos scikit-image ships
-(no download; the images come from :mod:`pipeline.samples`), builds the gallery with Ray, runs
+(no download; the images come from :mod:`pipeline.evaluation.samples`), builds the gallery with Ray, runs
 the moderation job on a local Ray cluster with the shipped model, and prints the summary and
 where to look.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from models.augment import apply_named, crop, random_edit_names
-from pipeline.samples import UNRELATED_PHOTOS, procedural, skimage_photo
+from pipeline.evaluation.samples import UNRELATED_PHOTOS, procedural, skimage_photo
 
 _GALLERY_PHOTOS = {
     # bank -> skimage photo names
@@ -93,9 +93,9 @@ def run_demo(a: argparse.Namespace) -> int:
     from jobs.moderate import moderate, summary
     from models.card import read_card
     from pipeline import gallery as G
-    from pipeline.banks import load_banks
-    from pipeline.flags import read_flags
-    from pipeline.storage import open_store
+    from pipeline.gallery.banks import load_banks
+    from pipeline.ingest.storage import open_store
+    from pipeline.moderation.flags import read_flags
 
     work = Path(a.workdir).resolve()
     if work.exists():

@@ -1,4 +1,4 @@
-"""``modscan evaluate``: build or read a benchmark, run :func:`pipeline.evaluate.evaluate`, print the
+"""``modscan evaluate``: build or read a benchmark, run :func:`pipeline.evaluation.evaluate.evaluate`, print the
 report, and optionally store the calibrated thresholds and headline metrics in the model card."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.errors import UsageError
-from pipeline.evaluate import built_benchmark, card_update, evaluate, prepared_benchmark
+from pipeline.evaluation.evaluate import built_benchmark, card_update, evaluate, prepared_benchmark
 
 
 def run(a: argparse.Namespace) -> int:

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from pipeline import gallery as G
-from pipeline.banks import Bank, load_banks
-from pipeline.storage import open_store
+from pipeline.gallery.banks import Bank, load_banks
+from pipeline.ingest.storage import open_store
 
 
 class GalleryFeatureStage:
@@ -63,8 +63,8 @@ def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_s
 
         from jobs.moderate import JobConfig, _decode_batch, _resources, init_ray
         from models.card import read_card
-        from pipeline.decode import DecodeConfig
-        from pipeline.stages import Fetcher
+        from pipeline.ingest.decode import DecodeConfig
+        from pipeline.ingest.fetch import Fetcher
 
         if not uris:
             return []
@@ -95,8 +95,8 @@ def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_s
 def local_extractor(model_dir: str | None = None) -> G.Extractor:
     """Same contract without Ray (used by tests and tiny galleries)."""
     from models.card import read_card
-    from pipeline.decode import DecodeConfig, Decoder
-    from pipeline.stages import Fetcher
+    from pipeline.ingest.decode import DecodeConfig, Decoder
+    from pipeline.ingest.fetch import Fetcher
 
     card = read_card(model_dir)
     fetch, dec = Fetcher(), Decoder(DecodeConfig.for_model(card.config))
@@ -135,7 +135,7 @@ def run(a: argparse.Namespace) -> int:
     card = read_card(a.model)
     extract = ray_extractor(a.model, a.ray_address, precision=getattr(a, "precision", "auto"))
     if a.gcmd == "build":
-        from pipeline.index import CoarseIndexSpec
+        from pipeline.gallery.index import CoarseIndexSpec
 
         banks = load_banks(a.banks)
         spec = CoarseIndexSpec(a.coarse_index, hnsw_m=a.hnsw_m, ivf_nlist=a.ivf_nlist, nprobe=a.nprobe,

@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _images(photos: str | None, n: int) -> list:
-    """n photos from ``photos`` when given, topped up with :func:`pipeline.samples.procedural` pictures."""
+    """n photos from ``photos`` when given, topped up with :func:`pipeline.evaluation.samples.procedural` pictures."""
     from PIL import Image
 
     out = []
@@ -58,7 +58,7 @@ def _images(photos: str | None, n: int) -> list:
             if len(out) >= n:
                 break
     if len(out) < n:
-        from pipeline.samples import procedural
+        from pipeline.evaluation.samples import procedural
 
         rng = random.Random(0)
         out += [procedural(rng, (400, 300)) for _ in range(n - len(out))]
@@ -160,9 +160,9 @@ def _small_gallery(cpu: Any, high: np.ndarray, model_dir: str | None) -> str:
     import pandas as pd
 
     from models.card import read_card
-    from pipeline.banks import Bank
     from pipeline.gallery import GalleryContent, VersionModel, write_version
-    from pipeline.storage import open_store
+    from pipeline.gallery.banks import Bank
+    from pipeline.ingest.storage import open_store
 
     gdir = tempfile.mkdtemp()
     gc, gr = cpu.gallery(high[:20])
@@ -192,7 +192,7 @@ def _query_batch(imgs: list, dec: Any) -> dict[str, np.ndarray]:
 
 def _check_moderator(cpu: Any, model_dir: str | None, imgs: list, high: np.ndarray, dec: Any) -> dict[str, Any]:
     """3. The job's Moderator stage on cuda vs cpu over a small gallery."""
-    from pipeline.stages import Moderator, RunContext
+    from pipeline.moderation.moderator import Moderator, RunContext
 
     gdir = _small_gallery(cpu, high, model_dir)
     batch = _query_batch(imgs, dec)
@@ -237,8 +237,8 @@ def cli_gpu_check(a: argparse.Namespace) -> int:
         print("no CUDA device: nothing to check")
         return 1
     model_dir = _model_dir(a, res)
-    from pipeline.decode import DecodeConfig, Decoder
     from pipeline.features import FeatureExtractor
+    from pipeline.ingest.decode import DecodeConfig, Decoder
 
     cpu = FeatureExtractor(model_dir, device="cpu")
     gpu = FeatureExtractor(model_dir, device="cuda", micro_batch=256)

@@ -9,9 +9,9 @@ from dataclasses import replace
 def cli_lookup(a: argparse.Namespace) -> int:
     from jobs.moderate import JobConfig
     from models.card import read_card
-    from pipeline.explain import explain, render_json, render_table
     from pipeline.features import FeatureExtractor
     from pipeline.gallery import GalleryIndex
+    from pipeline.ops.explain import explain, render_json, render_table
 
     cfg = JobConfig.from_toml(a.config)  # the job's thresholds and decode bounds, when given
     card = read_card(a.model)

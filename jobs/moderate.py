@@ -25,17 +25,17 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 import pyarrow.fs as pafs
 
-from pipeline import flags as F
-from pipeline.decode import DecodeConfig, Decoder
 from pipeline.errors import ConfigFileError, InputError, MissingInput, ModscanError, UsageError, plain_message, toml_error_line
-from pipeline.floodguard import guard_staged
-from pipeline.floodguard import summary_lines as flood_summary_lines
-from pipeline.jobmetrics import MetricsPushError
-from pipeline.jobmetrics import publish as publish_metrics
-from pipeline.storage import ForbiddenKey, KeyPolicy, Store, open_store, redact, split_uri
+from pipeline.ingest.decode import DecodeConfig, Decoder
+from pipeline.ingest.storage import ForbiddenKey, KeyPolicy, Store, open_store, redact, split_uri
+from pipeline.moderation import flags as F
+from pipeline.moderation.floodguard import guard_staged
+from pipeline.moderation.floodguard import summary_lines as flood_summary_lines
+from pipeline.ops.prometheus import MetricsPushError
+from pipeline.ops.prometheus import publish as publish_metrics
 
 if TYPE_CHECKING:
-    from pipeline.stages import Moderator
+    from pipeline.moderation.moderator import Moderator
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ class InputPlan:
     """What a run reads: one flag row per entry of ``keys`` and of ``forbidden``, nothing else.
 
     ``read_uris[i]`` is what is read for ``keys[i]`` (prefix input: a path in ``store``; manifest:
-    a URI or local path the :class:`~pipeline.storage.KeyPolicy` allowed). ``forbidden`` keys
+    a URI or local path the :class:`~pipeline.ingest.storage.KeyPolicy` allowed). ``forbidden`` keys
     become ``forbidden_key`` rows written by the driver and are never read. ``skipped`` holds the
     listed names that get no row (:data:`MARKER_NAMES`, or non-image names with
     ``image_extensions_only``), by reason.
@@ -498,7 +498,7 @@ def build_input(plan: InputPlan, cfg: JobConfig) -> Any:
     import ray
 
     if plan.kind == "manifest":
-        from pipeline.stages import Fetcher
+        from pipeline.ingest.fetch import Fetcher
 
         items = [{"image_key": k, "uri": u} for k, u in zip(plan.keys, plan.read_uris)]
         ds = ray.data.from_items(items, override_num_blocks=_num_blocks(len(items), cfg))
@@ -657,7 +657,7 @@ def _modscan_cause(e: BaseException) -> ModscanError | None:
 def _run_pipeline(plan: RunPlan, ray_address: str | None,
                   moderator: type[Moderator]) -> tuple[float, dict[str, Any]]:
     """Ray part: read -> decode -> ``moderator`` actors -> staged Parquet. -> (seconds, resources)."""
-    from pipeline.stages import RunContext
+    from pipeline.moderation.moderator import RunContext
 
     cfg, out, stage = plan.cfg, plan.out, F.staging_key(plan.run_id)
     timings_uri = out.full_uri(f"{stage}/timings")
@@ -684,8 +684,7 @@ def _run_pipeline(plan: RunPlan, ray_address: str | None,
             num_cpus=ncpu, num_gpus=ngpu, batch_format="numpy")
         ds.write_parquet(out.path(f"{stage}/data"), filesystem=out.fs, filename_provider=None)
     if plan.input.forbidden:
-        from pipeline.schemas import ErrorCode
-        from pipeline.stages import error_rows
+        from pipeline.schemas import ErrorCode, error_rows
 
         keys = [k for k, _ in plan.input.forbidden]
         F.write_staged(out, plan.run_id, "forbidden-keys.parquet", error_rows(
@@ -715,9 +714,9 @@ def execute_run(plan: RunPlan, ray_address: str | None = None, review: bool = Tr
                 moderator: type[Moderator] | None = None) -> dict[str, Any]:
     """Run the pipeline for a prepared run, verify and commit. Returns the ``_run.json`` content.
 
-    ``moderator``: the actor class (default :class:`~pipeline.stages.Moderator`); the benchmarks
+    ``moderator``: the actor class (default :class:`~pipeline.moderation.moderator.Moderator`); the benchmarks
     pass a subclass for their baselines, recorded in ``_run.json`` as ``moderator``."""
-    from pipeline.stages import Moderator
+    from pipeline.moderation.moderator import Moderator
 
     moderator = moderator or Moderator
     cfg, out, run_id, dt = plan.cfg, plan.out, plan.run_id, plan.dt
@@ -761,7 +760,7 @@ def execute_run(plan: RunPlan, ray_address: str | None = None, review: bool = Tr
         run_info["metrics_error"] = redact(f"{type(e).__name__}: {e}")
     if review:
         try:
-            from pipeline.review import write_review
+            from pipeline.ops.review_page import write_review
 
             run_info["review"] = write_review(out, dt, run_id, plan.input.uri, plan.gallery_uri,
                                               max_rows=cfg.review_max_rows, gallery_version=plan.gallery_version)
@@ -774,7 +773,7 @@ def moderate(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_d
              cfg: JobConfig | None = None, ray_address: str | None = None, review: bool = True,
              run_id: str | None = None, moderator: type[Moderator] | None = None) -> dict[str, Any]:
     """Run one day: :func:`prepare_run` then :func:`execute_run` (``moderator``: the actor class,
-    default :class:`~pipeline.stages.Moderator`). Returns the ``_run.json`` content."""
+    default :class:`~pipeline.moderation.moderator.Moderator`). Returns the ``_run.json`` content."""
     plan = prepare_run(input_uri, gallery_uri, output_uri, dt, model_dir, cfg, run_id)
     return execute_run(plan, ray_address, review, moderator)
 

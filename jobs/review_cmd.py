@@ -9,8 +9,8 @@ import json
 def cli_review(a: argparse.Namespace) -> int:
     from jobs.gallery_cmd import local_extractor
     from models.card import read_card
-    from pipeline.decisions import apply_decisions
-    from pipeline.storage import open_store, split_uri
+    from pipeline.ingest.storage import open_store, split_uri
+    from pipeline.ops.review_decisions import apply_decisions
 
     st, name = split_uri(a.decisions)
     text = st.read_text(name)

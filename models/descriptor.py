@@ -26,24 +26,29 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from models.efficientnet import HEAD_CHANNELS, EfficientNetLite0
 from models.precision import Precision, resolve_precision
 
 
 class Backbone(str, enum.Enum):
-    """Closed set of supported backbones (torchvision architectures, trained from scratch)."""
+    """Closed set of supported backbones. EfficientNet-Lite0 (the default) starts from ImageNet
+    weights (:mod:`models.pretrained`); the torchvision ones train from scratch."""
 
+    EFFICIENTNET_LITE0 = "efficientnet_lite0"
     RESNET18 = "resnet18"
     RESNET50 = "resnet50"
     MOBILENET_V3_LARGE = "mobilenet_v3_large"
 
 
 BACKBONE_CHANNELS: dict[Backbone, int] = {
+    Backbone.EFFICIENTNET_LITE0: HEAD_CHANNELS,
     Backbone.RESNET18: 512,
     Backbone.RESNET50: 2048,
     Backbone.MOBILENET_V3_LARGE: 960,
 }
 
-# ImageNet statistics: the usual normalisation for torchvision backbones.
+# ImageNet statistics: the pipeline's input normalisation (models.preprocess.to_batch). A trunk
+# trained with another one converts inside the model (EfficientNet-Lite0: InputRenorm).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -52,22 +57,27 @@ STD = (0.229, 0.224, 0.225)
 class DescriptorConfig:
     """Architecture and input resolutions of the descriptor.
 
-    Defaults are CPU-friendly: the patent uses 224 px (gallery / high-res) and 160 px (low-res
-    query). On a 2-core CPU the model's cost grows with pixel count, so the shipped model uses
-    160 / 112 (the same 0.71 ratio): ~2x cheaper to train and to run, which is what lets
-    training fit in an hour here. Set 224 / 160 on GPU clusters.
+    The shipped model's card records the pair it was trained for (``modscan card``); these defaults
+    are the pair ``modscan train`` starts from. ``docs/model.md`` gives the measured quality and
+    cost of each pair.
     """
 
-    backbone: Backbone = Backbone.RESNET18
-    high_res: int = 160
-    low_res: int = 112
+    backbone: Backbone = Backbone.EFFICIENTNET_LITE0
+    high_res: int = 224
+    low_res: int = 160
     coarse_dim: int = 128
     rerank_dim: int = 512
     spindle_width: int = 1024
     gem_p: float = 3.0
+    # A bias lets the 512-d head centre what it reduces (PCA whitening of a pretrained trunk's
+    # features starts there); None = the backbone's default: on for EfficientNet-Lite0, off for the
+    # from-scratch trunks.
+    rerank_bias: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backbone", Backbone(self.backbone))
+        if self.rerank_bias is None:
+            object.__setattr__(self, "rerank_bias", self.backbone is Backbone.EFFICIENTNET_LITE0)
         if not 32 <= self.low_res <= self.high_res:
             raise ValueError(f"need 32 <= low_res <= high_res, got {self.low_res}, {self.high_res}")
 
@@ -140,9 +150,9 @@ class SpindleAdapter(nn.Module):
 class RerankReduction(nn.Module):
     """Rerank head: a linear reduction of the pooled feature, ``(B, C) -> (B, rerank_dim)``."""
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = False) -> None:
         super().__init__()
-        self.fc = nn.Linear(in_dim, out_dim, bias=False)
+        self.fc = nn.Linear(in_dim, out_dim, bias=bias)
         self.norm = L2Norm()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,6 +165,8 @@ def build_trunk(backbone: Backbone) -> nn.Module:
     ResNets start with the last BatchNorm of every residual block at zero (``zero_init_residual``,
     as SSCD does): each block begins as the identity, which steadies from-scratch training.
     """
+    if backbone is Backbone.EFFICIENTNET_LITE0:
+        return EfficientNetLite0(MEAN, STD)
     if backbone in (Backbone.RESNET18, Backbone.RESNET50):
         net = getattr(torchvision.models, backbone.value)(weights=None, zero_init_residual=True)
         return nn.Sequential(*list(net.children())[:-2])
@@ -179,7 +191,7 @@ class DescriptorModel(nn.Module):
         self.pool = GeM(self.config.gem_p)
         self.adapter1 = CompressAdapter(c, self.config.coarse_dim)
         self.adapter2 = SpindleAdapter(c, self.config.spindle_width, self.config.coarse_dim)
-        self.reduction = RerankReduction(c, self.config.rerank_dim)
+        self.reduction = RerankReduction(c, self.config.rerank_dim, bool(self.config.rerank_bias))
 
     def set_precision(self, precision: str | Precision, device: torch.device | str | None = None) -> Precision:
         """Resolve ``auto`` for ``device`` (default: where the weights are) and apply it."""
@@ -188,6 +200,14 @@ class DescriptorModel(nn.Module):
         fmt = torch.channels_last if self.precision is Precision.BF16 else torch.contiguous_format
         self.backbone.to(memory_format=fmt)
         return self.precision
+
+    def freeze_bn_statistics(self) -> None:
+        """Trunk BatchNorms use (and keep) their running statistics in ``train()`` mode: fine-tuning
+        a pretrained trunk with small batches would otherwise overwrite ImageNet's statistics with
+        noisy per-batch ones. Their affine weights still train."""
+        for mod in self.backbone.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.eval()
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W) -> (B, C)`` GeM-pooled backbone feature (always fp32)."""

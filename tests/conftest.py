@@ -47,7 +47,7 @@ def shipped_model_dir() -> Path:
 
 def photo(name: str) -> np.ndarray:
     """A photo scikit-image ships, as RGB uint8."""
-    from pipeline.samples import skimage_photo
+    from pipeline.evaluation.samples import skimage_photo
 
     return np.asarray(skimage_photo(name))
 

@@ -8,9 +8,9 @@ import time
 import pandas as pd
 import pytest
 
-from pipeline import flags as F
-from pipeline.stages import error_rows
-from pipeline.storage import open_store
+from pipeline.ingest.storage import open_store
+from pipeline.moderation import flags as F
+from pipeline.schemas import error_rows
 
 DAY = "2026-06-01"
 
@@ -84,9 +84,9 @@ def test_abandon_that_cannot_remove_staging_logs_a_warning(tmp_path, monkeypatch
         raise PermissionError(f"denied: {key}")
 
     monkeypatch.setattr(out, "delete_dir", refuse)
-    with caplog.at_level("WARNING", logger="pipeline.flags"):
+    with caplog.at_level("WARNING", logger="pipeline.moderation.flags"):
         F.abandon(out, "r1")  # best effort: never raises over the run's own failure
-    (rec,) = [r for r in caplog.records if r.name == "pipeline.flags"]
+    (rec,) = [r for r in caplog.records if r.name == "pipeline.moderation.flags"]
     assert rec.levelname == "WARNING" and "run r1: could not remove its staging _staging/r1" in rec.getMessage()
     assert isinstance(rec.exc_info[1], PermissionError)
     assert out.exists(F.staging_key("r1"))

@@ -8,9 +8,9 @@ import pytest
 from conftest import ROOT
 
 from jobs.moderate import JobConfig, JobConfigError, toml_key_lines
-from pipeline.banks import BankFileError, load_banks
-from pipeline.decode import DecodeConfig
 from pipeline.errors import UsageError
+from pipeline.gallery.banks import BankFileError, load_banks
+from pipeline.ingest.decode import DecodeConfig
 
 
 def _write(tmp_path, text: str, name: str = "job.toml") -> str:

@@ -11,7 +11,7 @@ import pytest
 from conftest import photo, shared_dir
 from PIL import Image
 
-from pipeline.decode import DecodeConfig, Decoder
+from pipeline.ingest.decode import DecodeConfig, Decoder
 
 DEC = Decoder(DecodeConfig(low_res=48, high_res=64))
 

@@ -30,7 +30,7 @@ def test_output_shapes_and_unit_norms() -> None:
     assert torch.allclose(f512, r512)
 
 
-@pytest.mark.parametrize("backbone", [Backbone.RESNET50, Backbone.MOBILENET_V3_LARGE])
+@pytest.mark.parametrize("backbone", [Backbone.RESNET18, Backbone.RESNET50, Backbone.MOBILENET_V3_LARGE])
 def test_other_backbones_give_the_same_dims(backbone: Backbone) -> None:
     m = DescriptorModel(DescriptorConfig(backbone=backbone, high_res=64, low_res=48)).eval()
     with torch.no_grad():
@@ -50,7 +50,8 @@ def test_gem_p1_is_average_pooling_and_large_p_approaches_max() -> None:
 def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:
     kw.setdefault("cache_views", 1)
     kw.setdefault("epochs_backbone", 1)
-    cfg = TrainConfig(model=DescriptorConfig(high_res=64, low_res=48), batch_size=8, synthetic_images=4,
+    kw.setdefault("model", DescriptorConfig(backbone=Backbone.RESNET18, high_res=64, low_res=48))
+    cfg = TrainConfig(batch_size=8, synthetic_images=4,
                       epochs_adapter1=2, epochs_adapter2=2, batch_size_adapter2=16,
                       queue_size=16, distill_bank=32, background_photos=4, background_graphics=3, **kw)
     return Trainer(images_dir, tmp_path, cfg, command="test")
@@ -59,7 +60,7 @@ def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:
 @pytest.fixture()
 def gen_images(tmp_path):
 
-    from pipeline.samples import procedural
+    from pipeline.evaluation.samples import procedural
 
     d = tmp_path / "imgs"
     d.mkdir()
@@ -193,7 +194,7 @@ def test_a_few_training_steps_on_kodak_lower_the_loss(tmp_path) -> None:
 
     kodak = shared_dir("kodak24")
     torch.manual_seed(0)
-    cfg = TrainConfig(model=DescriptorConfig(high_res=64, low_res=48), batch_size=12, temperature=0.1,
+    cfg = TrainConfig(model=DescriptorConfig(backbone=Backbone.RESNET18, high_res=64, low_res=48), batch_size=12, temperature=0.1,
                       entropy_weight=0.0, synthetic_images=0)
     tr = Trainer(kodak, tmp_path, cfg, command="test")
     pairs = [resize_pair(im, 48, 64) for im in tr.images[:12]]  # fixed batch: the loss must fall

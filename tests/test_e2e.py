@@ -19,7 +19,7 @@ from conftest import SHARED, moto_server, photo
 from PIL import Image
 
 from models.augment import apply_named
-from pipeline import flags as F
+from pipeline.moderation import flags as F
 
 pytestmark = pytest.mark.slow
 
@@ -118,8 +118,8 @@ def gallery(world):
     from jobs.gallery_cmd import ray_extractor
     from models.card import read_card
     from pipeline import gallery as G
-    from pipeline.banks import load_banks
-    from pipeline.storage import open_store
+    from pipeline.gallery.banks import load_banks
+    from pipeline.ingest.storage import open_store
 
     v, stats = G.build(open_store("s3://gallery-e2e/main"), load_banks(world["banks"]), read_card(None),
                        ray_extractor(None), n_shards=3)
@@ -136,7 +136,7 @@ def first_run(world, gallery):
 
 
 def _read_partition(dt: str) -> pd.DataFrame:
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
 
     st = open_store("s3://flags-e2e/flags")
     t = pq.read_table(st.path(f"dt={dt}"), filesystem=st.fs)
@@ -185,7 +185,7 @@ def test_run_json_success_marker_and_counts(world, gallery, first_run) -> None:
     import json
 
     from pipeline import gallery as G
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
 
     s3 = world["s3"]
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="flags-e2e", Prefix=f"flags/dt={DAY}/")["Contents"]}
@@ -210,7 +210,7 @@ def test_run_json_success_marker_and_counts(world, gallery, first_run) -> None:
 
 
 def test_pandas_and_duckdb_read_the_hive_partition(world, first_run) -> None:
-    from pipeline.flags import read_flags
+    from pipeline.moderation.flags import read_flags
 
     df = read_flags("s3://flags-e2e/flags")
     assert set(df["dt"]) == {DAY} and len(df) == len(world["uploads"])
@@ -248,7 +248,7 @@ def test_manifest_input_with_a_missing_key(world, gallery) -> None:
     # full URIs outside the manifest's prefix are read only under allowed_input_prefixes
     moderate("s3://uploads-e2e/manifests/m.parquet", gallery, "s3://flags-e2e/manifest-run", "2026-03-02",
              cfg=JobConfig(batch_size=16, allowed_input_prefixes=(f"s3://uploads-e2e/{DAY}/",)), review=False)
-    from pipeline.flags import read_flags
+    from pipeline.moderation.flags import read_flags
 
     df = read_flags("s3://flags-e2e/manifest-run").set_index("image_key")
     assert len(df) == 5
@@ -260,7 +260,7 @@ def test_manifest_input_with_a_missing_key(world, gallery) -> None:
 
 def test_backfill_three_days_and_resume_after_a_deleted_partition(world, gallery) -> None:
     from jobs.moderate import JobConfig, backfill
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
 
     tmp = world["tmp"]
     src = tmp / "uploads"

@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, moto_server, photo
 from PIL import Image
 
-from pipeline.samples import procedural
+from pipeline.evaluation.samples import procedural
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +41,8 @@ def local_gallery(tmp_path_factory, shipped_model_dir):
     from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
-    from pipeline.banks import Bank
-    from pipeline.storage import open_store
+    from pipeline.gallery.banks import Bank
+    from pipeline.ingest.storage import open_store
 
     tmp = tmp_path_factory.mktemp("faults")
     refs = tmp / "refs"
@@ -202,7 +202,7 @@ def flaky_s3(local_gallery):
 @pytest.mark.parametrize("mode", ["503", "reset"])
 def test_s3_errors_for_a_while_are_retried(flaky_s3, local_gallery, mode: str) -> None:
     from jobs.moderate import JobConfig, moderate
-    from pipeline.flags import read_flags
+    from pipeline.moderation.flags import read_flags
 
     proxy, _ = flaky_s3
     gal, _ = local_gallery
@@ -280,7 +280,7 @@ def _s3_keys(s3, prefix: str) -> list[str]:
 def test_s3_write_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> None:
     """503s and connection resets on PUT/POST/DELETE (staged writes, commit copies and deletes)."""
     from jobs.moderate import JobConfig, moderate
-    from pipeline.flags import read_flags
+    from pipeline.moderation.flags import read_flags
 
     proxy, s3 = flaky_s3
     gal, _ = local_gallery
@@ -300,7 +300,7 @@ def test_s3_write_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> Non
 
 def test_s3_write_outage_mid_commit_publishes_nothing_then_a_rerun_repairs(flaky_s3, local_gallery) -> None:
     from jobs.moderate import JobConfig, moderate
-    from pipeline.flags import read_flags
+    from pipeline.moderation.flags import read_flags
 
     proxy, s3 = flaky_s3
     gal, _ = local_gallery
@@ -335,7 +335,7 @@ def test_two_concurrent_runs_of_one_date_one_wins_the_other_fails(local_gallery,
     """Both runs read, decode and stage at the same time; the later one owns the date. The older
     one fails at commit with a clear error and publishes nothing: the partition is never mixed."""
     from jobs.moderate import JobConfig, execute_run, prepare_run
-    from pipeline.flags import PartitionTakenError
+    from pipeline.moderation.flags import PartitionTakenError
 
     gal, _ = local_gallery
     src = _folder(tmp_path / "up", 24)

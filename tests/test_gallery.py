@@ -14,8 +14,8 @@ from PIL import Image
 
 from models.card import read_card
 from pipeline import gallery as G
-from pipeline.banks import Bank, BankFileError, parse_banks
-from pipeline.storage import open_store
+from pipeline.gallery.banks import Bank, BankFileError, parse_banks
+from pipeline.ingest.storage import open_store
 
 NAMES = ["astronaut", "rocket", "coffee", "camera", "chelsea", "horse"]
 
@@ -112,7 +112,7 @@ def test_add_and_remove_make_new_versions_without_reextracting(built) -> None:
 
 
 def test_write_version_records_the_model_and_thresholds_it_is_given(tmp_path) -> None:
-    from pipeline.index import CascadeParams, ScoreNorm
+    from pipeline.gallery.index import CascadeParams, ScoreNorm
 
     card = read_card(None)
     model = G.VersionModel(card.version_id, card.config.coarse_dim, card.config.rerank_dim, 0.123, 0.456, 17,
@@ -136,7 +136,7 @@ def test_write_version_records_the_model_and_thresholds_it_is_given(tmp_path) ->
 
 
 def _gallery_with(banks: dict[str, Bank], members: list[tuple[int, str]], fine: float = 0.5) -> G.GalleryIndex:
-    from pipeline.index import CascadeIndex, CascadeParams
+    from pipeline.gallery.index import CascadeIndex, CascadeParams
 
     ids = np.asarray(sorted({i for i, _ in members}), np.int64)
     rng = np.random.default_rng(0)
@@ -219,7 +219,7 @@ def test_bank_file_errors_are_reported_with_their_lines() -> None:
 
 
 def test_relative_sources_resolve_against_the_bank_file(tmp_path) -> None:
-    from pipeline.banks import load_banks
+    from pipeline.gallery.banks import load_banks
 
     p = tmp_path / "conf" / "banks.toml"
     p.parent.mkdir()
@@ -264,7 +264,7 @@ def test_gallery_add_and_remove_through_the_cli(tmp_path, tiny_model_dir, monkey
 
     from jobs import gallery_cmd
     from jobs.cli import main
-    from pipeline import audit as A
+    from pipeline.gallery import audit as A
 
     monkeypatch.setattr(gallery_cmd, "ray_extractor",
                         lambda model_dir, ray_address=None, **kw: gallery_cmd.local_extractor(model_dir))

@@ -14,9 +14,9 @@ from conftest import ROOT
 
 def _write_gallery(root, n: int, n_shards: int, rerank_dtype: str, seed: int = 0, holes: bool = True) -> str:
     from models.card import read_card
-    from pipeline.banks import Bank
     from pipeline.gallery import GalleryContent, VersionModel, write_version
-    from pipeline.storage import open_store
+    from pipeline.gallery.banks import Bank
+    from pipeline.ingest.storage import open_store
 
     rng = np.random.default_rng(seed)
     ids = np.sort(rng.choice(3 * n, n, replace=False)).astype(np.int64) if holes else np.arange(n, dtype=np.int64)
@@ -37,9 +37,9 @@ def _write_gallery(root, n: int, n_shards: int, rerank_dtype: str, seed: int = 0
 @pytest.mark.parametrize("rerank_dtype", ["float16", "int8", "float32"])
 def test_streaming_load_equals_whole_file_load(tmp_path, rerank_dtype: str) -> None:
     from pipeline import gallery as G
+    from pipeline.gallery.index import CascadeIndex
     from pipeline.gallery.store import _load_verified
-    from pipeline.index import CascadeIndex
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
 
     root = _write_gallery(tmp_path / "g", 3000, 3, rerank_dtype)
     g = G.GalleryIndex.load(root)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.index import CascadeIndex, decode_rerank, encode_rerank
+from pipeline.gallery.index import CascadeIndex, decode_rerank, encode_rerank
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -81,7 +81,7 @@ def test_rerank_compression_error_is_bounded(dtype: str, tol: float) -> None:
 
 
 def test_shard_bytes_round_trip() -> None:
-    from pipeline.index import Shard
+    from pipeline.gallery.index import Shard
 
     ids, c, r, qc, qr = _data(40, 5)
     idx = CascadeIndex.build(ids, c, r, 2)

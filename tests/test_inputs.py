@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT, moto_server, photo
 from PIL import Image
 
-from pipeline.samples import procedural
+from pipeline.evaluation.samples import procedural
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +62,8 @@ def gallery(tmp_path_factory: pytest.TempPathFactory) -> str:
     from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
-    from pipeline.banks import Bank
-    from pipeline.storage import open_store
+    from pipeline.gallery.banks import Bank
+    from pipeline.ingest.storage import open_store
 
     tmp = tmp_path_factory.mktemp("inputs-gallery")
     _rocket(tmp / "refs" / "rocket.jpg")
@@ -79,7 +79,7 @@ def gallery(tmp_path_factory: pytest.TempPathFactory) -> str:
 # --------------------------------------------------------------------------------------------
 def test_one_strict_date_validator_names_the_flag(capsys, tmp_path, gallery) -> None:
     from pipeline.errors import UsageError
-    from pipeline.flags import partition_key, valid_date
+    from pipeline.moderation.flags import partition_key, valid_date
 
     assert valid_date("2026-02-05") == "2026-02-05" and partition_key("2028-02-29") == "dt=2028-02-29"
     for bad in ("20260205", "2026-W05-4", "2026-02-30", "2026-2-5", "2026-02-05T00:00", " 2026-02-05", "2026-02-05\n",
@@ -199,7 +199,7 @@ def test_manifest_keys_are_strings_and_bad_lines_are_numbered(capsys, tmp_path, 
 def test_key_policy(tmp_path) -> None:
     from jobs.moderate import JobConfig
     from pipeline.errors import UsageError
-    from pipeline.storage import ForbiddenKey, KeyPolicy
+    from pipeline.ingest.storage import ForbiddenKey, KeyPolicy
 
     base, allowed = tmp_path / "m", tmp_path / "allowed"
     base.mkdir()
@@ -299,7 +299,7 @@ def test_bomb_message_names_the_configured_max_pixels() -> None:
     import struct
     import zlib
 
-    from pipeline.decode import DecodeConfig, Decoder
+    from pipeline.ingest.decode import DecodeConfig, Decoder
 
     def chunk(t: bytes, d: bytes) -> bytes:
         return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
@@ -324,7 +324,7 @@ def day_run(gallery, ray_cluster, tmp_path_factory):
     from jobs.moderate import JobConfig, execute_run, prepare_run
     from models.card import read_card
     from pipeline import gallery as G
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
 
     tmp = tmp_path_factory.mktemp("day")
     gal = tmp / "gal"

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pushgateway_stub import pushgateway
 
-from pipeline.jobmetrics import MetricsPushError, publish, push, render, write_textfile
+from pipeline.ops.prometheus import MetricsPushError, publish, push, render, write_textfile
 
 RUN = {  # the shape moderate() commits as _run.json
     "run_id": "20261125T031502-ab12cd34", "dt": "2026-11-25", "model_version": "resnet18-160x112-1fa986fea88d",

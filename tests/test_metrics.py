@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import metrics as M
+from pipeline.evaluation import retrieval_metrics as M
 
 GT = {"q1": "r1", "q2": "r2", "q3": "r3"}  # q4, q5 are negatives
 

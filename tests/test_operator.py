@@ -24,9 +24,9 @@ from conftest import photo
 from PIL import Image
 
 from models.augment import apply_named
-from pipeline import audit as A
-from pipeline import flags as F
 from pipeline import gallery as G
+from pipeline.gallery import audit as A
+from pipeline.moderation import flags as F
 
 DAY = "2026-04-02"
 N_PLAIN = 8           # plain gradient uploads: all match the over-broad near-uniform reference
@@ -72,7 +72,7 @@ def make_world(root: Path) -> dict[str, Path]:
 
 
 def banks_for(refs: str) -> list:
-    from pipeline.banks import Bank
+    from pipeline.gallery.banks import Bank
 
     return [Bank("violence", f"{refs}/violence", "sensitive/violence", "filter"),
             Bank("spam", f"{refs}/spam", "low_quality/spam", "downrank"),
@@ -83,7 +83,7 @@ def banks_for(refs: str) -> list:
 def world(tmp_path_factory, shipped_model_dir):
     from jobs.gallery_cmd import local_extractor
     from models.card import read_card
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
 
     root = tmp_path_factory.mktemp("operator")
     w = make_world(root)
@@ -122,8 +122,9 @@ def moderated(world):
 
 def _moderate_rows(gallery_uri: str, uris: list[str], root: Path | str, run_id: str):
     from models.card import read_card
-    from pipeline.decode import DecodeConfig, Decoder
-    from pipeline.stages import Fetcher, Moderator, RunContext
+    from pipeline.ingest.decode import DecodeConfig, Decoder
+    from pipeline.ingest.fetch import Fetcher
+    from pipeline.moderation.moderator import Moderator, RunContext
 
     card = read_card(None)
     arr = np.asarray(uris, dtype=object)
@@ -141,7 +142,7 @@ def _load(gallery: Path | str, fx) -> G.GalleryIndex:
 
 
 def _lookup(gallery: Path | str, images: list[str], fx, **kw):
-    from pipeline.explain import explain
+    from pipeline.ops.explain import explain
 
     return {Path(e.image).name: e for e in explain(images, _load(gallery, fx), fx, **kw).explanations}
 
@@ -150,7 +151,7 @@ def _lookup(gallery: Path | str, images: list[str], fx, **kw):
 # lookup
 # ---------------------------------------------------------------------------------------------
 def test_lookup_makes_the_jobs_decisions_and_names_the_rule(world, moderated, fx) -> None:
-    from pipeline.explain import Rule
+    from pipeline.ops.explain import Rule
 
     ex = _lookup(world["gallery"], world["uploads_list"], fx, top_k=3)
     rows = {Path(r["image_key"]).name: r for r in moderated.to_pylist()}
@@ -186,7 +187,7 @@ def test_lookup_makes_the_jobs_decisions_and_names_the_rule(world, moderated, fx
 
 
 def test_lookup_rules_for_a_disabled_bank_and_the_coarse_stage(world, fx) -> None:
-    from pipeline.explain import Rule, explain
+    from pipeline.ops.explain import Rule, explain
 
     base = _load(world["gallery"], fx)
     m = json.loads(json.dumps(base.manifest))
@@ -228,8 +229,8 @@ def _csv(*rows: str) -> str:
 
 
 def test_malformed_decisions_are_reported_by_line_and_nothing_is_applied(world, fresh) -> None:
-    from pipeline.decisions import DecisionFileError, apply_decisions
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
+    from pipeline.ops.review_decisions import DecisionFileError, apply_decisions
 
     store = open_store(str(fresh))
     before = {k: store.read_bytes(k) for k in store.list()}
@@ -272,9 +273,9 @@ def test_malformed_decisions_are_reported_by_line_and_nothing_is_applied(world, 
 
 
 def test_review_apply_writes_one_version_reusing_vectors(world, fresh, fx) -> None:
-    from pipeline.decisions import apply_decisions
-    from pipeline.explain import Rule
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
+    from pipeline.ops.explain import Rule
+    from pipeline.ops.review_decisions import apply_decisions
 
     store = open_store(str(fresh))
     ref, up = world["ref"], world["uploads"]
@@ -321,8 +322,8 @@ def test_disabled_until_expires(world) -> None:
 
 def test_audit_log_survives_add_remove_apply_and_is_never_rewritten(world, fresh, capsys) -> None:
     from jobs.cli import main
-    from pipeline.decisions import apply_decisions
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
+    from pipeline.ops.review_decisions import apply_decisions
 
     store = open_store(str(fresh))
 
@@ -379,9 +380,9 @@ def _stage(out, run_id: str, table) -> None:
 @pytest.fixture(scope="module")
 def committed(world, moderated, tmp_path_factory):
     """Moderator rows staged, flood-guarded, verified and committed; review page written."""
-    from pipeline.floodguard import guard_staged
-    from pipeline.review import write_review
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
+    from pipeline.moderation.floodguard import guard_staged
+    from pipeline.ops.review_page import write_review
 
     out = open_store(str(tmp_path_factory.mktemp("flags")), create=True)
     run_id = "20260402T000000-flood"
@@ -415,8 +416,8 @@ def test_flood_guard_holds_the_over_broad_reference(world, committed) -> None:
 
 
 def test_flood_guard_off_and_under_the_limit_changes_nothing(world, moderated, tmp_path) -> None:
-    from pipeline.floodguard import guard_staged
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
+    from pipeline.moderation.floodguard import guard_staged
 
     for limit in (0, N_PLAIN):  # 0: off; N_PLAIN: not *more* than the limit
         out = open_store(str(tmp_path / f"o{limit}"), create=True)
@@ -500,9 +501,9 @@ def test_tools_against_a_gallery_and_flags_on_s3(world, s3_server, capsys) -> No
     import boto3
 
     from jobs.cli import main
-    from pipeline.floodguard import guard_staged
-    from pipeline.review import write_review
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
+    from pipeline.moderation.floodguard import guard_staged
+    from pipeline.ops.review_page import write_review
 
     s3 = boto3.client("s3", endpoint_url=s3_server)
     for b in ("gal", "uploads", "flags", "reviews"):
@@ -553,7 +554,7 @@ def test_job_holds_floods_and_writes_metrics(world, ray_local, tmp_path) -> None
     from pushgateway_stub import pushgateway
 
     from jobs.moderate import JobConfig, moderate, summary
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
 
     with pushgateway() as gw:
         cfg = JobConfig(batch_size=8, max_matches_per_reference=FLOOD_LIMIT,

@@ -13,9 +13,9 @@ from PIL import Image
 
 from models.losses import info_nce, koleo_entropy, relational_distill
 from models.synthetic import EVERYDAY, generate
-from pipeline.banks import Bank
-from pipeline.decode import DecodeConfig, Decoder, is_low_content
-from pipeline.index import CascadeIndex, CascadeParams, ScoreNorm, background_term
+from pipeline.gallery.banks import Bank
+from pipeline.gallery.index import CascadeIndex, CascadeParams, ScoreNorm, background_term
+from pipeline.ingest.decode import DecodeConfig, Decoder, is_low_content
 
 
 # -- losses ------------------------------------------------------------------------------------
@@ -109,8 +109,8 @@ def test_moderator_rows_say_low_content_and_never_match(tmp_path, tiny_model_dir
     from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
-    from pipeline.stages import Moderator, RunContext
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
+    from pipeline.moderation.moderator import Moderator, RunContext
 
     refs = tmp_path / "refs"
     refs.mkdir()
@@ -186,7 +186,7 @@ def test_a_normalising_gallery_refuses_to_score_without_a_background_bank(tmp_pa
     from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
 
     refs = tmp_path / "refs"
     refs.mkdir()
@@ -243,9 +243,9 @@ def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_pa
     from models.augment import apply_named
     from models.card import read_card
     from pipeline import gallery as G
-    from pipeline.index import CoarseIndexSpec
-    from pipeline.stages import Moderator, RunContext
-    from pipeline.storage import open_store
+    from pipeline.gallery.index import CoarseIndexSpec
+    from pipeline.ingest.storage import open_store
+    from pipeline.moderation.moderator import Moderator, RunContext
 
     refs, extra = tmp_path / "refs", tmp_path / "extra"
     refs.mkdir()
@@ -300,7 +300,7 @@ def test_add_and_remove_keep_the_gallerys_own_thresholds(tmp_path, tiny_model_di
     from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
-    from pipeline.storage import open_store
+    from pipeline.ingest.storage import open_store
 
     refs, more = tmp_path / "refs", tmp_path / "more"
     refs.mkdir()

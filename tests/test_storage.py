@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.storage import UnsafeKeyError, open_store, redact, safe_key
+from pipeline.ingest.storage import UnsafeKeyError, open_store, redact, safe_key
 
 
 @pytest.mark.parametrize("key", ["../x", "a/../../b", "/etc/passwd", "", "a/\x00b", ".."])

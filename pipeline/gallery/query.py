@@ -13,11 +13,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from pipeline.banks import Bank
+from pipeline.gallery.banks import Bank
+from pipeline.gallery.index import CascadeIndex, CascadeParams, ScoreNorm, background_term
 from pipeline.gallery.store import GalleryIntegrityError, check_model, disabled_in_force, load_streaming, read_manifest
-from pipeline.index import CascadeIndex, CascadeParams, ScoreNorm, background_term
+from pipeline.ingest.storage import Store, open_store
 from pipeline.schemas import Action, Status
-from pipeline.storage import Store, open_store
 
 
 @dataclass

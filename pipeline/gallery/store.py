@@ -37,12 +37,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from models.card import ModelCard
-from pipeline import audit as A
-from pipeline.banks import Bank
 from pipeline.errors import ModscanError
-from pipeline.index import CascadeIndex, CoarseIndexSpec, ScoreNorm, Shard
+from pipeline.gallery import audit as A
+from pipeline.gallery.banks import Bank
+from pipeline.gallery.index import CascadeIndex, CoarseIndexSpec, ScoreNorm, Shard
+from pipeline.ingest.storage import Store, open_store
 from pipeline.schemas import ENTRY_SCHEMA
-from pipeline.storage import Store, open_store
 
 FORMAT_VERSION = 1
 
@@ -207,7 +207,7 @@ def write_audited(store: Store, content: GalleryContent, model: VersionModel, n_
                   note: str | None = None, run_id: str | None = None, details: dict[str, Any] | None = None,
                   changes: list[dict[str, Any]] | tuple[dict[str, Any], ...] = ()) -> str:
     """Write a version, append its audit record, then publish it: the record goes first so that
-    every version ``CURRENT`` ever names has one (see :mod:`pipeline.audit`)."""
+    every version ``CURRENT`` ever names has one (see :mod:`pipeline.gallery.audit`)."""
     version = write_version(store, content, model, n_shards, rerank_dtype, parent, coarse_spec, publish=False)
     A.append(store, action, version, parent, who=who, note=note, run_id=run_id, details=details, changes=changes)
     publish_version(store, version)
@@ -475,7 +475,7 @@ def read_content(store: Store, version: str | None = None) -> StoredVersion:
     m = read_manifest(store, version)
     shards, entries = _load_verified(store, m)
     ids, coarse, rerank = [], [], []
-    from pipeline.index import decode_rerank
+    from pipeline.gallery.index import decode_rerank
 
     for sh in shards:
         if sh.ntotal == 0:

@@ -2,7 +2,7 @@
 
 Every update writes one new immutable version (:func:`pipeline.gallery.store.write_audited`) with
 its audit record. A version derived from another (add, remove; review apply in
-:mod:`pipeline.decisions`) reuses the stored vectors and keeps the gallery's own model id and
+:mod:`pipeline.ops.review_decisions`) reuses the stored vectors and keeps the gallery's own model id and
 thresholds (:meth:`VersionModel.from_manifest`); only ``build`` takes them from a model card.
 """
 
@@ -16,8 +16,8 @@ import pandas as pd
 
 from models.card import ModelCard
 from models.preprocess import IMAGE_SUFFIXES
-from pipeline import audit as A
-from pipeline.banks import Bank
+from pipeline.gallery import audit as A
+from pipeline.gallery.banks import Bank
 from pipeline.gallery.store import (
     GalleryContent,
     VersionModel,
@@ -30,8 +30,8 @@ from pipeline.gallery.store import (
     read_manifest,
     write_audited,
 )
+from pipeline.ingest.storage import Store, open_store
 from pipeline.schemas import ENTRY_SCHEMA
-from pipeline.storage import Store, open_store
 
 # extract(uris) -> one dict per uri: {"uri", "sha256", "ok", "error_code", "error_message",
 #                                     "coarse": (128,) or None, "rerank": (512,) or None}

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.errors import ModscanError
-from pipeline.storage import Store
+from pipeline.ingest.storage import Store
 
 AUDIT_PREFIX = "audit"
 FORMAT_VERSION = 1

@@ -39,8 +39,8 @@ import pandas as pd
 from models.augment import apply_named, random_edit_names
 from models.preprocess import IMAGE_SUFFIXES
 from models.synthetic import generate
-from pipeline import metrics as M
-from pipeline.index import ScoreNorm, background_term
+from pipeline.evaluation import retrieval_metrics as M
+from pipeline.gallery.index import ScoreNorm, background_term
 
 TOPK = 10
 NORM_BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -200,7 +200,7 @@ def extract(bench: Benchmark, gids: list[str], qids: list[str], fx: Any) -> Feat
     """Decode like production, then the model's three outputs (plus two 512-d diagnostics)."""
     from PIL import Image
 
-    from pipeline.decode import DecodeConfig, Decoder
+    from pipeline.ingest.decode import DecodeConfig, Decoder
 
     dec = Decoder(DecodeConfig.for_model(fx.card.config))
     g = _decode([bench.gallery[x] for x in gids], dec)
@@ -375,9 +375,9 @@ def calibrate(S512: np.ndarray, S128: np.ndarray, bq: dict[int, np.ndarray], sp:
 def run_cascade(ft: Features, sp: Split, cal: Calibration, card: Any, bank: Any, out: Path,
                 bench: Benchmark) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Write a real gallery version and query it like the job: -> (normalised F, raw F, survivors, s)."""
-    from pipeline.banks import Bank
     from pipeline.gallery import GalleryContent, GalleryIndex, VersionModel, write_version
-    from pipeline.storage import open_store
+    from pipeline.gallery.banks import Bank
+    from pipeline.ingest.storage import open_store
 
     gstore = open_store(str(out / "gallery"), create=True)
     gstore.delete_file("CURRENT")

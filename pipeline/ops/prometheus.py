@@ -29,7 +29,7 @@ import urllib.request
 from typing import Any
 
 from pipeline.errors import ModscanError
-from pipeline.storage import redact
+from pipeline.ingest.storage import redact
 
 log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -9,7 +9,7 @@ category starts with ``sensitive/`` are blurred and greyed by default; a click r
 reveal is a CSS checkbox, not script, so it works with JavaScript off, and the page loads nothing
 from the network (no external CSS, fonts or images). Matches are grouped by reference with their
 counts, so one reference matching hundreds of uploads is one line, not the whole page, and
-references held by the flood guard (:mod:`pipeline.floodguard`) get a banner at the top.
+references held by the flood guard (:mod:`pipeline.moderation.floodguard`) get a banner at the top.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import logging
 import pandas as pd
 from PIL import Image
 
-from pipeline.decode import DecodeConfig, DecodeError, open_image
 from pipeline.errors import plain_message
-from pipeline.flags import partition_key
-from pipeline.storage import Store, open_store, redact, resolve_key, split_uri
+from pipeline.ingest.decode import DecodeConfig, DecodeError, open_image
+from pipeline.ingest.storage import Store, open_store, redact, resolve_key, split_uri
+from pipeline.moderation.flags import partition_key
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,8 @@ def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: 
                  gallery_version: str | None = None) -> str:
     """Write ``_reviews/dt=D/review-<run_id>.html``; returns its URI. ``gallery_version`` is the
     run's pinned version (default: ``CURRENT``, which may have moved on since the run started)."""
-    from pipeline.flags import read_flags
     from pipeline.gallery import read_manifest
+    from pipeline.moderation.flags import read_flags
 
     df = read_flags(out.uri, dt)
     matched = df[df["status"] == "matched"]

@@ -5,7 +5,7 @@ into thousands of wrong filters in one night. ThreatExchange's HMA users asked f
 (issue #1994: quarantine a signal "if the number of matches exceeds an expected baseline").
 
 :func:`guard_staged` runs between the job's staged write and its commit (see
-:mod:`pipeline.flags`): it counts the run's blocking matches per bank and per reference, and every
+:mod:`pipeline.moderation.flags`): it counts the run's blocking matches per bank and per reference, and every
 row of a reference with more than ``max_matches_per_reference`` matches gets ``action = review``
 instead of ``filter`` / ``downrank``, with a ``reason`` that names the reference, its count, the
 limit and the action it would have had. The staged files are rewritten in place (they are not
@@ -31,9 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.flags import staging_key
+from pipeline.ingest.storage import Store
+from pipeline.moderation.flags import staging_key
 from pipeline.schemas import FILE_SCHEMA, Action, Status
-from pipeline.storage import Store
 
 DEFAULT_MAX_MATCHES_PER_REFERENCE = 1000
 TOP_REFERENCES = 100  # _run.json keeps the busiest references, not one line per gallery entry

@@ -1,11 +1,9 @@
-"""Pipeline stages as plain classes: heavy state in ``__init__``, work in ``__call__(batch)``.
+"""The moderation stage: decoded batches -> flag rows (:data:`~pipeline.schemas.FLAG_SCHEMA`).
 
-Ray only distributes them (``jobs/moderate.py`` wires them with ``map_batches``); tests call the
-same classes directly. Every stage returns exactly one output row per input row.
-
-* :class:`Fetcher` — ``{"image_key", "uri"}`` -> adds ``bytes`` and ``read_error`` (manifest input).
-* :class:`~pipeline.decode.Decoder` — bytes -> low/high-res arrays or an error code.
-* :class:`Moderator` — features + cascade + bank rules -> flag rows (:data:`FLAG_SCHEMA`).
+A plain class: heavy state (model, gallery) in ``__init__``, work in ``__call__(batch)``; Ray
+only distributes it (``jobs/ray_stages.py`` wires it with ``map_batches``), tests call it
+directly. It returns exactly one output row per input row, like every stage
+(:class:`~pipeline.ingest.fetch.Fetcher`, :class:`~pipeline.ingest.decode.Decoder`).
 """
 
 from __future__ import annotations
@@ -21,62 +19,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import plain_message
-from pipeline.schemas import FILE_SCHEMA, Action, ErrorCode, Status, check_columns
-from pipeline.storage import KeyPolicy, Store, open_store, split_uri
+from pipeline.ingest.storage import open_store
+from pipeline.schemas import FILE_SCHEMA, Action, ErrorCode, Status, check_columns, error_rows
 
 log = logging.getLogger(__name__)
-
-
-def error_rows(keys: list[str], codes: list[str], messages: list[str | None], *, model_version: str,
-               gallery_version: str, run_id: str, sha256s: list[str | None] | None = None) -> Any:
-    """``status = error`` flag rows (:data:`FILE_SCHEMA`) for keys that produced no decision: the
-    driver's ``forbidden_key`` rows and a failed Moderator batch. Columns not named here are null."""
-    import pyarrow as pa
-
-    n = len(keys)
-    now = _dt.datetime.now(_dt.UTC)
-    given: dict[str, list[Any]] = {
-        "image_key": list(keys), "image_sha256": list(sha256s) if sha256s is not None else [None] * n,
-        "status": [Status.ERROR.value] * n, "action": [Action.NONE.value] * n,
-        "error_code": list(codes), "error_message": list(messages), "model_version": [model_version] * n,
-        "gallery_version": [gallery_version] * n, "run_id": [run_id] * n, "processed_at": [now] * n}
-    return pa.Table.from_pydict({f.name: given.get(f.name, [None] * n) for f in FILE_SCHEMA}, schema=FILE_SCHEMA)
-
-
-class Fetcher:
-    """Reads object bytes by URI; a missing/unreadable object becomes ``read_error`` (no raise).
-
-    With a ``policy`` (manifest input) every local path is checked again at read time, after
-    resolving symlinks: the driver already refused keys outside the allowed locations, and this
-    closes the gap of a link created in between. A refused path is read as nothing.
-    """
-
-    def __init__(self, policy: KeyPolicy | None = None) -> None:
-        self._stores: dict[str, Store] = {}
-        self.policy = policy
-
-    def _fetch(self, uri: str) -> bytes:
-        if self.policy is not None and not uri.startswith("s3://"):
-            uri = self.policy.resolve(uri)  # ForbiddenKey -> this object's read error
-        if uri.startswith("s3://"):
-            bucket = uri[5:].split("/", 1)[0]
-            st = self._stores.get(bucket) or self._stores.setdefault(bucket, open_store("s3://" + bucket))
-            return st.fs.open_input_stream(uri[5:]).read()
-        st, name = split_uri(uri)
-        return st.read_bytes(name)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        check_columns(batch, ["image_key", "uri"], "Fetcher")
-        datas, errors = [], []
-        for uri in batch["uri"]:
-            try:
-                datas.append(self._fetch(str(uri)))
-                errors.append(None)
-            except Exception as e:
-                datas.append(b"")
-                errors.append(plain_message(e, 300))
-        return {"image_key": np.asarray(batch["image_key"], dtype=object),
-                "bytes": np.asarray(datas, dtype=object), "read_error": np.asarray(errors, dtype=object)}
 
 
 @dataclass(frozen=True)

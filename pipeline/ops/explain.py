@@ -7,8 +7,8 @@ survivors) and :meth:`GalleryIndex.decide` (bank rules). The decision it reports
 one the job would write for the same bytes, gallery version and thresholds.
 
 Fine scores are shown twice: ``fine`` is the normalised score the thresholds apply to (raw cosine
-minus the query's background term, see :class:`~pipeline.index.ScoreNorm`) and ``fine_score_raw``
-the plain cosine. A low-content upload (near-uniform, :func:`~pipeline.decode.is_low_content`) is
+minus the query's background term, see :class:`~pipeline.gallery.index.ScoreNorm`) and ``fine_score_raw``
+the plain cosine. A low-content upload (near-uniform, :func:`~pipeline.ingest.decode.is_low_content`) is
 never searched by the job; lookup still shows its nearest references, marked as not scored.
 
 Around that it collects what an operator needs to see the reason: the best ``top_k`` coarse
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.decode import DecodeConfig, Decoder
 from pipeline.gallery import GalleryIndex
+from pipeline.ingest.decode import DecodeConfig, Decoder
 from pipeline.schemas import Action, Status
 
 
@@ -211,7 +211,7 @@ def explain(images: list[str], gal: GalleryIndex, fx: Any, top_k: int = 10,
             decode_cfg: DecodeConfig | None = None) -> LookupReport:
     """Run ``images`` (paths or ``s3://`` URIs) through the job's stages and explain each decision.
     ``fx`` is a :class:`~pipeline.features.FeatureExtractor` of the gallery's model."""
-    from pipeline.stages import Fetcher
+    from pipeline.ingest.fetch import Fetcher
 
     decode_cfg = decode_cfg or DecodeConfig.for_model(fx.config)
     uris = np.asarray(images, dtype=object)

@@ -28,7 +28,7 @@ Every row is validated before anything is written, and every problem is reported
 ``FILE:LINE: message``; one bad row (or one upload that cannot be read or decoded) means nothing
 is applied. A valid file becomes **one** new gallery version: stored vectors are reused as
 ``gallery add`` does (an upload already in the gallery by sha256 only gains a membership), and
-one audit record (:mod:`pipeline.audit`) lists every row with its reviewer, note and run.
+one audit record (:mod:`pipeline.gallery.audit`) lists every row with its reviewer, note and run.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from typing import Any
 from models.card import ModelCard
 from pipeline import gallery as G
 from pipeline.errors import UsageError
+from pipeline.ingest.storage import Store, UnsafeKeyError, open_store, safe_key
 from pipeline.schemas import Action
-from pipeline.storage import Store, UnsafeKeyError, open_store, safe_key
 
 DECISIONS = ("false_positive", "confirmed", "disable_reference", "enable_reference")
 REQUIRED = ("decision", "reviewer", "note")
