@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.modscan-installed
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test test-fast lint install evaluate bench clean
+.PHONY: demo test test-fast lint install evaluate bench docs-transcripts clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,11 +32,18 @@ test-fast: $(STAMP)
 evaluate: $(STAMP)
 	$(VENV)/bin/modscan evaluate --photos ../shared/data/coco256 --seed 0 --out eval-out
 
+# Benchmarks; real photos from ../shared/data when present (else scikit-image's samples)
+BENCH_PHOTOS ?= $(wildcard ../shared/data/coco256 ../shared/data/kodak24)
+BENCH_ARGS := $(foreach d,$(BENCH_PHOTOS),--photos $(d))
 bench: $(STAMP)
-	$(VENV)/bin/modscan bench search --gallery-size 1000000
-	$(VENV)/bin/modscan bench memory --gallery-size 1000000
-	$(VENV)/bin/modscan bench decode
-	$(VENV)/bin/modscan bench pipeline --images 2000
+	$(VENV)/bin/modscan bench search --gallery-size 1000000 $(BENCH_ARGS)
+	$(VENV)/bin/modscan bench memory --gallery-size 1000000 $(BENCH_ARGS)
+	$(VENV)/bin/modscan bench decode $(BENCH_ARGS)
+	$(VENV)/bin/modscan bench pipeline --images 2000 $(BENCH_ARGS)
+
+# Operator transcripts of docs/operations.md, rerun for real with the shipped model (starts local Ray)
+docs-transcripts: $(STAMP)
+	$(PY) docs/make_transcripts.py
 
 clean:
 	rm -rf demo-out bench-out eval-out .pytest_cache
