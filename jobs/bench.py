@@ -3,7 +3,7 @@
 Benchmarks never assert: they print what they measured (and write ``bench-out/*.json``).
 
 Realistic vectors (search, memory): the shipped model's GeM-pooled features of real photos
-(``../shared/data`` when present, else scikit-image's) define a Gaussian in pooled space (mean +
+(the ``--photos`` folders when given, else scikit-image's) define a Gaussian in pooled space (mean +
 covariance); gallery entries are samples of it pushed through the model's own heads (adapter 1 ->
 128-d, reduction -> 512-d). Queries with a true match are gallery entries displaced by *real*
 edit displacements (pooled(edited low-res) - pooled(original), measured on the photos) pushed
@@ -13,6 +13,7 @@ through adapter 2 (128-d) and the reduction (512-d); queries without a match are
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -26,9 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import UsageError
 from pipeline.moderation.moderator import Moderator
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def machine() -> str:
@@ -57,16 +57,20 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 # --------------------------------------------------------------------------------------------
 # realistic vectors
 # --------------------------------------------------------------------------------------------
-def _photo_paths(limit: int = 400) -> list[Path]:
+def _photo_paths(photos: list[Path] | None, limit: int = 400) -> list[Path]:
+    """The first ``limit`` JPEG/PNG files of the ``photos`` folders (each sorted, in the order
+    given); none without ``photos`` (the callers fall back to the embedded samples)."""
     paths: list[Path] = []
-    for d in ("coco256", "kodak24"):
-        if (SHARED / d).is_dir():
-            paths += sorted(p for p in (SHARED / d).iterdir() if p.suffix.lower() in (".jpg", ".png"))
+    for d in photos or []:
+        if not Path(d).is_dir():
+            raise UsageError(f"--photos {d}: no such folder")
+        paths += sorted(p for p in Path(d).iterdir() if p.suffix.lower() in (".jpg", ".png"))
     return paths[:limit]
 
 
-def pooled_statistics(model_dir: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """Pooled features of real photos and real edit displacements (shipped model)."""
+def pooled_statistics(model_dir: str | None = None, seed: int = 0, photos: list[Path] | None = None) -> dict[str, Any]:
+    """Pooled features of real photos (``photos`` folders; fewer than 50: plus scikit-image photos
+    and crops of them) and real edit displacements (shipped model)."""
     import torch
     from PIL import Image
 
@@ -78,7 +82,7 @@ def pooled_statistics(model_dir: str | None = None, seed: int = 0) -> dict[str, 
     model, card = load_model(model_dir)
     c = card.config
     rng = random.Random(seed)
-    paths = _photo_paths()
+    paths = _photo_paths(photos)
     ims = []
     for p in paths:
         with Image.open(p) as im:
@@ -197,13 +201,13 @@ class _Exhaustive:
     flags: np.ndarray
 
 
-def _search_vectors(n: int, n_queries: int) -> tuple[Any, np.ndarray, np.ndarray, _SearchQueries]:
+def _search_vectors(n: int, n_queries: int, photos: list[Path] | None) -> tuple[Any, np.ndarray, np.ndarray, _SearchQueries]:
     """Gallery vectors and queries from the shipped model -> (card, g128, g512, queries)."""
     from models.card import load_background
     from pipeline.gallery.index import ScoreNorm, background_term
 
     t0 = time.time()
-    st = pooled_statistics()
+    st = pooled_statistics(photos=photos)
     card = st["card"]
     vf = VectorFactory(st)
     P, g128, g512 = vf.gallery(n)
@@ -256,12 +260,12 @@ def _run_cascade(idx: Any, qs: _SearchQueries, k: int) -> tuple[np.ndarray, np.n
     """Coarse top-k above the coarse threshold, rerank of the survivors -> (top-1 ids, their fine
     scores, {coarse s, rerank s, share of true matches in the coarse top-k})."""
     t1 = time.perf_counter()
-    Dc, Ic = idx.coarse(qs.q128, k, qs.coarse_threshold)
+    Dc, Ic = idx.search_coarse(qs.q128, k, qs.coarse_threshold)
     t2 = time.perf_counter()
     surv = Ic[:, 0] >= 0
     Fs = np.full(Ic.shape, -np.inf, np.float32)
     if surv.any():
-        Fs[surv] = idx.rerank(qs.q512[surv], Ic[surv])
+        Fs[surv] = idx.score_fine(qs.q512[surv], Ic[surv])
     parts = {"coarse": t2 - t1, "rerank": time.perf_counter() - t2,
              "hit": float((Ic[qs.pos] == qs.truth[qs.pos][:, None]).any(axis=1).mean())}
     best = np.argmax(Fs, axis=1)
@@ -289,7 +293,7 @@ def _cascade_row(name: str, idx: Any, qs: _SearchQueries, exh: _Exhaustive, buil
 
 def _coarse_only_row(idx: Any, qs: _SearchQueries, exh: _Exhaustive) -> dict[str, Any]:
     """The exact coarse scan alone, top-1 only."""
-    t, (D, I) = _timed(lambda: idx.coarse(qs.q128, 1, -np.inf))
+    t, (D, I) = _timed(lambda: idx.search_coarse(qs.q128, 1, -np.inf))
     return {"method": f"{idx.coarse_dim}-d only (flat)", "K": 1, "QPS": f"{qs.n / t:.0f}",
             "recall@1": f"{qs.recall1(I):.4f}", "vs exhaustive QPS": f"{qs.n / t / exh.qps:.2f}x",
             "recall@1 / exhaustive": f"{qs.recall1(I) / exh.recall1:.3f}" if exh.recall1 else "-"}
@@ -308,8 +312,8 @@ def _approximate_rows(g128: np.ndarray, g512: np.ndarray, qs: _SearchQueries, ex
     return rows
 
 
-def bench_search(n: int, n_queries: int, out_dir: Path) -> dict[str, Any]:
-    card, g128, g512, qs = _search_vectors(n, n_queries)
+def bench_search(n: int, n_queries: int, out_dir: Path, photos: list[Path] | None = None) -> dict[str, Any]:
+    card, g128, g512, qs = _search_vectors(n, n_queries, photos)
     row, exh = _exhaustive_row(g512, qs)  # (b) exhaustive rerank-dimension search
     rows = [row]
     # (a) the cascade with an exact coarse scan, K swept on one index
@@ -338,12 +342,13 @@ def hwm():  # peak RSS of this process since exec (ru_maxrss would include the f
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
-from models.card import load_background
-from pipeline.gallery import GalleryIndex
-bank = load_background()  # the query model's (normalisation), ~1 MB: before the baseline
+from models.card import load_background, read_card
+from pipeline.gallery import ModelRef, open_gallery
+card = read_card()
+bank = load_background(None, card)  # the query model's (normalisation), ~1 MB: before the baseline
 base = hwm()
 t = time.time()
-g = GalleryIndex.load(sys.argv[1], background=bank.f512 if bank is not None else None)
+g = open_gallery(sys.argv[1], ModelRef(card.version_id, bank))
 q = np.load(sys.argv[2])
 q128, q512 = q["q128"], q["q512"]
 c = g.candidates(q128, lambda rows: q512[rows])
@@ -354,14 +359,14 @@ print(hwm(), base, time.time() - t)
 """
 
 
-def bench_memory(n: int, out_dir: Path, n_queries: int = 1000) -> dict[str, Any]:
+def bench_memory(n: int, out_dir: Path, n_queries: int = 1000, photos: list[Path] | None = None) -> dict[str, Any]:
     import pandas as pd
 
     from pipeline.gallery import GalleryContent, VersionModel, write_version
     from pipeline.gallery.banks import Bank
     from pipeline.ingest.storage import open_store
 
-    st = pooled_statistics()
+    st = pooled_statistics(photos=photos)
     card = st["card"]
     vf = VectorFactory(st, seed=1)
     P, g128, g512 = vf.gallery(n)
@@ -416,7 +421,7 @@ def single_stage_search(gallery: Any, xq512: np.ndarray) -> list[Any]:
     """Baseline without the cascade: exhaustive 512-d search of a loaded
     :class:`~pipeline.gallery.GalleryIndex` for every query, then the job's own normalisation
     and bank rules. -> one ``Match`` per query."""
-    D, I = gallery.cascade.exhaustive_rerank(xq512, min(gallery.params.rerank_k, max(1, gallery.cascade.ntotal)))
+    D, I = gallery.cascade.search_fine_exhaustive(xq512, min(gallery.params.rerank_k, max(1, gallery.cascade.ntotal)))
     F, offset = gallery.normalise(xq512, D)
     return gallery.decide(D, I, F, offset)
 
@@ -424,7 +429,7 @@ def single_stage_search(gallery: Any, xq512: np.ndarray) -> list[Any]:
 class SingleStageModerator(Moderator):
     """The job's Moderator with the benchmark's single-stage search: the high-res 512-d pass for
     every decoded image and :func:`single_stage_search`, no low-res coarse stage (every image is a
-    "survivor"). Passed to :func:`jobs.moderate.moderate` as ``moderator``; the production job
+    "survivor"). Passed to :func:`jobs.run.moderate` as ``moderator``; the production job
     never runs it."""
 
     def _search(self, batch: dict[str, Any], rows: np.ndarray) -> tuple[dict[int, Any], dict[str, Any]]:
@@ -432,7 +437,7 @@ class SingleStageModerator(Moderator):
         if not len(rows):
             return {}, timing
         t = time.perf_counter()
-        xq512 = self.fx.rerank(batch["high"][rows])
+        xq512 = self.fx.fine_features(batch["high"][rows])
         timing["model_rerank"] = time.perf_counter() - t
         t = time.perf_counter()
         decisions = single_stage_search(self.gallery, xq512)
@@ -440,8 +445,9 @@ class SingleStageModerator(Moderator):
         return {int(r): d for r, d in zip(rows, decisions)}, timing
 
 
-def _make_images(root: Path, n: int, refs: Path, seed: int = 0) -> int:
-    """n uploads (1% edited copies of the references), JPEG ~640x480 like phone uploads."""
+def _make_images(root: Path, n: int, refs: Path, seed: int = 0, photos: list[Path] | None = None) -> int:
+    """n uploads (1% edited copies of the references), JPEG ~640x480 like phone uploads, made from
+    the ``photos`` folders (none: scikit-image's photos)."""
     from PIL import Image
 
     from models.augment import apply_named, crop, random_edit_names
@@ -450,9 +456,8 @@ def _make_images(root: Path, n: int, refs: Path, seed: int = 0) -> int:
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
     refs.mkdir(parents=True, exist_ok=True)
-    photos = _photo_paths(300)
     pool = []
-    for p in photos:
+    for p in _photo_paths(photos, 300):
         with Image.open(p) as im:
             pool.append(im.convert("RGB"))
     if not pool:
@@ -504,7 +509,7 @@ def _model_costs(images: Path, n_max: int = 512) -> dict[str, float]:
         t_low = (time.perf_counter() - t) / n
         t = time.perf_counter()
         for i in range(0, n, 64):
-            fx.rerank(high[i:min(n, i + 64)])
+            fx.fine_features(high[i:min(n, i + 64)])
         t_high = (time.perf_counter() - t) / n
         out[f"low_res_s_per_image_{prec}"], out[f"high_res_s_per_image_{prec}"] = t_low, t_high
         if prec == "auto":
@@ -514,7 +519,7 @@ def _model_costs(images: Path, n_max: int = 512) -> dict[str, float]:
     return out
 
 
-def _pipeline_gallery(work: Path, n: int) -> tuple[Path, int, str]:
+def _pipeline_gallery(work: Path, n: int, photos: list[Path] | None) -> tuple[Path, int, str]:
     """The uploads and a 2-shard gallery of their 20 references -> (uploads folder, edited copies, gallery root)."""
     from jobs.gallery_cmd import local_extractor
     from models.card import read_card
@@ -523,27 +528,30 @@ def _pipeline_gallery(work: Path, n: int) -> tuple[Path, int, str]:
     from pipeline.ingest.storage import open_store
 
     images, refs = work / "uploads", work / "refs"
-    n_pos = _make_images(images, n, refs)
+    n_pos = _make_images(images, n, refs, photos=photos)
     gal = str(work / "gallery")
     G.build(open_store(gal, create=True), [Bank("bench", str(refs), "sensitive/bench", "filter")], read_card(None),
             local_extractor(None), n_shards=2)
     return images, n_pos, gal
 
 
-def _s3_uploads(images: Path) -> Any:
-    """A real S3 endpoint (moto, as in the tests) holding the uploads under ``s3://bench-up/day/``
-    -> its context manager, entered: the caller exits it."""
+def _s3_uploads(images: Path, endpoint: str | None, stack: contextlib.ExitStack) -> bool:
+    """The uploads under ``s3://bench-up/day/`` of the S3 endpoint ``endpoint`` (None: a moto
+    server when moto is installed), kept up until ``stack`` closes. -> whether there is an S3 input."""
     import boto3
 
-    from jobs.s3local import moto_server
+    from jobs.bench_s3 import moto_available, s3_endpoint
 
-    ctx = moto_server()
-    endpoint = ctx.__enter__()
-    cli = boto3.client("s3", endpoint_url=endpoint)
+    if endpoint is None and not moto_available():
+        print("S3 run skipped: no --s3-endpoint given and moto is not installed (pip install 'modscan[bench]')",
+              flush=True)
+        return False
+    url = stack.enter_context(s3_endpoint(endpoint))
+    cli = boto3.client("s3", endpoint_url=url)
     cli.create_bucket(Bucket="bench-up")
     for f in sorted(images.iterdir()):
         cli.upload_file(str(f), "bench-up", f"day/{f.name}")
-    return ctx
+    return True
 
 
 def _job_row(name: str, info: dict[str, Any]) -> dict[str, Any]:
@@ -593,17 +601,19 @@ def _print_pipeline(res: dict[str, Any]) -> None:
     print("ratios:\n" + "\n".join(f"  {k}: {v:.3f}" for k, v in ratios.items()))
 
 
-def bench_pipeline(n: int, work: Path, s3: bool = True) -> dict[str, Any]:
+def bench_pipeline(n: int, work: Path, s3: bool = True, photos: list[Path] | None = None,
+                   s3_endpoint: str | None = None) -> dict[str, Any]:
     """The job at the card's thresholds, against the single-stage fp32 job, in one run; ratios
-    against the zero-survivor bound measured here too."""
+    against the zero-survivor bound measured here too. With ``s3``, the default job also reads
+    its input from S3 (``s3_endpoint``, else a moto server if installed, else no S3 run)."""
     import shutil
 
-    from jobs.moderate import JobConfig, init_ray, moderate
+    from jobs.job_config import JobConfig
+    from jobs.ray_stages import init_ray
+    from jobs.run import moderate
 
     shutil.rmtree(work, ignore_errors=True)
-    images, n_pos, gal = _pipeline_gallery(work, n)
-    ctx = _s3_uploads(images) if s3 else None
-    init_ray(None)
+    images, n_pos, gal = _pipeline_gallery(work, n, photos)
     rows, infos = [], {}
 
     def run(name: str, inp: str, c: JobConfig, moderator: type[Moderator] | None = None) -> None:
@@ -613,20 +623,21 @@ def bench_pipeline(n: int, work: Path, s3: bool = True) -> dict[str, Any]:
         rows.append(_job_row(name, info))
         print(rows[-1], flush=True)
 
-    run("default (cascade, card thresholds, precision auto)", str(images), JobConfig(batch_size=64))
-    if s3:
-        run("default-s3", "s3://bench-up/day/", JobConfig(batch_size=64))
-    run("single-stage-fp32 (512-d for every image)", str(images), JobConfig(batch_size=64, precision="fp32"),
-        SingleStageModerator)
-    costs = _model_costs(images)
-    if costs["native_bf16"]:
-        run("cascade-fp32", str(images), JobConfig(batch_size=64, precision="fp32"))
+    with contextlib.ExitStack() as stack:
+        s3 = s3 and _s3_uploads(images, s3_endpoint, stack)  # before Ray starts: workers inherit the endpoint
+        init_ray(None)
+        run("default (cascade, card thresholds, precision auto)", str(images), JobConfig(batch_size=64))
+        if s3:
+            run("default-s3", "s3://bench-up/day/", JobConfig(batch_size=64))
+        run("single-stage-fp32 (512-d for every image)", str(images), JobConfig(batch_size=64, precision="fp32"),
+            SingleStageModerator)
+        costs = _model_costs(images)
+        if costs["native_bf16"]:
+            run("cascade-fp32", str(images), JobConfig(batch_size=64, precision="fp32"))
     ratios = _pipeline_ratios(infos, rows[0]["job"], costs, s3)
     res = {"machine": machine(), "images": n, "positives": n_pos, "rows": rows, "costs": costs, "ratios": ratios}
     _print_pipeline(res)
     (work / "pipeline.json").write_text(json.dumps(res, indent=2, default=str))
-    if ctx is not None:
-        ctx.__exit__(None, None, None)
     return res
 
 
@@ -636,14 +647,14 @@ def bench_pipeline(n: int, work: Path, s3: bool = True) -> dict[str, Any]:
 DECODE_SIZES = ((640, 480), (1920, 1080), (4032, 3024))
 
 
-def _encoded(fmt: str, size: tuple[int, int]) -> bytes:
+def _encoded(fmt: str, size: tuple[int, int], photos: list[Path] | None) -> bytes:
     import io
 
     from PIL import Image
 
     from models.synthetic import generate
 
-    src = _photo_paths(1)
+    src = _photo_paths(photos, 1)
     if src:
         with Image.open(src[0]) as im:
             img = im.convert("RGB").resize(size, Image.BILINEAR)
@@ -654,14 +665,15 @@ def _encoded(fmt: str, size: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
-def bench_decode(out_dir: Path, repeat: int = 20) -> dict[str, Any]:
+def bench_decode(out_dir: Path, repeat: int = 20, photos: list[Path] | None = None) -> dict[str, Any]:
     """Decode + resize per image by format and size, with the JPEG draft scale that fits the
-    high-res side (today's decoder) and without a draft (full decode), in one run."""
+    high-res side (today's decoder) and without a draft (full decode), in one run. The picture is
+    the first of the ``photos`` folders (none: a generated one)."""
     from PIL import Image
 
     from models.card import read_card
     from models.preprocess import resize_pair
-    from pipeline.ingest.decode import DecodeConfig, Decoder, _to_rgb
+    from pipeline.ingest.decode import DecodeConfig, Decoder, to_rgb
 
     c = read_card(None).config
     dec = Decoder(DecodeConfig.for_model(c))
@@ -671,12 +683,12 @@ def bench_decode(out_dir: Path, repeat: int = 20) -> dict[str, Any]:
 
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            resize_pair(_to_rgb(im), c.low_res, c.high_res)
+            resize_pair(to_rgb(im), c.low_res, c.high_res)
 
     rows = []
     for fmt in ("JPEG", "PNG", "WEBP"):
         for size in DECODE_SIZES:
-            data = _encoded(fmt, size)
+            data = _encoded(fmt, size, photos)
             t_dec, _ = _timed(lambda d=data: dec.decode_one(d), repeat)
             t_full, _ = _timed(lambda d=data: full(d), max(3, repeat // 4))
             rows.append({"format": fmt, "size": f"{size[0]}x{size[1]}", "KB": len(data) // 1024,
@@ -692,12 +704,13 @@ def bench_decode(out_dir: Path, repeat: int = 20) -> dict[str, Any]:
 def cli_bench(a: argparse.Namespace) -> int:
     out = Path(getattr(a, "workdir", None) or "bench-out")
     out.mkdir(parents=True, exist_ok=True)
+    photos = [Path(p) for p in a.photos] if getattr(a, "photos", None) else None
     if a.bcmd == "search":
-        bench_search(a.gallery_size, a.queries, out)
+        bench_search(a.gallery_size, a.queries, out, photos)
     elif a.bcmd == "memory":
-        bench_memory(a.gallery_size, out)
+        bench_memory(a.gallery_size, out, photos=photos)
     elif a.bcmd == "decode":
-        bench_decode(out)
+        bench_decode(out, photos=photos)
     elif a.bcmd == "pipeline":
-        bench_pipeline(a.images, out / "pipeline", s3=not a.no_s3)
+        bench_pipeline(a.images, out / "pipeline", s3=not a.no_s3, photos=photos, s3_endpoint=a.s3_endpoint)
     return 0

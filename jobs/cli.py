@@ -48,19 +48,19 @@ def _gallery(a: argparse.Namespace) -> int:
 
 
 def _moderate(a: argparse.Namespace) -> int:
-    from jobs.moderate import cli_moderate
+    from jobs.moderate_cmd import cli_moderate
 
     return cli_moderate(a)
 
 
 def _nightly(a: argparse.Namespace) -> int:
-    from jobs.moderate import cli_nightly
+    from jobs.moderate_cmd import cli_nightly
 
     return cli_nightly(a)
 
 
 def _backfill(a: argparse.Namespace) -> int:
-    from jobs.moderate import cli_backfill
+    from jobs.moderate_cmd import cli_backfill
 
     return cli_backfill(a)
 
@@ -222,22 +222,35 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=_evaluate)
 
 
+def _photos_help(use: str, default: str = "scikit-image's sample photos") -> str:
+    return (f"folder of real photos (JPEG/PNG; repeat for more folders, e.g. ../shared/data/coco256): {use}; "
+            f"default: none, {default} instead")
+
+
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: search, pipeline, memory")
     bs = p.add_subparsers(dest="bcmd", required=True)
     q = bs.add_parser("search")
     q.add_argument("--gallery-size", type=int, default=1_000_000)
     q.add_argument("--queries", type=int, default=2000)
+    q.add_argument("--photos", action="append", metavar="DIR", help=_photos_help("the vectors' statistics come from them"))
     q.set_defaults(fn=_bench)
     q = bs.add_parser("decode", help="decode + resize per image by format and size")
+    q.add_argument("--photos", action="append", metavar="DIR",
+                   help=_photos_help("the first photo is the picture encoded", "a generated picture"))
     q.set_defaults(fn=_bench)
     q = bs.add_parser("pipeline")
     q.add_argument("--images", type=int, default=2000)
     q.add_argument("--workdir", default="bench-out")
-    q.add_argument("--no-s3", action="store_true")
+    q.add_argument("--photos", action="append", metavar="DIR", help=_photos_help("the uploads are made from them"))
+    q.add_argument("--no-s3", action="store_true", help="skip the run that reads its input from S3")
+    q.add_argument("--s3-endpoint", metavar="URL", default=None,
+                   help="S3 endpoint for the S3 run (credentials from the AWS environment); default: a local moto "
+                        "server if the bench extra is installed (pip install 'modscan[bench]'), else no S3 run")
     q.set_defaults(fn=_bench)
     q = bs.add_parser("memory")
     q.add_argument("--gallery-size", type=int, default=1_000_000)
+    q.add_argument("--photos", action="append", metavar="DIR", help=_photos_help("the vectors' statistics come from them"))
     q.set_defaults(fn=_bench)
 
 

@@ -90,7 +90,7 @@ def _make_sample(workdir: Path, n_uploads: int, seed: int = 0) -> dict[str, int]
 
 def run_demo(a: argparse.Namespace) -> int:
     from jobs.gallery_cmd import ray_extractor
-    from jobs.moderate import moderate, summary
+    from jobs.run import moderate, summary
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.gallery.banks import load_banks

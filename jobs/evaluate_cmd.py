@@ -7,7 +7,9 @@ import argparse
 from pathlib import Path
 
 from pipeline.errors import UsageError
-from pipeline.evaluation.evaluate import built_benchmark, card_update, evaluate, prepared_benchmark
+from pipeline.evaluation.benchmark import built_benchmark, prepared_benchmark
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.report import card_update
 
 
 def run(a: argparse.Namespace) -> int:

@@ -56,36 +56,33 @@ def _rows(b: dict[str, Any]) -> list[dict[str, Any]]:
 
 def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_size: int = 32,
                   precision: str = "auto") -> G.Extractor:
-    """Extractor for :func:`pipeline.gallery.build`: Fetch -> Decode -> feature actors on Ray."""
+    """Extractor for :func:`pipeline.gallery.build`: the job's fetch -> decode -> actors wiring
+    (:mod:`jobs.ray_stages`) with :class:`GalleryFeatureStage` actors, in ``batch_size`` batches."""
 
     def extract(uris: list[str]) -> list[dict[str, Any]]:
-        import ray
-
-        from jobs.moderate import JobConfig, _decode_batch, _resources, init_ray
+        from jobs.job_config import JobConfig
+        from jobs.ray_stages import actor_resources, decode_and_apply, fetch_by_uri, init_ray, worker_error
         from models.card import read_card
         from pipeline.ingest.decode import DecodeConfig
-        from pipeline.ingest.fetch import Fetcher
 
         if not uris:
             return []
         init_ray(ray_address)
         card = read_card(model_dir)
-        cfg = JobConfig()
-        actors, ncpu, ngpu, threads = _resources(cfg)
-        dcfg = DecodeConfig.for_model(card.config)
-        ds = ray.data.from_items([{"image_key": u, "uri": u} for u in uris],
-                                 override_num_blocks=max(1, min(100, len(uris) // 32 or 1)))
-        ds = ds.map_batches(Fetcher, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
-                            num_cpus=cfg.decode_num_cpus)
-        ds = ds.map_batches(_decode_batch, fn_kwargs={"cfg": dcfg, "timings_uri": None},
-                            batch_size=batch_size, num_cpus=cfg.decode_num_cpus)
-        ds = ds.map_batches(GalleryFeatureStage, fn_constructor_kwargs={"model_dir": model_dir, "threads": threads,
-                                                                       "precision": precision},
-                            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-                            num_cpus=ncpu, num_gpus=ngpu, batch_format="numpy")
+        cfg = JobConfig(batch_size=batch_size)
+        ds = fetch_by_uri(uris, uris, cfg, num_blocks=max(1, min(100, len(uris) // 32 or 1)), batch_size=batch_size,
+                          max_fetchers=2)
+        ds = decode_and_apply(ds, GalleryFeatureStage, {"model_dir": model_dir, "precision": precision}, cfg,
+                              actor_resources(cfg), DecodeConfig.for_model(card.config))
         out = []
-        for b in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-            out += _rows(b)
+        try:
+            for b in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+                out += _rows(b)
+        except Exception as e:
+            cause = worker_error(e)
+            if cause is not None and cause is not e:
+                raise cause from e
+            raise
         order = {u: i for i, u in enumerate(uris)}
         return sorted(out, key=lambda r: order[r["uri"]])
 

@@ -116,7 +116,7 @@ def _check_equality(cpu: Any, gpu: Any, low: np.ndarray, high: np.ndarray, n: in
     """1. CUDA features vs CPU features."""
     eq = {}
     for name, fc, fg, x in (("query_coarse", cpu.query_coarse, gpu.query_coarse, low[:n]),
-                            ("rerank", cpu.rerank, gpu.rerank, high[:n])):
+                            ("rerank", cpu.fine_features, gpu.fine_features, high[:n])):
         a1, a2 = fc(x), fg(x)
         eq[name] = {"max_abs_diff": float(np.abs(a1 - a2).max()), "min_cosine": float((a1 * a2).sum(1).min())}
     g1, g2 = cpu.gallery(high[:n]), gpu.gallery(high[:n])
@@ -145,11 +145,11 @@ def _check_throughput(cpu: Any, gpu: Any, low: np.ndarray, high: np.ndarray) -> 
         m = len(low) if cuda else 64
         reps = 5 if cuda else 1
         fx.query_coarse(low[:m])  # warm-up
-        fx.rerank(high[:m])
+        fx.fine_features(high[:m])
         if cuda:
             torch.cuda.synchronize()
         t_low = _seconds_per_pass(fx.query_coarse, low[:m], reps, cuda)
-        t_high = _seconds_per_pass(fx.rerank, high[:m], reps, cuda)
+        t_high = _seconds_per_pass(fx.fine_features, high[:m], reps, cuda)
         tp[name] = {"low_res_images_per_s": round(m / t_low, 1), "high_res_images_per_s": round(m / t_high, 1),
                     "threads": torch.get_num_threads() if name == "cpu" else None}
     return tp

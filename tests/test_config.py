@@ -7,7 +7,7 @@ import textwrap
 import pytest
 from conftest import ROOT
 
-from jobs.moderate import JobConfig, JobConfigError, toml_key_lines
+from jobs.job_config import JobConfig, JobConfigError, toml_key_lines
 from pipeline.errors import UsageError
 from pipeline.gallery.banks import BankFileError, load_banks
 from pipeline.ingest.decode import DecodeConfig

@@ -222,8 +222,10 @@ def test_safetensors_round_trip_reproduces_outputs(tiny_model_dir) -> None:
     assert card.version_id.startswith("resnet18-64x48-")
 
 
-def test_tampered_weights_fail_with_a_clear_message(tiny_model_dir, tmp_path) -> None:
+def test_tampered_weights_fail_with_a_clear_message(tiny_model_dir, tmp_path, capsys) -> None:
     import shutil
+
+    from jobs.cli import main
 
     d = tmp_path / "m"
     shutil.copytree(tiny_model_dir, d)
@@ -232,6 +234,9 @@ def test_tampered_weights_fail_with_a_clear_message(tiny_model_dir, tmp_path) ->
     (d / "model.safetensors").write_bytes(bytes(raw))
     with pytest.raises(ModelIntegrityError, match="checksum mismatch"):
         load_model(d)
+    assert main(["card", "--model", str(d)]) == 1  # a ModscanError: the user reads its message, on one line
+    err = capsys.readouterr().err
+    assert err.startswith("modscan card: error: checksum mismatch for ") and err.count("\n") == 1, err
 
 
 def test_shipped_model_ranks_edited_copies_above_unrelated_photos(shipped_model_dir) -> None:

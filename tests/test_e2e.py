@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import SHARED, moto_server, photo
+from conftest import SHARED, photo
 from PIL import Image
+from s3server import moto_server
 
 from models.augment import apply_named
 from pipeline.moderation import flags as F
@@ -129,7 +130,8 @@ def gallery(world):
 
 @pytest.fixture(scope="module")
 def first_run(world, gallery):
-    from jobs.moderate import JobConfig, moderate
+    from jobs.job_config import JobConfig
+    from jobs.run import moderate
 
     info = moderate(f"s3://uploads-e2e/{DAY}/", gallery, "s3://flags-e2e/flags", DAY, cfg=JobConfig(batch_size=16))
     return info
@@ -197,7 +199,7 @@ def test_run_json_success_marker_and_counts(world, gallery, first_run) -> None:
     # survivors: exactly the uploads with a coarse candidate at or above the gallery's coarse
     # threshold (their rows carry that coarse score; every other row has none); fewer than decoded
     df = _read_partition(DAY)
-    thr = G.read_manifest(open_store(gallery), run["gallery_version"])["thresholds"]["coarse"]
+    thr = G.read_manifest(open_store(gallery), run["gallery_version"]).model.coarse_threshold
     scored = df["coarse_score"].dropna()
     assert (scored >= thr).all(), scored[scored < thr]
     assert run["survivors"] == int((df["coarse_score"] >= thr).sum()) == len(scored)
@@ -222,7 +224,8 @@ def test_pandas_and_duckdb_read_the_hive_partition(world, first_run) -> None:
 
 
 def test_rerun_of_the_same_date_replaces_the_partition(world, gallery, first_run) -> None:
-    from jobs.moderate import JobConfig, moderate
+    from jobs.job_config import JobConfig
+    from jobs.run import moderate
 
     before = _read_partition(DAY).sort_values("image_key").reset_index(drop=True)
     info = moderate(f"s3://uploads-e2e/{DAY}/", gallery, "s3://flags-e2e/flags", DAY, cfg=JobConfig(batch_size=16),
@@ -235,7 +238,8 @@ def test_rerun_of_the_same_date_replaces_the_partition(world, gallery, first_run
 
 
 def test_manifest_input_with_a_missing_key(world, gallery) -> None:
-    from jobs.moderate import JobConfig, moderate
+    from jobs.job_config import JobConfig
+    from jobs.run import moderate
 
     s3 = world["s3"]
     keys = [f"s3://uploads-e2e/{DAY}/other/moon.jpg", f"s3://uploads-e2e/{DAY}/copies/astronaut-3-flip.jpg",
@@ -259,7 +263,8 @@ def test_manifest_input_with_a_missing_key(world, gallery) -> None:
 
 
 def test_backfill_three_days_and_resume_after_a_deleted_partition(world, gallery) -> None:
-    from jobs.moderate import JobConfig, backfill
+    from jobs.job_config import JobConfig
+    from jobs.moderate_cmd import backfill
     from pipeline.ingest.storage import open_store
 
     tmp = world["tmp"]

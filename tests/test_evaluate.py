@@ -9,7 +9,8 @@ import pytest
 from conftest import photo
 from PIL import Image
 
-from pipeline.evaluation.evaluate import GroundTruthError, built_benchmark, evaluate, prepared_benchmark
+from pipeline.evaluation.benchmark import GroundTruthError, built_benchmark, prepared_benchmark
+from pipeline.evaluation.evaluate import evaluate
 
 NAMES = ["astronaut", "rocket", "coffee", "camera", "chelsea", "horse", "coins", "clock", "moon", "page",
          "brick", "grass"]
@@ -72,7 +73,7 @@ def test_evaluate_writes_all_outputs(photos, tmp_path, tiny_model_dir) -> None:
 def test_coarse_flag_parity_keeps_all_but_the_budget_of_true_flags() -> None:
     import numpy as np
 
-    from pipeline.evaluation.evaluate import cascade_sim, coarse_flag_parity
+    from pipeline.evaluation.calibrate import cascade_sim, coarse_flag_parity
 
     rng = np.random.default_rng(0)
     n_q, n_g = 400, 50

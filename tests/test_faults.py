@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, moto_server, photo
+from conftest import ROOT, photo
 from PIL import Image
+from s3server import moto_server
 
 from pipeline.evaluation.samples import procedural
 
@@ -70,7 +71,8 @@ def _kill_actor_when_busy(marker: Path, stop: threading.Event, killed: list[int]
 
 
 def test_actor_killed_mid_job_every_row_once(local_gallery, ray_cluster, tmp_path) -> None:
-    from jobs.moderate import JobConfig, moderate, new_run_id
+    from jobs.job_config import JobConfig
+    from jobs.run import moderate, new_run_id
 
     gal, _ = local_gallery
     src = _folder(tmp_path / "up", 160)
@@ -201,7 +203,8 @@ def flaky_s3(local_gallery):
 
 @pytest.mark.parametrize("mode", ["503", "reset"])
 def test_s3_errors_for_a_while_are_retried(flaky_s3, local_gallery, mode: str) -> None:
-    from jobs.moderate import JobConfig, moderate
+    from jobs.job_config import JobConfig
+    from jobs.run import moderate
     from pipeline.moderation.flags import read_flags
 
     proxy, _ = flaky_s3
@@ -216,7 +219,8 @@ def test_s3_errors_for_a_while_are_retried(flaky_s3, local_gallery, mode: str) -
 
 
 def test_s3_outage_fails_cleanly_without_a_partial_partition(flaky_s3, local_gallery) -> None:
-    from jobs.moderate import JobConfig, moderate
+    from jobs.job_config import JobConfig
+    from jobs.run import moderate
 
     proxy, s3 = flaky_s3
     gal, _ = local_gallery
@@ -279,7 +283,8 @@ def _s3_keys(s3, prefix: str) -> list[str]:
 
 def test_s3_write_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> None:
     """503s and connection resets on PUT/POST/DELETE (staged writes, commit copies and deletes)."""
-    from jobs.moderate import JobConfig, moderate
+    from jobs.job_config import JobConfig
+    from jobs.run import moderate
     from pipeline.moderation.flags import read_flags
 
     proxy, s3 = flaky_s3
@@ -299,7 +304,8 @@ def test_s3_write_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> Non
 
 
 def test_s3_write_outage_mid_commit_publishes_nothing_then_a_rerun_repairs(flaky_s3, local_gallery) -> None:
-    from jobs.moderate import JobConfig, moderate
+    from jobs.job_config import JobConfig
+    from jobs.run import moderate
     from pipeline.moderation.flags import read_flags
 
     proxy, s3 = flaky_s3
@@ -334,7 +340,8 @@ def test_s3_write_outage_mid_commit_publishes_nothing_then_a_rerun_repairs(flaky
 def test_two_concurrent_runs_of_one_date_one_wins_the_other_fails(local_gallery, ray_cluster, tmp_path) -> None:
     """Both runs read, decode and stage at the same time; the later one owns the date. The older
     one fails at commit with a clear error and publishes nothing: the partition is never mixed."""
-    from jobs.moderate import JobConfig, execute_run, prepare_run
+    from jobs.job_config import JobConfig
+    from jobs.run import execute_run, prepare_run
     from pipeline.moderation.flags import PartitionTakenError
 
     gal, _ = local_gallery
@@ -373,7 +380,8 @@ def test_node_lost_mid_job_every_upload_exactly_one_row(local_gallery, tmp_path)
     import ray
     from ray.cluster_utils import Cluster
 
-    from jobs.moderate import JobConfig, moderate, new_run_id
+    from jobs.job_config import JobConfig
+    from jobs.run import moderate, new_run_id
 
     gal, _ = local_gallery
     src = _folder(tmp_path / "up", 23)

@@ -53,17 +53,17 @@ def test_build_dedupes_by_sha_and_records_rejects(built) -> None:
     assert inf["banks"]["aa"]["count"] == 3 and inf["banks"]["bb"]["count"] == 2
     assert inf["model_id"] == card.version_id and inf["rejected"] == 1
     m = G.read_manifest(store)
-    assert m["rejected"][0]["error_code"] == "truncated"
+    assert m.rejected[0].error_code == "truncated"
 
 
 def test_load_round_trip_and_self_match(built) -> None:
     store, card, extract, *_ = built
-    gal = G.GalleryIndex.load(store, model_id=card.version_id)
+    gal = G.open_gallery(store, G.ModelRef(card.version_id))
     _, content = G.read_content(store)
     # querying the gallery vectors themselves returns each id first, with cosine ~1
-    D, I = gal.cascade.coarse(content.coarse, 5, -1.0)
+    D, I = gal.cascade.search_coarse(content.coarse, 5, -1.0)
     assert np.array_equal(I[:, 0], content.ids) and np.allclose(D[:, 0], 1.0, atol=1e-5)
-    F = gal.rerank(content.rerank, I)
+    F = gal.cascade.score_fine(content.rerank, I)
     assert np.allclose(F[:, 0], 1.0, atol=2e-3)  # float16 storage
 
 
@@ -74,13 +74,13 @@ def test_tampered_shard_is_a_checksum_error(built) -> None:
     raw[-3] ^= 0x55
     open(p, "wb").write(bytes(raw))
     with pytest.raises(G.GalleryIntegrityError, match="checksum mismatch"):
-        G.GalleryIndex.load(store, model_id=card.version_id)
+        G.open_gallery(store, G.ModelRef(card.version_id))
 
 
 def test_model_mismatch_is_a_clear_error(built) -> None:
     store, *_ = built
     with pytest.raises(G.GalleryModelMismatch, match="rebuild the gallery"):
-        G.GalleryIndex.load(store, model_id="resnet18-160x112-000000000000")
+        G.open_gallery(store, G.ModelRef("resnet18-160x112-000000000000"))
 
 
 def test_add_and_remove_make_new_versions_without_reextracting(built) -> None:
@@ -96,7 +96,7 @@ def test_add_and_remove_make_new_versions_without_reextracting(built) -> None:
     v2, st = G.add(store, "aa", G.list_source(str(new)), card, counting)
     assert v2 == "v000002" and calls == [2] and st["added"] == 1 and st["already_present"] == 1
     m2, after = G.read_content(store)
-    assert m2["parent"] == "v000001" and len(after.ids) == 5
+    assert m2.parent == "v000001" and len(after.ids) == 5
     # existing vectors are carried over bit for bit
     keep = np.isin(after.ids, before.ids)
     order = np.argsort(after.ids[keep])
@@ -108,7 +108,7 @@ def test_add_and_remove_make_new_versions_without_reextracting(built) -> None:
     assert set(inf["banks"]) == {"aa"} and inf["counts"]["images"] == 4
     assert G.list_versions(store) == ["v000001", "v000002", "v000003"]
     # old versions stay readable (immutable)
-    assert G.read_manifest(store, "v000001")["counts"]["images"] == 4
+    assert G.read_manifest(store, "v000001").counts.images == 4
 
 
 def test_write_version_records_the_model_and_thresholds_it_is_given(tmp_path) -> None:
@@ -126,10 +126,10 @@ def test_write_version_records_the_model_and_thresholds_it_is_given(tmp_path) ->
     store = open_store(str(tmp_path / "g"), create=True)
     G.write_version(store, G.GalleryContent(ids, c, r, entries, {"b": Bank("b", "-", "c", "filter")}), model, n_shards=2)
     m = G.read_manifest(store)
-    assert m["model_id"] == card.version_id and m["dims"] == {"coarse": 128, "rerank": 512}
-    assert m["thresholds"] == {"coarse": 0.123, "fine": 0.456, "rerank_k": 17, "norm": {"beta": 0.3, "k": 4}}
-    assert G.VersionModel.from_manifest(m) == model  # what add, remove and review apply carry over
-    assert G.GalleryIndex.load(store, model_id=card.version_id).params == CascadeParams(0.123, 0.456, 17, ScoreNorm(0.3, 4))
+    assert (m.model.model_id, m.model.coarse_dim, m.model.rerank_dim) == (card.version_id, 128, 512)
+    assert m.model.thresholds() == {"coarse": 0.123, "fine": 0.456, "rerank_k": 17, "norm": {"beta": 0.3, "k": 4}}
+    assert m.model == model  # what add, remove and review apply carry over
+    assert G.open_gallery(store, G.ModelRef(card.version_id)).params == CascadeParams(0.123, 0.456, 17, ScoreNorm(0.3, 4))
     # a card without rerank_k or norm: the defaults a manifest has always recorded
     bare = G.VersionModel.from_card(dataclasses.replace(card, thresholds={"coarse": 0.5, "fine": 0.6}))
     assert bare.thresholds() == {"coarse": 0.5, "fine": 0.6, "rerank_k": 500, "norm": {"beta": 0.0, "k": 1}}
@@ -148,8 +148,16 @@ def _gallery_with(banks: dict[str, Bank], members: list[tuple[int, str]], fine: 
     entries = pd.DataFrame([{"id": i, "bank": b, "category": banks[b].category, "action": banks[b].action,
                              "source_uri": f"x/{i}", "sha256": str(i), "added_at": pd.Timestamp.now(tz="UTC")}
                             for i, b in members])
-    manifest = {"version": "vtest", "model_id": "m", "banks": {n: b.to_dict() for n, b in banks.items()}}
-    return G.GalleryIndex(manifest, casc, entries, CascadeParams(0.0, fine, 10))
+    return G.GalleryIndex(_manifest(banks), casc, entries, CascadeParams(0.0, fine, 10))
+
+
+def _manifest(banks: dict[str, Bank]) -> G.Manifest:
+    """A manifest with these banks and nothing else of note (for a GalleryIndex built in memory)."""
+    from pipeline.gallery.index import CoarseIndexSpec
+
+    return G.Manifest("vtest", None, "2026-01-01T00:00:00+00:00", G.VersionModel("m", 128, 512, 0.0, 0.5),
+                      "float16", CoarseIndexSpec(), (), G.EntriesFile("entries.parquet", "", 0),
+                      {n: G.BankRecord(b, 0) for n, b in banks.items()}, G.Counts(0, 0))
 
 
 def test_allow_list_wins_over_a_weaker_or_equal_blocking_match() -> None:
@@ -248,7 +256,7 @@ def test_build_from_s3(s3_server, tmp_path, tiny_model_dir) -> None:
     assert stats["v"]["added"] == 3
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="gal-bucket")["Contents"]}
     assert "galleries/main/CURRENT" in keys and f"galleries/main/versions/{v}/manifest.json" in keys
-    gal = G.GalleryIndex.load("s3://gal-bucket/galleries/main", model_id=card.version_id)
+    gal = G.open_gallery("s3://gal-bucket/galleries/main", G.ModelRef(card.version_id))
     assert gal.cascade.ntotal == 3
     src = set(gal.entries["source_uri"])
     assert src == {f"s3://refs-bucket/violence/{n}.jpg" for n in NAMES[:3]}
@@ -274,7 +282,7 @@ def test_gallery_add_and_remove_through_the_cli(tmp_path, tiny_model_dir, monkey
     store = open_store(str(tmp_path / "gal"), create=True)
     G.build(store, [Bank("aa", str(_write_refs(tmp_path / "a", NAMES[:2])), "sensitive/x", "filter")],
             dataclasses.replace(card, thresholds=own), gallery_cmd.local_extractor(str(tiny_model_dir)), n_shards=2)
-    built = G.read_manifest(store)["thresholds"]
+    built = G.read_manifest(store).model.thresholds()
     gal = str(tmp_path / "gal")
 
     def cli(*argv: str) -> dict:
@@ -286,9 +294,9 @@ def test_gallery_add_and_remove_through_the_cli(tmp_path, tiny_model_dir, monkey
                "--who", "ops-t", "--note", "more refs") == {
         "version": "v000002", "added": 1, "already_present": 1, "new_membership": 0, "rejected": 0}
     m2 = G.read_manifest(store)
-    assert m2["version"] == "v000002" and m2["parent"] == "v000001"
-    assert m2["counts"] == {"images": 3, "memberships": 3} and m2["banks"]["aa"]["count"] == 3
-    assert m2["thresholds"] == built == own
+    assert m2.version == "v000002" and m2.parent == "v000001"
+    assert m2.counts == G.Counts(images=3, memberships=3) and m2.banks["aa"].count == 3
+    assert m2.model.thresholds() == built == own
     banks = tmp_path / "banks.toml"
     banks.write_text(f'[[bank]]\nname = "bb"\nsource = "{tmp_path / "c"}"\ncategory = "low_quality/spam"\n'
                      'action = "downrank"\n')
@@ -296,7 +304,7 @@ def test_gallery_add_and_remove_through_the_cli(tmp_path, tiny_model_dir, monkey
               "--model", str(tiny_model_dir))
     assert (out["version"], out["added"], out["new_membership"]) == ("v000003", 0, 2)
     m3 = G.read_manifest(store)
-    assert m3["counts"] == {"images": 3, "memberships": 5} and m3["banks"]["bb"]["action"] == "downrank"
+    assert m3.counts == G.Counts(images=3, memberships=5) and m3.banks["bb"].bank.action == "downrank"
     # remove runs without a model: the gallery keeps its own model id and thresholds
     horse = int(G.read_content(store)[1].entries.query("source_uri.str.endswith('horse.png')")["id"].iloc[0])
     assert cli("gallery", "remove", gal, "--ids", str(horse), "--who", "ops-t") == {
@@ -304,8 +312,8 @@ def test_gallery_add_and_remove_through_the_cli(tmp_path, tiny_model_dir, monkey
     assert cli("gallery", "remove", gal, "--bank", "bb") == {
         "version": "v000005", "memberships_removed": 1, "images_dropped": 0}
     m5 = G.read_manifest(store)
-    assert m5["counts"] == {"images": 2, "memberships": 2} and set(m5["banks"]) == {"aa"}
-    assert m5["thresholds"] == built and m5["model_id"] == card.version_id
+    assert m5.counts == G.Counts(images=2, memberships=2) and set(m5.banks) == {"aa"}
+    assert m5.model.thresholds() == built and m5.model.model_id == card.version_id
     assert G.list_versions(store) == ["v000001", "v000002", "v000003", "v000004", "v000005"]
     recs = A.read_log(store)
     assert [r.action for r in recs] == ["build", "add", "add", "remove", "remove"]

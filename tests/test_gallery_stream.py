@@ -1,4 +1,4 @@
-"""The streaming gallery loader (``GalleryIndex.load``): same index as whole-file loading, every
+"""The streaming gallery loader (``open_gallery``, ``load_streaming``): same index as whole-file loading, every
 byte verified, and a load peak close to what stays resident (issue 13, ``bench memory``)."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def test_streaming_load_equals_whole_file_load(tmp_path, rerank_dtype: str) -> N
     from pipeline.ingest.storage import open_store
 
     root = _write_gallery(tmp_path / "g", 3000, 3, rerank_dtype)
-    g = G.GalleryIndex.load(root)
+    g = G.open_gallery(root, None)
     store = open_store(root)
     m = G.read_manifest(store)
     shards, entries = _load_verified(store, m)
@@ -52,11 +52,11 @@ def test_streaming_load_equals_whole_file_load(tmp_path, rerank_dtype: str) -> N
     pd.testing.assert_frame_equal(g.entries, entries)
     xq = np.random.default_rng(1).standard_normal((20, 128), dtype=np.float32)
     xq /= np.linalg.norm(xq, axis=1, keepdims=True)
-    D1, I1 = g.cascade.coarse(xq, 50, -1.0)
-    D2, I2 = ref.coarse(xq, 50, -1.0)
+    D1, I1 = g.cascade.search_coarse(xq, 50, -1.0)
+    D2, I2 = ref.search_coarse(xq, 50, -1.0)
     assert np.array_equal(I1, I2) and np.allclose(D1, D2)
     x512 = np.random.default_rng(2).standard_normal((20, 512), dtype=np.float32)
-    assert np.allclose(g.cascade.rerank(x512, I1), ref.rerank(x512, I2))
+    assert np.allclose(g.cascade.score_fine(x512, I1), ref.score_fine(x512, I2))
 
 
 @pytest.mark.parametrize("target,where", [("shard-001.rerank.safetensors", -5), ("shard-001.rerank.safetensors", 20),
@@ -70,7 +70,7 @@ def test_streaming_load_refuses_any_changed_byte(tmp_path, target: str, where: i
     data[where] ^= 0x01  # vectors, the safetensors header, the faiss header, the faiss tail
     p.write_bytes(bytes(data))
     with pytest.raises(G.GalleryIntegrityError, match=target):
-        G.GalleryIndex.load(root)
+        G.open_gallery(root, None)
     assert [x["file"] for x in G.verify(root)["problems"]] == [target]
 
 
@@ -81,9 +81,9 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 import faiss, numpy, pandas, pyarrow.parquet, torch  # noqa: F401 - imports are not the gallery's memory
-from pipeline.gallery import GalleryIndex
+from pipeline.gallery import open_gallery
 base = status("VmRSS:")
-g = GalleryIndex.load(sys.argv[1])
+g = open_gallery(sys.argv[1], None)
 gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed transients back to the OS: what stays is resident
 print(status("VmHWM:") - base, status("VmRSS:") - base)

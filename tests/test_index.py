@@ -43,8 +43,8 @@ def test_sharded_cascade_equals_exhaustive(n_shards: int, n: int) -> None:
     idx = CascadeIndex.build(ids, c, r, n_shards, rerank_dtype="float32")
     if n == 5 and n_shards == 7:
         assert any(s.ntotal == 0 for s in idx.shards), "the case should include empty shards"
-    D, I = idx.coarse(qc, k, thr)
-    F = idx.rerank(qr, I)
+    D, I = idx.search_coarse(qc, k, thr)
+    F = idx.score_fine(qr, I)
     ref = _exhaustive(ids, c, r, qc, qr, k, thr)
     for q in range(len(qc)):
         got = [(float(D[q, j]), int(I[q, j]), float(F[q, j])) for j in range(k) if I[q, j] >= 0]
@@ -57,11 +57,11 @@ def test_sharded_cascade_equals_exhaustive(n_shards: int, n: int) -> None:
 def test_threshold_edges_and_k_limits() -> None:
     ids, c, r, qc, qr = _data(50, 4)
     idx = CascadeIndex.build(ids, c, r, 3)
-    D, I = idx.coarse(c[:4], 500, 0.999)  # self-queries: exactly themselves pass a 0.999 threshold
+    D, I = idx.search_coarse(c[:4], 500, 0.999)  # self-queries: exactly themselves pass a 0.999 threshold
     assert (I[:, 0] == ids[:4]).all() and (I[:, 1] == -1).all()
-    D, I = idx.coarse(qc, 500, 1.01)  # nothing passes
+    D, I = idx.search_coarse(qc, 500, 1.01)  # nothing passes
     assert (I == -1).all()
-    D, I = idx.coarse(qc, 3, -1.0)  # everything passes, only 3 kept
+    D, I = idx.search_coarse(qc, 3, -1.0)  # everything passes, only 3 kept
     assert I.shape == (4, 3) and (I >= 0).all()
 
 
@@ -86,10 +86,10 @@ def test_shard_bytes_round_trip() -> None:
     ids, c, r, qc, qr = _data(40, 5)
     idx = CascadeIndex.build(ids, c, r, 2)
     again = CascadeIndex([Shard.from_bytes(s.index_bytes(), s.rerank_bytes()) for s in idx.shards], 128, 512)
-    D1, I1 = idx.coarse(qc, 10, 0.0)
-    D2, I2 = again.coarse(qc, 10, 0.0)
+    D1, I1 = idx.search_coarse(qc, 10, 0.0)
+    D2, I2 = again.search_coarse(qc, 10, 0.0)
     assert np.array_equal(I1, I2) and np.allclose(D1, D2)
-    assert np.allclose(idx.rerank(qr, I1), again.rerank(qr, I2))
+    assert np.allclose(idx.score_fine(qr, I1), again.score_fine(qr, I2))
 
 
 
@@ -108,13 +108,13 @@ def test_rerank_scores_equal_brute_force_with_padding_and_unknown_ids(ids) -> No
     I = ids[cols]
     I[:, -5:] = -1  # padding slots
     I[3] = -1       # a query without candidates
-    F = idx.rerank(q, I)
+    F = idx.score_fine(q, I)
     want = np.einsum("bkd,bd->bk", r[cols], q)
     ok = I >= 0
     np.testing.assert_allclose(F[ok], want[ok], rtol=1e-5, atol=1e-5)
     assert np.isneginf(F[~ok]).all()
     with pytest.raises(KeyError):
-        idx.lookup_rerank(np.array([ids[0], int(ids[-1]) + 7]))
+        idx.rerank_vectors(np.array([ids[0], int(ids[-1]) + 7]))
 
 
 def test_float16_decode_fast_path_equals_numpy_cast() -> None:

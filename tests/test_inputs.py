@@ -16,13 +16,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import ROOT, moto_server, photo
+from conftest import ROOT, photo
 from PIL import Image
+from s3server import moto_server
 
 from pipeline.evaluation.samples import procedural
+from pipeline.moderation.moderator import Moderator
 
 pytestmark = pytest.mark.slow
 
@@ -169,8 +172,8 @@ def test_empty_input_fails_unless_allowed_and_the_readme_reader_works(capsys, tm
 # Manifests (findings 2 and 4)
 # --------------------------------------------------------------------------------------------
 def test_manifest_keys_are_strings_and_bad_lines_are_numbered(capsys, tmp_path, gallery) -> None:
-    from jobs.moderate import read_manifest_keys
     from pipeline.errors import InputError
+    from pipeline.ingest.plan import read_manifest_keys
 
     m = tmp_path / "numeric.csv"
     m.write_text("key\n100075\n100076\n007\n")
@@ -197,7 +200,7 @@ def test_manifest_keys_are_strings_and_bad_lines_are_numbered(capsys, tmp_path, 
 
 
 def test_key_policy(tmp_path) -> None:
-    from jobs.moderate import JobConfig
+    from jobs.job_config import JobConfig
     from pipeline.errors import UsageError
     from pipeline.ingest.storage import ForbiddenKey, KeyPolicy
 
@@ -313,6 +316,16 @@ def test_bomb_message_names_the_configured_max_pixels() -> None:
 # --------------------------------------------------------------------------------------------
 # On a real Ray cluster: every object a row, pinned version, internal errors (3, 6, 8)
 # --------------------------------------------------------------------------------------------
+class FailingModerator(Moderator):
+    """The job's Moderator, failing inside its search on a batch that holds ``boom.jpg``: fault
+    injection through ``execute_run(moderator=...)``."""
+
+    def _search(self, batch: dict[str, Any], rows: Any) -> Any:
+        if "boom.jpg" in {str(k) for k in batch["image_key"]}:
+            raise RuntimeError(f"fault injected for a key of this batch in {self!r}")
+        return super()._search(batch, rows)
+
+
 DAY_KEYS = ["_DSC0001.JPG", ".hidden.jpg", "sub/_x.jpg", "100075.jpg", "boom.jpg", "rocket.jpg",
             "img-0.jpg", "img-1.jpg", "img-2.jpg"]
 
@@ -321,7 +334,10 @@ DAY_KEYS = ["_DSC0001.JPG", ".hidden.jpg", "sub/_x.jpg", "100075.jpg", "boom.jpg
 def day_run(gallery, ray_cluster, tmp_path_factory):
     """One day with camera names, hidden names and markers; a new gallery version is published
     between the driver's resolve and the actors' start; one batch fails inside the Moderator."""
-    from jobs.moderate import JobConfig, execute_run, prepare_run
+    from ray import cloudpickle
+
+    from jobs.job_config import JobConfig
+    from jobs.run import execute_run, prepare_run
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.ingest.storage import open_store
@@ -338,18 +354,22 @@ def day_run(gallery, ray_cluster, tmp_path_factory):
     (up / "_SUCCESS").write_text("")
     (up / "_run.json").write_text("{}")
     out = tmp / "flags"
-    plan = prepare_run(str(up), str(gal), str(out), DAY, cfg=JobConfig(batch_size=1, test_fail_keys=("boom.jpg",)))
+    plan = prepare_run(str(up), str(gal), str(out), DAY, cfg=JobConfig(batch_size=1))
     assert plan.gallery_version == "v000001"
     # publish v2 without the rocket: actors starting now must still load v1
     v2, _ = G.remove(open_store(str(gal)), read_card(None), ids=[0])
     assert v2 == "v000002" == G.current_version(open_store(str(gal)))
-    info = execute_run(plan, review=True)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import the tests
+    try:
+        info = execute_run(plan, review=True, moderator=FailingModerator)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     return {"info": info, "out": out, "gal": gal,
             "df": pd.read_parquet(out / f"dt={DAY}").set_index("image_key")}
 
 
 def test_every_listed_object_gets_a_row_except_markers(day_run) -> None:
-    from jobs.moderate import summary
+    from jobs.run import summary
 
     df, info = day_run["df"], day_run["info"]
     assert sorted(df.index) == sorted(DAY_KEYS) and df.index.is_unique
@@ -383,8 +403,33 @@ def test_a_moderator_exception_becomes_internal_error_rows(day_run) -> None:
     assert "fault injected" in page and "object at 0x" not in page
 
 
+def test_a_modscan_error_raised_in_an_actor_reaches_the_cli_as_its_own_line(capsys, ray_cluster, gallery,
+                                                                             tmp_path) -> None:
+    """Without ``verify_gallery`` the driver reads the manifest only, so a corrupted shard is found
+    by the Moderator actors while they load it (in ``__init__``). The operator reads that error
+    (recovered from Ray's exception, not its traceback text), on one line, exit 1; nothing is
+    committed."""
+    gal = tmp_path / "gal"
+    shutil.copytree(gallery, gal)
+    shard = gal / "versions" / "v000001" / "shard-001.rerank.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (tmp_path / "job.toml").write_text("[job]\nverify_gallery = false\n")
+    up, out = tmp_path / "up", tmp_path / "flags"
+    _jpeg(up / "a.jpg")
+    rc, _, err = _cli(capsys, "moderate", "--input", str(up), "--gallery", str(gal), "--output", str(out),
+                      "--date", DAY, "--config", str(tmp_path / "job.toml"))
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("modscan moderate:")]  # Ray may log above it
+    assert rc == 1, err[-3000:]
+    assert line.startswith("modscan moderate: error: checksum mismatch for ") and "shard-001.rerank.safetensors" in line
+    assert line.endswith("refusing to load)"), line  # the error's own message: no Ray traceback or retry advice
+    assert not (out / f"dt={DAY}").exists() and not list((out / "_staging").glob("*/data/*"))
+
+
 def test_manifest_rows_forbidden_keys_are_never_read(ray_cluster, gallery, tmp_path) -> None:
-    from jobs.moderate import JobConfig, moderate
+    from jobs.job_config import JobConfig
+    from jobs.run import moderate
 
     m, allowed, other = tmp_path / "m", tmp_path / "allowed", tmp_path / "other"
     for p, seed in ((m / "007.jpg", 1), (m / "sub" / "a.jpg", 2), (m / "100075", 3), (allowed / "b.jpg", 4),

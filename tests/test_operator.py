@@ -136,9 +136,8 @@ def _moderate_rows(gallery_uri: str, uris: list[str], root: Path | str, run_id: 
 
 
 def _load(gallery: Path | str, fx) -> G.GalleryIndex:
-    """Load a gallery the way the job's Moderator does (model id checked, background bank given)."""
-    bg = fx.background.f512 if fx.background is not None else None
-    return G.GalleryIndex.load(str(gallery), model_id=fx.version_id, background=bg)
+    """Open a gallery the way the job's Moderator does (model id checked, background bank given)."""
+    return G.open_gallery(str(gallery), fx)
 
 
 def _lookup(gallery: Path | str, images: list[str], fx, **kw):
@@ -190,9 +189,10 @@ def test_lookup_rules_for_a_disabled_bank_and_the_coarse_stage(world, fx) -> Non
     from pipeline.ops.explain import Rule, explain
 
     base = _load(world["gallery"], fx)
-    m = json.loads(json.dumps(base.manifest))
-    m["banks"]["violence"]["enabled"] = False
-    off = G.GalleryIndex(m, base.cascade, base.entries, base.params, base.background)
+    rec = base.manifest.banks["violence"]
+    banks = {**base.manifest.banks, "violence": dataclasses.replace(rec, bank=dataclasses.replace(rec.bank, enabled=False))}
+    off = G.GalleryIndex(dataclasses.replace(base.manifest, banks=banks), base.cascade, base.entries, base.params,
+                         base.background)
     e = explain([str(world["uploads"] / "copy-rocket-flip.jpg")], off, fx).explanations[0]
     assert (e.decision.status, e.decision.rule) == ("clean", Rule.DISABLED_BANK.value)
     assert "violence" in e.decision.detail
@@ -219,6 +219,73 @@ def test_lookup_cli_table_and_json(world, capsys) -> None:
     assert main(["lookup", img, "--gallery", str(world["gallery"])]) == 0
     table = capsys.readouterr().out
     assert "rule      bank_threshold:" in table and "decision  matched / filter, bank violence" in table
+
+
+def _ivf_gallery(root: Path, world, fx) -> str:
+    """The world's references among the model's 1,000 background features (real photos and
+    graphics: a crowd spread over the coarse space), in one IVF shard of 16 lists searched with
+    ``nprobe = 1`` by default: which lists a query probes decides its candidates."""
+    from pipeline.gallery.banks import Bank
+    from pipeline.gallery.index import CoarseIndexSpec
+    from pipeline.ingest.storage import open_store
+
+    refs = sorted(str(p) for p in world["refs"].rglob("*.jpg"))
+    got = world["extract"](refs)
+    bg, n = fx.background, len(fx.background.f128)
+    ids = np.arange(n + len(refs), dtype=np.int64)
+    coarse = np.vstack([bg.f128, np.stack([g["coarse"] for g in got])]).astype(np.float32)
+    fine = np.vstack([bg.f512, np.stack([g["rerank"] for g in got])]).astype(np.float32)
+    now = pd.Timestamp.now(tz="UTC")
+    entries = pd.DataFrame({"id": ids, "bank": ["crowd"] * n + ["refs"] * len(refs),
+                            "category": ["sensitive/crowd"] * n + ["sensitive/refs"] * len(refs), "action": "filter",
+                            "source_uri": [f"bg/{i}" for i in range(n)] + refs,
+                            "sha256": [f"{i:064x}" for i in ids], "added_at": now})
+    banks = {"crowd": Bank("crowd", "-", "sensitive/crowd", "filter"), "refs": Bank("refs", "-", "sensitive/refs", "filter")}
+    store = open_store(str(root), create=True)
+    G.write_version(store, G.GalleryContent(ids, coarse, fine, entries, banks), G.VersionModel.from_card(world["card"]),
+                    n_shards=1, coarse_spec=CoarseIndexSpec("ivf", ivf_nlist=16, nprobe=1))
+    return str(root)
+
+
+def test_lookup_with_a_job_config_searches_an_ivf_gallery_like_the_job(world, fx, tmp_path, capsys) -> None:
+    """``modscan lookup --config`` and the job's Moderator, given the same job TOML (an ``nprobe``
+    override, thresholds low enough that every upload is decided by its candidates), get the same
+    coarse candidates and make the same decisions; without the override the candidates differ."""
+    from jobs.cli import main
+    from jobs.job_config import JobConfig
+    from pipeline.ingest.decode import DecodeConfig, Decoder
+    from pipeline.ingest.fetch import Fetcher
+    from pipeline.moderation.moderator import Moderator, RunContext
+
+    gallery = _ivf_gallery(tmp_path / "ivf", world, fx)
+    toml = tmp_path / "job.toml"
+    toml.write_text("[job]\ncoarse_threshold = -1.0\nfine_threshold = -1.0\nrerank_k = 10\ncoarse_nprobe = 16\n")
+    cfg = JobConfig.from_toml(str(toml))
+    uploads = world["uploads_list"]
+    assert main(["lookup", *uploads, "--gallery", gallery, "--config", str(toml), "--top-k", "10", "--json"]) == 0
+    report = {e["image"]: e for e in json.loads(capsys.readouterr().out)["explanations"]}
+
+    def job_moderator(nprobe: int | None) -> Moderator:  # the actor the job starts, with the job's kwargs
+        return Moderator(gallery, RunContext(DAY, "run-ivf"), threshold_overrides=cfg.threshold_overrides() or None,
+                         precision=cfg.precision, nprobe=nprobe, ef_search=cfg.coarse_ef_search)
+
+    arr = np.asarray(uploads, dtype=object)
+    dec = Decoder(DecodeConfig.for_model(world["card"].config, base=cfg.decode))(Fetcher()({"image_key": arr, "uri": arr}))
+    searched = np.nonzero(np.asarray(dec["ok"], bool) & ~np.asarray(dec["low_content"], bool))[0]
+    assert len(searched) >= 10
+    mod = job_moderator(cfg.coarse_nprobe)
+    rows = mod(dec).to_pylist()
+    xq = mod.fx.query_coarse(dec["low"][searched])
+    hits = mod.gallery.coarse_hits(xq)
+    for j, i in enumerate(searched):
+        e = report[uploads[i]]
+        assert [c["reference_id"] for c in e["candidates"]] == hits.I[j].tolist(), uploads[i]
+        assert all(c["reranked_by_job"] for c in e["candidates"])
+        d, r = e["decision"], rows[i]
+        assert (d["status"], d["reference_id"]) == (r["status"], r["reference_id"]) == ("matched", d["reference_id"])
+        assert d["fine_score"] == pytest.approx(r["fine_score"], abs=1e-3)
+    plain = job_moderator(None).gallery.coarse_hits(xq)  # the manifest's nprobe = 1: other candidates
+    assert (plain.I != hits.I).any(axis=1).sum() >= 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,8 +358,8 @@ def test_review_apply_writes_one_version_reusing_vectors(world, fresh, fx) -> No
     keep = np.isin(after.ids, before.ids)  # stored vectors carried over bit for bit
     np.testing.assert_array_equal(after.coarse[keep][np.argsort(after.ids[keep])], before.coarse[np.argsort(before.ids)])
     assert len(after.ids) == len(before.ids) + 2
-    assert m["disabled_references"][0]["id"] == ref["rocket"]
-    assert m["disabled_references"][0]["until"] == "2099-01-01T00:00:00+00:00"
+    assert m.disabled_references[0].id == ref["rocket"]
+    assert m.disabled_references[0].until == "2099-01-01T00:00:00+00:00"
     ex = _lookup(fresh, [str(up / n) for n in ("plain-01.jpg", "copy-chelsea-flip.jpg", "copy-rocket-flip.jpg",
                                                "plain-03.jpg")], fx)
     assert (ex["plain-01.jpg"].decision.rule, ex["plain-01.jpg"].decision.bank) == (Rule.ALLOW_LIST_PRECEDENCE.value, "fp")
@@ -309,15 +376,19 @@ def test_review_apply_writes_one_version_reusing_vectors(world, fresh, fx) -> No
     ex = _lookup(fresh, [str(up / "copy-rocket-flip.jpg"), str(up / "plain-05.jpg")], fx)
     assert ex["copy-rocket-flip.jpg"].decision.status == "matched"
     assert ex["plain-05.jpg"].decision.rule == Rule.DISABLED_REFERENCE.value
-    assert [d["id"] for d in G.read_manifest(store)["disabled_references"]] == [ref["plain-gradient"]]
+    assert [d.id for d in G.read_manifest(store).disabled_references] == [ref["plain-gradient"]]
 
 
 def test_disabled_until_expires(world) -> None:
     import datetime as dt
 
-    m = {"disabled_references": [{"id": 1, "until": "2030-01-01T00:00:00+00:00"}, {"id": 2, "until": None}]}
-    assert set(G.disabled_in_force(m, dt.datetime(2029, 12, 31, 23, 59, tzinfo=dt.UTC))) == {1, 2}
-    assert set(G.disabled_in_force(m, dt.datetime(2030, 1, 1, tzinfo=dt.UTC))) == {2}
+    from pipeline.ingest.storage import open_store
+
+    m = dataclasses.replace(G.read_manifest(open_store(str(world["gallery"]))), disabled_references=(
+        G.DisabledReference(1, "2030-01-01T00:00:00+00:00", "ann", None, "appeal", None),
+        G.DisabledReference(2, None, "bob", None, "over-broad", None)))
+    assert set(m.disabled_in_force(dt.datetime(2029, 12, 31, 23, 59, tzinfo=dt.UTC))) == {1, 2}
+    assert set(m.disabled_in_force(dt.datetime(2030, 1, 1, tzinfo=dt.UTC))) == {2}
 
 
 def test_audit_log_survives_add_remove_apply_and_is_never_rewritten(world, fresh, capsys) -> None:
@@ -553,7 +624,8 @@ def test_job_holds_floods_and_writes_metrics(world, ray_local, tmp_path) -> None
     from prometheus_client.parser import text_string_to_metric_families
     from pushgateway_stub import pushgateway
 
-    from jobs.moderate import JobConfig, moderate, summary
+    from jobs.job_config import JobConfig
+    from jobs.run import moderate, summary
     from pipeline.ingest.storage import open_store
 
     with pushgateway() as gw:

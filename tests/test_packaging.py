@@ -16,3 +16,14 @@ def test_every_source_package_is_installed() -> None:
     assert "pipeline.gallery" in on_disk
     assert on_disk <= shipped, sorted(on_disk - shipped)
     assert {"default/*.json", "default/*.safetensors"} <= set(cfg["package-data"]["models"])
+
+
+def test_the_commands_import_no_test_helper() -> None:
+    """moto (the ``test`` and ``bench`` extras) is imported by the tests and by the S3 run of
+    ``modscan bench pipeline`` only, never by importing the commands."""
+    import subprocess
+    import sys
+
+    code = "import sys, jobs.cli, jobs.run, jobs.moderate_cmd, jobs.gallery_cmd, jobs.bench; print('moto' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]

@@ -14,7 +14,7 @@ from PIL import Image
 from models.losses import info_nce, koleo_entropy, relational_distill
 from models.synthetic import EVERYDAY, generate
 from pipeline.gallery.banks import Bank
-from pipeline.gallery.index import CascadeIndex, CascadeParams, ScoreNorm, background_term
+from pipeline.gallery.index import CascadeIndex, CascadeParams, CoarseIndexSpec, ScoreNorm, background_term
 from pipeline.ingest.decode import DecodeConfig, Decoder, is_low_content
 
 
@@ -121,7 +121,7 @@ def test_moderator_rows_say_low_content_and_never_match(tmp_path, tiny_model_dir
     G.build(store, [Bank("b", str(refs), "sensitive/x", "filter")], read_card(tiny_model_dir),
             local_extractor(str(tiny_model_dir)), n_shards=1)
     m = G.read_manifest(store)
-    assert [r["error_code"] for r in m["rejected"]] == ["low_content"] and m["counts"]["images"] == 3
+    assert [r.error_code for r in m.rejected] == ["low_content"] and m.counts.images == 3
     mod = Moderator(str(tmp_path / "g"), RunContext("2026-01-01", "r1"), model_dir=str(tiny_model_dir),
                     threshold_overrides={"coarse": -1.0, "fine": -1.0})
     dec = Decoder(DecodeConfig(low_res=48, high_res=64))
@@ -155,7 +155,9 @@ def _index(beta: float, background: np.ndarray | None):
     casc = CascadeIndex.build(np.arange(4), v, r, 1, rerank_dtype="float32")
     entries = pd.DataFrame([{"id": i, "bank": "b", "category": "s/x", "action": "filter", "source_uri": f"x/{i}",
                              "sha256": str(i), "added_at": pd.Timestamp.now(tz="UTC")} for i in range(4)])
-    manifest = {"version": "vtest", "model_id": "m", "banks": {"b": Bank("b", "-", "s/x", "filter").to_dict()}}
+    manifest = G.Manifest("vtest", None, "2026-01-01T00:00:00+00:00", G.VersionModel("m", 128, 512, -1.0, 0.5),
+                          "float32", CoarseIndexSpec(), (), G.EntriesFile("entries.parquet", "", 0),
+                          {"b": G.BankRecord(Bank("b", "-", "s/x", "filter"), 4)}, G.Counts(4, 4))
     params = CascadeParams(-1.0, 0.5, 4, ScoreNorm(beta, 2))
     return G.GalleryIndex(manifest, casc, entries, params, background), v, r
 
@@ -170,7 +172,7 @@ def test_normalised_fine_score_subtracts_beta_times_the_background_term() -> Non
     c = gal.candidates(v[[0, 1]], lambda rows: q512[rows])
     term = background_term(q512, bg, 2)
     np.testing.assert_allclose(c.offset, 0.5 * term, rtol=1e-5)
-    raw = gal.rerank(q512, c.I)
+    raw = gal.cascade.score_fine(q512, c.I)
     ok = c.I >= 0
     np.testing.assert_allclose(c.F[ok], (raw - 0.5 * term[:, None])[ok], rtol=1e-5, atol=1e-6)
     m = gal.decide(c.D, c.I, c.F, c.offset)
@@ -184,7 +186,7 @@ def test_normalised_fine_score_subtracts_beta_times_the_background_term() -> Non
 
 def test_a_normalising_gallery_refuses_to_score_without_a_background_bank(tmp_path, tiny_model_dir) -> None:
     from jobs.gallery_cmd import local_extractor
-    from models.card import read_card
+    from models.card import BackgroundBank, read_card
     from pipeline import gallery as G
     from pipeline.ingest.storage import open_store
 
@@ -195,12 +197,13 @@ def test_a_normalising_gallery_refuses_to_score_without_a_background_bank(tmp_pa
     card.thresholds = {"coarse": 0.1, "fine": 0.5, "rerank_k": 10, "norm": {"beta": 0.5, "k": 3}}
     store = open_store(str(tmp_path / "g"), create=True)
     G.build(store, [Bank("b", str(refs), "s/x", "filter")], card, local_extractor(str(tiny_model_dir)), n_shards=1)
-    assert G.read_manifest(store)["thresholds"]["norm"] == {"beta": 0.5, "k": 3}
-    gal = G.GalleryIndex.load(store)  # loads (to inspect) but refuses to score
+    assert G.read_manifest(store).model.norm == ScoreNorm(0.5, 3)
+    gal = G.open_gallery(store, None)  # opens (to inspect) but refuses to score
     with pytest.raises(G.GalleryIntegrityError, match="without a background bank"):
         gal.normalise(np.zeros((1, 512), np.float32), np.zeros((1, 1), np.float32))
-    bg = np.eye(3, 512, dtype=np.float32)
-    assert G.GalleryIndex.load(store, background=bg).params.norm == ScoreNorm(0.5, 3)
+    bg = BackgroundBank(np.eye(3, 512, dtype=np.float32), np.eye(3, 128, dtype=np.float32), ["photo"] * 3)
+    gal = G.open_gallery(store, G.ModelRef(card.version_id, bg))
+    assert gal.params.norm == ScoreNorm(0.5, 3) and gal.background is bg.f512
 
 
 # -- trunk precision ------------------------------------------------------------------------
@@ -262,7 +265,7 @@ def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_pa
     spec = CoarseIndexSpec(kind, ivf_nlist=4, nprobe=4, ef_search=256)
     G.build(apx_store, bank, card, ex, 2, "float16", spec)
     m = G.read_manifest(apx_store)
-    assert m["coarse_index"]["type"] == kind and m["coarse_index"]["nprobe"] == 4
+    assert m.coarse_index.type == kind and m.coarse_index.nprobe == 4
     rng = _random.Random(0)
     datas = []
     for im in pics[:40:4] + pics[80:]:
@@ -283,12 +286,12 @@ def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_pa
     assert sum(s == "matched" for s, _ in want) >= 5  # the comparison says something
     assert flags(str(tmp_path / kind)) == want
     # add and remove keep the index type and its parameters
-    n0 = m["counts"]["images"]
+    n0 = m.counts.images
     v2, st = G.add(apx_store, "b", G.list_source(str(extra)), card, ex)
     v3, _ = G.remove(apx_store, card, ids=[0, 1])
     m3 = G.read_manifest(apx_store)
-    assert st["added"] >= 8 and m3["coarse_index"] == m["coarse_index"]
-    assert m3["counts"]["images"] == n0 + st["added"] - 2
+    assert st["added"] >= 8 and m3.coarse_index == m.coarse_index
+    assert m3.counts.images == n0 + st["added"] - 2
     bank_f512 = Moderator(str(tmp_path / kind), RunContext("2026-01-01", "r"), model_dir=str(shipped_model_dir)).gallery
     gal = bank_f512
     assert gal.cascade.ntotal == n0 + st["added"] - 2 and not {0, 1} & set(gal.entries["id"].tolist())
@@ -312,9 +315,9 @@ def test_add_and_remove_keep_the_gallerys_own_thresholds(tmp_path, tiny_model_di
     store = open_store(str(tmp_path / "g"), create=True)
     ex = local_extractor(str(tiny_model_dir))
     G.build(store, [Bank("b", str(refs), "s/x", "filter")], card, ex, n_shards=1)
-    built = G.read_manifest(store)["thresholds"]
+    built = G.read_manifest(store).model
     recalibrated = dataclasses.replace(card, thresholds={"coarse": 0.9, "fine": 0.99, "rerank_k": 1})
     G.add(store, "b", G.list_source(str(more)), recalibrated, ex)
-    assert G.read_manifest(store)["thresholds"] == built
+    assert G.read_manifest(store).model == built
     G.remove(store, recalibrated, ids=[0])
-    assert G.read_manifest(store)["thresholds"] == built
+    assert G.read_manifest(store).model == built

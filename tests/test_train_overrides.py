@@ -24,7 +24,7 @@ def test_values_take_the_declared_field_type():
 @pytest.mark.parametrize("pair, message", [
     ("epochs_backbone=4.5", "--set epochs_backbone=4.5: expected an integer"),
     ("lr_backbone=fast", "--set lr_backbone=fast: expected a number"),
-    ("backbone=vgg", "--set backbone=vgg: expected one of ['resnet18'"),
+    ("backbone=vgg", "--set backbone=vgg: expected one of ['efficientnet_lite0', 'resnet18'"),
     ("epoch_backbone=4", "--set epoch_backbone: unknown key"),
     ("epochs_backbone", "--set epochs_backbone: expected key=value"),
 ])

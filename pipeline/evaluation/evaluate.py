@@ -19,363 +19,63 @@ score normalisation (``beta``, ``k``), the fine threshold for ``--target-precisi
 threshold (*flag parity*: the highest coarse threshold whose cascade keeps all but
 ``--coarse-flag-budget`` of the true flags exhaustive 512-d search makes). Every metric is reported
 on the test half. The cascade predictions come from a real gallery version written to
-``OUT/gallery`` and queried with :meth:`pipeline.gallery.GalleryIndex.candidates`, the job's code.
+``OUT/gallery``, opened with :func:`pipeline.gallery.open_gallery` and queried with
+:meth:`pipeline.gallery.GalleryIndex.candidates`, the job's code.
+
+This module runs the evaluation; its parts are :mod:`~pipeline.evaluation.benchmark` (the
+benchmark, its halves and features), :mod:`~pipeline.evaluation.calibrate` (normalisation and
+thresholds) and :mod:`~pipeline.evaluation.report` (metrics, outputs, the card update).
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
-import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from models.augment import apply_named, random_edit_names
-from models.preprocess import IMAGE_SUFFIXES
-from models.synthetic import generate
-from pipeline.evaluation import retrieval_metrics as M
-from pipeline.gallery.index import ScoreNorm, background_term
-
-TOPK = 10
-NORM_BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-NORM_KS = (1, 3, 10)
+from pipeline.evaluation.benchmark import Benchmark, Features, Split, extract, split_halves
+from pipeline.evaluation.calibrate import Calibration, calibrate, score_matrices
+from pipeline.evaluation.report import ablation, assemble_metrics, write_outputs
 
 
-class GroundTruthError(ValueError):
-    pass
+def evaluate(bench: Benchmark, out: Path, model_dir: str | None = None, seed: int = 0,
+             target_precision: float = 0.99, rerank_k: int = 500, coarse_flag_budget: float = 0.01,
+             precision: str = "auto") -> dict[str, Any]:
+    from pipeline.features import FeatureExtractor
 
-
-@dataclass
-class Benchmark:
-    gallery: dict[str, Path]            # reference/distractor id -> file
-    queries: dict[str, Path]            # query id -> file
-    gt: dict[str, str]                  # positive query id -> reference id
-    edits: dict[str, list[str]]         # query id -> edit names (empty for prepared data)
-    kinds: dict[str, str] = field(default_factory=dict)  # query id -> photo | everyday/<kind> | low_content/<kind>
-    seed: int | None = None
-
-    def kind(self, q: str) -> str:
-        return self.kinds.get(q, "photo")
-
-
-def _images(d: str | Path) -> dict[str, Path]:
-    p = Path(d)
-    if not p.is_dir():
-        raise FileNotFoundError(f"not a folder: {p}")
-    out: dict[str, Path] = {}
-    for f in sorted(p.rglob("*")):
-        if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
-            if f.stem in out:
-                raise GroundTruthError(f"two images share the id {f.stem!r}: {out[f.stem]} and {f}")
-            out[f.stem] = f
-    if not out:
-        raise FileNotFoundError(f"no images in {p}")
-    return out
-
-
-def read_ground_truth(path: str | Path, queries: set[str], references: set[str]) -> dict[str, str]:
-    """Validate the CSV; every problem is reported with its line number."""
-    errors: list[str] = []
-    gt: dict[str, str] = {}
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header] != ["query_id", "reference_id"]:
-            raise GroundTruthError(f"{path}:1: header must be exactly 'query_id,reference_id', got {header!r}")
-        seen: set[str] = set()
-        for ln, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != 2:
-                errors.append(f"{path}:{ln}: expected 2 columns, got {len(row)}: {row!r}")
-                continue
-            q, r = row[0].strip(), row[1].strip()
-            if not q:
-                errors.append(f"{path}:{ln}: empty query_id")
-                continue
-            if q in seen:
-                errors.append(f"{path}:{ln}: query {q!r} listed twice")
-                continue
-            seen.add(q)
-            if q not in queries:
-                errors.append(f"{path}:{ln}: query {q!r} has no image in the queries folder")
-            if r and r not in references:
-                errors.append(f"{path}:{ln}: reference {r!r} has no image in the gallery folder")
-            if r:
-                gt[q] = r
-    if errors:
-        raise GroundTruthError(f"{len(errors)} error(s) in ground truth:\n" + "\n".join(errors[:50]))
-    return gt
-
-
-def prepared_benchmark(gallery: str, queries: str, ground_truth: str) -> Benchmark:
-    g, q = _images(gallery), _images(queries)
-    gt = read_ground_truth(ground_truth, set(q), set(g))
-    return Benchmark(g, q, gt, {k: [] for k in q})
-
-
-def built_benchmark(photos: str, out: Path, seed: int, queries_per_image: int = 4,
-                    split: tuple[float, float] = (0.4, 0.3), everyday: int = 200, low_content: int = 20,
-                    abstract_refs: int = 6) -> Benchmark:
-    """Split photos into references / distractors / negatives and write edited queries, plus
-    generated everyday uploads, low-content uploads and abstract references."""
-    from PIL import Image
-
-    files = sorted(_images(photos).items())
-    rng = random.Random(seed)
-    rng.shuffle(files)
-    n_ref, n_dis = int(len(files) * split[0]), int(len(files) * split[1])
-    refs, dis, negs = files[:n_ref], files[n_ref:n_ref + n_dis], files[n_ref + n_dis:]
-    qdir, gdir = out / "queries", out / "generated-references"
-    qdir.mkdir(parents=True, exist_ok=True)
-    gdir.mkdir(parents=True, exist_ok=True)
-    b = Benchmark(dict(refs + dis), {}, {}, {}, {}, seed)
-    for kind, group in (("pos", refs), ("neg", negs)):
-        for stem, path in group:
-            with Image.open(path) as im:
-                src = im.convert("RGB")
-            for j in range(queries_per_image):
-                names = random_edit_names(rng)
-                qid = f"q-{kind}-{stem}-{j}"
-                apply_named(src, names, rng).save(qdir / f"{qid}.jpg", quality=90)
-                b.queries[qid], b.edits[qid], b.kinds[qid] = qdir / f"{qid}.jpg", names, "photo"
-                if kind == "pos":
-                    b.gt[qid] = stem
-    for i in range(everyday):
-        kind, im = generate(f"eval-{seed}", i)
-        qid = f"q-every-{kind}-{i}"
-        ext = ".png" if i % 2 else ".jpg"
-        im.save(qdir / f"{qid}{ext}", **({"quality": 90} if ext == ".jpg" else {}))
-        b.queries[qid], b.edits[qid], b.kinds[qid] = qdir / f"{qid}{ext}", [], f"everyday/{kind}"
-    for i in range(low_content):
-        kind, im = generate(f"eval-{seed}-low", i, ("flat", "transparent"))
-        qid = f"q-low-{kind}-{i}"
-        im.save(qdir / f"{qid}.png")
-        b.queries[qid], b.edits[qid], b.kinds[qid] = qdir / f"{qid}.png", [], f"low_content/{kind}"
-    for i in range(abstract_refs):
-        kind, im = generate(f"eval-{seed}-ref", i, ("smooth_field", "gradient"))
-        gid = f"g-abstract-{kind}-{i}"
-        im.save(gdir / f"{gid}.png")
-        b.gallery[gid] = gdir / f"{gid}.png"
-    return b
-
-
-def _split(ids: list[str], seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic half split by a salted hash (calibration, test)."""
-    h = lambda q: hashlib.sha256(f"{seed}:{q}".encode()).digest()[0]
-    cal = [q for q in ids if h(q) % 2 == 0]
-    test = [q for q in ids if h(q) % 2 == 1]
-    return cal, test
-
-
-# --------------------------------------------------------------------------------------------
-# Features and score matrices
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Features:
-    """Everything the metrics need, from the production decoder and feature extractor."""
-
-    g128: np.ndarray          # (G, 128) adapter 1, high res
-    g512: np.ndarray          # (G, 512)
-    q128: np.ndarray          # (Q, 128) adapter 2, low res
-    q512: np.ndarray          # (Q, 512) high res (the rerank feature)
-    q512_low: np.ndarray      # (Q, 512) of the low-res query (diagnostic)
-    q512_112: np.ndarray      # (Q, 512) of a 112-px query (diagnostic: what the query size buys)
-    low_content: np.ndarray   # (Q,) bool: the decoder's low-content verdict
-    g_low_content: np.ndarray  # (G,) bool
-    seconds: dict[str, float]
-
-
-def _decode(paths: list[Path], dec: Any) -> dict[str, np.ndarray]:
-    return dec.decode_all([p.read_bytes() for p in paths], names=[str(p) for p in paths])
-
-
-def extract(bench: Benchmark, gids: list[str], qids: list[str], fx: Any) -> Features:
-    """Decode like production, then the model's three outputs (plus two 512-d diagnostics)."""
-    from PIL import Image
-
-    from pipeline.ingest.decode import DecodeConfig, Decoder
-
-    dec = Decoder(DecodeConfig.for_model(fx.card.config))
-    g = _decode([bench.gallery[x] for x in gids], dec)
-    q = _decode([bench.queries[x] for x in qids], dec)
-    t = time.perf_counter()
-    g128, g512 = fx.gallery(g["high"])
-    tg = time.perf_counter() - t
-    t = time.perf_counter()
-    q128 = fx.query_coarse(q["low"])
-    q512 = fx.rerank(q["high"])
-    tq = time.perf_counter() - t
-    q112 = np.stack([np.asarray(Image.fromarray(h).resize((112, 112), Image.BILINEAR)) for h in q["high"]])
-    return Features(g128, g512, q128, q512, fx.rerank(q["low"]), fx.rerank(q112), q["low_content"],
-                    g["low_content"], {"model_gallery": round(tg, 3), "model_queries": round(tq, 3)})
-
-
-def _topk_rows(qids: list[str], gids: list[str], S: np.ndarray, rows: list[int], stage: str,
-               k: int = TOPK) -> pd.DataFrame:
-    """Top-``k`` predictions of the query rows ``rows`` from a score matrix (``-inf`` = none)."""
-    out = []
-    for r in rows:
-        s = S[r]
-        top = np.argsort(-s, kind="stable")[:k]
-        for rank, j in enumerate(top):
-            if np.isfinite(s[j]):
-                out.append((qids[r], gids[j], float(s[j]), rank + 1, stage))
-    return pd.DataFrame(out, columns=["query_id", "reference_id", "score", "rank", "stage"])
-
-
-@dataclass
-class Split:
-    """Query rows of the calibration and test halves, and what is true of each query."""
-
-    qids: list[str]
-    gids: list[str]
-    cal: list[int]
-    test: list[int]
-    truth: dict[int, int]        # positive query row -> reference column
-    kind: list[str]              # per query row: photo | everyday/<kind> | low_content/<kind>
-
-    def gt(self, rows: list[int]) -> dict[str, str]:
-        return {self.qids[r]: self.gids[self.truth[r]] for r in rows if r in self.truth}
-
-    def negatives(self, rows: list[int]) -> list[str]:
-        return [self.qids[r] for r in rows if r not in self.truth]
-
-
-def _decisions(S: np.ndarray, sp: Split, rows: list[int], target: float) -> dict[str, Any]:
-    """Calibrate a threshold for ``target`` precision on ``rows`` -> threshold and recall there."""
-    p = _topk_rows(sp.qids, sp.gids, S, rows, "x", k=1)
-    q, r, s = p["query_id"].tolist(), p["reference_id"].tolist(), p["score"].to_numpy()
-    thr = M.threshold_for_precision(q, r, s, sp.gt(rows), target, sp.negatives(rows))
-    return {"threshold": thr, **M.operating_point(q, r, s, sp.gt(rows), sp.negatives(rows), thr)}
-
-
-def quality(S: np.ndarray, sp: Split, threshold: float) -> dict[str, Any]:
-    """Test-half metrics of one score matrix at one threshold: µAP, recall@1, recall@P90, the
-    operating point, false flags per unrelated upload (by kind)."""
-    p = _topk_rows(sp.qids, sp.gids, S, sp.test, "x")
-    q, r, s = p["query_id"].tolist(), p["reference_id"].tolist(), p["score"].to_numpy()
-    gt = sp.gt(sp.test)
-    rp, thr90 = M.recall_at_precision(q, r, s, gt, 0.9)
-    op = M.operating_point(q, r, s, gt, sp.negatives(sp.test), threshold)
-    best = M.top1(q, r, s)
-    flagged = {x for x, (_, sc) in best.items() if sc >= threshold}
-    every = [sp.qids[i] for i in sp.test if sp.kind[i].startswith("everyday/")]
-    low = [sp.qids[i] for i in sp.test if sp.kind[i].startswith("low_content/")]
-    photo_neg = [sp.qids[i] for i in sp.test if sp.kind[i] == "photo" and i not in sp.truth]
-    return {"micro_ap": M.micro_ap(q, r, s, gt), "recall_at_1": M.recall_at_1(q, r, s, gt),
-            "recall_at_p90": rp, "threshold_at_p90": thr90, "operating_point": op,
-            "false_flags_per_unrelated_upload": len(flagged & set(every)) / len(every) if every else 0.0,
-            "everyday_flagged": len(flagged & set(every)), "everyday_uploads": len(every),
-            "low_content_flagged": len(flagged & set(low)), "low_content_uploads": len(low),
-            "photo_negatives_flagged": len(flagged & set(photo_neg)), "photo_negatives": len(photo_neg)}
-
-
-# --------------------------------------------------------------------------------------------
-# Calibration
-# --------------------------------------------------------------------------------------------
-def calibrate_norm(S512: np.ndarray, bq: dict[int, np.ndarray], sp: Split, target: float) -> tuple[ScoreNorm, list[dict]]:
-    """The (beta, k) with the best recall at ``target`` precision on the calibration half
-    (exhaustive 512-d decisions); ties go to the smaller beta. Returns it and the whole grid."""
-    grid, best, best_key = [], ScoreNorm(), (-1.0, 0.0)
-    for k, term in bq.items():
-        for beta in NORM_BETAS if len(term) else (0.0,):
-            d = _decisions(S512 - beta * term[:, None] if len(term) else S512, sp, sp.cal, target)
-            grid.append({"beta": beta, "k": k, "recall": round(d["recall"], 4), "precision": round(d["precision"], 4)})
-            key = (round(d["recall"], 6), -beta)
-            if key > best_key:
-                best, best_key = ScoreNorm(beta, k), key
-    return best, grid
-
-
-def coarse_flag_parity(S128: np.ndarray, F: np.ndarray, rows: list[int], truth: dict[int, int], k: int,
-                       fine: float, budget: float) -> dict[str, Any]:
-    """The highest coarse threshold whose cascade keeps all but ``budget`` of exhaustive search's
-    true flags on ``rows``. A flag (query, best reference j*) is kept iff j* is in the query's
-    coarse top-``k`` at or above the threshold: then j* is also the best candidate."""
-    rows_a = np.asarray(rows, np.int64)
-    best = np.argmax(F[rows_a], axis=1)
-    flagged = [(r, j) for r, j in zip(rows_a, best) if F[r, j] >= fine and truth.get(int(r)) == j]
-    if not flagged:
-        return {"threshold": -1.0, "true_flags": 0, "always_lost": 0}
-    kth = -np.sort(-S128[[r for r, _ in flagged]], axis=1)[:, min(k, S128.shape[1]) - 1]
-    c = np.asarray([S128[r, j] for r, j in flagged])
-    reachable = c >= kth
-    always_lost = int((~reachable).sum())
-    allowed = int(np.floor(budget * len(flagged))) - always_lost
-    cs = np.sort(c[reachable])
-    thr = float(cs[max(0, allowed)]) if len(cs) else -1.0
-    return {"threshold": thr, "true_flags": len(flagged), "always_lost": always_lost}
-
-
-def cascade_sim(S128: np.ndarray, F: np.ndarray, rows: list[int], truth: dict[int, int], t: float, k: int,
-                fine: float) -> dict[str, float]:
-    """Exact simulation of the cascade on ``rows`` at coarse threshold ``t``: survivors, true
-    flags kept vs exhaustive search, false flags."""
-    rows_a = np.asarray(rows, np.int64)
-    C, Fr = S128[rows_a], F[rows_a]
-    kth = -np.sort(-C, axis=1)[:, min(k, C.shape[1]) - 1][:, None]
-    cand = (C >= t) & (C >= kth)
-    surv = cand.any(axis=1)
-    bc = np.argmax(np.where(cand, Fr, -np.inf), axis=1)
-    be = np.argmax(Fr, axis=1)
-    true_col = np.asarray([truth.get(int(r), -1) for r in rows_a])
-    is_pos = true_col >= 0
-    casc_flag = surv & (Fr[np.arange(len(Fr)), bc] >= fine)
-    exh_flag = Fr[np.arange(len(Fr)), be] >= fine
-    tp_c, tp_e = casc_flag & (bc == true_col), exh_flag & (be == true_col)
-    return {"coarse_threshold": round(float(t), 4), "survivors": round(float(surv.mean()), 4),
-            "negatives_surviving": round(float(surv[~is_pos].mean()), 4) if (~is_pos).any() else 0.0,
-            "true_flags": int(tp_c.sum()), "exhaustive_true_flags": int(tp_e.sum()),
-            "flags_kept": round(float(tp_c.sum() / tp_e.sum()), 4) if tp_e.sum() else 1.0,
-            "false_flags": int((casc_flag & (bc != true_col)).sum()),
-            "recall_at_1": round(float((surv & (bc == true_col))[is_pos].mean()), 4) if is_pos.any() else 0.0}
-
-
-# --------------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Calibration:
-    norm: ScoreNorm
-    fine: float
-    coarse: float
-    rerank_k: int
-    grid: list[dict]
-    parity: dict[str, Any]
-
-
-def _scores(ft: Features, bank: Any, sp: Split) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-    """Raw 512-d and 128-d score matrices and the background terms per k. Low-content queries
-    get no scores at all (the job never searches them), nor low-content references."""
-    S512, S128 = ft.q512 @ ft.g512.T, ft.q128 @ ft.g128.T
-    for S in (S512, S128):
-        S[ft.low_content] = -np.inf
-        S[:, ft.g_low_content] = -np.inf
-    bg = bank.f512 if bank is not None else None
-    bq = {k: background_term(ft.q512, bg, k) if bg is not None else np.zeros(0) for k in NORM_KS}
-    return S512, S128, bq
-
-
-def calibrate(S512: np.ndarray, S128: np.ndarray, bq: dict[int, np.ndarray], sp: Split, target: float,
-              rerank_k: int, budget: float) -> Calibration:
-    norm, grid = calibrate_norm(S512, bq, sp, target)
-    F = S512 - norm.beta * bq[norm.k][:, None] if norm.beta else S512
-    fine = _decisions(F, sp, sp.cal, target)["threshold"]
-    parity = coarse_flag_parity(S128, F, sp.cal, sp.truth, rerank_k, fine, budget)
-    return Calibration(norm, fine, parity["threshold"], rerank_k, grid, parity)
+    out.mkdir(parents=True, exist_ok=True)
+    fx = FeatureExtractor(model_dir, precision=precision)
+    bank = fx.background
+    gids, qids = sorted(bench.gallery), sorted(bench.queries)
+    t0 = time.perf_counter()
+    ft = extract(bench, gids, qids, fx)
+    cal_ids, test_ids = split_halves(qids, seed)
+    idx = {q: i for i, q in enumerate(qids)}
+    gpos = {g: j for j, g in enumerate(gids)}
+    sp = Split(qids, gids, [idx[q] for q in cal_ids], [idx[q] for q in test_ids],
+               {idx[q]: gpos[r] for q, r in bench.gt.items()}, [bench.kind(q) for q in qids])
+    S512, S128, bq = score_matrices(ft, bank, sp)
+    cal = calibrate(S512, S128, bq, sp, target_precision, rerank_k, coarse_flag_budget)
+    Fexh = S512 - cal.norm.beta * bq[cal.norm.k][:, None] if cal.norm.beta else S512
+    Fn, Fr, surv, t_casc = run_cascade(ft, sp, cal, fx.card, bank, out, bench)
+    Spdq = pdq_scores(bench, sp)
+    m = assemble_metrics(bench, sp, ft, cal, S512, S128, Fexh, Fn, Fr, Spdq, surv, target_precision, coarse_flag_budget, fx)
+    m["ablation"] = ablation(S512, ft, bank, sp, cal, target_precision)
+    m["timings_seconds"] = {"total": round(time.perf_counter() - t0, 2), "cascade_search": round(t_casc, 4),
+                            **ft.seconds}
+    write_outputs(out, m, sp, {"cascade": Fn, "cascade_raw": Fr, "exhaustive512": Fexh, "exhaustive512_raw": S512,
+                                "coarse128_only": S128, "pdq": Spdq})
+    return m
 
 
 def run_cascade(ft: Features, sp: Split, cal: Calibration, card: Any, bank: Any, out: Path,
                 bench: Benchmark) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Write a real gallery version and query it like the job: -> (normalised F, raw F, survivors, s)."""
-    from pipeline.gallery import GalleryContent, GalleryIndex, VersionModel, write_version
+    from pipeline.gallery import GalleryContent, ModelRef, VersionModel, open_gallery, write_version
     from pipeline.gallery.banks import Bank
     from pipeline.ingest.storage import open_store
 
@@ -392,7 +92,7 @@ def run_cascade(ft: Features, sp: Split, cal: Calibration, card: Any, bank: Any,
     content = GalleryContent(keep.astype(np.int64), ft.g128[keep], ft.g512[keep], entries,
                              {"eval": Bank("eval", str(out), "eval", "filter")})
     write_version(gstore, content, VersionModel.from_card(card), n_shards=4, rerank_dtype="float16")
-    gal = GalleryIndex.load(gstore, model_id=card.version_id, background=bank.f512 if bank is not None else None)
+    gal = open_gallery(gstore, ModelRef(card.version_id, bank))
     searched = np.nonzero(~ft.low_content)[0]
     t = time.perf_counter()
     c = gal.candidates(ft.q128[searched], lambda rows: ft.q512[searched][rows])
@@ -426,230 +126,3 @@ def pdq_scores(bench: Benchmark, sp: Split) -> np.ndarray:
     hg = _pdq([bench.gallery[g] for g in sp.gids])
     hq = _pdq([bench.queries[q] for q in sp.qids])
     return 1.0 - (hq[:, None, :] != hg[None, :, :]).sum(axis=2) / 256.0
-
-
-def per_edit(S: np.ndarray, sp: Split, bench: Benchmark, threshold: float) -> dict[str, dict[str, float]]:
-    """Recall@1 and recall at the operating threshold per edit name (test half)."""
-    out: dict[str, dict[str, float]] = {}
-    for r, j in sp.truth.items():
-        if r not in set(sp.test):
-            continue
-        names = bench.edits.get(sp.qids[r]) or ["(none)"]
-        best = int(np.argmax(S[r]))
-        hit = best == j
-        for e in set(names) | {f"{len(names)} edit(s)"}:
-            d = out.setdefault(e, {"queries": 0, "recall_at_1": 0, "recall_at_threshold": 0})
-            d["queries"] += 1
-            d["recall_at_1"] += int(hit)
-            d["recall_at_threshold"] += int(hit and S[r, best] >= threshold)
-    for d in out.values():
-        d["recall_at_1"] = round(d["recall_at_1"] / d["queries"], 4)
-        d["recall_at_threshold"] = round(d["recall_at_threshold"] / d["queries"], 4)
-    return dict(sorted(out.items()))
-
-
-def diagnostics(ft: Features, sp: Split) -> dict[str, Any]:
-    """512-d recall@1 and true-pair cosine of the query at low res, 112 px and high res."""
-    out = {}
-    rows = [r for r in sp.test if r in sp.truth]
-    for name, q in (("high_res", ft.q512), ("low_res", ft.q512_low), ("112px", ft.q512_112)):
-        S = q @ ft.g512.T
-        hit = [int(np.argmax(S[r]) == sp.truth[r]) for r in rows]
-        cos = [float(S[r, sp.truth[r]]) for r in rows]
-        out[name] = {"recall_at_1": round(float(np.mean(hit)), 4) if hit else 0.0,
-                     "true_pair_cosine_median": round(float(np.median(cos)), 4) if cos else 0.0}
-    return out
-
-
-def ablation(S512: np.ndarray, ft: Features, bank: Any, sp: Split, cal: Calibration, target: float) -> list[dict]:
-    """One row per normalisation choice, each calibrated on the calibration half and measured on
-    the test half: raw, photo-only background, the shipped background, + a reference-side term."""
-    rows: list[dict] = []
-
-    def row(name: str, F: np.ndarray) -> None:
-        thr = _decisions(F, sp, sp.cal, target)["threshold"]
-        q = quality(F, sp, thr)
-        rows.append({"variant": name, "recall_at_p90": round(q["recall_at_p90"], 4),
-                     "recall_at_operating_point": round(q["operating_point"]["recall"], 4),
-                     "precision": round(q["operating_point"]["precision"], 4),
-                     "false_flags_per_unrelated_upload": round(q["false_flags_per_unrelated_upload"], 4),
-                     "micro_ap": round(q["micro_ap"], 4)})
-
-    row("raw 512-d cosine (no normalisation)", S512)
-    if bank is None or not cal.norm.beta:
-        return rows
-    b, k = cal.norm.beta, cal.norm.k
-    photos = bank.f512[np.asarray([x == "photo" for x in bank.kind])]
-    row(f"normalised, background of photos only (beta {b}, k {k})", S512 - b * background_term(ft.q512, photos, k)[:, None])
-    bq = background_term(ft.q512, bank.f512, k)
-    row(f"normalised, photos + generated graphics (shipped; beta {b}, k {k})", S512 - b * bq[:, None])
-    br = background_term(ft.g512, bank.f512, k)
-    row("shipped + reference-side hub term (beta/2 each side)", S512 - b * 0.5 * (bq[:, None] + br[None, :]))
-    return rows
-
-
-def evaluate(bench: Benchmark, out: Path, model_dir: str | None = None, seed: int = 0,
-             target_precision: float = 0.99, rerank_k: int = 500, coarse_flag_budget: float = 0.01,
-             precision: str = "auto") -> dict[str, Any]:
-    from pipeline.features import FeatureExtractor
-
-    out.mkdir(parents=True, exist_ok=True)
-    fx = FeatureExtractor(model_dir, precision=precision)
-    bank = fx.background
-    gids, qids = sorted(bench.gallery), sorted(bench.queries)
-    t0 = time.perf_counter()
-    ft = extract(bench, gids, qids, fx)
-    cal_ids, test_ids = _split(qids, seed)
-    idx = {q: i for i, q in enumerate(qids)}
-    gpos = {g: j for j, g in enumerate(gids)}
-    sp = Split(qids, gids, [idx[q] for q in cal_ids], [idx[q] for q in test_ids],
-               {idx[q]: gpos[r] for q, r in bench.gt.items()}, [bench.kind(q) for q in qids])
-    S512, S128, bq = _scores(ft, bank, sp)
-    cal = calibrate(S512, S128, bq, sp, target_precision, rerank_k, coarse_flag_budget)
-    Fexh = S512 - cal.norm.beta * bq[cal.norm.k][:, None] if cal.norm.beta else S512
-    Fn, Fr, surv, t_casc = run_cascade(ft, sp, cal, fx.card, bank, out, bench)
-    Spdq = pdq_scores(bench, sp)
-    m = _assemble(bench, sp, ft, cal, S512, S128, Fexh, Fn, Fr, Spdq, surv, target_precision, coarse_flag_budget, fx)
-    m["ablation"] = ablation(S512, ft, bank, sp, cal, target_precision)
-    m["timings_seconds"] = {"total": round(time.perf_counter() - t0, 2), "cascade_search": round(t_casc, 4),
-                            **ft.seconds}
-    _write_outputs(out, m, sp, {"cascade": Fn, "cascade_raw": Fr, "exhaustive512": Fexh, "exhaustive512_raw": S512,
-                                "coarse128_only": S128, "pdq": Spdq})
-    return m
-
-
-def _assemble(bench: Benchmark, sp: Split, ft: Features, cal: Calibration, S512: np.ndarray, S128: np.ndarray,
-              Fexh: np.ndarray, Fn: np.ndarray, Fr: np.ndarray, Spdq: np.ndarray, surv: np.ndarray,
-              target: float, budget: float, fx: Any) -> dict[str, Any]:
-    """metrics.json: every number of the report, test half unless named otherwise."""
-    test = np.asarray(sp.test)
-    kinds = np.asarray(sp.kind)[test]
-    is_pos = np.asarray([r in sp.truth for r in test])
-    raw_thr = _decisions(S512, sp, sp.cal, target)["threshold"]
-    sim = [cascade_sim(S128, Fexh, sp.test, sp.truth, t, cal.rerank_k, cal.fine)
-           for t in sorted({round(cal.coarse, 4), 0.3, 0.4, 0.5, 0.6, 0.7})]
-    lc = ft.low_content
-    return {
-        "model": fx.version_id, "precision": fx.precision.value,
-        "benchmark": {"gallery": len(sp.gids), "queries": len(sp.qids), "positives": len(sp.truth),
-                      "negatives": len(sp.qids) - len(sp.truth),
-                      "everyday_uploads": int(sum(k.startswith("everyday/") for k in sp.kind)),
-                      "low_content_uploads": int(sum(k.startswith("low_content/") for k in sp.kind)),
-                      "calibration_queries": len(sp.cal), "test_queries": len(sp.test), "seed": bench.seed},
-        "thresholds": {"coarse": round(cal.coarse, 4), "fine": round(cal.fine, 4), "rerank_k": cal.rerank_k,
-                       "norm": cal.norm.to_dict(), "target_precision": target, "coarse_flag_budget": budget,
-                       "coarse_calibration": cal.parity, "fine_raw": round(raw_thr, 4)},
-        "norm_grid": cal.grid,
-        "cascade": quality(Fn, sp, cal.fine), "cascade_raw": quality(Fr, sp, raw_thr),
-        "exhaustive512": quality(Fexh, sp, cal.fine), "exhaustive512_raw": quality(S512, sp, raw_thr),
-        "coarse128_only": quality(S128, sp, 1.0), "pdq": quality(Spdq, sp, 1.0),
-        "coarse_survivors": {"all_test": float(surv[test].mean()),
-                             "photo_negatives": float(surv[test][(kinds == "photo") & ~is_pos].mean()),
-                             "everyday": float(surv[test][np.char.startswith(kinds.astype(str), "everyday/")].mean()),
-                             "negatives": float(surv[test][~is_pos].mean()), "positives": float(surv[test][is_pos].mean())},
-        "coarse_tradeoff": sim,
-        "low_content": {"detected": int(lc.sum()),
-                        "of_low_content_uploads": int(sum(lc[i] for i, k in enumerate(sp.kind) if k.startswith("low_content/"))),
-                        "low_content_uploads": int(sum(k.startswith("low_content/") for k in sp.kind)),
-                        "photo_queries_marked": int(sum(lc[i] for i, k in enumerate(sp.kind) if k == "photo")),
-                        "gallery_marked": int(ft.g_low_content.sum())},
-        "per_edit": per_edit(Fn, sp, bench, cal.fine),
-        "diagnostics_512d_by_query_size": diagnostics(ft, sp),
-    }
-
-
-def _write_outputs(out: Path, m: dict[str, Any], sp: Split, scores: dict[str, np.ndarray]) -> None:
-    preds = {name: _topk_rows(sp.qids, sp.gids, S, list(range(len(sp.qids))), name) for name, S in scores.items()}
-    preds["cascade"].to_parquet(out / "predictions.parquet", index=False)
-    pd.concat([p for n, p in preds.items() if n != "cascade"]).to_parquet(out / "baseline_predictions.parquet", index=False)
-    (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
-    tset = {sp.qids[r] for r in sp.test}
-    _plot(out / "pr_curve.png", {n: p[p["query_id"].isin(tset)] for n, p in preds.items()
-                                 if n in ("cascade", "cascade_raw", "coarse128_only", "pdq")}, sp.gt(sp.test))
-    (out / "report.md").write_text(report_md(m))
-
-
-def _plot(path: Path, preds: dict[str, pd.DataFrame], gt: dict[str, str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, p in preds.items():
-        c = M.pr_curve(p["query_id"].tolist(), p["reference_id"].tolist(), p["score"].to_numpy(), gt)
-        ap = M.micro_ap(p["query_id"].tolist(), p["reference_id"].tolist(), p["score"].to_numpy(), gt)
-        ax.plot(c.recall, c.precision, label=f"{name} (µAP {ap:.3f})")
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _quality_table(m: dict[str, Any]) -> list[str]:
-    lines = ["| method | µAP | recall@1 | recall @ P90 | recall at its threshold | precision there "
-             "| false flags / unrelated upload |", "|---|---|---|---|---|---|---|"]
-    for name, key in (("cascade, normalised (the job)", "cascade"), ("cascade, raw cosine", "cascade_raw"),
-                      ("exhaustive 512-d, normalised", "exhaustive512"), ("exhaustive 512-d, raw", "exhaustive512_raw"),
-                      ("128-d only (adapter 2 vs adapter 1)", "coarse128_only"), ("PDQ (perceptual hash)", "pdq")):
-        r = m[key]
-        op = r["operating_point"]
-        lines.append(f"| {name} | {r['micro_ap']:.3f} | {r['recall_at_1']:.3f} | {r['recall_at_p90']:.3f} | "
-                     f"{op['recall']:.3f} | {op['precision']:.3f} | {r['false_flags_per_unrelated_upload']:.4f} |")
-    return lines
-
-
-def report_md(m: dict[str, Any]) -> str:
-    b, t, c = m["benchmark"], m["thresholds"], m["cascade"]
-    op, s, lc = c["operating_point"], m["coarse_survivors"], m["low_content"]
-    lines = [
-        f"# modscan evaluation: model `{m['model']}` ({m['precision']})", "",
-        f"Gallery {b['gallery']} images; {b['queries']} queries ({b['positives']} positive, {b['negatives']} negative, "
-        f"of which {b['everyday_uploads']} generated everyday uploads and {b['low_content_uploads']} low-content); "
-        f"calibrated on {b['calibration_queries']} queries, metrics on the other {b['test_queries']}.", "",
-        *_quality_table(m), "",
-        f"Thresholds: coarse ≥ {t['coarse']} (flag parity, budget {t['coarse_flag_budget']}), fine ≥ {t['fine']} "
-        f"on the normalised score (beta {t['norm']['beta']}, k {t['norm']['k']}; raw-cosine threshold would be "
-        f"{t['fine_raw']}), target precision {t['target_precision']}.",
-        f"Operating point: precision {op['precision']:.3f}, recall {op['recall']:.3f}; false flags: "
-        f"{c['everyday_flagged']}/{c['everyday_uploads']} unrelated everyday uploads, "
-        f"{c['photo_negatives_flagged']}/{c['photo_negatives']} unrelated photo queries, "
-        f"{c['low_content_flagged']}/{c['low_content_uploads']} low-content uploads.",
-        f"Low content: {lc['of_low_content_uploads']}/{lc['low_content_uploads']} low-content uploads detected; "
-        f"{lc['photo_queries_marked']} photo queries and {lc['gallery_marked']} references marked low content.",
-        f"Coarse survivors (get the high-res pass): {s['all_test']:.1%} of test queries; photo negatives "
-        f"{s['photo_negatives']:.1%}, everyday uploads {s['everyday']:.1%}, positives {s['positives']:.1%}.",
-        "", "The coarse threshold's price (test half, simulated exactly; flags = true flags vs exhaustive search):", "",
-        "| coarse threshold | survivors | negatives surviving | flags kept | true flags | false flags | recall@1 |",
-        "|---|---|---|---|---|---|---|",
-        *[f"| {r['coarse_threshold']:.3f} | {r['survivors']:.1%} | {r['negatives_surviving']:.1%} | {r['flags_kept']:.3f} "
-          f"| {r['true_flags']}/{r['exhaustive_true_flags']} | {r['false_flags']} | {r['recall_at_1']:.3f} |"
-          for r in m["coarse_tradeoff"]],
-        "", "512-d diagnostics by query size (test positives):", "",
-        "| query size | recall@1 | true-pair cosine (median) |", "|---|---|---|",
-        *[f"| {k} | {v['recall_at_1']:.3f} | {v['true_pair_cosine_median']:.3f} |"
-          for k, v in m["diagnostics_512d_by_query_size"].items()],
-        "", "Ablation (each calibrated on the calibration half, measured on the test half):", "",
-        "| variant | µAP | recall @ P90 | recall at op. point | precision | false flags / unrelated upload |",
-        "|---|---|---|---|---|---|",
-        *[f"| {r['variant']} | {r['micro_ap']:.3f} | {r['recall_at_p90']:.3f} | {r['recall_at_operating_point']:.3f} "
-          f"| {r['precision']:.3f} | {r['false_flags_per_unrelated_upload']:.4f} |" for r in m["ablation"]],
-        "", "| edit | queries | recall@1 | recall at threshold |", "|---|---|---|---|",
-        *[f"| {e} | {d['queries']} | {d['recall_at_1']:.3f} | {d['recall_at_threshold']:.3f} |"
-          for e, d in m["per_edit"].items()],
-        "", "![PR curves](pr_curve.png)", ""]
-    return "\n".join(lines)
-
-
-def card_update(m: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(thresholds, metrics) to store in a model card from an evaluation's metrics."""
-    t = m["thresholds"]
-    thresholds = {"coarse": t["coarse"], "fine": t["fine"], "rerank_k": t["rerank_k"], "norm": t["norm"]}
-    keep = ("benchmark", "cascade", "cascade_raw", "exhaustive512", "coarse128_only", "pdq", "thresholds",
-            "coarse_survivors", "low_content", "diagnostics_512d_by_query_size")
-    return thresholds, {k: m[k] for k in keep}

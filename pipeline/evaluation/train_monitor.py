@@ -5,7 +5,7 @@ before stage 1 and after every ``monitor_every`` epochs and stops stage 1 at the
 the best epoch). The benchmark is the one ``modscan evaluate --photos DIR --seed N`` builds
 (edited copies, unrelated photos, everyday graphics), decoded once by the production decoder. The
 monitored ``metric`` is the mean µAP of the two query passes stage 1 trains for: the low-res query
-(what the coarse adapter is distilled from) and the high-res query (the rerank) against high-res
+(what the coarse adapter is distilled from) and the high-res query (the fine one) against high-res
 references. Only the 512-d head is needed, so it runs before the adapters exist.
 """
 
@@ -21,12 +21,12 @@ import torch
 from models.descriptor import DescriptorModel
 from models.preprocess import to_batch
 from pipeline.evaluation import retrieval_metrics as M
-from pipeline.evaluation.evaluate import built_benchmark
+from pipeline.evaluation.benchmark import built_benchmark
 from pipeline.ingest.decode import DecodeConfig, Decoder
 
 
 @torch.no_grad()
-def _rerank(model: DescriptorModel, arrays: np.ndarray, batch: int = 64) -> np.ndarray:
+def _fine_features(model: DescriptorModel, arrays: np.ndarray, batch: int = 64) -> np.ndarray:
     dev = next(model.parameters()).device
     return np.concatenate([model.rerank_features(to_batch(arrays[i:i + batch], dev)).cpu().numpy()
                            for i in range(0, len(arrays), batch)])
@@ -52,10 +52,10 @@ def stage1_monitor(photos: str | Path, model: DescriptorModel, seed: int = 0,
         was_training = m.training
         m.eval()
         try:
-            g512 = _rerank(m, g["high"])
+            g512 = _fine_features(m, g["high"])
             res = {}
             for name, arrays in (("low", q["low"]), ("high", q["high"])):
-                preds = _top1_predictions(_rerank(m, arrays) @ g512.T, qids, gids)
+                preds = _top1_predictions(_fine_features(m, arrays) @ g512.T, qids, gids)
                 res[f"uap_{name}"] = M.micro_ap(*preds, gt)
                 res[f"recall1_{name}"] = M.recall_at_1(*preds, gt)
             res["metric"] = (res["uap_low"] + res["uap_high"]) / 2

@@ -1,48 +1,87 @@
 """Reference galleries: immutable versions in object storage, their updates, and the query side.
 
-Three modules, one concern each; imports run one way (``update`` -> ``store`` <- ``query``):
+Modules, one concern each; imports run one way (``a <- b``: ``b`` imports ``a``):
+``manifest`` <- ``store`` <- ``loader`` <- ``query``, and ``store`` <- ``update``.
 
-- :mod:`pipeline.gallery.store`: the version format and its I/O: what a version records of its
-  model (:class:`VersionModel`), write and publish, read and verify, the streaming loader;
+- :mod:`pipeline.gallery.manifest`: what a version records (:class:`Manifest`, typed and frozen,
+  read and written there only), including its model and thresholds (:class:`VersionModel`);
+- :mod:`pipeline.gallery.store`: the version format's I/O: write and publish, read a manifest,
+  read a version's content back to derive the next one;
+- :mod:`pipeline.gallery.loader`: the streaming, verified loader the query side uses, and ``verify``;
 - :mod:`pipeline.gallery.update`: build a version from bank sources, add and remove images, info;
-- :mod:`pipeline.gallery.query`: :class:`GalleryIndex` (a loaded version), the cascade over it and
-  the bank rules that turn candidates into one :class:`Match` per query.
+- :mod:`pipeline.gallery.query`: :func:`open_gallery`, the one way to open a version for querying
+  (the job, ``lookup``, ``evaluate`` and the benchmarks), :class:`GalleryIndex` (a loaded version),
+  the cascade over it and the bank rules that turn candidates into one :class:`Match` per query;
+- :mod:`pipeline.gallery.index` (the sharded faiss index), :mod:`~pipeline.gallery.banks` (bank
+  files) and :mod:`~pipeline.gallery.audit` (the append-only audit log) underneath.
+
+Words, one meaning each:
+
+- *coarse*: the first stage, 128-d (low-res query features, coarse scores, the coarse threshold);
+- *fine*: the second stage, 512-d: query features (``FeatureExtractor.fine_features``), fine
+  scores (what the fine thresholds apply to, after score normalisation);
+- *rerank*: the second stage's step, scoring the coarse candidates with fine features, and the
+  stored things named after it: ``rerank_k`` (candidates reranked per query), the gallery's
+  *rerank vectors* (``shard-NNN.rerank.safetensors``, ``rerank_dtype``, ``rerank_dim``).
+
+The two index classes have verbs of their own: :class:`~pipeline.gallery.index.CascadeIndex` is
+the bare index (``search_coarse``, ``score_fine``, ``search_fine_exhaustive``: thresholds and ``k``
+are arguments); :class:`GalleryIndex` is a version with its rules (``coarse_hits`` at its own
+thresholds, ``normalise``, ``candidates``, ``decide``, ``search``).
 
 The names below are the package's interface (``from pipeline import gallery as G; G.build(...)``).
 """
 
 from __future__ import annotations
 
-from pipeline.gallery.query import Candidates, CoarseHits, FineScores, GalleryIndex, Match, SearchResult
-from pipeline.gallery.store import (
+from pipeline.gallery.loader import LoadedVersion, load_streaming, stream_sha256, verify
+from pipeline.gallery.manifest import (
     FORMAT_VERSION,
+    BankRecord,
+    Counts,
+    DisabledReference,
+    EntriesFile,
+    GalleryModelMismatch,
+    Manifest,
+    Rejected,
+    ShardFiles,
+    VersionModel,
+)
+from pipeline.gallery.query import (
+    Candidates,
+    CoarseHits,
+    FineScores,
+    GalleryIndex,
+    Match,
+    ModelRef,
+    QueryModel,
+    QueryOverrides,
+    SearchResult,
+    open_gallery,
+)
+from pipeline.gallery.store import (
     GalleryContent,
     GalleryIntegrityError,
-    GalleryModelMismatch,
     GalleryNotFound,
-    LoadedVersion,
     StoredVersion,
-    VersionModel,
-    check_model,
     current_version,
-    disabled_in_force,
     list_versions,
-    load_streaming,
     publish_version,
     read_content,
     read_manifest,
     resolve_version,
-    stream_sha256,
-    verify,
     write_audited,
+    write_derived,
     write_version,
 )
 from pipeline.gallery.update import Extractor, Update, add, add_images, build, info, list_source, remove
 
 __all__ = [
-    "FORMAT_VERSION", "Candidates", "CoarseHits", "Extractor", "FineScores", "GalleryContent", "GalleryIndex",
-    "GalleryIntegrityError", "GalleryModelMismatch", "GalleryNotFound", "LoadedVersion", "Match", "SearchResult",
-    "StoredVersion", "Update", "VersionModel", "add", "add_images", "build", "check_model", "current_version",
-    "disabled_in_force", "info", "list_source", "list_versions", "load_streaming", "publish_version", "read_content",
-    "read_manifest", "remove", "resolve_version", "stream_sha256", "verify", "write_audited", "write_version",
+    "FORMAT_VERSION", "BankRecord", "Candidates", "CoarseHits", "Counts", "DisabledReference", "EntriesFile",
+    "Extractor", "FineScores", "GalleryContent", "GalleryIndex", "GalleryIntegrityError", "GalleryModelMismatch",
+    "GalleryNotFound", "LoadedVersion", "Manifest", "Match", "ModelRef", "QueryModel", "QueryOverrides", "Rejected",
+    "SearchResult", "ShardFiles", "StoredVersion", "Update", "VersionModel", "add", "add_images", "build",
+    "current_version", "info", "list_source", "list_versions", "load_streaming", "open_gallery", "publish_version",
+    "read_content", "read_manifest", "remove", "resolve_version", "stream_sha256", "verify", "write_audited",
+    "write_derived", "write_version",
 ]

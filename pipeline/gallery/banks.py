@@ -72,6 +72,37 @@ def _locate(text: str) -> list[tuple[int, dict[str, int]]]:
     return blocks
 
 
+def _bank_errors(n: int, b: dict[str, Any], head: int, keys: dict[str, int], seen: dict[str, int]
+                 ) -> list[tuple[int, str]]:
+    """Every problem of the ``n``-th ``[[bank]]`` table ``b`` (header at line ``head``, its keys at
+    ``keys``), in file order; a valid name is recorded in ``seen`` (name -> line)."""
+    line = lambda k: keys.get(k, head)
+    errors: list[tuple[int, str]] = []
+    for k in sorted(set(b) - _KNOWN):
+        errors.append((line(k), f"bank #{n + 1}: unknown key {k!r} (known: {sorted(_KNOWN)})"))
+    for k in ("name", "source", "category", "action"):
+        if k not in b:
+            errors.append((head, f"bank #{n + 1}: missing required key {k!r}"))
+        elif not isinstance(b[k], str) or not b[k].strip():
+            errors.append((line(k), f"bank #{n + 1}: {k!r} must be a non-empty string"))
+    name = b.get("name")
+    if isinstance(name, str):
+        if not _NAME.match(name):
+            errors.append((line("name"), f"bank name {name!r} must match {_NAME.pattern}"))
+        elif name in seen:
+            errors.append((line("name"), f"duplicate bank name {name!r} (first at line {seen[name]})"))
+        else:
+            seen[name] = line("name")
+    if isinstance(b.get("action"), str) and b["action"] not in ACTIONS:
+        errors.append((line("action"), f"bank {name!r}: action {b['action']!r} must be one of {list(ACTIONS)}"))
+    thr = b.get("fine_threshold")
+    if thr is not None and (isinstance(thr, bool) or not isinstance(thr, (int, float)) or not -1.0 <= thr <= 1.0):
+        errors.append((line("fine_threshold"), f"bank {name!r}: fine_threshold must be a number in [-1, 1], got {thr!r}"))
+    if "enabled" in b and not isinstance(b["enabled"], bool):
+        errors.append((line("enabled"), f"bank {name!r}: enabled must be true or false"))
+    return errors
+
+
 def parse_banks(text: str, path: str = "<banks>", base_dir: str | None = None) -> list[Bank]:
     """Parse and validate; raises :class:`BankFileError` listing every error with its line."""
     try:
@@ -91,44 +122,14 @@ def parse_banks(text: str, path: str = "<banks>", base_dir: str | None = None) -
     seen: dict[str, int] = {}
     for n, b in enumerate(raw):
         head, keys = where[n] if n < len(where) else (0, {})
-        line = lambda k, keys=keys, head=head: keys.get(k, head)
-        bad = False
-        for k in sorted(set(b) - _KNOWN):
-            errors.append((line(k), f"bank #{n + 1}: unknown key {k!r} (known: {sorted(_KNOWN)})"))
-            bad = True
-        for k in ("name", "source", "category", "action"):
-            if k not in b:
-                errors.append((head, f"bank #{n + 1}: missing required key {k!r}"))
-                bad = True
-            elif not isinstance(b[k], str) or not b[k].strip():
-                errors.append((line(k), f"bank #{n + 1}: {k!r} must be a non-empty string"))
-                bad = True
-        name = b.get("name")
-        if isinstance(name, str):
-            if not _NAME.match(name):
-                errors.append((line("name"), f"bank name {name!r} must match {_NAME.pattern}"))
-                bad = True
-            elif name in seen:
-                errors.append((line("name"), f"duplicate bank name {name!r} (first at line {seen[name]})"))
-                bad = True
-            else:
-                seen[name] = line("name")
-        if isinstance(b.get("action"), str) and b["action"] not in ACTIONS:
-            errors.append((line("action"), f"bank {name!r}: action {b['action']!r} must be one of {list(ACTIONS)}"))
-            bad = True
-        thr = b.get("fine_threshold")
-        if thr is not None and (isinstance(thr, bool) or not isinstance(thr, (int, float)) or not -1.0 <= thr <= 1.0):
-            errors.append((line("fine_threshold"), f"bank {name!r}: fine_threshold must be a number in [-1, 1], got {thr!r}"))
-            bad = True
-        if "enabled" in b and not isinstance(b["enabled"], bool):
-            errors.append((line("enabled"), f"bank {name!r}: enabled must be true or false"))
-            bad = True
-        if bad:
+        bank_errors = _bank_errors(n, b, head, keys, seen)
+        errors += bank_errors
+        if bank_errors:
             continue
-        src = b["source"]
+        src, thr = b["source"], b.get("fine_threshold")
         if base_dir and not src.startswith("s3://") and not os.path.isabs(src):
             src = os.path.normpath(os.path.join(base_dir, src))
-        banks.append(Bank(name, src, b["category"], b["action"],
+        banks.append(Bank(b["name"], src, b["category"], b["action"],
                           float(thr) if thr is not None else None, b.get("enabled", True)))
     if errors:
         raise BankFileError(path, errors)

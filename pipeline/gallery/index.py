@@ -1,9 +1,11 @@
 """The sharded two-stage index: coarse 128-d faiss shards + 512-d rerank vectors, ids everywhere.
 
 One interface (like ThreatExchange's ``SignalTypeIndex``): :meth:`CascadeIndex.build`,
-:meth:`CascadeIndex.coarse` (batch of 128-d queries -> top-K ids above the coarse threshold,
-merged across shards by global id), :meth:`CascadeIndex.rerank` (512-d queries x candidate ids ->
-fine scores) and :meth:`CascadeIndex.to_shards` / :meth:`CascadeIndex.from_shards` for storage.
+:meth:`CascadeIndex.search_coarse` (batch of 128-d queries -> top-K ids above the coarse
+threshold, merged across shards by global id) and :meth:`CascadeIndex.score_fine` (512-d queries
+x candidate ids -> fine scores). For storage, :attr:`CascadeIndex.shards` holds one
+:class:`Shard` per file pair (:meth:`Shard.index_bytes` / :meth:`Shard.rerank_bytes`, read back
+with :meth:`Shard.from_bytes`), and ``CascadeIndex(shards, ...)`` rebuilds the index from them.
 
 Ids are explicit int64 (``IndexIDMap2``); an entry lives in shard ``id % n_shards``. Row position
 is never identity: rerank vectors are looked up by id through a sorted id table.
@@ -268,7 +270,7 @@ class CascadeIndex:
     def ntotal(self) -> int:
         return int(len(self._sorted_ids))
 
-    def coarse(self, xq: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    def search_coarse(self, xq: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
         """``(B, coarse_dim)`` unit queries -> ``D, I`` of shape ``(B, k)``: the best ``k`` gallery
         ids with cosine >= ``threshold``, best first; padding is ``I = -1``, ``D = -inf``."""
         xq = np.ascontiguousarray(xq, np.float32)
@@ -298,7 +300,14 @@ class CascadeIndex:
             I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
         return D, I
 
-    def lookup_rerank(self, ids: np.ndarray) -> np.ndarray:
+    def adopt_rerank_matrix(self, rerank: np.ndarray, sorted_ids: np.ndarray) -> None:
+        """Score with ``rerank``, whose rows are the vectors of ``sorted_ids`` (ascending): the
+        streaming loader fills this one matrix instead of handing over per-shard copies."""
+        if not np.array_equal(self._sorted_ids, sorted_ids) or len(rerank) != len(sorted_ids):
+            raise ValueError("rerank matrix rows do not match the index's ids in ascending order")
+        self._rerank = rerank
+
+    def rerank_vectors(self, ids: np.ndarray) -> np.ndarray:
         """``(n,)`` ids -> ``(n, rerank_dim)`` float32 vectors; KeyError for unknown ids."""
         ids = np.asarray(ids, np.int64)
         if self._row_of is not None:  # compact ids: one gather
@@ -313,7 +322,7 @@ class CascadeIndex:
             raise KeyError(f"unknown gallery ids {ids[~ok][:5].tolist()}")
         return decode_rerank(self._rerank[pos])
 
-    def rerank(self, xq512: np.ndarray, I: np.ndarray) -> np.ndarray:
+    def score_fine(self, xq512: np.ndarray, I: np.ndarray) -> np.ndarray:
         """``(B, rerank_dim)`` queries and ``(B, k)`` candidate ids -> ``(B, k)`` fine cosine
         scores (``-inf`` where ``I = -1``). Works in blocks of queries so that the gathered
         candidate vectors stay small (a 500-candidate batch would otherwise materialise GBs)."""
@@ -328,12 +337,12 @@ class CascadeIndex:
             if not valid.any():
                 continue
             # (b, k, d) candidate vectors, padding slots pointed at a real entry and masked after
-            vecs = self.lookup_rerank(np.where(valid, Ib, first).ravel()).reshape(Ib.shape[0], Ib.shape[1], -1)
+            vecs = self.rerank_vectors(np.where(valid, Ib, first).ravel()).reshape(Ib.shape[0], Ib.shape[1], -1)
             scores = np.matmul(vecs, xq[b:b + 32, :, None])[:, :, 0]
             F[b:b + 32] = np.where(valid, scores, -np.inf)
         return F
 
-    def exhaustive_rerank(self, xq512: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_fine_exhaustive(self, xq512: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Baseline: exact 512-d search over the whole gallery (no cascade) -> ``D, I`` ``(B, k)``."""
         if self.ntotal == 0:
             return np.full((len(xq512), k), -np.inf, np.float32), np.full((len(xq512), k), -1, np.int64)

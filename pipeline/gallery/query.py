@@ -1,23 +1,93 @@
-"""The query side of a gallery: a loaded, verified version (:class:`GalleryIndex`), the cascade
-over it (coarse for every query, rerank for survivors, score normalisation) and the bank rules
-that turn candidates into one :class:`Match` per query. Reads versions through
-:mod:`pipeline.gallery.store`; knows nothing of how they are built or updated.
+"""The query side of a gallery: :func:`open_gallery`, the one way to open a version for querying
+(the job's Moderator, ``modscan lookup``, ``modscan evaluate`` and the benchmarks all call it);
+the loaded, verified version (:class:`GalleryIndex`), the cascade over it (coarse for every
+query, rerank for survivors, score normalisation) and the bank rules that turn candidates into
+one :class:`Match` per query. Reads versions through :mod:`pipeline.gallery.loader`; knows
+nothing of how they are built or updated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 import pandas as pd
 
-from pipeline.gallery.banks import Bank
-from pipeline.gallery.index import CascadeIndex, CascadeParams, ScoreNorm, background_term
-from pipeline.gallery.store import GalleryIntegrityError, check_model, disabled_in_force, load_streaming, read_manifest
+from pipeline.gallery.index import CascadeIndex, CascadeParams, background_term
+from pipeline.gallery.loader import load_streaming
+from pipeline.gallery.manifest import DisabledReference, Manifest
+from pipeline.gallery.store import GalleryIntegrityError, read_manifest
 from pipeline.ingest.storage import Store, open_store
 from pipeline.schemas import Action, Status
+
+if TYPE_CHECKING:
+    from models.card import BackgroundBank
+
+
+class QueryModel(Protocol):
+    """What opening a gallery needs of the model that makes the queries: its ``version_id`` (the
+    gallery must have been built with it) and its ``background`` bank (score normalisation).
+    A :class:`~pipeline.features.FeatureExtractor` is one; :class:`ModelRef` is one for code
+    that queries with features computed beforehand."""
+
+    @property
+    def version_id(self) -> str: ...
+
+    @property
+    def background(self) -> BackgroundBank | None: ...
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A :class:`QueryModel` without the network: a card's ``version_id`` and its background bank
+    (:func:`models.card.load_background`)."""
+
+    version_id: str
+    background: BackgroundBank | None = None
+
+
+@dataclass(frozen=True)
+class QueryOverrides:
+    """What a job config sets over a version's own query settings; None keeps the manifest's.
+
+    The thresholds are ``[job] coarse_threshold``, ``fine_threshold`` and ``rerank_k``; ``nprobe``
+    and ``ef_search`` are ``[job] coarse_nprobe`` / ``coarse_ef_search`` (lists an IVF coarse
+    index searches, search breadth of an HNSW one; the manifest's ``coarse_index`` otherwise)."""
+
+    coarse_threshold: float | None = None
+    fine_threshold: float | None = None
+    rerank_k: int | None = None
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+    @classmethod
+    def from_thresholds(cls, thresholds: Mapping[str, float] | None, nprobe: int | None = None,
+                        ef_search: int | None = None) -> QueryOverrides:
+        """From a job's threshold overrides dict (keys ``coarse``, ``fine``, ``rerank_k``, each
+        optional: ``JobConfig.threshold_overrides()``) and its coarse search settings."""
+        t = thresholds or {}
+        return cls(t.get("coarse"), t.get("fine"), t.get("rerank_k"), nprobe, ef_search)
+
+
+def open_gallery(gallery: str | Store, model: QueryModel | None, *, version: str | None = None,
+                 overrides: QueryOverrides = QueryOverrides()) -> GalleryIndex:
+    """Open a gallery version (default: ``CURRENT``) for querying, every file verified.
+
+    ``model`` is the query model (:class:`QueryModel`): a version built with another model is
+    refused (:class:`~pipeline.gallery.manifest.GalleryModelMismatch`) and its background bank
+    normalises fine scores. ``None`` opens a version to inspect it: no model check and no bank, so
+    a version whose ``norm.beta > 0`` refuses to score (its thresholds were calibrated on
+    normalised scores). ``overrides`` are the job config's (:class:`QueryOverrides`)."""
+    store = open_store(gallery) if isinstance(gallery, str) else gallery
+    m = read_manifest(store, version)
+    if model is not None:
+        m.check_model(model.version_id)
+    cascade, entries = load_streaming(store, m, nprobe=overrides.nprobe, ef_search=overrides.ef_search)
+    params = m.model.params(overrides.coarse_threshold, overrides.fine_threshold, overrides.rerank_k)
+    bank = model.background if model is not None else None
+    return GalleryIndex(m, cascade, entries, params, bank.f512 if bank is not None else None)
 
 
 @dataclass
@@ -83,18 +153,19 @@ class SearchResult(NamedTuple):
 
 
 class GalleryIndex:
-    """A loaded, verified gallery version: cascade search plus the bank rules."""
+    """A loaded, verified gallery version: cascade search plus the bank rules. Open one with
+    :func:`open_gallery`; the constructor is for versions assembled in memory (tests)."""
 
-    def __init__(self, manifest: dict[str, Any], cascade: CascadeIndex, entries: pd.DataFrame,
+    def __init__(self, manifest: Manifest, cascade: CascadeIndex, entries: pd.DataFrame,
                  params: CascadeParams, background: np.ndarray | None = None) -> None:
         self.manifest, self.cascade, self.params = manifest, cascade, params
         # (N, rerank_dim) background features of the query model, for score normalisation
         self.background = background if params.norm.beta else None
-        self.banks = {n: Bank.from_dict(b) for n, b in manifest["banks"].items()}
+        self.banks = {n: b.bank for n, b in manifest.banks.items()}
         self.entries = entries
         # References disabled by review decisions, as of load time: a job keeps one view for its
         # whole run, like it keeps one gallery version.
-        self.disabled: dict[int, dict[str, Any]] = disabled_in_force(manifest)
+        self.disabled: dict[int, DisabledReference] = manifest.disabled_in_force()
         self._members: dict[int, list[tuple[str, str, str, float]]] = {}
         for gid, bank in zip(entries["id"].tolist(), entries["bank"].tolist()):
             b = self.banks[bank]
@@ -109,40 +180,15 @@ class GalleryIndex:
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return self.manifest.version
 
     @property
     def model_id(self) -> str:
-        return self.manifest["model_id"]
+        return self.manifest.model.model_id
 
-    @classmethod
-    def load(cls, uri_or_store: str | Store, model_id: str | None = None, version: str | None = None,
-             use_gpu: bool | None = None, overrides: dict[str, float] | None = None,
-             background: np.ndarray | None = None, nprobe: int | None = None,
-             ef_search: int | None = None) -> GalleryIndex:
-        """Load and verify a version (default: ``CURRENT``); refuse a model-id mismatch.
-
-        ``background`` is the query model's background bank (512-d); the manifest's ``norm``
-        settings say how it normalises fine scores. A gallery whose ``norm.beta > 0`` loads without
-        one (to inspect it) but refuses to score: its thresholds were calibrated on normalised scores.
-        """
-        store = open_store(uri_or_store) if isinstance(uri_or_store, str) else uri_or_store
-        m = read_manifest(store, version)
-        if model_id is not None:
-            check_model(m, model_id)
-        cascade, entries = load_streaming(store, m, use_gpu=use_gpu, nprobe=nprobe, ef_search=ef_search)
-        t = {**m["thresholds"], **(overrides or {})}
-        norm = ScoreNorm.from_dict({**m["thresholds"].get("norm", {}), **(overrides or {}).get("norm", {})})
-        params = CascadeParams(float(t["coarse"]), float(t["fine"]), int(t.get("rerank_k", 500)), norm)
-        return cls(m, cascade, entries, params, background)
-
-    def coarse(self, xq128: np.ndarray) -> CoarseHits:
+    def coarse_hits(self, xq128: np.ndarray) -> CoarseHits:
         """Stage 1 for every upload: ``D, I`` ``(B, rerank_k)`` above the coarse threshold."""
-        return CoarseHits(*self.cascade.coarse(xq128, self.params.rerank_k, self.params.coarse_threshold))
-
-    def rerank(self, xq512: np.ndarray, I: np.ndarray) -> np.ndarray:
-        """Stage 2 for survivors only: fine scores of their candidates."""
-        return self.cascade.rerank(xq512, I)
+        return CoarseHits(*self.cascade.search_coarse(xq128, self.params.rerank_k, self.params.coarse_threshold))
 
     def decide(self, D: np.ndarray, I: np.ndarray, F: np.ndarray | None,
                offset: np.ndarray | None = None) -> list[Match]:
@@ -198,20 +244,21 @@ class GalleryIndex:
         offset = norm.beta * background_term(xq512, self.background, norm.k) if norm.beta else np.zeros(len(F), np.float32)
         return FineScores((F - offset[:, None]).astype(np.float32), offset.astype(np.float32))
 
-    def candidates(self, xq128: np.ndarray, rerank_fn: Callable[[np.ndarray], np.ndarray]) -> Candidates:
-        """The cascade for a batch: coarse for all; ``rerank_fn(rows)`` -> 512-d queries, called only
-        for the rows with a coarse candidate, whose fine scores are then normalised."""
-        D, I = self.coarse(xq128)
+    def candidates(self, xq128: np.ndarray, fine_fn: Callable[[np.ndarray], np.ndarray]) -> Candidates:
+        """The cascade for a batch: coarse for all; ``fine_fn(rows)`` -> the 512-d (fine) query
+        features of those rows, called only for the rows with a coarse candidate, which are then
+        reranked (fine scores of their candidates, normalised)."""
+        D, I = self.coarse_hits(xq128)
         survivors = I[:, 0] >= 0
         F = np.full(I.shape, -np.inf, np.float32)
         offset = np.zeros(len(I), np.float32)
         if survivors.any():
             rows = np.nonzero(survivors)[0]
-            xq512 = rerank_fn(rows)
-            F[rows], offset[rows] = self.normalise(xq512, self.rerank(xq512, I[rows]))
+            xq512 = fine_fn(rows)
+            F[rows], offset[rows] = self.normalise(xq512, self.cascade.score_fine(xq512, I[rows]))
         return Candidates(D, I, F, survivors, offset)
 
-    def search(self, xq128: np.ndarray, rerank_fn: Callable[[np.ndarray], np.ndarray]) -> SearchResult:
+    def search(self, xq128: np.ndarray, fine_fn: Callable[[np.ndarray], np.ndarray]) -> SearchResult:
         """Cascade + bank rules: one :class:`Match` per query, and the survivor mask."""
-        c = self.candidates(xq128, rerank_fn)
+        c = self.candidates(xq128, fine_fn)
         return SearchResult(self.decide(c.D, c.I, c.F, c.offset), c.survivors)

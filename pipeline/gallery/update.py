@@ -3,7 +3,7 @@
 Every update writes one new immutable version (:func:`pipeline.gallery.store.write_audited`) with
 its audit record. A version derived from another (add, remove; review apply in
 :mod:`pipeline.ops.review_decisions`) reuses the stored vectors and keeps the gallery's own model id and
-thresholds (:meth:`VersionModel.from_manifest`); only ``build`` takes them from a model card.
+thresholds (:func:`pipeline.gallery.store.write_derived`); only ``build`` takes them from a model card.
 """
 
 from __future__ import annotations
@@ -18,17 +18,16 @@ from models.card import ModelCard
 from models.preprocess import IMAGE_SUFFIXES
 from pipeline.gallery import audit as A
 from pipeline.gallery.banks import Bank
+from pipeline.gallery.manifest import Manifest, Rejected, VersionModel
 from pipeline.gallery.store import (
     GalleryContent,
-    VersionModel,
-    _now,
-    check_model,
     current_version,
-    disabled_in_force,
     list_versions,
+    now_utc,
     read_content,
     read_manifest,
     write_audited,
+    write_derived,
 )
 from pipeline.ingest.storage import Store, open_store
 from pipeline.schemas import ENTRY_SCHEMA
@@ -62,11 +61,10 @@ def add_images(content: GalleryContent, bank: Bank, uris: list[str], extract: Ex
     members = set(zip(content.entries["id"], content.entries["bank"])) if len(content.entries) else set()
     next_id = int(content.ids.max()) + 1 if len(content.ids) else 0
     new_ids, new_c, new_r, new_rows = [], [], [], []
-    now = _now()
+    now = now_utc()
     for r in extract(uris):
         if not r["ok"]:
-            content.rejected.append({"bank": bank.name, "uri": r["uri"], "error_code": r["error_code"],
-                                     "error_message": r["error_message"]})
+            content.rejected.append(Rejected(bank.name, r["uri"], r["error_code"], r["error_message"]))
             stats["rejected"] += 1
             continue
         sha = r["sha256"]
@@ -126,15 +124,13 @@ def add(store: Store, bank_name: str, uris: list[str], card: ModelCard, extract:
     """New version = current + ``uris`` in ``bank_name``; existing vectors are reused, not re-extracted.
     ``card`` is the model ``extract`` runs (it must be the gallery's); the gallery keeps its thresholds."""
     m, content = read_content(store)
-    check_model(m, card.version_id)
+    m.check_model(card.version_id)
     if bank_name not in content.banks:
         if new_bank is None:
-            raise KeyError(f"bank {bank_name!r} is not in gallery {m['version']}; pass --banks to declare it")
+            raise KeyError(f"bank {bank_name!r} is not in gallery {m.version}; pass --banks to declare it")
         content.banks[bank_name] = new_bank
     stats = add_images(content, content.banks[bank_name], uris, extract)
-    version = write_audited(store, content, VersionModel.from_manifest(m), len(m["shards"]), m["rerank_dtype"],
-                            m["version"], m.get("coarse_index", "Flat"), "add", who, note,
-                            details={"bank": bank_name, **stats})
+    version = write_derived(store, m, content, "add", who, note=note, details={"bank": bank_name, **stats})
     return Update(version, stats)
 
 
@@ -144,7 +140,7 @@ def remove(store: Store, card: ModelCard | None = None, bank: str | None = None,
     Removing extracts nothing, so ``card`` is optional: given, a gallery of another model is refused."""
     m, content = read_content(store)
     if card is not None:
-        check_model(m, card.version_id)
+        m.check_model(card.version_id)
     e = content.entries
     ids, shas = set(int(i) for i in ids), set(shas)
     sel = pd.Series(True, index=e.index)
@@ -154,7 +150,7 @@ def remove(store: Store, card: ModelCard | None = None, bank: str | None = None,
         raise ValueError("remove needs --bank, --ids or --sha256")
     if bank is not None:
         if bank not in content.banks:
-            raise KeyError(f"bank {bank!r} is not in gallery {m['version']}")
+            raise KeyError(f"bank {bank!r} is not in gallery {m.version}")
         sel &= e["bank"] == bank
     removed = int(sel.sum())
     content.entries = e[~sel].reset_index(drop=True)
@@ -164,8 +160,7 @@ def remove(store: Store, card: ModelCard | None = None, bank: str | None = None,
     if bank is not None and not ids and not shas:
         content.banks.pop(bank)
     stats = {"memberships_removed": removed, "images_dropped": dropped}
-    version = write_audited(store, content, VersionModel.from_manifest(m), len(m["shards"]), m["rerank_dtype"],
-                            m["version"], m.get("coarse_index", "Flat"), "remove", who, note,
+    version = write_derived(store, m, content, "remove", who, note=note,
                             details={"bank": bank, "ids": sorted(ids), "sha256": sorted(shas), **stats})
     return Update(version, stats)
 
@@ -173,21 +168,22 @@ def remove(store: Store, card: ModelCard | None = None, bank: str | None = None,
 def info(store: Store) -> dict[str, Any]:
     """Versions, counts per bank, model id and size of the current version."""
     m = read_manifest(store)
-    vstore = store.child(f"versions/{m['version']}")
+    vstore = store.child(f"versions/{m.version}")
     size = sum(store.fs.get_file_info(vstore.path(k)).size for k in vstore.list())
-    return {"root": store.uri, "current": m["version"], "versions": list_versions(store), "model_id": m["model_id"],
-            "created_at": m["created_at"], "counts": m["counts"],
-            "banks": {n: {k: b[k] for k in ("category", "action", "count", "enabled", "fine_threshold")}
-                      for n, b in m["banks"].items()},
-            "shards": len(m["shards"]), "rerank_dtype": m["rerank_dtype"], "thresholds": m["thresholds"],
-            "bytes": int(size), "rejected": len(m.get("rejected", [])),
+    return {"root": store.uri, "current": m.version, "versions": list_versions(store), "model_id": m.model.model_id,
+            "created_at": m.created_at, "counts": m.counts.to_dict(),
+            "banks": {n: {"category": b.bank.category, "action": b.bank.action, "count": b.count,
+                          "enabled": b.bank.enabled, "fine_threshold": b.bank.fine_threshold}
+                      for n, b in m.banks.items()},
+            "shards": len(m.shards), "rerank_dtype": m.rerank_dtype, "thresholds": m.model.thresholds(),
+            "bytes": int(size), "rejected": len(m.rejected),
             **_review_state(store, m)}
 
 
-def _review_state(store: Store, m: dict[str, Any], recent: int = 20) -> dict[str, Any]:
+def _review_state(store: Store, m: Manifest, recent: int = 20) -> dict[str, Any]:
     """Disabled references of ``m`` (in force or expired) and the tail of the audit log."""
-    in_force = disabled_in_force(m)
-    disabled = [{**d, "in_force": d["id"] in in_force} for d in m.get("disabled_references", [])]
+    in_force = m.disabled_in_force()
+    disabled = [{**d.to_dict(), "in_force": d.id in in_force} for d in m.disabled_references]
     records = A.read_log(store)
     return {"disabled_references": disabled,
             "audit": {"records": len(records), "chain_problems": A.verify_log(store),

@@ -59,7 +59,7 @@ class DecodeError(Exception):
         self.message = message
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB; transparency is composited over white (uploads are shown on white)."""
     if im.mode == "RGB":
         return im
@@ -105,7 +105,7 @@ def open_image(data: bytes, cfg: DecodeConfig) -> Image.Image:
                 im.draft(im.mode, (cfg.high_res, cfg.high_res))
             im.load()
             im = ImageOps.exif_transpose(im) or im
-            return _to_rgb(im)
+            return to_rgb(im)
     except DecodeError:
         raise
     except UnidentifiedImageError as e:

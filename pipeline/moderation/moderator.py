@@ -45,19 +45,16 @@ class Moderator:
     def __init__(self, gallery_uri: str, ctx: RunContext, model_dir: str | None = None,
                  device: str | None = None, threads: int | None = None,
                  threshold_overrides: dict[str, float] | None = None,
-                 gallery_version: str | None = None, fail_on_keys: tuple[str, ...] = (),
-                 precision: str = "auto", nprobe: int | None = None, ef_search: int | None = None) -> None:
+                 gallery_version: str | None = None, precision: str = "auto",
+                 nprobe: int | None = None, ef_search: int | None = None) -> None:
         from pipeline.features import FeatureExtractor
-        from pipeline.gallery import GalleryIndex
+        from pipeline.gallery import QueryOverrides, open_gallery
 
         self.fx = FeatureExtractor(model_dir, device=device, threads=threads, precision=precision)
-        background = self.fx.background.f512 if self.fx.background is not None else None
         # gallery_version: the job's pinned version (never CURRENT at actor start: a version
         # published during the run must not mix into its partition)
-        self.gallery = GalleryIndex.load(gallery_uri, model_id=self.fx.version_id, overrides=threshold_overrides,
-                                         version=gallery_version, background=background, nprobe=nprobe,
-                                         ef_search=ef_search)
-        self.fail_on_keys = frozenset(fail_on_keys)  # TEST ONLY (JobConfig.test_fail_keys): fault injection
+        self.gallery = open_gallery(gallery_uri, self.fx, version=gallery_version,
+                                    overrides=QueryOverrides.from_thresholds(threshold_overrides, nprobe, ef_search))
         self.ctx = ctx
         self._timings = open_store(ctx.timings_uri) if ctx.timings_uri else None
 
@@ -66,8 +63,6 @@ class Moderator:
         that were already decode errors keep their code) and the job goes on: a bug must cost
         rows that say so, never the run or silently lost uploads."""
         try:
-            if self.fail_on_keys and self.fail_on_keys.intersection(str(k) for k in batch["image_key"]):
-                raise RuntimeError(f"fault injected for a key of this batch (test_fail_keys) in {self!r}")
             return self._moderate(batch)
         except Exception as e:
             log.exception("Moderator failed on a batch of %d rows; writing internal_error rows", len(batch["image_key"]))
@@ -110,16 +105,16 @@ class Moderator:
             return {}, timing
         low, high = batch["low"][rows], batch["high"][rows]
 
-        def rerank_fn(sel: np.ndarray) -> np.ndarray:
+        def fine_fn(sel: np.ndarray) -> np.ndarray:
             t1 = time.perf_counter()
-            out = self.fx.rerank(high[sel])
+            out = self.fx.fine_features(high[sel])
             timing["model_rerank"] += time.perf_counter() - t1
             return out
 
         t = time.perf_counter()
         xq = self.fx.query_coarse(low)
         timing["model_coarse"] = time.perf_counter() - t
-        decisions, survivors = self.gallery.search(xq, rerank_fn)
+        decisions, survivors = self.gallery.search(xq, fine_fn)
         timing["search"] = time.perf_counter() - t - timing["model_coarse"] - timing["model_rerank"]
         timing["survivors"] = int(survivors.sum())
         return {int(r): d for r, d in zip(rows, decisions)}, timing

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.gallery import GalleryIndex
+from pipeline.gallery import DisabledReference, GalleryIndex
 from pipeline.ingest.decode import DecodeConfig, Decoder
 from pipeline.schemas import Action, Status
 
@@ -128,7 +128,7 @@ class LookupReport:
     default_fine_threshold: float
     rerank_k: int
     banks: tuple[BankRule, ...]
-    disabled_references: tuple[dict[str, Any], ...]
+    disabled_references: tuple[DisabledReference, ...]
     explanations: tuple[Explanation, ...]
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,7 +182,7 @@ def _rule(gal: GalleryIndex, m: Any, job_D: np.ndarray, job_I: np.ndarray, job_F
             if gid in gal.disabled:
                 d = gal.disabled[gid]
                 why = (Rule.DISABLED_REFERENCE, f"reference #{gid} ({bank!r}, fine {fine:.3f} >= {thr:.3f}) is disabled "
-                       f"until {d.get('until') or 'enabled again'} by {d.get('by')}: {d.get('note') or 'no note'}")
+                       f"until {d.until or 'enabled again'} by {d.by}: {d.note or 'no note'}")
             elif not b.enabled:
                 why = (Rule.DISABLED_BANK, f"reference #{gid} matched bank {bank!r} (fine {fine:.3f} >= {thr:.3f}), "
                        f"but the bank is disabled")
@@ -207,6 +207,61 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
+_JobRow = tuple[Any, np.ndarray, np.ndarray, np.ndarray]       # the job's Match and its D, I, F rows
+_ShownRow = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # best k: coarse, ids, fine, fine raw
+
+
+def _scores(gal: GalleryIndex, fx: Any, dec: dict[str, Any], rows: np.ndarray, low_content: np.ndarray,
+            top_k: int) -> tuple[dict[int, _JobRow], dict[int, _ShownRow]]:
+    """The job's cascade and bank rules for the decoded ``rows`` (not low content), and the best
+    ``top_k`` coarse candidates of every decoded row whatever their score, with their fine scores."""
+    job: dict[int, _JobRow] = {}
+    shown: dict[int, _ShownRow] = {}
+    if not len(rows):
+        return job, shown
+    xq128 = fx.query_coarse(dec["low"][rows])
+    xq512 = fx.fine_features(dec["high"][rows])
+    searched = np.nonzero(~low_content[rows])[0]  # the job never searches a low-content upload
+    if len(searched):
+        c = gal.candidates(xq128[searched], lambda sel: xq512[searched][sel])  # the job's cascade ...
+        matches = gal.decide(c.D, c.I, c.F, c.offset)                        # ... and its bank rules
+        for j, s_ in enumerate(searched):
+            job[int(rows[s_])] = (matches[j], c.D[j], c.I[j], c.F[j])
+    k = max(1, min(top_k, gal.cascade.ntotal))
+    Ds, Is = gal.cascade.search_coarse(xq128, k, -np.inf)  # display: best k, whatever their score
+    Fraw = gal.cascade.score_fine(xq512, Is)
+    Fs, _ = gal.normalise(xq512, Fraw)
+    for j, r in enumerate(rows):
+        shown[int(r)] = (Ds[j], Is[j], Fs[j], Fraw[j])
+    return job, shown
+
+
+def _candidates(gal: GalleryIndex, shown: _ShownRow, I: np.ndarray, F: np.ndarray,
+                src: dict[int, str]) -> tuple[Candidate, ...]:
+    """The shown candidates of one upload; ``I``, ``F``: the job's candidate ids and fine scores."""
+    in_job = {int(g): float(f) for g, f in zip(I.tolist(), F.tolist()) if g >= 0}
+    Ds, Is, Fs, Fraw = shown
+    cands = []
+    for rank, (d, g, f, fr) in enumerate(zip(Ds.tolist(), Is.tolist(), Fs.tolist(), Fraw.tolist()), start=1):
+        if g < 0:
+            continue
+        scored = bool(g in in_job and np.isfinite(in_job[g]))
+        cands.append(Candidate(rank, int(g), src.get(g), float(d), d >= gal.params.coarse_threshold, float(f),
+                               float(fr), scored, _memberships(gal, int(g), float(f), scored)))
+    return tuple(cands)
+
+
+def _decision(gal: GalleryIndex, m: Any, D: np.ndarray | None, I: np.ndarray, F: np.ndarray) -> Decision:
+    """The job's decision ``m`` for a decoded upload (None: low content, never searched) and its rule."""
+    if m is None:
+        return Decision(Status.LOW_CONTENT.value, Action.NONE.value, None, None, None, None, None, None,
+                        Rule.LOW_CONTENT.value, "near-uniform picture (flat colour, almost empty canvas): "
+                        "nothing to identify it by, so the job never searches it")
+    rule, detail = _rule(gal, m, D, I, F)
+    return Decision(m.status, m.action, m.bank, m.category, m.reference_id, m.coarse_score,
+                    _finite(m.fine_score), _finite(getattr(m, "fine_score_raw", None)), rule.value, detail)
+
+
 def explain(images: list[str], gal: GalleryIndex, fx: Any, top_k: int = 10,
             decode_cfg: DecodeConfig | None = None) -> LookupReport:
     """Run ``images`` (paths or ``s3://`` URIs) through the job's stages and explain each decision.
@@ -220,24 +275,7 @@ def explain(images: list[str], gal: GalleryIndex, fx: Any, top_k: int = 10,
     dec = Decoder(decode_cfg)(fetched)
     ok = np.asarray(dec["ok"], bool)
     low_content = np.asarray(dec.get("low_content", np.zeros(len(ok), bool)), bool) & ok
-    rows = np.nonzero(ok)[0]
-    job: dict[int, tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = {}
-    shown: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
-    if len(rows):
-        xq128 = fx.query_coarse(dec["low"][rows])
-        xq512 = fx.rerank(dec["high"][rows])
-        searched = np.nonzero(~low_content[rows])[0]  # the job never searches a low-content upload
-        if len(searched):
-            c = gal.candidates(xq128[searched], lambda sel: xq512[searched][sel])  # the job's cascade ...
-            matches = gal.decide(c.D, c.I, c.F, c.offset)                        # ... and its bank rules
-            for j, s_ in enumerate(searched):
-                job[int(rows[s_])] = (matches[j], c.D[j], c.I[j], c.F[j])
-        k = max(1, min(top_k, gal.cascade.ntotal))
-        Ds, Is = gal.cascade.coarse(xq128, k, -np.inf)         # display: best k, whatever their score
-        Fraw = gal.rerank(xq512, Is)
-        Fs, _ = gal.normalise(xq512, Fraw)
-        for j, r in enumerate(rows):
-            shown[int(r)] = (Ds[j], Is[j], Fs[j], Fraw[j])
+    job, shown = _scores(gal, fx, dec, np.nonzero(ok)[0], low_content, top_k)
     src = gal.entries.drop_duplicates("id").set_index("id")["source_uri"].to_dict()
     out = []
     for i, uri in enumerate(images):
@@ -249,27 +287,10 @@ def explain(images: list[str], gal: GalleryIndex, fx: Any, top_k: int = 10,
                                                          f"{dr.error_code}: {dr.error_message}")))
             continue
         m, D, I, F = job.get(i, (None, None, np.zeros(0, np.int64), np.zeros(0, np.float32)))
-        in_job = {int(g): float(f) for g, f in zip(I.tolist(), F.tolist()) if g >= 0}
-        Ds, Is, Fs, Fraw = shown[i]
-        cands = []
-        for rank, (d, g, f, fr) in enumerate(zip(Ds.tolist(), Is.tolist(), Fs.tolist(), Fraw.tolist()), start=1):
-            if g < 0:
-                continue
-            scored = bool(g in in_job and np.isfinite(in_job[g]))
-            cands.append(Candidate(rank, int(g), src.get(g), float(d), d >= gal.params.coarse_threshold, float(f),
-                                   float(fr), scored, _memberships(gal, int(g), float(f), scored)))
-        if m is None:  # low content
-            decision = Decision(Status.LOW_CONTENT.value, Action.NONE.value, None, None, None, None, None, None,
-                                Rule.LOW_CONTENT.value, "near-uniform picture (flat colour, almost empty canvas): "
-                                "nothing to identify it by, so the job never searches it")
-        else:
-            rule, detail = _rule(gal, m, D, I, F)
-            decision = Decision(m.status, m.action, m.bank, m.category, m.reference_id, m.coarse_score,
-                                _finite(m.fine_score), _finite(getattr(m, "fine_score_raw", None)), rule.value, detail)
-        out.append(Explanation(uri, dr, tuple(cands), decision))
+        out.append(Explanation(uri, dr, _candidates(gal, shown[i], I, F, src), _decision(gal, m, D, I, F)))
     return LookupReport(gal.version, gal.model_id, gal.params.coarse_threshold, gal.params.fine_threshold,
                         gal.params.rerank_k, thresholds_in_force(gal),
-                        tuple(sorted(gal.disabled.values(), key=lambda d: d["id"])), tuple(out))
+                        tuple(sorted(gal.disabled.values(), key=lambda d: d.id)), tuple(out))
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,8 +310,7 @@ def render_table(report: LookupReport) -> str:
     for b in report.banks:
         L.append(f"{b.bank:<24} {b.category:<28} {b.action:<9} {b.threshold:>8.3f}  {'enabled' if b.enabled else 'DISABLED'}")
     for d in report.disabled_references:
-        L.append(f"disabled reference #{d['id']} until {d.get('until') or 'enabled again'} "
-                 f"(by {d.get('by')}: {d.get('note') or '-'})")
+        L.append(f"disabled reference #{d.id} until {d.until or 'enabled again'} (by {d.by}: {d.note or '-'})")
     for e in report.explanations:
         L += ["", f"== {e.image}"]
         if e.decode.ok:

@@ -298,7 +298,7 @@ def apply_decisions(store: Store, text: str, path: str, card: ModelCard, extract
         input_uri = open_store(input_uri).uri
     changes = parse_decisions(text, path, content, input_uri)
     if any(c.effect == "add_to_bank" for c in changes):
-        G.check_model(m, card.version_id)
+        m.check_model(card.version_id)
     results = _extract_uploads(changes, extract, path)
     added: dict[str, dict[str, int]] = {}
     now = _dt.datetime.now(_dt.UTC).isoformat()
@@ -309,21 +309,20 @@ def apply_decisions(store: Store, text: str, path: str, card: ModelCard, extract
             for k, v in st.items():
                 tot[k] = tot.get(k, 0) + v
         elif c.effect == "disable":
-            content.disabled[c.reference_id] = {"id": c.reference_id, "until": c.disabled_until, "by": c.reviewer,
-                                                "at": now, "note": c.note, "run_id": c.run_id}
+            content.disabled[c.reference_id] = G.DisabledReference(c.reference_id, c.disabled_until, c.reviewer, now,
+                                                                   c.note, c.run_id)
         else:
             content.disabled.pop(c.reference_id, None)
     if dry_run:
-        return ApplyResult(None, m["version"], tuple(changes), added)
+        return ApplyResult(None, m.version, tuple(changes), added)
     counts: dict[str, int] = {}
     for c in changes:
         counts[c.decision] = counts.get(c.decision, 0) + 1
     runs = {c.run_id for c in changes if c.run_id}
-    model = G.VersionModel.from_manifest(m)  # the gallery's own thresholds: a review never recalibrates
-    version = G.write_audited(store, content, model, len(m["shards"]), m["rerank_dtype"], m["version"],
-                              m.get("coarse_index", "Flat"), "review_apply", who,
+    # the gallery's own model and thresholds: a review never recalibrates
+    version = G.write_derived(store, m, content, "review_apply", who,
                               run_id=runs.pop() if len(runs) == 1 else None,
                               note=f"review apply {os.path.basename(path)}: {len(changes)} decision(s)",
                               details={"decisions": counts, "added": added, "file": os.path.basename(path)},
                               changes=[c.audit() for c in changes])
-    return ApplyResult(version, m["version"], tuple(changes), added)
+    return ApplyResult(version, m.version, tuple(changes), added)

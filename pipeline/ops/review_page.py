@@ -139,7 +139,7 @@ def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: 
     m = read_manifest(gstore, gallery_version)
     import pyarrow.parquet as pq
 
-    entries = pq.read_table(gstore.path(f"versions/{m['version']}/entries.parquet"), filesystem=gstore.fs).to_pandas()
+    entries = pq.read_table(gstore.path(f"versions/{m.version}/{m.entries.file}"), filesystem=gstore.fs).to_pandas()
     src = entries.drop_duplicates("id").set_index("id")["source_uri"].to_dict()
 
     def rows(frame: pd.DataFrame) -> str:
@@ -167,7 +167,7 @@ def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: 
 <style>{CSS}</style></head><body>
 <h1>modscan review: dt={html.escape(dt)}</h1>
 <p>run <code>{html.escape(run_id)}</code>; model <code>{html.escape(str(df['model_version'].iloc[0]) if len(df) else '-')}</code>;
-gallery <code>{html.escape(m['version'])}</code>; rows: {html.escape(str(counts))}</p>
+gallery <code>{html.escape(m.version)}</code>; rows: {html.escape(str(counts))}</p>
 {_held_banner(matched)}
 <h2>Matches by reference ({matched['reference_id'].nunique()} references, {len(matched)} uploads)</h2>
 <table><tr><th>reference</th><th>bank</th><th>uploads</th><th>best matches (fine score)</th></tr>

@@ -1,7 +1,7 @@
-"""A real S3 endpoint on this machine: a moto server on 127.0.0.1 (random port).
+"""A real S3 endpoint for the tests: a moto server on 127.0.0.1 (random port).
 
-Used by the tests and by ``modscan bench pipeline`` (S3 input through the same code as production:
-boto3 and pyarrow's ``S3FileSystem``). Needs the ``test`` extra (``moto[server]``).
+The tests reach S3 through the same code as production (boto3 and pyarrow's ``S3FileSystem``).
+Needs the ``test`` extra (``moto[server]``); the fixtures in ``conftest.py`` use it.
 """
 
 from __future__ import annotations

