@@ -1,0 +1,289 @@
+"""An upload's hash signals, computed once per file: MD5 of the bytes, PDQ hash and quality.
+
+**PDQ hex convention.** ThreatExchange's Python library (``python-threatexchange``,
+``threatexchange/signal_type/pdq/pdq_hasher.py``, ``_pdq_from_numpy_array``) turns the 256 bits
+that ``pdqhash.compute`` returns into hex by joining them into a binary string, reading it as one
+integer (first bit most significant) and printing it as 64 lower-case, zero-padded hex digits.
+:func:`bits_to_hex` writes the same string (``np.packbits`` is MSB-first within each byte and
+byte 0 is the first two hex digits); the tests re-run that library's code path verbatim and
+compare, and check the hashes ThreatExchange publishes for its ``bridge-mods`` photos.
+
+**What PDQ is computed on** (measured on ThreatExchange's 12 ``pdq/data/bridge-mods`` photos,
+``../shared/data/edge-cases/pdq-bridge-mods``: bits off the file's own full-resolution hash, which
+is what ``threatexchange`` computes and programs' lists hold, and the largest distance of the 12
+to the original's full-resolution hash, i.e. to the list entry; 2 shared CPU cores):
+
+=============================================  ============  =====================  ==========
+input to ``pdqhash.compute``                    bits off own  max to the list entry  ms/image
+=============================================  ============  =====================  ==========
+full-resolution decode                          0             16                     27-29
+JPEG draft to >= 256 px short side (default)    0-6           16                     7-10
+JPEG draft to >= 160 px (the decoder's draft)   0-14          16                     5-6
+the decoder's 160 px square (``high``)          8-22          24                     6-8
+=============================================  ============  =====================  ==========
+
+(ms/image is decode + PDQ; for the square, the decoder's own decode + resize.) All 12 edits match
+their original within 31 in every row; the square spends the most of the budget.
+
+Downscaling by pixel resampling costs PDQ much more than the JPEG codec's DCT-domain scaling or an
+integer box reduction (a bilinear resize of the same photos to a 512 px long side lands up to 10
+bits off, to a 256 px long side up to 24), and PDQ on a full 1600 x 1000 photo costs ~29 ms,
+most of it in PDQ itself. Hence the rule of
+:func:`pdq_from_image`: use the image as decoded with the JPEG draft at :data:`PDQ_MIN_SIDE`, then
+reduce by an integer factor (``Image.reduce``, a box filter) while the short side stays >=
+:data:`PDQ_MIN_SIDE`. The decoder's 160 px square is **not** a good PDQ input: an exact copy
+already lands 8-22 bits away from its list hash, most of the 31-bit budget; ``SignalHasher(source=
+"square")`` exists for cost comparisons only. Reproduce: ``.venv/bin/python -m
+pipeline.signals.hashes ../shared/data/edge-cases/pdq-bridge-mods``.
+
+Two deliberate differences from ``threatexchange``'s ``pdq_from_bytes``: the image is made upright
+by its EXIF orientation and transparency is composited over white (the decoder's
+:func:`~pipeline.ingest.decode.open_image`, so that PDQ sees what the descriptor sees). A list hash
+computed by a tool that ignores EXIF (``threatexchange`` does) on a file with a non-trivial
+orientation is the hash of a rotation of what we hash, far apart in Hamming distance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.ingest.decode import DecodeConfig, DecodeError, open_image
+
+PDQ_BITS = 256
+PDQ_BYTES = PDQ_BITS // 8
+PDQ_HEX_LEN = PDQ_BITS // 4
+MD5_HEX_LEN = 32
+# ThreatExchange's PdqSignal: QUALITY_THRESHOLD (below it "too unreliable to match on") and
+# PDQ_CONFIDENT_MATCH_THRESHOLD (a match is distance <= 31), HMA's defaults.
+PDQ_QUALITY_FLOOR = 50
+PDQ_MATCH_DISTANCE = 31
+# Short side PDQ is computed at (see the module docstring for the measurement).
+PDQ_MIN_SIDE = 256
+# pdq_quality of a row without a PDQ hash (not decodable, read error): PDQ's own range is 0-100.
+NO_QUALITY = -1
+
+_HEX = re.compile(r"[0-9a-fA-F]*")
+
+
+def md5_hex(data: bytes) -> str:
+    """MD5 of the file's bytes as 32 lower-case hex digits (what MD5 lists hold: the file's, not
+    the picture's; any re-encoding changes it)."""
+    return hashlib.md5(bytes(data)).hexdigest()
+
+
+def bits_to_hex(bits: np.ndarray | Sequence[int]) -> str:
+    """256 bits (0/1, first bit first) -> 64 lower-case hex digits, first bit most significant:
+    ThreatExchange's convention (``pdq_hasher._pdq_from_numpy_array``)."""
+    b = np.asarray(bits)
+    if b.shape != (PDQ_BITS,):
+        raise ValueError(f"a PDQ hash has {PDQ_BITS} bits, got shape {b.shape}")
+    return np.packbits(b.astype(bool)).tobytes().hex()
+
+
+def hex_to_bits(h: str) -> np.ndarray:
+    """Inverse of :func:`bits_to_hex`: ``(256,)`` uint8 of 0/1."""
+    return np.unpackbits(pack_hex([h])[0])
+
+
+def pdq_hex(rgb: np.ndarray) -> tuple[str, int]:
+    """``(H, W, 3)`` (or ``(H, W)`` grey) uint8 pixels -> (PDQ hex, quality 0-100) with
+    ``pdqhash.compute``, the pixels hashed exactly as given. ValueError for another shape/dtype
+    (an RGBA array: composite it first, as the decoder does)."""
+    import pdqhash
+
+    a = np.asarray(rgb)
+    if a.dtype != np.uint8:
+        raise ValueError(f"PDQ takes uint8 pixels, got {a.dtype}")
+    if a.ndim == 2:  # grey: what threatexchange does for mode L (replicate to 3 channels)
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] != 3 or min(a.shape[:2]) < 1:
+        raise ValueError(f"PDQ takes (H, W, 3) RGB pixels, got shape {a.shape}")
+    bits, quality = pdqhash.compute(np.ascontiguousarray(a))
+    return bits_to_hex(bits), int(quality)
+
+
+def pdq_input(im: Image.Image, min_side: int | None = PDQ_MIN_SIDE) -> Image.Image:
+    """The image PDQ is computed on: ``im`` (RGB) reduced by the largest integer factor that keeps
+    its short side >= ``min_side`` (a box filter; ``None``: full resolution)."""
+    im = im if im.mode == "RGB" else im.convert("RGB")
+    if min_side is not None:
+        factor = min(im.size) // int(min_side)
+        if factor >= 2:
+            im = im.reduce(factor)
+    return im
+
+
+def pdq_from_image(im: Image.Image, min_side: int | None = PDQ_MIN_SIDE) -> tuple[str, int]:
+    """PDQ (hex, quality) of a decoded image, per :func:`pdq_input`. Pass the image as decoded
+    with the JPEG draft at ``min_side`` (``open_image`` with ``high_res = min_side``), not a
+    resampled one: see the module docstring for what resampling costs."""
+    return pdq_hex(np.asarray(pdq_input(im, min_side)))
+
+
+def pdq_decode_config(cfg: DecodeConfig | None = None, min_side: int = PDQ_MIN_SIDE) -> DecodeConfig:
+    """``cfg``'s input bounds (max bytes, max pixels, min side) with the JPEG draft at
+    ``min_side``: decoding for PDQ refuses exactly what the job's decoder refuses."""
+    return replace(cfg or DecodeConfig(), high_res=max(int(min_side), 1))
+
+
+def pdq_from_bytes(data: bytes, cfg: DecodeConfig | None = None, min_side: int | None = PDQ_MIN_SIDE) -> tuple[str, int]:
+    """PDQ (hex, quality) of an encoded file: decoded with the decoder's bounds, EXIF-upright,
+    transparency over white, the JPEG draft at ``min_side`` (``None``: full resolution, the
+    reference hash for exports). Raises :class:`~pipeline.ingest.decode.DecodeError`."""
+    dc = pdq_decode_config(cfg, min_side or 1 << 30)
+    return pdq_from_image(open_image(bytes(data), dc), min_side)
+
+
+def _check_hex(h: str, n: int) -> str:
+    if not isinstance(h, str) or len(h) != n or not _HEX.fullmatch(h):
+        raise ValueError(f"expected {n} hex digits, got {h!r}")
+    return h.lower()
+
+
+def hamming(a_hex: str, b_hex: str) -> int:
+    """Bits that differ between two hex hashes of the same length (PDQ: 0-256)."""
+    if not isinstance(a_hex, str) or not isinstance(b_hex, str) or len(a_hex) != len(b_hex) or not a_hex:
+        raise ValueError(f"hamming needs two hex strings of one length, got {a_hex!r} and {b_hex!r}")
+    return (int(_check_hex(a_hex, len(a_hex)), 16) ^ int(_check_hex(b_hex, len(b_hex)), 16)).bit_count()
+
+
+def pack_hex(hashes: Iterable[str]) -> np.ndarray:
+    """PDQ hex strings -> ``(n, 32)`` uint8 codes for faiss binary indexes: byte ``i`` is hex digits
+    ``2i, 2i+1``, bit order within a byte irrelevant to faiss (its Hamming distance is the popcount
+    of the XOR of whole bytes), so faiss's distance equals :func:`hamming`. ValueError naming the
+    first malformed hash."""
+    hs = list(hashes)
+    if not hs:
+        return np.zeros((0, PDQ_BYTES), np.uint8)
+    try:
+        raw = bytes.fromhex("".join(hs))
+    except (ValueError, TypeError):
+        raw = b""
+    if len(raw) != PDQ_BYTES * len(hs) or any(len(h) != PDQ_HEX_LEN for h in hs):
+        for h in hs:
+            _check_hex(h, PDQ_HEX_LEN)
+        raise ValueError("malformed PDQ hex")  # pragma: no cover - the loop names the bad one
+    return np.frombuffer(raw, np.uint8).reshape(len(hs), PDQ_BYTES).copy()
+
+
+def unpack_hex(codes: np.ndarray) -> list[str]:
+    """``(n, 32)`` uint8 codes -> PDQ hex strings (inverse of :func:`pack_hex`)."""
+    c = np.ascontiguousarray(codes, np.uint8)
+    if c.ndim != 2 or c.shape[1] != PDQ_BYTES:
+        raise ValueError(f"PDQ codes are (n, {PDQ_BYTES}) uint8, got {c.shape}")
+    return [row.tobytes().hex() for row in c]
+
+
+SOURCES = ("bytes", "square")
+
+
+class SignalHasher:
+    """Stage: a batch with ``bytes`` -> the same batch plus ``md5``, ``pdq_hash``, ``pdq_quality``.
+
+    Input columns: ``bytes`` (required), ``read_error`` (optional: a row with one gets no
+    signals), ``ok`` (optional, the decoder's: a row it refused gets no PDQ) and, for
+    ``source="square"``, ``high``. Every input column is passed through unchanged, so the stage
+    can sit before the :class:`~pipeline.ingest.decode.Decoder` (which needs ``bytes``) or, in
+    ``square`` mode, after it.
+
+    Output: ``md5`` (object: 32 hex digits, or None for a read error / zero-byte object: the MD5 of
+    the bytes even when they do not decode: MD5 lists match files), ``pdq_hash`` (object: 64 hex
+    digits or None), ``pdq_quality`` (int16: 0-100, :data:`NO_QUALITY` where ``pdq_hash`` is None).
+    Rows in = rows out; a bad row never raises (a missing ``bytes`` column, a wiring bug, does).
+
+    ``source="bytes"`` (default) decodes each file for PDQ with the decoder's bounds and the JPEG
+    draft at :data:`PDQ_MIN_SIDE` (~8 ms/image, within 0-6 bits of the full-resolution hash);
+    ``"square"`` hashes the decoder's ``high`` square (cheap, but 8-22 bits off: see the module
+    docstring). The cheapest faithful option, for the lead to integrate, is
+    :func:`pdq_from_image` inside ``Decoder.decode_one`` on the image ``open_image`` returns, with
+    the decoder's draft at ``max(high_res, PDQ_MIN_SIDE)``: one decode for both.
+    """
+
+    def __init__(self, cfg: DecodeConfig | None = None, source: str = "bytes", min_side: int = PDQ_MIN_SIDE) -> None:
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        self.cfg = pdq_decode_config(cfg, min_side)
+        self.source, self.min_side = source, int(min_side)
+
+    def _pdq(self, data: bytes, high: np.ndarray | None) -> tuple[str | None, int]:
+        try:
+            if self.source == "square":
+                if high is None:
+                    return None, NO_QUALITY
+                return pdq_hex(np.asarray(high, np.uint8))
+            return pdq_from_image(open_image(data, self.cfg), self.min_side)
+        except DecodeError:  # the decoder refuses it too (same bounds): its row says why
+            return None, NO_QUALITY
+        except Exception:  # a hashing bug must not kill the job: the row keeps no PDQ
+            return None, NO_QUALITY
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if "bytes" not in batch:
+            raise ValueError(f"SignalHasher needs a 'bytes' column, got {sorted(batch)}")
+        if self.source == "square" and "high" not in batch:
+            raise ValueError("SignalHasher(source='square') needs the decoder's 'high' column")
+        datas = list(batch["bytes"])
+        n = len(datas)
+        errs = list(batch["read_error"]) if "read_error" in batch else [None] * n
+        oks = [bool(v) for v in batch["ok"]] if "ok" in batch else [True] * n
+        highs = batch.get("high") if self.source == "square" else None
+        md5s: list[str | None] = []
+        pdqs: list[str | None] = []
+        quals = np.full(n, NO_QUALITY, np.int16)
+        for i, (d, e, ok) in enumerate(zip(datas, errs, oks)):
+            data = bytes(d) if d is not None else b""
+            if (isinstance(e, str) and e) or not data:
+                md5s.append(None)
+                pdqs.append(None)
+                continue
+            md5s.append(md5_hex(data))
+            h, q = self._pdq(data, highs[i] if highs is not None else None) if ok else (None, NO_QUALITY)
+            pdqs.append(h)
+            quals[i] = q if h is not None else NO_QUALITY
+        out = dict(batch)
+        out["md5"] = np.asarray(md5s, dtype=object)
+        out["pdq_hash"] = np.asarray(pdqs, dtype=object)
+        out["pdq_quality"] = quals
+        return out
+
+
+def _measure(folder: str) -> None:  # pragma: no cover - the measurement in the module docstring
+    import time
+    from pathlib import Path
+
+    from pipeline.ingest.decode import Decoder
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    dec = Decoder(DecodeConfig(high_res=160, low_res=128))
+    names = ("full", "draft256", "draft160", "square160")
+    fns = {"full": lambda d: pdq_from_bytes(d, min_side=None), "draft256": lambda d: pdq_from_bytes(d),
+           "draft160": lambda d: pdq_from_bytes(d, min_side=160), "square160": lambda d: pdq_hex(dec.decode_one(d)["high"])}
+    orig = next((p for p in files if p.name.startswith("aaa-orig")), files[0])
+    ref = pdq_from_bytes(orig.read_bytes(), min_side=None)[0]
+    print(f"bits off: the file's own full-resolution hash / {orig.name}'s full-resolution hash (the list entry)")
+    print(f"{'file':24s} " + " ".join(f"{n:>10s}" for n in names))
+    t = dict.fromkeys(names, 0.0)
+    worst = dict.fromkeys(names, 0)
+    for p in files:
+        data = p.read_bytes()
+        row = {}
+        for name in names:
+            t0 = time.perf_counter()
+            row[name] = fns[name](data)[0]
+            t[name] += time.perf_counter() - t0
+            worst[name] = max(worst[name], hamming(row[name], ref))
+        print(f"{p.name:24s} " + " ".join(f"{hamming(row[k], row['full']):>4d} / {hamming(row[k], ref):>3d}" for k in names))
+    print("max distance to the list entry: " + ", ".join(f"{k} {v}" for k, v in worst.items()))
+    print("ms/image (decode + PDQ): " + ", ".join(f"{k} {1000 * v / max(1, len(files)):.1f}" for k, v in t.items()))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _measure(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/edge-cases/pdq-bridge-mods")
