@@ -77,12 +77,6 @@ def _evaluate(a: argparse.Namespace) -> int:
     return run(a)
 
 
-def _bench(a: argparse.Namespace) -> int:
-    from jobs.bench import cli_bench
-
-    return cli_bench(a)
-
-
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gallery", required=True, help="gallery root URI (local path or s3://bucket/prefix)")
     p.add_argument("--output", required=True, help="flags root URI; partitions go under dt=YYYY-MM-DD/")
@@ -91,6 +85,7 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--actors", type=int, default=None, help="feature/match actors (default: config)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+    p.add_argument("--signatures", default=None, help="signatures root URI (default: OUTPUT/_signatures)")
     p.add_argument("--allow-empty", action="store_true",
                    help="commit an empty partition when the input holds nothing (default: fail, so a scheduler retries)")
 
@@ -143,10 +138,10 @@ def _add_gallery_parser(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("gallery", help="build, update and inspect gallery versions")
     gs = g.add_subparsers(dest="gcmd", required=True)
     _add_gallery_build_parser(gs)
-    p = gs.add_parser("add", help="add images (a folder or prefix) to a bank, as a new version")
+    p = gs.add_parser("add", help="add images (a folder or prefix) to a bank, or a newer list file to a hash bank")
     p.add_argument("gallery")
     p.add_argument("--bank", required=True)
-    p.add_argument("--source", required=True, help="folder or s3:// prefix of images")
+    p.add_argument("--source", required=True, help="folder or s3:// prefix of images; for a pdq/md5 bank, its list file")
     p.add_argument("--banks", default=None, help="banks TOML (needed when the bank is new)")
     p.add_argument("--model", default=None)
     p.add_argument("--ray-address", default=None)
@@ -157,7 +152,15 @@ def _add_gallery_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bank", default=None, help="remove from this bank only (all of it if no ids/shas)")
     p.add_argument("--ids", nargs="*", type=int, default=[])
     p.add_argument("--sha256", nargs="*", default=[])
+    p.add_argument("--hash", nargs="*", default=[], help="hash-bank list entries to remove, by hash (needs --bank)")
+    p.add_argument("--entry-id", nargs="*", default=[], help="hash-bank list entries to remove, by entry id")
     _add_audit_args(p)
+    p.set_defaults(fn=_gallery)
+    p = gs.add_parser("export-hashes", help="PDQ (or MD5) of an image bank's references, as a signal file")
+    p.add_argument("gallery")
+    p.add_argument("--bank", required=True, help="an image bank of the gallery")
+    p.add_argument("--out", required=True, help="list file to write: local path or s3://bucket/key")
+    p.add_argument("--signal", choices=["pdq", "md5"], default="pdq")
     p.set_defaults(fn=_gallery)
     p = gs.add_parser("info", help="versions, counts per bank, model id, size")
     p.add_argument("gallery")
@@ -222,48 +225,36 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=_evaluate)
 
 
-def _photos_help(use: str, default: str = "scikit-image's sample photos") -> str:
-    return (f"folder of real photos (JPEG/PNG; repeat for more folders, e.g. ../shared/data/coco256): {use}; "
-            f"default: none, {default} instead")
-
-
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """``modscan bench ...``: each benchmark module registers its own sub-command (``add_parser``)."""
+    from jobs.bench_decode import add_parser as add_bench_decode
+    from jobs.bench_hashes import add_parser as add_bench_hashes
+    from jobs.bench_memory import add_parser as add_bench_memory
+    from jobs.bench_pipeline import add_parser as add_bench_pipeline
+    from jobs.bench_search import add_parser as add_bench_search
+
     p = sub.add_parser("bench", help="benchmarks: search, pipeline, memory")
     bs = p.add_subparsers(dest="bcmd", required=True)
-    q = bs.add_parser("search")
-    q.add_argument("--gallery-size", type=int, default=1_000_000)
-    q.add_argument("--queries", type=int, default=2000)
-    q.add_argument("--photos", action="append", metavar="DIR", help=_photos_help("the vectors' statistics come from them"))
-    q.set_defaults(fn=_bench)
-    q = bs.add_parser("decode", help="decode + resize per image by format and size")
-    q.add_argument("--photos", action="append", metavar="DIR",
-                   help=_photos_help("the first photo is the picture encoded", "a generated picture"))
-    q.set_defaults(fn=_bench)
-    q = bs.add_parser("pipeline")
-    q.add_argument("--images", type=int, default=2000)
-    q.add_argument("--workdir", default="bench-out")
-    q.add_argument("--photos", action="append", metavar="DIR", help=_photos_help("the uploads are made from them"))
-    q.add_argument("--no-s3", action="store_true", help="skip the run that reads its input from S3")
-    q.add_argument("--s3-endpoint", metavar="URL", default=None,
-                   help="S3 endpoint for the S3 run (credentials from the AWS environment); default: a local moto "
-                        "server if the bench extra is installed (pip install 'modscan[bench]'), else no S3 run")
-    q.set_defaults(fn=_bench)
-    q = bs.add_parser("memory")
-    q.add_argument("--gallery-size", type=int, default=1_000_000)
-    q.add_argument("--photos", action="append", metavar="DIR", help=_photos_help("the vectors' statistics come from them"))
-    q.set_defaults(fn=_bench)
+    from jobs.bench_retro import add_parser as add_bench_retro
+
+    for add in (add_bench_search, add_bench_decode, add_bench_pipeline, add_bench_memory, add_bench_retro,
+                add_bench_hashes):
+        add(bs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     # lookup, review and gpu-check define their own sub-parsers; they import their heavy parts lazily
     from jobs.gpu_check import add_parser as add_gpu_check
+    from jobs.hashes_cmd import add_parser as add_hashes
     from jobs.lookup_cmd import add_parser as add_lookup
+    from jobs.retro_cmd import add_parser as add_retro
     from jobs.review_cmd import add_parser as add_review
 
     ap = argparse.ArgumentParser(prog="modscan", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     for add in (_add_train_parser, _add_card_parser, _add_gallery_parser, _add_moderate_parsers, _add_demo_parser,
-                _add_evaluate_parser, _add_bench_parser, add_lookup, add_review, add_gpu_check):
+                _add_evaluate_parser, _add_bench_parser, add_lookup, add_review, add_gpu_check,
+                add_retro, add_hashes):
         add(sub)
     return ap
 

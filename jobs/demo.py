@@ -46,7 +46,17 @@ name = "allow_demo"
 source = "refs/allow_demo"
 category = "allow/known_false_positive"
 action = "allow"
+
+[[bank]]
+name = "list_demo"                   # a hash-list bank: PDQ hashes, as a hash-sharing program sends them
+kind = "pdq"
+source = "lists/demo.pdq.txt"
+category = "sensitive/demo_list"
+action = "filter"
+pdq_max_distance = 31
 """
+# references whose PDQ hashes make the demo's hash list (lists/demo.pdq.txt)
+_LIST_PHOTOS = ("astronaut", "rocket")
 
 
 def _save(im: Image.Image, path: Path, fmt: str | None = None) -> None:
@@ -62,6 +72,12 @@ def _make_sample(workdir: Path, n_uploads: int, seed: int = 0) -> dict[str, int]
         for n in names:
             _save(skimage_photo(n), workdir / "refs" / bank / f"{n}.jpg")
     (workdir / "banks.toml").write_text(_BANKS_TOML)
+    from pipeline.signals.hashes import pdq_from_bytes
+    from pipeline.signals.lists import write_list
+
+    refs = [(workdir / "refs" / "sensitive_demo" / f"{n}.jpg").read_bytes() for n in _LIST_PHOTOS]
+    (workdir / "lists").mkdir(parents=True, exist_ok=True)
+    write_list(str(workdir / "lists" / "demo.pdq.txt"), [pdq_from_bytes(b, min_side=None)[0] for b in refs], "pdq")
     up = workdir / "uploads"
     gallery_names = sorted({n for ns in _GALLERY_PHOTOS.values() for n in ns})
     n_copies = max(1, n_uploads // 5)
@@ -78,6 +94,8 @@ def _make_sample(workdir: Path, n_uploads: int, seed: int = 0) -> dict[str, int]
         else:
             im = crop(skimage_photo(UNRELATED_PHOTOS[i % len(UNRELATED_PHOTOS)]), rng, min_area=0.3)
         _save(im, up / f"other-{i:03d}.jpg")
+    # An upload that is a re-saved copy of a listed reference: matched through its PDQ hash.
+    _save(skimage_photo(_LIST_PHOTOS[0]), up / f"copy-listed-{_LIST_PHOTOS[0]}.jpg")
     # Broken uploads: each must become an error row with a stable code.
     buf = io.BytesIO()
     skimage_photo("astronaut").save(buf, format="JPEG")
@@ -114,6 +132,9 @@ def run_demo(a: argparse.Namespace) -> int:
     others = df[df["image_key"].str.startswith("other-")]
     print(f"  edited copies flagged or allow-listed: {int((copies['bank'].notna()).sum())}/{len(copies)}; "
           f"unrelated uploads flagged: {int((others['status'] == 'matched').sum())}/{len(others)}")
+    by_signal = df[df["status"] == "matched"]["signal"].value_counts().to_dict()
+    print(f"  matches by signal (descriptor | pdq | md5): {json.dumps(by_signal)}; "
+          f"hash-list matches (bank list_demo): {int((df['bank'] == 'list_demo').sum())}")
     print(f"\nread the flags:\n  {sys.executable} -c \"import pandas as pd; print(pd.read_parquet('{work / 'flags'}')"
-          f".query('status == \\\"matched\\\"')[['image_key','action','bank','fine_score']])\"")
+          f".query('status == \\\"matched\\\"')[['image_key','action','bank','signal','fine_score','pdq_distance']])\"")
     return 0

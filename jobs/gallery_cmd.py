@@ -39,8 +39,11 @@ class GalleryFeatureStage:
         if ok.any():
             c, r = self.fx.gallery(batch["high"][ok])
             coarse[ok], rerank[ok] = c, r
+        n = len(ok)  # the reference's own signals (SignalDecoder's), kept for `gallery export-hashes`
+        signals = {c: batch.get(c, np.full(n, d, dtype=object if d is None else np.int16))
+                   for c, d in (("md5", None), ("pdq_hash", None), ("pdq_quality", -1))}
         return {"uri": batch["image_key"], "sha256": batch["image_sha256"], "ok": ok,
-                "error_code": codes, "error_message": messages, "coarse": coarse, "rerank": rerank}
+                "error_code": codes, "error_message": messages, "coarse": coarse, "rerank": rerank, **signals}
 
 
 def _rows(b: dict[str, Any]) -> list[dict[str, Any]]:
@@ -50,7 +53,10 @@ def _rows(b: dict[str, Any]) -> list[dict[str, Any]]:
         ok = bool(b["ok"][i])
         out.append({"uri": str(b["uri"][i]), "sha256": b["sha256"][i], "ok": ok,
                     "error_code": b["error_code"][i], "error_message": b["error_message"][i],
-                    "coarse": b["coarse"][i] if ok else None, "rerank": b["rerank"][i] if ok else None})
+                    "coarse": b["coarse"][i] if ok else None, "rerank": b["rerank"][i] if ok else None,
+                    "md5": b["md5"][i] if "md5" in b else None,
+                    "pdq_hash": b["pdq_hash"][i] if "pdq_hash" in b else None,
+                    "pdq_quality": int(b["pdq_quality"][i]) if "pdq_quality" in b else None})
     return out
 
 
@@ -92,11 +98,13 @@ def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_s
 def local_extractor(model_dir: str | None = None) -> G.Extractor:
     """Same contract without Ray (used by tests and tiny galleries)."""
     from models.card import read_card
-    from pipeline.ingest.decode import DecodeConfig, Decoder
+    from pipeline.ingest.decode import DecodeConfig
     from pipeline.ingest.fetch import Fetcher
 
     card = read_card(model_dir)
-    fetch, dec = Fetcher(), Decoder(DecodeConfig.for_model(card.config))
+    from pipeline.signals.hashes import SignalDecoder
+
+    fetch, dec = Fetcher(), SignalDecoder(DecodeConfig.for_model(card.config))
     stage = GalleryFeatureStage(model_dir)
 
     def extract(uris: list[str]) -> list[dict[str, Any]]:
@@ -107,6 +115,15 @@ def local_extractor(model_dir: str | None = None) -> G.Extractor:
         return out
 
     return extract
+
+
+def _is_hash_bank(a: argparse.Namespace) -> bool:
+    """``gallery add``'s bank is a pdq/md5 bank: in the gallery already, or declared in ``--banks``."""
+    m = G.read_manifest(open_store(a.gallery))
+    if a.bank in m.banks:
+        return m.banks[a.bank].bank.is_hash
+    declared = {b.name: b for b in load_banks(a.banks)} if a.banks else {}
+    return a.bank in declared and declared[a.bank].is_hash
 
 
 def run(a: argparse.Namespace) -> int:
@@ -126,7 +143,20 @@ def run(a: argparse.Namespace) -> int:
                 + "; ".join(f"{p['file']}: {p['problem']}" for p in problems))
         return 0
     if a.gcmd == "remove":  # extracts nothing, so no model: the new version keeps the gallery's own
-        v, stats = G.remove(open_store(a.gallery), None, a.bank, a.ids, a.sha256, who=a.who, note=a.note)
+        v, stats = G.remove(open_store(a.gallery), None, a.bank, a.ids, a.sha256, who=a.who, note=a.note,
+                            hashes=getattr(a, "hash", []), entry_ids=getattr(a, "entry_id", []))
+        print(json.dumps({"version": v, **stats}, indent=2))
+        return 0
+    if a.gcmd == "export-hashes":
+        from pipeline.signals.lists import write_list
+
+        entries = G.export_hashes(open_store(a.gallery), a.bank, a.signal)
+        write_list(a.out, entries, a.signal)
+        print(json.dumps({"bank": a.bank, "signal": a.signal, "hashes": len(entries), "out": a.out}, indent=2))
+        return 0
+    if a.gcmd == "add" and _is_hash_bank(a):  # a newer list file: nothing to extract
+        new_bank = {b.name: b for b in load_banks(a.banks)}.get(a.bank) if a.banks else None
+        v, stats = G.replace_list(open_store(a.gallery), a.bank, a.source, new_bank, who=a.who, note=a.note)
         print(json.dumps({"version": v, **stats}, indent=2))
         return 0
     card = read_card(a.model)

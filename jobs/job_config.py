@@ -12,11 +12,14 @@ import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigFileError, UsageError, plain_message, toml_error_line
 from pipeline.ingest.decode import DecodeConfig
 from pipeline.ingest.storage import KeyPolicy
+
+if TYPE_CHECKING:
+    from pipeline.gallery.query import QueryOverrides
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class JobConfig:
     max_matches_per_reference: int = 1000  # flood guard: more matches in one run -> action review (0: off)
     metrics_textfile: str | None = None    # node-exporter textfile (*.prom) written after each commit
     metrics_pushgateway: str | None = None  # Pushgateway base URL; metrics PUT after each commit
+    write_signatures: bool = True    # keep each searched upload's signature for `modscan retro`
+    retro_days: int = 0              # nightly: retro pass over the last N days when the gallery changed (0: off)
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -78,7 +83,8 @@ class JobConfig:
              f"torch_threads must be an integer >= 0, got {self.torch_threads!r}")
         need(is_int(self.review_max_rows) and self.review_max_rows >= 0,
              f"review_max_rows must be an integer >= 0, got {self.review_max_rows!r}")
-        for name in ("image_extensions_only", "allow_empty_input", "verify_gallery"):
+        need(is_int(self.retro_days) and self.retro_days >= 0, f"retro_days must be an integer >= 0, got {self.retro_days!r}")
+        for name in ("image_extensions_only", "allow_empty_input", "verify_gallery", "write_signatures"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("coarse_threshold", "fine_threshold"):
             v = getattr(self, name)
@@ -114,6 +120,14 @@ class JobConfig:
         """The thresholds this config sets over the gallery manifest's (job and ``lookup`` alike)."""
         return {k: v for k, v in {"coarse": self.coarse_threshold, "fine": self.fine_threshold,
                                   "rerank_k": self.rerank_k}.items() if v is not None}
+
+    def query_overrides(self) -> QueryOverrides:
+        """What this config sets over a gallery version's own query settings (thresholds,
+        ``coarse_nprobe``, ``coarse_ef_search``): the one construction the job's Moderator and
+        ``modscan lookup`` share, so that lookup's decision is the job's."""
+        from pipeline.gallery.query import QueryOverrides
+
+        return QueryOverrides.from_thresholds(self.threshold_overrides(), self.coarse_nprobe, self.coarse_ef_search)
 
 
 class JobConfigError(ConfigFileError):

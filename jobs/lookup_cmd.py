@@ -8,15 +8,14 @@ import argparse
 def cli_lookup(a: argparse.Namespace) -> int:
     from jobs.job_config import JobConfig
     from pipeline.features import FeatureExtractor
-    from pipeline.gallery import QueryOverrides, open_gallery
+    from pipeline.gallery import open_gallery
     from pipeline.ingest.decode import DecodeConfig
     from pipeline.ops.explain import explain, render_json, render_table
 
     cfg = JobConfig.from_toml(a.config)  # the job's thresholds, coarse search and decode bounds, when given
     fx = FeatureExtractor(a.model, precision=cfg.precision)
     # the gallery opened and the uploads decoded exactly as the job's Moderator and decoder do
-    overrides = QueryOverrides.from_thresholds(cfg.threshold_overrides(), cfg.coarse_nprobe, cfg.coarse_ef_search)
-    gal = open_gallery(a.gallery, fx, version=a.version, overrides=overrides)
+    gal = open_gallery(a.gallery, fx, version=a.version, overrides=cfg.query_overrides())
     decode_cfg = DecodeConfig.for_model(fx.card.config, base=cfg.decode)
     report = explain(list(a.images), gal, fx, top_k=a.top_k, decode_cfg=decode_cfg)
     print(render_json(report) if a.json else render_table(report))

@@ -22,11 +22,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from jobs.job_config import JobConfig
 from pipeline.errors import ModscanError
-from pipeline.ingest.decode import DecodeConfig, Decoder
+from pipeline.ingest.decode import DecodeConfig
 from pipeline.ingest.plan import InputPlan, relative_key_rows
 from pipeline.ingest.storage import KeyPolicy, open_store, redact
+from pipeline.signals.hashes import SignalDecoder
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +90,14 @@ def actor_resources(cfg: JobConfig) -> ActorResources:
 
 
 def decode_batch(batch: dict[str, Any], cfg: DecodeConfig, timings_uri: str | None) -> dict[str, Any]:
-    """The decode task: fetched rows -> :class:`~pipeline.ingest.decode.Decoder` output, with a
+    """The decode task: fetched rows -> :class:`~pipeline.signals.hashes.SignalDecoder` output
+    (the decoder's columns plus the upload's ``md5``, ``pdq_hash``, ``pdq_quality``), with a
     per-batch timing record under ``timings_uri`` (best effort; None: no record). Stateless, so
     it runs as plain tasks."""
     t = time.perf_counter()
-    out = Decoder(cfg)(batch)
+    out = SignalDecoder(cfg)(batch)
+    if "image_uri" in batch:  # where the bytes were read from: kept for the signatures
+        out["image_uri"] = np.asarray(batch["image_uri"], dtype=object)
     if timings_uri:
         try:
             open_store(timings_uri).write_text(
@@ -133,7 +139,16 @@ def build_input(plan: InputPlan, cfg: JobConfig) -> Any:
     assert plan.store is not None
     ds = ray.data.read_binary_files(plan.read_uris, filesystem=plan.store.fs, include_paths=True,
                                     override_num_blocks=_num_blocks(len(plan.read_uris), cfg))
-    return ds.map_batches(relative_key_rows(plan.store.root), batch_size=256, num_cpus=0.1)
+    return ds.map_batches(_with_uris(relative_key_rows(plan.store.root), plan.store.uri), batch_size=256, num_cpus=0.1)
+
+
+def _with_uris(relkey: Any, root_uri: str) -> Any:
+    """``relkey``'s rows plus ``image_uri``: the full URI of each key under ``root_uri``."""
+    def fn(batch: dict[str, Any]) -> dict[str, Any]:
+        out = relkey(batch)
+        out["image_uri"] = np.asarray([root_uri.rstrip("/") + "/" + str(k) for k in out["image_key"]], dtype=object)
+        return out
+    return fn
 
 
 def decode_and_apply(ds: Any, stage: type, stage_kwargs: dict[str, Any], cfg: JobConfig, res: ActorResources,

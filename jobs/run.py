@@ -29,8 +29,10 @@ from pipeline.ingest.storage import Store, open_store, redact
 from pipeline.moderation import flags as F
 from pipeline.moderation.floodguard import FloodReport, guard_staged
 from pipeline.moderation.floodguard import summary_lines as flood_summary_lines
+from pipeline.moderation.signatures import searched_keys, signatures_root, staging_data_uri, verify_signatures
 from pipeline.ops.prometheus import MetricsPushError
 from pipeline.ops.prometheus import publish as publish_metrics
+from pipeline.schemas import SIGNATURE_SCHEMA
 
 if TYPE_CHECKING:
     from pipeline.moderation.moderator import Moderator
@@ -83,6 +85,7 @@ class RunPlan:
     out: Store
     output_uri: str
     t_start: float
+    signatures: Store | None = None   # the signatures root (None: [job] write_signatures = false)
 
 
 def _check_gallery(gallery_uri: str, model_version: str, verify: bool) -> str:
@@ -128,8 +131,16 @@ def check_output(output_uri: str) -> Store:
         raise ModscanError(f"--output {redact(output_uri)} cannot be used: {plain_message(e, 300)}") from None
 
 
+def _claim(out: Store, dt: str, run_id: str) -> None:
+    """Sweep killed runs' staging, mark this run's as started and make it the owner of ``dt``."""
+    F.sweep_staging(out, keep=run_id)  # killed runs of other dates, older than an hour
+    out.write_text(f"{F.staging_key(run_id)}/started", str(time.time()))
+    F.claim_partition(out, dt, run_id)
+
+
 def prepare_run(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_dir: str | None = None,
-                cfg: JobConfig | None = None, run_id: str | None = None) -> RunPlan:
+                cfg: JobConfig | None = None, run_id: str | None = None,
+                signatures_uri: str | None = None) -> RunPlan:
     """Every check that needs no cluster: date, config, input (listed or manifest read: every row
     decided), model, gallery (version pinned), output (created, this run made owner of the
     partition). Raises :class:`~pipeline.errors.ModscanError`."""
@@ -146,13 +157,14 @@ def prepare_run(input_uri: str, gallery_uri: str, output_uri: str, dt: str, mode
         raise ModscanError(f"model {model_dir or '(shipped)'} cannot be read: {plain_message(e, 300)}") from None
     version = _check_gallery(gallery_uri, card.version_id, cfg.verify_gallery)
     out = check_output(output_uri)
+    sig = check_output(signatures_root(output_uri, signatures_uri)) if cfg.write_signatures else None
     run_id = run_id or new_run_id(dt)
-    F.sweep_staging(out, keep=run_id)  # killed runs of other dates, older than an hour
-    out.write_text(f"{F.staging_key(run_id)}/started", str(time.time()))
-    F.claim_partition(out, dt, run_id)
+    _claim(out, dt, run_id)
+    if sig is not None:
+        _claim(sig, dt, run_id)
     decode_cfg = DecodeConfig.for_model(card.config, base=cfg.decode)
     return RunPlan(dt, run_id, plan_in, gallery_uri, version, model_dir, card.version_id, cfg, decode_cfg, out,
-                   output_uri, t_start)
+                   output_uri, t_start, sig)
 
 
 def _run_pipeline(plan: RunPlan, ray_address: str | None,
@@ -169,10 +181,10 @@ def _run_pipeline(plan: RunPlan, ray_address: str | None,
         res = actor_resources(cfg)
         resources = res.to_dict()
         actor_kwargs = {"gallery_uri": plan.gallery_uri, "model_dir": plan.model_dir,
-                        "ctx": RunContext(plan.dt, plan.run_id, timings_uri),
-                        "threshold_overrides": cfg.threshold_overrides() or None,
-                        "gallery_version": plan.gallery_version, "precision": cfg.precision,
-                        "nprobe": cfg.coarse_nprobe, "ef_search": cfg.coarse_ef_search}
+                        "ctx": RunContext(plan.dt, plan.run_id, timings_uri, signatures_uri=(
+                            staging_data_uri(plan.signatures, plan.run_id) if plan.signatures else None)),
+                        "overrides": cfg.query_overrides(),
+                        "gallery_version": plan.gallery_version, "precision": cfg.precision}
         ds = decode_and_apply(build_input(plan.input, cfg), moderator, actor_kwargs, cfg, res, plan.decode, timings_uri)
         ds.write_parquet(out.path(f"{stage}/data"), filesystem=out.fs, filename_provider=None)
     if plan.input.forbidden:
@@ -189,6 +201,8 @@ def _fail(plan: RunPlan, e: Exception) -> NoReturn:
     """Clean up after a failed run and raise what the operator should read: that a newer run of
     the date took the partition over, the ModscanError an actor or task raised, or ``e``."""
     F.abandon(plan.out, plan.run_id)
+    if plan.signatures is not None:
+        F.abandon(plan.signatures, plan.run_id)
     try:
         taken = F.taken_error(plan.out, plan.dt, plan.run_id)
     except Exception:  # the run's own failure is what gets raised; this one must still leave a trace
@@ -229,6 +243,12 @@ def _run_info(plan: RunPlan, moderator: type[Moderator], t_pipeline: float, reso
     return run_info
 
 
+def _signature_info(run_info: dict[str, Any]) -> dict[str, Any]:
+    """The ``_run.json`` of a signature partition: the run's identity and the signatures' counts."""
+    keep = ("run_id", "dt", "input", "gallery", "output", "model_version", "gallery_version", "inputs", "finished_at")
+    return {**{k: run_info[k] for k in keep}, **run_info["signatures"]}
+
+
 def execute_run(plan: RunPlan, ray_address: str | None = None, review: bool = True,
                 moderator: type[Moderator] | None = None) -> dict[str, Any]:
     """Run the pipeline for a prepared run, verify and commit. Returns the ``_run.json`` content.
@@ -246,10 +266,15 @@ def execute_run(plan: RunPlan, ray_address: str | None = None, review: bool = Tr
         F.check_owner(out, dt, run_id)  # a newer run of dt took over: say so before anything else
         flood = guard_staged(out, run_id, cfg.max_matches_per_reference)  # may rewrite staged rows: before verify
         counts = F.verify_staged(out, run_id, plan.input.rows, all_keys, plan.gallery_version)
+        sig_counts = (verify_signatures(plan.signatures, run_id, searched_keys(out, run_id))
+                      if plan.signatures is not None else None)
     except Exception as e:
         _fail(plan, e)
     run_info = _run_info(plan, moderator, t_pipeline, resources, counts, flood)
     try:
+        if plan.signatures is not None:  # first: a committed flags partition always has its signatures
+            run_info["signatures"] = {"uri": redact(plan.signatures.uri), **sig_counts}
+            F.commit_partition(plan.signatures, dt, run_id, _signature_info(run_info), schema=SIGNATURE_SCHEMA)
         F.commit_partition(out, dt, run_id, run_info)
     except Exception as e:
         _fail(plan, e)
@@ -270,10 +295,12 @@ def execute_run(plan: RunPlan, ray_address: str | None = None, review: bool = Tr
 
 def moderate(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_dir: str | None = None,
              cfg: JobConfig | None = None, ray_address: str | None = None, review: bool = True,
-             run_id: str | None = None, moderator: type[Moderator] | None = None) -> dict[str, Any]:
+             run_id: str | None = None, moderator: type[Moderator] | None = None,
+             signatures_uri: str | None = None) -> dict[str, Any]:
     """Run one day: :func:`prepare_run` then :func:`execute_run` (``moderator``: the actor class,
-    default :class:`~pipeline.moderation.moderator.Moderator`). Returns the ``_run.json`` content."""
-    plan = prepare_run(input_uri, gallery_uri, output_uri, dt, model_dir, cfg, run_id)
+    default :class:`~pipeline.moderation.moderator.Moderator`; ``signatures_uri``: default
+    ``OUTPUT/_signatures``). Returns the ``_run.json`` content."""
+    plan = prepare_run(input_uri, gallery_uri, output_uri, dt, model_dir, cfg, run_id, signatures_uri)
     return execute_run(plan, ray_address, review, moderator)
 
 

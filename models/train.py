@@ -80,6 +80,7 @@ class TrainConfig:
     monitor_every: int = 1           # stage-1 epochs between monitor evaluations (when a monitor is given)
     plateau_patience: int = 2        # stop stage 1 after this many monitor checks without a gain ...
     plateau_min_delta: float = 0.003  # ... of at least this much in the monitored metric
+    stage1_stop_after: int | None = None  # end stage 1 after this many epochs of the epochs_backbone schedule
     lr_adapter: float = 3e-3
     lr_adapter1: float = 3e-4        # adapter 1 starts from PCA: fine-tune it gently
     adapter1_init: str = "pca"       # pca (of the 512-d head) | random (ablation: the patent's plain init)
@@ -405,7 +406,8 @@ class Trainer:
         epochs = cfg.epochs_backbone if epochs is None else epochs
         opt = self._stage1_optimizer()
         start = self._resume_stage1(opt)
-        if start >= epochs:
+        last = min(epochs, cfg.stage1_stop_after) if cfg.stage1_stop_after is not None else epochs
+        if start >= last:
             if start > 0:
                 self._restore_best()
             return self.history["backbone"]
@@ -417,7 +419,7 @@ class Trainer:
             raise ValueError(f"need at least batch_size={cfg.batch_size} images, have {len(ds)}")
         total = steps_per_epoch * epochs
         queue = EmbeddingQueue(cfg.queue_size, cfg.model.rerank_dim, self.device)
-        for epoch in range(start, epochs):
+        for epoch in range(start, last):
             ds.epoch = epoch
             mean, seconds = self._stage1_epoch(ds, opt, queue, epoch, epochs, steps_per_epoch, total)
             self.history["backbone"].append(mean["loss"])

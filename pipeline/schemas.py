@@ -75,6 +75,18 @@ FLAG_SCHEMA = pa.schema([
     pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field("reason", pa.string()),                      # why action = review (flood guard); else null
     pa.field("fine_score_raw", pa.float32()),             # plain 512-d cosine of the same pair (before normalisation)
+    # set only on rows a retro run (`modscan retro`) re-decided and changed; null on every other row
+    # and on partitions written before the columns existed
+    pa.field("decided_by_run", pa.string()),              # the retro run that changed this row's decision
+    pa.field("previous_action", pa.string()),             # the action the row had before that change
+    # hash signals (issue 20): which signal decided the row, the hash-list entry it matched, and the
+    # upload's own PDQ; null on partitions written before the columns existed
+    pa.field("signal", pa.string()),                      # descriptor | pdq | md5: the signal of bank/match; else null
+    pa.field("pdq_distance", pa.int32()),                 # Hamming distance of a pdq match (0-256); else null
+    pa.field("list_entry_id", pa.string()),               # the list's entry id of a hash match (its hash if none)
+    pa.field("list_metadata", pa.string()),               # that entry's metadata (JSON object text) or null
+    pa.field("pdq_hash", pa.string()),                    # the upload's PDQ (64 hex, ThreatExchange's) on decoded rows
+    pa.field("pdq_quality", pa.int32()),                  # its PDQ quality 0-100; null where no PDQ hash
 ])
 
 # The partition column lives in the path (dt=YYYY-MM-DD/), hive style, not inside the files:
@@ -82,6 +94,21 @@ FLAG_SCHEMA = pa.schema([
 # files would clash with the path's (pyarrow refuses to merge string with dictionary).
 PARTITION_COLUMN = "dt"
 FILE_SCHEMA = pa.schema([f for f in FLAG_SCHEMA if f.name != PARTITION_COLUMN])
+
+# One row per searched upload of a run (decoded, not low content): what `modscan retro` matches
+# later changes of the gallery against without re-reading the image (pipeline/moderation/signatures.py).
+# coarse_feature: the 128-d low-res query feature, little-endian float16, as fixed_size_binary(256)
+# (one 256-byte value per row: no list offsets or per-element levels; every Parquet reader reads it
+# as bytes, while a list<halffloat> needs pyarrow >= 15 and a reader that knows Parquet FLOAT16).
+SIGNATURE_SCHEMA = pa.schema([
+    pa.field("image_key", pa.string(), nullable=False),
+    pa.field("image_uri", pa.string()),                   # the full URI the bytes were read from
+    pa.field("image_sha256", pa.string()),
+    pa.field("coarse_feature", pa.binary(256), nullable=False),
+    pa.field("pdq_hash", pa.string()),                    # filled when hash signals land; else null
+    pa.field("model_version", pa.string(), nullable=False),
+    pa.field("run_id", pa.string(), nullable=False),
+])
 
 ENTRY_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),           # stable gallery id (one per unique sha256)
@@ -91,6 +118,18 @@ ENTRY_SCHEMA = pa.schema([
     pa.field("source_uri", pa.string(), nullable=False),
     pa.field("sha256", pa.string(), nullable=False),
     pa.field("added_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    # the reference's own hash signals (decoder's PDQ, MD5 of its bytes), for `gallery export-hashes`;
+    # null in versions written before they were kept
+    pa.field("pdq_hash", pa.string()),
+    pa.field("pdq_quality", pa.int32()),
+    pa.field("md5", pa.string()),
+])
+
+# One hash bank's list inside a gallery version (list-<bank>.parquet), in list order.
+HASH_LIST_SCHEMA = pa.schema([
+    pa.field("hash", pa.string(), nullable=False),        # lower-case hex: 64 digits (pdq), 32 (md5)
+    pa.field("entry_id", pa.string()),                    # the list's own id, if it has one
+    pa.field("metadata", pa.string()),                    # the list's JSON object (canonical text), if any
 ])
 
 

@@ -72,12 +72,19 @@ def s3_server():
         yield endpoint
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster of 2 CPUs shared by the tests of one module."""
+def restart_ray():
+    """A fresh local Ray cluster of 2 CPUs (any running one shut down first), started now so that its
+    workers inherit the environment as it is (e.g. a moto server's ``AWS_ENDPOINT_URL``). -> ``ray``."""
     import ray
 
     ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs shared by the tests of one module."""
+    ray = restart_ray()
     yield ray
     ray.shutdown()

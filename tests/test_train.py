@@ -85,3 +85,13 @@ def test_plateau_stop_keeps_the_best_epoch_and_a_rerun_resumes_it(tmp_path, phot
     tr2.stage_backbone()  # finished: nothing trains, the monitor is not called again, the best is kept
     assert len(snapshots) == 4 and torch.equal(tr2.model.backbone.conv_stem.weight, snapshots[1])
     assert tr2.monitor_log == tr.monitor_log
+
+
+def test_stage1_stop_after_ends_a_longer_schedule_early_and_stays_done(tmp_path, photos) -> None:
+    tr = _lite0_trainer(tmp_path / "run", photos, epochs_backbone=3, stage1_stop_after=1)
+    assert len(tr.stage_backbone()) == 1
+    w = tr.model.backbone.conv_stem.weight.detach().clone()
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "stage1.pt", weights_only=True)
+    assert int(ck["epoch"]) == 1
+    tr2 = _lite0_trainer(tmp_path / "run", photos, epochs_backbone=3, stage1_stop_after=1)
+    assert len(tr2.stage_backbone()) == 1 and torch.equal(tr2.model.backbone.conv_stem.weight, w)

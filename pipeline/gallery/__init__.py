@@ -74,14 +74,25 @@ from pipeline.gallery.store import (
     write_derived,
     write_version,
 )
-from pipeline.gallery.update import Extractor, Update, add, add_images, build, info, list_source, remove
+from pipeline.gallery.update import (
+    Extractor,
+    Update,
+    add,
+    add_images,
+    build,
+    export_hashes,
+    info,
+    list_source,
+    remove,
+    replace_list,
+)
 
 __all__ = [
     "FORMAT_VERSION", "BankRecord", "Candidates", "CoarseHits", "Counts", "DisabledReference", "EntriesFile",
     "Extractor", "FineScores", "GalleryContent", "GalleryIndex", "GalleryIntegrityError", "GalleryModelMismatch",
     "GalleryNotFound", "LoadedVersion", "Manifest", "Match", "ModelRef", "QueryModel", "QueryOverrides", "Rejected",
     "SearchResult", "ShardFiles", "StoredVersion", "Update", "VersionModel", "add", "add_images", "build",
-    "current_version", "info", "list_source", "list_versions", "load_streaming", "open_gallery", "publish_version",
+    "current_version", "export_hashes", "info", "replace_list", "list_source", "list_versions", "load_streaming", "open_gallery", "publish_version",
     "read_content", "read_manifest", "remove", "resolve_version", "stream_sha256", "verify", "write_audited",
     "write_derived", "write_version",
 ]

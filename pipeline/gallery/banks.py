@@ -12,6 +12,21 @@ Example (see ``configs/banks.example.toml``)::
 
 An ``allow`` bank is an allow-list of known false positives: when an upload matches it at least
 as well as any blocking bank, no flag is written.
+
+A bank's ``kind`` is ``"images"`` (the default: ``source`` is a folder or prefix of reference
+images) or a hash list: ``"pdq"`` or ``"md5"``, whose ``source`` is one list file (local or S3;
+:mod:`pipeline.signals.lists` formats). A ``pdq`` bank takes ``pdq_max_distance`` (Hamming,
+0-256, default 31) and ``pdq_min_quality`` (0-100, default 50: a query hash of lower PDQ quality
+is not matched against it); ``fine_threshold`` is for image banks only. Hash banks follow the
+same rules as image banks (action, allow banks, enabled, flood guard)::
+
+    [[bank]]
+    name = "ncmec_pdq"
+    kind = "pdq"
+    source = "lists/ncmec.pdq.txt"
+    category = "sensitive/csam"
+    action = "filter"
+    pdq_max_distance = 31
 """
 
 from __future__ import annotations
@@ -26,8 +41,13 @@ from typing import Any
 from pipeline.errors import ConfigFileError, toml_error_line
 
 ACTIONS = ("filter", "downrank", "allow")
+KINDS = ("images", "pdq", "md5")
+HASH_KINDS = ("pdq", "md5")
+DEFAULT_PDQ_MAX_DISTANCE = 31   # = pipeline.signals.hashes.PDQ_MATCH_DISTANCE (HMA's default)
+DEFAULT_PDQ_MIN_QUALITY = 50    # = pipeline.signals.hashes.PDQ_QUALITY_FLOOR (PDQ's authors')
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
-_KNOWN = {"name", "source", "category", "action", "fine_threshold", "enabled"}
+_KNOWN = {"name", "source", "category", "action", "fine_threshold", "enabled", "kind", "pdq_max_distance",
+          "pdq_min_quality"}
 
 
 @dataclass(frozen=True)
@@ -38,15 +58,31 @@ class Bank:
     action: str
     fine_threshold: float | None = None
     enabled: bool = True
+    kind: str = "images"
+    pdq_max_distance: int = DEFAULT_PDQ_MAX_DISTANCE
+    pdq_min_quality: int = DEFAULT_PDQ_MIN_QUALITY
+
+    @property
+    def is_hash(self) -> bool:
+        return self.kind in HASH_KINDS
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "category": self.category, "action": self.action,
-                "fine_threshold": self.fine_threshold, "enabled": self.enabled}
+        """The manifest's record; an image bank's has exactly the keys it always had (so a gallery
+        without hash banks writes the same manifest JSON as before they existed)."""
+        d = {"name": self.name, "source": self.source, "category": self.category, "action": self.action,
+             "fine_threshold": self.fine_threshold, "enabled": self.enabled}
+        if self.is_hash:
+            d["kind"] = self.kind
+            if self.kind == "pdq":
+                d.update(pdq_max_distance=self.pdq_max_distance, pdq_min_quality=self.pdq_min_quality)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Bank:
         return cls(d["name"], d["source"], d["category"], d["action"], d.get("fine_threshold"),
-                   bool(d.get("enabled", True)))
+                   bool(d.get("enabled", True)), d.get("kind", "images"),
+                   int(d.get("pdq_max_distance", DEFAULT_PDQ_MAX_DISTANCE)),
+                   int(d.get("pdq_min_quality", DEFAULT_PDQ_MIN_QUALITY)))
 
 
 class BankFileError(ConfigFileError, ValueError):
@@ -100,6 +136,28 @@ def _bank_errors(n: int, b: dict[str, Any], head: int, keys: dict[str, int], see
         errors.append((line("fine_threshold"), f"bank {name!r}: fine_threshold must be a number in [-1, 1], got {thr!r}"))
     if "enabled" in b and not isinstance(b["enabled"], bool):
         errors.append((line("enabled"), f"bank {name!r}: enabled must be true or false"))
+    return errors + _kind_errors(b, name, line)
+
+
+def _int_in(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _kind_errors(b: dict[str, Any], name: Any, line: Any) -> list[tuple[int, str]]:
+    """Problems of a bank's ``kind`` and of the settings that belong to one kind only."""
+    kind = b.get("kind", "images")
+    if kind not in KINDS:
+        return [(line("kind"), f"bank {name!r}: kind {kind!r} must be one of {list(KINDS)}")]
+    errors: list[tuple[int, str]] = []
+    if kind in HASH_KINDS and "fine_threshold" in b:
+        errors.append((line("fine_threshold"), f"bank {name!r}: fine_threshold is for image banks, not kind {kind!r}"))
+    for k, lo, hi in (("pdq_max_distance", 0, 256), ("pdq_min_quality", 0, 100)):
+        if k not in b:
+            continue
+        if kind != "pdq":
+            errors.append((line(k), f"bank {name!r}: {k} is for kind = \"pdq\" banks, not {kind!r}"))
+        elif not _int_in(b[k], lo, hi):
+            errors.append((line(k), f"bank {name!r}: {k} must be an integer in [{lo}, {hi}], got {b[k]!r}"))
     return errors
 
 
@@ -130,7 +188,9 @@ def parse_banks(text: str, path: str = "<banks>", base_dir: str | None = None) -
         if base_dir and not src.startswith("s3://") and not os.path.isabs(src):
             src = os.path.normpath(os.path.join(base_dir, src))
         banks.append(Bank(b["name"], src, b["category"], b["action"],
-                          float(thr) if thr is not None else None, b.get("enabled", True)))
+                          float(thr) if thr is not None else None, b.get("enabled", True), b.get("kind", "images"),
+                          b.get("pdq_max_distance", DEFAULT_PDQ_MAX_DISTANCE),
+                          b.get("pdq_min_quality", DEFAULT_PDQ_MIN_QUALITY)))
     if errors:
         raise BankFileError(path, errors)
     return banks

@@ -270,6 +270,28 @@ class CascadeIndex:
     def ntotal(self) -> int:
         return int(len(self._sorted_ids))
 
+    @property
+    def sorted_ids(self) -> np.ndarray:
+        """Every entry id of the version, ascending (read-only view)."""
+        return self._read_only(self._sorted_ids)
+
+    @property
+    def rerank_matrix(self) -> np.ndarray:
+        """The rerank vectors in :attr:`sorted_ids` order, in their stored dtype (read-only view)."""
+        return self._read_only(self._rerank)
+
+    @property
+    def dense_row_table(self) -> bool:
+        """Whether ids find their rows through a dense id -> row table (compact ids) rather than a
+        binary search (sparse ids)."""
+        return self._row_of is not None
+
+    @staticmethod
+    def _read_only(a: np.ndarray) -> np.ndarray:
+        v = a.view()
+        v.flags.writeable = False
+        return v
+
     def search_coarse(self, xq: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
         """``(B, coarse_dim)`` unit queries -> ``D, I`` of shape ``(B, k)``: the best ``k`` gallery
         ids with cosine >= ``threshold``, best first; padding is ``I = -1``, ``D = -inf``."""

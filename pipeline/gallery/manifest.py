@@ -14,7 +14,12 @@ with one nested frozen dataclass per sub-object. Readers use attributes, never s
      "banks": {name: {**bank, "count"}},                        Manifest.banks (name -> BankRecord)
      "counts": {"images", "memberships"},                       Manifest.counts (Counts)
      "rejected": [{"bank", "uri", "error_code", ...}],          Manifest.rejected (Rejected, ...)
-     "disabled_references": [{"id", "until", "by", ...}]}       Manifest.disabled_references
+     "disabled_references": [{"id", "until", "by", ...}],       Manifest.disabled_references
+     "hash_lists": [{"bank", "kind", "file", "sha256", ...}]}   Manifest.hash_lists (HashListFile, ...)
+
+``hash_lists`` (one file per enabled hash bank, ``pdq`` / ``md5``) is written only by a version
+that has one: a gallery without hash banks writes the same JSON as before they existed, and a
+manifest without the key reads back with no lists.
 
 :meth:`Manifest.to_json` writes exactly that layout (key order included, ``indent=2``, one final
 newline): the same content always gives the same bytes. :meth:`Manifest.from_json` also reads
@@ -127,6 +132,24 @@ class BankRecord:
 
 
 @dataclass(frozen=True)
+class HashListFile:
+    """One hash bank's list as a version holds it: a Parquet file (``hash``, ``entry_id``,
+    ``metadata``; :data:`~pipeline.schemas.HASH_LIST_SCHEMA`), its checksum, and the list file it
+    was read from."""
+
+    bank: str
+    kind: str               # pdq | md5
+    file: str               # e.g. list-ncmec_pdq.parquet
+    sha256: str
+    count: int
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bank": self.bank, "kind": self.kind, "file": self.file, "sha256": self.sha256, "count": self.count,
+                "source": self.source}
+
+
+@dataclass(frozen=True)
 class Counts:
     images: int
     memberships: int
@@ -188,13 +211,14 @@ class Manifest:
     counts: Counts
     rejected: tuple[Rejected, ...] = ()
     disabled_references: tuple[DisabledReference, ...] = ()
+    hash_lists: tuple[HashListFile, ...] = ()
     format: int = FORMAT_VERSION
 
     # -- rules read off a manifest ---------------------------------------------------------
     def files(self) -> list[tuple[str, str]]:
         """(file name, sha256) of every data file of the version."""
         shard_files = [f for s in self.shards for f in ((s.index, s.index_sha256), (s.rerank, s.rerank_sha256))]
-        return shard_files + [(self.entries.file, self.entries.sha256)]
+        return shard_files + [(self.entries.file, self.entries.sha256)] + [(h.file, h.sha256) for h in self.hash_lists]
 
     def disabled_in_force(self, at: _dt.datetime | None = None) -> dict[int, DisabledReference]:
         """References disabled at ``at`` (default: now): id -> record. A record with ``until =
@@ -213,7 +237,7 @@ class Manifest:
     # -- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The JSON object, in the key order every version has been written in."""
-        return {
+        d = {
             "format": self.format,
             "version": self.version,
             "parent": self.parent,
@@ -230,6 +254,9 @@ class Manifest:
             "rejected": [r.to_dict() for r in self.rejected],
             "disabled_references": [d.to_dict() for d in self.disabled_references],
         }
+        if self.hash_lists:
+            d["hash_lists"] = [h.to_dict() for h in self.hash_lists]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -254,6 +281,7 @@ class Manifest:
             rejected=tuple(Rejected(r["bank"], r["uri"], r.get("error_code"), r.get("error_message"))
                            for r in d.get("rejected", [])),
             disabled_references=tuple(DisabledReference.from_dict(x) for x in d.get("disabled_references", [])),
+            hash_lists=tuple(HashListFile(**h) for h in d.get("hash_lists", [])),
             format=int(d.get("format", FORMAT_VERSION)))
 
     @classmethod

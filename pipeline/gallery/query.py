@@ -8,19 +8,22 @@ nothing of how they are built or updated.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 import pandas as pd
 
+from pipeline.gallery.hashlists import HashBanks, HashHit, HashQuery
 from pipeline.gallery.index import CascadeIndex, CascadeParams, background_term
 from pipeline.gallery.loader import load_streaming
 from pipeline.gallery.manifest import DisabledReference, Manifest
-from pipeline.gallery.store import GalleryIntegrityError, read_manifest
+from pipeline.gallery.store import GalleryIntegrityError, read_lists, read_manifest
 from pipeline.ingest.storage import Store, open_store
 from pipeline.schemas import Action, Status
+from pipeline.signals.lists import HashEntry
 
 if TYPE_CHECKING:
     from models.card import BackgroundBank
@@ -87,7 +90,8 @@ def open_gallery(gallery: str | Store, model: QueryModel | None, *, version: str
     cascade, entries = load_streaming(store, m, nprobe=overrides.nprobe, ef_search=overrides.ef_search)
     params = m.model.params(overrides.coarse_threshold, overrides.fine_threshold, overrides.rerank_k)
     bank = model.background if model is not None else None
-    return GalleryIndex(m, cascade, entries, params, bank.f512 if bank is not None else None)
+    return GalleryIndex(m, cascade, entries, params, bank.f512 if bank is not None else None,
+                        lists=read_lists(store, m))
 
 
 @dataclass
@@ -102,6 +106,16 @@ class Match:
     coarse_score: float | None = None
     fine_score: float | None = None      # normalised fine score: what the thresholds apply to
     fine_score_raw: float | None = None  # plain 512-d cosine of the same pair
+    signal: str | None = None            # descriptor | pdq | md5: what decided (None: nothing matched)
+    pdq_distance: int | None = None      # a pdq match's Hamming distance
+    list_entry_id: str | None = None     # a hash match's list entry (its id, else its hash)
+    list_metadata: str | None = None     # that entry's metadata (JSON text)
+    note: str | None = None              # e.g. the pdq banks a low-quality upload hash was not matched against
+
+
+# Signal strength, strongest first: an exact MD5 of the file, then PDQ by distance, then the
+# descriptor by fine score (see GalleryIndex.decide_signals).
+SIGNAL_RANK = {"md5": 2, "pdq": 1, "descriptor": 0}
 
 
 class _Hit(NamedTuple):
@@ -157,18 +171,20 @@ class GalleryIndex:
     :func:`open_gallery`; the constructor is for versions assembled in memory (tests)."""
 
     def __init__(self, manifest: Manifest, cascade: CascadeIndex, entries: pd.DataFrame,
-                 params: CascadeParams, background: np.ndarray | None = None) -> None:
+                 params: CascadeParams, background: np.ndarray | None = None,
+                 lists: Mapping[str, list[HashEntry]] | None = None) -> None:
         self.manifest, self.cascade, self.params = manifest, cascade, params
         # (N, rerank_dim) background features of the query model, for score normalisation
         self.background = background if params.norm.beta else None
         self.banks = {n: b.bank for n, b in manifest.banks.items()}
         self.entries = entries
+        self.hash_banks = HashBanks(self.banks, lists or {})  # the enabled pdq/md5 banks, indexed
         # References disabled by review decisions, as of load time: a job keeps one view for its
         # whole run, like it keeps one gallery version.
         self.disabled: dict[int, DisabledReference] = manifest.disabled_in_force()
         self._members: dict[int, list[tuple[str, str, str, float]]] = {}
         for gid, bank in zip(entries["id"].tolist(), entries["bank"].tolist()):
-            b = self.banks[bank]
+            b = self.banks[bank]  # (image banks only: hash banks have no entries rows)
             if not b.enabled or int(gid) in self.disabled:
                 continue
             self._members.setdefault(int(gid), []).append((bank, b.category, b.action, self.bank_threshold(bank)))
@@ -262,3 +278,57 @@ class GalleryIndex:
         """Cascade + bank rules: one :class:`Match` per query, and the survivor mask."""
         c = self.candidates(xq128, fine_fn)
         return SearchResult(self.decide(c.D, c.I, c.F, c.offset), c.survivors)
+
+    def query_hashes(self, md5s: list[str | None], pdqs: list[str | None], qualities: list[int | None]) -> list[HashQuery]:
+        """The hash banks' hits per upload (:meth:`pipeline.gallery.hashlists.HashBanks.query`)."""
+        return self.hash_banks.query(md5s, pdqs, qualities)
+
+    @staticmethod
+    def decide_signals(base: Match | None, q: HashQuery) -> Match | None:
+        """One decision across the descriptor's ``base`` (None: not searched) and the hash hits ``q``.
+
+        The rule: the strongest blocking match wins, strength being (signal, closeness) in this
+        order: an ``md5`` match (the same file) > a ``pdq`` match by smaller distance > a
+        ``descriptor`` match by higher fine score; an allow match at least as strong as the best
+        blocking one still wins (no flag). Equal strength: filter over downrank, then bank name,
+        then reference id / list entry (ascending), so ties never depend on order of arrival."""
+        blocks: list[tuple[tuple, Any]] = []
+        allows: list[tuple[tuple, Any]] = []
+        if base is not None and base.bank is not None:
+            key = (SIGNAL_RANK["descriptor"], float(base.fine_score if base.fine_score is not None else -np.inf))
+            (blocks if base.status == Status.MATCHED.value else allows).append((key, base))
+        for h in q.hits:
+            key = (SIGNAL_RANK[h.signal], -float(h.distance))
+            (allows if h.action == Action.ALLOW.value else blocks).append((key, h))
+        note = (f"pdq hash below the quality floor of bank(s) {', '.join(q.below_quality)}: not matched against them"
+                if q.below_quality else None)
+
+        def order(kv: tuple[tuple, Any]) -> tuple:
+            key, x = kv
+            ident = x.reference_id if isinstance(x, Match) else x.entry_idx
+            return (-key[0], -key[1], x.action != Action.FILTER.value, x.bank, ident if ident is not None else -1)
+
+        block = min(blocks, key=order) if blocks else None
+        allow = min(allows, key=order) if allows else None
+        if block is not None:
+            wins = allow if allow is not None and allow[0] >= block[0] else block  # allow at least as strong
+            x = wins[1]
+            if isinstance(x, Match):
+                return _with(x, signal="descriptor", note=note)
+            matched = wins is block
+            return _hash_match(base, x, Status.MATCHED.value if matched else Status.CLEAN.value,
+                               x.action if matched else Action.NONE.value, note)
+        if base is None:  # not searched (low content) and no blocking hash match
+            return None
+        return _with(base, signal="descriptor" if base.bank else None, note=note)
+
+def _with(m: Match, **kw: Any) -> Match:
+    return dataclasses.replace(m, **kw)
+
+
+def _hash_match(base: Match | None, h: HashHit, status: str, action: str, note: str | None) -> Match:
+    """The Match of a decision a hash hit made: its bank, the list entry and distance; the
+    descriptor's best coarse score is kept (what the row's coarse_score always means)."""
+    return Match(status, action, h.bank, h.category, None, base.coarse_score if base is not None else None,
+                 signal=h.signal, pdq_distance=h.distance if h.signal == "pdq" else None,
+                 list_entry_id=h.entry_key, list_metadata=h.entry.metadata, note=note)

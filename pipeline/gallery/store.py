@@ -9,7 +9,9 @@ Layout under a gallery root (local folder or ``s3://bucket/prefix``)::
     versions/v000003/manifest.json       # model id, dims, thresholds, banks, shard files + sha256
     versions/v000003/shard-000.faiss     # coarse 128-d index with explicit int64 ids
     versions/v000003/shard-000.rerank.safetensors   # ids + 512-d rerank vectors (float16 default)
-    versions/v000003/entries.parquet     # id, bank, category, action, source_uri, sha256, added_at
+    versions/v000003/entries.parquet     # id, bank, category, action, source_uri, sha256, added_at,
+                                         # the reference's pdq_hash, pdq_quality, md5
+    versions/v000003/list-<bank>.parquet # a hash bank's list: hash, entry_id, metadata (pipeline.gallery.hashlists)
 
 A version is immutable. Writers put every file of a new version under its own prefix, the
 manifest last, then replace ``CURRENT`` (an atomic rename locally, an atomic PUT on S3): a reader
@@ -40,6 +42,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ModscanError
 from pipeline.gallery import audit as A
+from pipeline.gallery import hashlists as H
 from pipeline.gallery.banks import Bank
 from pipeline.gallery.index import CascadeIndex, CoarseIndexSpec, Shard, decode_rerank
 from pipeline.gallery.manifest import (
@@ -47,6 +50,7 @@ from pipeline.gallery.manifest import (
     Counts,
     DisabledReference,
     EntriesFile,
+    HashListFile,
     Manifest,
     Rejected,
     ShardFiles,
@@ -54,6 +58,7 @@ from pipeline.gallery.manifest import (
 )
 from pipeline.ingest.storage import Store, open_store
 from pipeline.schemas import ENTRY_SCHEMA
+from pipeline.signals.lists import HashEntry
 
 
 class GalleryIntegrityError(ModscanError, RuntimeError):
@@ -116,6 +121,8 @@ class GalleryContent:
     # references switched off by review decisions, by id: they stay in the gallery and never
     # match while in force
     disabled: dict[int, DisabledReference] = field(default_factory=dict)
+    # hash banks' lists, by bank name, in list order (pipeline.gallery.hashlists)
+    lists: dict[str, list[HashEntry]] = field(default_factory=dict)
 
     def check(self) -> None:
         if len(set(self.entries["id"])) != len(self.ids) or set(self.entries["id"]) != set(self.ids.tolist()):
@@ -123,6 +130,9 @@ class GalleryContent:
         unknown = set(self.entries["bank"]) - set(self.banks)
         if unknown:
             raise ValueError(f"entries refer to undeclared banks {sorted(unknown)}")
+        bad = [n for n in self.lists if n not in self.banks or not self.banks[n].is_hash]
+        if bad:
+            raise ValueError(f"hash lists for banks that are not declared hash banks: {sorted(bad)}")
 
 
 def _write_shards(vstore: Store, cascade: CascadeIndex) -> tuple[ShardFiles, ...]:
@@ -137,12 +147,30 @@ def _write_shards(vstore: Store, cascade: CascadeIndex) -> tuple[ShardFiles, ...
 
 
 def _write_entries(vstore: Store, entries: pd.DataFrame) -> EntriesFile:
-    table = pa.Table.from_pandas(entries, schema=ENTRY_SCHEMA, preserve_index=False)
+    entries = entries.copy()
+    for f in ENTRY_SCHEMA:  # versions read back from before a column existed: null there
+        if f.name not in entries.columns:
+            entries[f.name] = None
+    for c in ("pdq_hash", "md5"):
+        entries[c] = [x if isinstance(x, str) else None for x in entries[c]]
+    entries["pdq_quality"] = pd.array([None if x is None or pd.isna(x) else int(x) for x in entries["pdq_quality"]],
+                                      dtype="Int32")
+    table = pa.Table.from_pandas(entries[ENTRY_SCHEMA.names], schema=ENTRY_SCHEMA, preserve_index=False)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     eb = buf.getvalue()
     vstore.write_bytes("entries.parquet", eb)
     return EntriesFile("entries.parquet", sha256_hex(eb), len(entries))
+
+
+def _write_lists(vstore: Store, content: GalleryContent) -> tuple[HashListFile, ...]:
+    out = []
+    for name in sorted(content.lists):
+        b, entries = content.banks[name], content.lists[name]
+        data = H.list_bytes(entries)
+        vstore.write_bytes(H.list_file_name(name), data)
+        out.append(HashListFile(name, b.kind, H.list_file_name(name), sha256_hex(data), len(entries), b.source))
+    return tuple(out)
 
 
 def write_version(store: Store, content: GalleryContent, model: VersionModel, n_shards: int,
@@ -160,13 +188,16 @@ def write_version(store: Store, content: GalleryContent, model: VersionModel, n_
     ent = content.entries.sort_values(["id", "bank"]).reset_index(drop=True)
     entries = _write_entries(vstore, ent)
     counts = ent.groupby("bank")["id"].nunique().to_dict()
+    lists = _write_lists(vstore, content)
+    counts.update({h.bank: h.count for h in lists})
     live_ids = set(content.ids.tolist())  # a removed image takes its disabled mark with it
     manifest = Manifest(
         version=version, parent=parent, created_at=now_utc().isoformat(), model=model, rerank_dtype=rerank_dtype,
         coarse_index=coarse_spec, shards=shards, entries=entries,
         banks={n: BankRecord(b, int(counts.get(n, 0))) for n, b in sorted(content.banks.items())},
         counts=Counts(int(len(content.ids)), int(len(ent))), rejected=tuple(content.rejected),
-        disabled_references=tuple(content.disabled[i] for i in sorted(content.disabled) if i in live_ids))
+        disabled_references=tuple(content.disabled[i] for i in sorted(content.disabled) if i in live_ids),
+        hash_lists=lists)
     vstore.write_text("manifest.json", manifest.to_json())
     if publish:
         publish_version(store, version)
@@ -221,13 +252,21 @@ def resolve_version(uri_or_store: str | Store, model_id: str | None = None) -> M
 # --------------------------------------------------------------------------------------------
 # A version's content, to derive the next version from
 # --------------------------------------------------------------------------------------------
-def _load_verified(store: Store, m: Manifest) -> tuple[list[Shard], pd.DataFrame]:
-    """Shards and entries of manifest ``m``, every file checked against its sha256."""
+def load_verified(store: Store, m: Manifest) -> tuple[list[Shard], pd.DataFrame]:
+    """Shards and entries of manifest ``m``, every file read whole and checked against its sha256
+    (:func:`read_content`'s load; querying opens a version with the streaming loader,
+    :func:`pipeline.gallery.loader.load_streaming`, which must give the same index)."""
     vstore = store.child(f"versions/{m.version}")
     shards = [Shard.from_bytes(read_verified(vstore, s.index, s.index_sha256),
                                read_verified(vstore, s.rerank, s.rerank_sha256)) for s in m.shards]
     entries = pq.read_table(io.BytesIO(read_verified(vstore, m.entries.file, m.entries.sha256))).to_pandas()
     return shards, entries
+
+
+def read_lists(store: Store, m: Manifest) -> dict[str, list[HashEntry]]:
+    """The hash lists of manifest ``m``, by bank, every file checked against its sha256."""
+    vstore = store.child(f"versions/{m.version}")
+    return {h.bank: H.entries_from_bytes(read_verified(vstore, h.file, h.sha256)) for h in m.hash_lists}
 
 
 def _coarse_vectors(sh: Shard) -> np.ndarray:
@@ -255,7 +294,7 @@ class StoredVersion(NamedTuple):
 def read_content(store: Store, version: str | None = None) -> StoredVersion:
     """Load a version's vectors and entries (verified), e.g. to derive the next version."""
     m = read_manifest(store, version)
-    shards, entries = _load_verified(store, m)
+    shards, entries = load_verified(store, m)
     ids, coarse, rerank = [], [], []
     for sh in shards:
         if sh.ntotal == 0:
@@ -269,5 +308,5 @@ def read_content(store: Store, version: str | None = None) -> StoredVersion:
         coarse=np.concatenate(coarse) if coarse else np.zeros((0, cd), np.float32),
         rerank=np.concatenate(rerank) if rerank else np.zeros((0, rd), np.float32),
         entries=entries, banks={n: b.bank for n, b in m.banks.items()}, rejected=list(m.rejected),
-        disabled={d.id: d for d in m.disabled_references})
+        disabled={d.id: d for d in m.disabled_references}, lists=read_lists(store, m))
     return StoredVersion(m, content)

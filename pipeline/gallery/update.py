@@ -31,9 +31,11 @@ from pipeline.gallery.store import (
 )
 from pipeline.ingest.storage import Store, open_store
 from pipeline.schemas import ENTRY_SCHEMA
+from pipeline.signals.lists import HashEntry, read_list
 
 # extract(uris) -> one dict per uri: {"uri", "sha256", "ok", "error_code", "error_message",
-#                                     "coarse": (128,) or None, "rerank": (512,) or None}
+#                                     "coarse": (128,) or None, "rerank": (512,) or None,
+#                                     optional "pdq_hash", "pdq_quality", "md5": the reference's signals}
 Extractor = Callable[[list[str]], list[dict[str, Any]]]
 
 
@@ -84,7 +86,8 @@ def add_images(content: GalleryContent, bank: Bank, uris: list[str], extract: Ex
             stats["added"] += 1
         members.add((gid, bank.name))
         new_rows.append({"id": gid, "bank": bank.name, "category": bank.category, "action": bank.action,
-                         "source_uri": r["uri"], "sha256": sha, "added_at": now})
+                         "source_uri": r["uri"], "sha256": sha, "added_at": now, "pdq_hash": r.get("pdq_hash"),
+                         "pdq_quality": r.get("pdq_quality") if r.get("pdq_hash") else None, "md5": r.get("md5")})
     if new_ids:
         content.ids = np.concatenate([content.ids, np.asarray(new_ids, np.int64)])
         content.coarse = np.concatenate([content.coarse, np.vstack(new_c).astype(np.float32)])
@@ -111,7 +114,13 @@ def build(store: Store, banks: list[Bank], card: ModelCard, extract: Extractor, 
     stats: dict[str, Any] = {}
     for b in banks:
         content.banks[b.name] = b
-        stats[b.name] = add_images(content, b, list_source(b.source), extract) if b.enabled else {"skipped": "disabled"}
+        if not b.enabled:
+            stats[b.name] = {"skipped": "disabled"}
+        elif b.is_hash:
+            content.lists[b.name] = read_list(b.source, b.kind)
+            stats[b.name] = {"list_entries": len(content.lists[b.name])}
+        else:
+            stats[b.name] = add_images(content, b, list_source(b.source), extract)
     parent = current_version(store)
     version = write_audited(store, content, model, n_shards, rerank_dtype, parent, coarse_spec, "build",
                             who, note, details={"banks": stats})
@@ -135,12 +144,17 @@ def add(store: Store, bank_name: str, uris: list[str], card: ModelCard, extract:
 
 
 def remove(store: Store, card: ModelCard | None = None, bank: str | None = None, ids: Iterable[int] = (),
-           shas: Iterable[str] = (), *, who: str | None = None, note: str | None = None) -> Update:
+           shas: Iterable[str] = (), *, who: str | None = None, note: str | None = None,
+           hashes: Iterable[str] = (), entry_ids: Iterable[str] = ()) -> Update:
     """New version without the given memberships. An image left in no bank loses its vectors.
-    Removing extracts nothing, so ``card`` is optional: given, a gallery of another model is refused."""
+    Removing extracts nothing, so ``card`` is optional: given, a gallery of another model is refused.
+    ``hashes`` / ``entry_ids`` remove entries of a hash bank's list (``bank`` names it)."""
     m, content = read_content(store)
     if card is not None:
         m.check_model(card.version_id)
+    hashes, entry_ids = {h.lower() for h in hashes}, set(entry_ids)
+    if hashes or entry_ids:
+        return _remove_list_entries(store, m, content, bank, hashes, entry_ids, who, note)
     e = content.entries
     ids, shas = set(int(i) for i in ids), set(shas)
     sel = pd.Series(True, index=e.index)
@@ -159,10 +173,66 @@ def remove(store: Store, card: ModelCard | None = None, bank: str | None = None,
     content.ids, content.coarse, content.rerank = content.ids[keep], content.coarse[keep], content.rerank[keep]
     if bank is not None and not ids and not shas:
         content.banks.pop(bank)
+        content.lists.pop(bank, None)
     stats = {"memberships_removed": removed, "images_dropped": dropped}
     version = write_derived(store, m, content, "remove", who, note=note,
                             details={"bank": bank, "ids": sorted(ids), "sha256": sorted(shas), **stats})
     return Update(version, stats)
+
+
+def _hash_bank(content: GalleryContent, m: Manifest, bank: str | None) -> Bank:
+    if bank is None or bank not in content.banks:
+        raise KeyError(f"bank {bank!r} is not in gallery {m.version}")
+    b = content.banks[bank]
+    if not b.is_hash:
+        raise ValueError(f"bank {bank!r} is an image bank: list entries (hash, entry id) belong to pdq/md5 banks")
+    return b
+
+
+def _remove_list_entries(store: Store, m: Manifest, content: GalleryContent, bank: str | None, hashes: set[str],
+                         entry_ids: set[str], who: str | None, note: str | None) -> Update:
+    """New version without the list entries of hash bank ``bank`` with those hashes or entry ids."""
+    _hash_bank(content, m, bank)
+    old = content.lists.get(bank, [])
+    content.lists[bank] = [e for e in old if e.hash not in hashes and e.entry_id not in entry_ids]
+    stats = {"list_entries_removed": len(old) - len(content.lists[bank]), "list_entries": len(content.lists[bank])}
+    version = write_derived(store, m, content, "remove", who, note=note,
+                            details={"bank": bank, "hashes": sorted(hashes), "entry_ids": sorted(entry_ids), **stats})
+    return Update(version, stats)
+
+
+def replace_list(store: Store, bank_name: str, list_uri: str, new_bank: Bank | None = None, *,
+                 who: str | None = None, note: str | None = None) -> Update:
+    """New version = current with hash bank ``bank_name``'s list replaced by the (newer) list file
+    ``list_uri`` (read and validated whole first). Stats: entries added, removed and kept, by hash."""
+    m, content = read_content(store)
+    if bank_name not in content.banks:
+        if new_bank is None:
+            raise KeyError(f"bank {bank_name!r} is not in gallery {m.version}; pass --banks to declare it")
+        content.banks[bank_name] = new_bank
+    b = _hash_bank(content, m, bank_name)
+    entries = read_list(list_uri, b.kind)
+    before, after = {e.hash for e in content.lists.get(bank_name, [])}, {e.hash for e in entries}
+    content.banks[bank_name] = Bank(**{**b.__dict__, "source": list_uri})
+    content.lists[bank_name] = entries
+    stats = {"added": len(after - before), "removed": len(before - after), "kept": len(after & before),
+             "list_entries": len(entries)}
+    version = write_derived(store, m, content, "add", who, note=note, details={"bank": bank_name, **stats})
+    return Update(version, stats)
+
+
+def export_hashes(store: Store, bank: str, kind: str = "pdq") -> list[HashEntry]:
+    """The ``kind`` (pdq | md5) hashes of image bank ``bank``'s references, one per reference with
+    one (in id order; entry id = gallery reference id), for :func:`~pipeline.signals.lists.write_list`."""
+    m, content = read_content(store)
+    if bank not in content.banks or content.banks[bank].is_hash:
+        raise KeyError(f"{bank!r} is not an image bank of gallery {m.version}")
+    col = "pdq_hash" if kind == "pdq" else "md5"
+    e = content.entries
+    if col not in e.columns:
+        e = e.assign(**{col: None})
+    rows = e[(e["bank"] == bank) & e[col].map(lambda x: isinstance(x, str))].sort_values("id")
+    return [HashEntry(h, str(int(i))) for h, i in zip(rows[col], rows["id"])]
 
 
 def info(store: Store) -> dict[str, Any]:
@@ -172,9 +242,12 @@ def info(store: Store) -> dict[str, Any]:
     size = sum(store.fs.get_file_info(vstore.path(k)).size for k in vstore.list())
     return {"root": store.uri, "current": m.version, "versions": list_versions(store), "model_id": m.model.model_id,
             "created_at": m.created_at, "counts": m.counts.to_dict(),
-            "banks": {n: {"category": b.bank.category, "action": b.bank.action, "count": b.count,
-                          "enabled": b.bank.enabled, "fine_threshold": b.bank.fine_threshold}
+            "banks": {n: {"kind": b.bank.kind, "category": b.bank.category, "action": b.bank.action, "count": b.count,
+                          "enabled": b.bank.enabled, "fine_threshold": b.bank.fine_threshold,
+                          **({"pdq_max_distance": b.bank.pdq_max_distance, "pdq_min_quality": b.bank.pdq_min_quality}
+                             if b.bank.kind == "pdq" else {})}
                       for n, b in m.banks.items()},
+            "hash_lists": {h.bank: {"kind": h.kind, "entries": h.count, "source": h.source} for h in m.hash_lists},
             "shards": len(m.shards), "rerank_dtype": m.rerank_dtype, "thresholds": m.model.thresholds(),
             "bytes": int(size), "rejected": len(m.rejected),
             **_review_state(store, m)}

@@ -150,7 +150,14 @@ class Decoder:
     but near-uniform, see :func:`is_low_content`), ``error_code``, ``error_message``, ``low``
     ``(B, l, l, 3)`` and ``high`` ``(B, h, h, 3)`` uint8 (zeros where ``ok`` is false). Rows in =
     rows out, always.
+
+    A subclass adds per-file columns (:data:`EXTRA_COLUMNS`, their values for a row that has none
+    in :meth:`extra_defaults`) computed from the bytes (:meth:`file_extras`) and from the image
+    ``open_image`` returned (:meth:`image_extras`), in the same single decode:
+    :class:`pipeline.signals.hashes.SignalDecoder` (MD5, PDQ) is the one the job runs.
     """
+
+    EXTRA_COLUMNS: tuple[tuple[str, Any], ...] = ()  # (column, numpy dtype)
 
     def __init__(self, cfg: DecodeConfig | None = None) -> None:
         self.cfg = cfg or DecodeConfig()
@@ -166,19 +173,31 @@ class Decoder:
         return {"low": np.stack([r["low"] for r in rows]), "high": np.stack([r["high"] for r in rows]),
                 "low_content": np.asarray([r["low_content"] for r in rows], bool)}
 
+    def extra_defaults(self) -> dict[str, Any]:
+        return {}
+
+    def file_extras(self, data: bytes) -> dict[str, Any]:
+        return {}
+
+    def image_extras(self, im: Image.Image) -> dict[str, Any]:
+        return {}
+
     def decode_one(self, data: bytes | None, read_error: str | None = None) -> dict[str, Any]:
         cfg = self.cfg
         out: dict[str, Any] = {"image_sha256": None, "ok": False, "low_content": False,
                                "error_code": None, "error_message": None,
                                "low": np.zeros((cfg.low_res, cfg.low_res, 3), np.uint8),
-                               "high": np.zeros((cfg.high_res, cfg.high_res, 3), np.uint8)}
+                               "high": np.zeros((cfg.high_res, cfg.high_res, 3), np.uint8),
+                               **self.extra_defaults()}
         if read_error:
             out["error_code"], out["error_message"] = ErrorCode.READ_ERROR.value, read_error
             return out
         data = bytes(data or b"")
         out["image_sha256"] = hashlib.sha256(data).hexdigest()
+        out.update(self.file_extras(data))
         try:
             im = open_image(data, cfg)
+            out.update(self.image_extras(im))
             out["low"], out["high"] = resize_pair(im, cfg.low_res, cfg.high_res)
             out["low_content"] = is_low_content(out["high"])
             out["ok"] = True
@@ -193,7 +212,8 @@ class Decoder:
         datas = list(batch["bytes"])
         read_errors = list(batch["read_error"]) if "read_error" in batch else [None] * len(keys)
         rows = [self.decode_one(d, r if isinstance(r, str) and r else None) for d, r in zip(datas, read_errors)]
-        return {
+        extras = {c: np.asarray([r[c] for r in rows], dtype=t) for c, t in self.EXTRA_COLUMNS}
+        return {**extras,
             "image_key": np.asarray(keys, dtype=object),
             "image_sha256": np.asarray([r["image_sha256"] for r in rows], dtype=object),
             "ok": np.asarray([r["ok"] for r in rows], dtype=bool),

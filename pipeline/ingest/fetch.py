@@ -48,4 +48,5 @@ class Fetcher:
                 datas.append(b"")
                 errors.append(plain_message(e, 300))
         return {"image_key": np.asarray(batch["image_key"], dtype=object),
-                "bytes": np.asarray(datas, dtype=object), "read_error": np.asarray(errors, dtype=object)}
+                "bytes": np.asarray(datas, dtype=object), "read_error": np.asarray(errors, dtype=object),
+                "image_uri": np.asarray([str(u) for u in batch["uri"]], dtype=object)}  # kept for the signatures

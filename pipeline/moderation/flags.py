@@ -99,13 +99,10 @@ def verify_staged(out: Store, run_id: str, expected_keys: int | None,
     """Counts from the staged files; raises :class:`CommitError` on duplicates, lost rows, (when
     ``input_keys`` is given) a staged key that is not one of the inputs, or (when
     ``gallery_version`` is given) a row decided with another gallery version."""
-    data = out.child(staging_key(run_id) + "/data")
-    files = [k for k in data.list() if k.endswith(".parquet")]
+    cols = ["image_key", "status", "action", "error_code", "bank"] + (["gallery_version"] if gallery_version else [])
+    files, t = read_staged(out, run_id, cols)
     if not files and expected_keys:
         raise CommitError(f"run {run_id}: no staged Parquet files but {expected_keys} inputs")
-    cols = ["image_key", "status", "action", "error_code", "bank"] + (["gallery_version"] if gallery_version else [])
-    tables = [pq.read_table(data.path(k), columns=cols, filesystem=out.fs) for k in files]
-    t = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in cols})
     keys = t.column("image_key").to_pylist()
     dup = [k for k, c in Counter(keys).items() if c > 1]
     if dup:
@@ -126,10 +123,21 @@ def verify_staged(out: Store, run_id: str, expected_keys: int | None,
             "by_action": by("action"), "by_error_code": by("error_code"), "by_bank": by("bank")}
 
 
-def write_staged(out: Store, run_id: str, name: str, table: pa.Table) -> None:
-    """Add a Parquet file of flag rows written by the driver (not by Ray) to a run's staging."""
+def read_staged(out: Store, run_id: str, columns: list[str]) -> tuple[list[str], pa.Table]:
+    """(file names, ``columns`` of every staged Parquet file of ``run_id``, concatenated): what a
+    verification reads back (the flags' and the signatures' alike)."""
+    data = out.child(staging_key(run_id) + "/data")
+    files = [k for k in data.list() if k.endswith(".parquet")]
+    tables = [pq.read_table(data.path(k), columns=columns, filesystem=out.fs) for k in files]
+    t = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in columns})
+    return files, t
+
+
+def write_staged(out: Store, run_id: str, name: str, table: pa.Table, schema: pa.Schema = FILE_SCHEMA) -> None:
+    """Add a Parquet file of rows written by the driver (not by Ray) to a run's staging, cast to
+    ``schema`` (flag rows by default; signatures pass theirs)."""
     buf = pa.BufferOutputStream()
-    pq.write_table(table.cast(FILE_SCHEMA), buf)
+    pq.write_table(table.cast(schema), buf)
     out.write_bytes(f"{staging_key(run_id)}/data/{name}", buf.getvalue().to_pybytes())
 
 
@@ -260,9 +268,16 @@ def abandon(out: Store, run_id: str) -> None:
                     staging_key(run_id), exc_info=True)
 
 
+def wait_for_commits(out: Store, dt: str, run_id: str, stale_s: float = COMMIT_STALE_S) -> None:
+    """Return once no other run of ``dt`` is committing (a retro run reads the partition it will
+    replace only after this, so it never reads one half-swapped)."""
+    _wait_for_other_commits(out, dt, run_id, stale_s)
+
+
 def commit_partition(out: Store, dt: str, run_id: str, run_info: dict[str, Any],
-                     stale_s: float = COMMIT_STALE_S) -> str:
+                     stale_s: float = COMMIT_STALE_S, schema: pa.Schema = FILE_SCHEMA) -> str:
     """Publish the staged files of ``run_id`` as partition ``dt`` (replacing any previous one).
+    ``schema``: of the empty file a day without rows gets (flags by default; signatures pass theirs).
 
     Refuses with :class:`PartitionTakenError` when a newer run of ``dt`` owns the partition.
     """
@@ -282,7 +297,7 @@ def commit_partition(out: Store, dt: str, run_id: str, run_info: dict[str, Any],
     if not files:
         # A day with no rows still gets one (empty) file: readers then get the schema, and
         # `pd.read_parquet(root, filters=[("dt", "=", D)])` returns an empty frame, not an error.
-        write_staged(out, run_id, "empty.parquet", FILE_SCHEMA.empty_table())
+        write_staged(out, run_id, "empty.parquet", schema.empty_table(), schema)
         files = ["empty.parquet"]
     run_info = {**run_info, "files": [f"part-{run_id}-{i:05d}.parquet" for i in range(len(files))]}
     if out.is_local:

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.ingest.storage import Store
@@ -41,11 +40,35 @@ TOP_REFERENCES = 100  # _run.json keeps the busiest references, not one line per
 
 @dataclass(frozen=True)
 class HeldReference:
-    reference_id: int
+    reference_id: int | None   # None for a hash-list entry (list_entry_id names it)
     bank: str
     category: str | None
     matches: int
     held_action: str   # what the rows would have had: filter | downrank
+    list_entry_id: str | None = None
+
+
+# What a match is counted against: a gallery reference id, or (bank, list entry) for a hash bank's
+# match (flag rows' list_entry_id): a list entry that matches too much is held like a reference.
+Key = int | tuple[str, str]
+
+
+def _key(r: dict[str, Any]) -> Key | None:
+    if r["reference_id"] is not None:
+        return int(r["reference_id"])
+    if r.get("list_entry_id") is not None:
+        return (r["bank"], r["list_entry_id"])
+    return None
+
+
+def _key_name(k: Key) -> str:
+    return str(k) if isinstance(k, int) else f"{k[0]}:{k[1]}"
+
+
+def _busiest(kv: tuple[Key, int]) -> tuple:
+    """Order of the busiest keys: most matches first, then references by id, then list entries."""
+    k, n = kv
+    return (-n, isinstance(k, tuple), k if isinstance(k, int) else 0, k if isinstance(k, tuple) else ("", ""))
 
 
 @dataclass(frozen=True)
@@ -65,7 +88,8 @@ class FloodReport:
 
 
 def reason_for(h: HeldReference, limit: int) -> str:
-    return (f"flood guard: reference #{h.reference_id} ({h.bank}) matched {h.matches} uploads in this run, more than "
+    what = f"reference #{h.reference_id}" if h.reference_id is not None else f"list entry {h.list_entry_id!r}"
+    return (f"flood guard: {what} ({h.bank}) matched {h.matches} uploads in this run, more than "
             f"max_matches_per_reference={limit}; held for review instead of {h.held_action}")
 
 
@@ -74,16 +98,17 @@ def guard_staged(out: Store, run_id: str, max_matches_per_reference: int = DEFAU
     """Count the staged rows of ``run_id`` and hold over-matching references (see module doc)."""
     data = out.child(staging_key(run_id) + "/data")
     files = [k for k in data.list() if k.endswith(".parquet")]
-    per_ref: Counter[int] = Counter()
+    per_ref: Counter[Key] = Counter()
     per_bank: Counter[str] = Counter()
     allowed: Counter[str] = Counter()
-    ref_info: dict[int, tuple[str, str | None, Counter[str]]] = {}
-    cols = ["status", "action", "bank", "category", "reference_id"]
+    ref_info: dict[Key, tuple[str, str | None, Counter[str]]] = {}
+    cols = ["status", "action", "bank", "category", "reference_id", "list_entry_id"]
     for k in files:
-        t = pq.read_table(data.path(k), columns=cols, filesystem=out.fs).to_pylist()
+        t = pq.read_table(data.path(k), filesystem=out.fs)
+        t = t.select([c for c in cols if c in t.column_names]).to_pylist()
         for r in t:
-            if r["status"] == Status.MATCHED.value and r["reference_id"] is not None:
-                rid = int(r["reference_id"])
+            rid = _key(r) if r["status"] == Status.MATCHED.value else None
+            if rid is not None:
                 per_ref[rid] += 1
                 per_bank[r["bank"]] += 1
                 info = ref_info.setdefault(rid, (r["bank"], r["category"], Counter()))
@@ -92,35 +117,36 @@ def guard_staged(out: Store, run_id: str, max_matches_per_reference: int = DEFAU
                 allowed[r["bank"]] += 1
     held = []
     if max_matches_per_reference > 0:
-        for rid, n in sorted(per_ref.items(), key=lambda kv: (-kv[1], kv[0])):
+        for rid, n in sorted(per_ref.items(), key=_busiest):
             if n > max_matches_per_reference:
                 bank, category, actions = ref_info[rid]
-                held.append(HeldReference(rid, bank, category, n, actions.most_common(1)[0][0]))
+                held.append(HeldReference(rid if isinstance(rid, int) else None, bank, category, n,
+                                          actions.most_common(1)[0][0], None if isinstance(rid, int) else rid[1]))
     held_rows, rewritten = _hold(out, data, files, held, max_matches_per_reference) if held else (0, 0)
-    top = sorted(per_ref.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_REFERENCES]
+    top = sorted(per_ref.items(), key=_busiest)[:TOP_REFERENCES]
     return FloodReport(max_matches_per_reference, sum(per_ref.values()), len(per_ref), dict(sorted(per_bank.items())),
-                       {str(r): n for r, n in top}, dict(sorted(allowed.items())), tuple(held), held_rows, rewritten)
+                       {_key_name(r): n for r, n in top}, dict(sorted(allowed.items())), tuple(held), held_rows, rewritten)
 
 
 def _hold(out: Store, data: Store, files: list[str], held: list[HeldReference], limit: int) -> tuple[int, int]:
     """Rewrite the staged files that hold rows of ``held`` references -> (rows held, files rewritten)."""
-    reasons = {h.reference_id: reason_for(h, limit) for h in held}
-    ids = pa.array(sorted(reasons), pa.int64())
+    reasons: dict[Key, str] = {(h.reference_id if h.reference_id is not None else (h.bank, h.list_entry_id or "")):
+                               reason_for(h, limit) for h in held}
     n_rows = n_files = 0
     for k in files:
         t = pq.read_table(data.path(k), filesystem=out.fs)
-        if "reason" not in t.column_names:
-            t = t.append_column("reason", pa.nulls(len(t), pa.string()))
+        for f in FILE_SCHEMA:  # columns a staged file may predate: null
+            if f.name not in t.column_names:
+                t = t.append_column(f.name, pa.nulls(len(t), f.type))
         t = t.select(FILE_SCHEMA.names).cast(FILE_SCHEMA)
-        hit = pc.and_(pc.equal(t["status"], Status.MATCHED.value),
-                      pc.fill_null(pc.is_in(t["reference_id"], value_set=ids), False))
-        n = int(pc.sum(hit).as_py() or 0)
+        rows = t.select(["status", "reference_id", "bank", "list_entry_id"]).to_pylist()
+        keys = [_key(r) if r["status"] == Status.MATCHED.value else None for r in rows]
+        mask = [key is not None and key in reasons for key in keys]
+        n = sum(mask)
         if n == 0:
             continue
-        rid = t["reference_id"].to_pylist()
-        mask = hit.to_pylist()
         action = [Action.REVIEW.value if m else a for m, a in zip(mask, t["action"].to_pylist())]
-        reason = [reasons[r] if m else old for m, r, old in zip(mask, rid, t["reason"].to_pylist())]
+        reason = [reasons[key] if m else old for m, key, old in zip(mask, keys, t["reason"].to_pylist())]
         t = t.set_column(t.schema.get_field_index("action"), FILE_SCHEMA.field("action"), pa.array(action, pa.string()))
         t = t.set_column(t.schema.get_field_index("reason"), FILE_SCHEMA.field("reason"), pa.array(reason, pa.string()))
         buf = io.BytesIO()
@@ -140,7 +166,9 @@ def summary_lines(flood: dict[str, Any] | None) -> list[str]:
         lines.append(f"  matches per bank: {json.dumps(flood['matches_per_bank'])}; "
                      f"{flood['references_matched']} references matched")
     for h in flood.get("held", []):
-        lines.append(f"  !! HELD by the flood guard: reference #{h['reference_id']} ({h['bank']}) matched "
+        what = (f"reference #{h['reference_id']}" if h.get("reference_id") is not None
+                else f"list entry {h.get('list_entry_id')!r}")
+        lines.append(f"  !! HELD by the flood guard: {what} ({h['bank']}) matched "
                      f"{h['matches']} uploads > max_matches_per_reference={flood['max_matches_per_reference']}: "
                      f"its rows are action=review, not {h['held_action']}")
     return lines

@@ -14,13 +14,16 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.errors import plain_message
 from pipeline.ingest.storage import open_store
 from pipeline.schemas import FILE_SCHEMA, Action, ErrorCode, Status, check_columns, error_rows
+
+if TYPE_CHECKING:
+    from pipeline.gallery.query import QueryOverrides
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +35,23 @@ class RunContext:
     dt: str
     run_id: str
     timings_uri: str | None = None  # folder for per-batch timing/count records (small JSON files)
+    signatures_uri: str | None = None  # the run's signature staging (SIG/_staging/R/data); None: none written
 
 
 class Moderator:
     """Features + cascade + decision for decoded batches -> flag rows.
 
     Only rows with a coarse candidate get the 512-d high-res pass (the expensive part of the model
-    run): that is the cascade's point, since most uploads match nothing. :meth:`_search` is the
-    one step a subclass replaces (the benchmark's single-stage baseline, ``jobs/bench.py``).
+    run): that is the cascade's point, since most uploads match nothing. :meth:`search_rows` is the
+    one step a subclass replaces (the benchmark's single-stage baseline, ``jobs/bench_baseline.py``).
     """
 
     def __init__(self, gallery_uri: str, ctx: RunContext, model_dir: str | None = None,
                  device: str | None = None, threads: int | None = None,
-                 threshold_overrides: dict[str, float] | None = None,
-                 gallery_version: str | None = None, precision: str = "auto",
-                 nprobe: int | None = None, ef_search: int | None = None) -> None:
+                 overrides: QueryOverrides | None = None,
+                 gallery_version: str | None = None, precision: str = "auto") -> None:
+        """``overrides``: the job config's over the gallery version's query settings
+        (``JobConfig.query_overrides()``; None: the version's own)."""
         from pipeline.features import FeatureExtractor
         from pipeline.gallery import QueryOverrides, open_gallery
 
@@ -54,9 +59,15 @@ class Moderator:
         # gallery_version: the job's pinned version (never CURRENT at actor start: a version
         # published during the run must not mix into its partition)
         self.gallery = open_gallery(gallery_uri, self.fx, version=gallery_version,
-                                    overrides=QueryOverrides.from_thresholds(threshold_overrides, nprobe, ef_search))
+                                    overrides=overrides or QueryOverrides())
         self.ctx = ctx
         self._timings = open_store(ctx.timings_uri) if ctx.timings_uri else None
+        self._signatures = None
+        if ctx.signatures_uri:
+            from pipeline.moderation.signatures import SignatureWriter
+
+            self._signatures = SignatureWriter(ctx.signatures_uri, ctx.run_id, self.fx.version_id)
+        self._coarse: np.ndarray | None = None  # the last batch's low-res query features (for signatures)
 
     def __call__(self, batch: dict[str, Any]) -> Any:
         """Flag rows for a batch. An exception turns the batch into ``internal_error`` rows (rows
@@ -87,8 +98,17 @@ class Moderator:
         ok = np.asarray(batch["ok"], dtype=bool)
         low_content = np.asarray(batch.get("low_content", np.zeros(len(ok), bool)), dtype=bool) & ok
         searched = ok & ~low_content
-        matches, timing = self._search(batch, np.nonzero(searched)[0])
+        self._coarse = None
+        matches, timing = self.search_rows(batch, np.nonzero(searched)[0])
+        t_hash = time.perf_counter()
+        matches = self.with_hash_signals(batch, ok, matches)
+        timing["hash_lists"] = time.perf_counter() - t_hash
         table = self._rows(batch, ok, low_content, matches)
+        rows = np.nonzero(searched)[0]
+        if self._signatures is not None and len(rows):
+            # a subclass whose search_rows does not keep the features: computed again for the signatures
+            coarse = self._coarse if self._coarse is not None else self.fx.query_coarse(batch["low"][rows])
+            self._signatures.write(batch, rows, coarse)
         if self._timings is not None:
             self._write_timing({"rows": len(ok), "decoded": int(ok.sum()), "low_content": int(low_content.sum()),
                                 "survivors": timing.pop("survivors"),
@@ -96,10 +116,14 @@ class Moderator:
                                 "seconds": {**timing, "moderator_total": time.perf_counter() - t0}})
         return table
 
-    def _search(self, batch: dict[str, Any], rows: np.ndarray) -> tuple[dict[int, Any], dict[str, Any]]:
+    def search_rows(self, batch: dict[str, Any], rows: np.ndarray) -> tuple[dict[int, Any], dict[str, Any]]:
         """The cascade for the decoded rows ``rows``: low-res coarse pass for all, high-res pass
         for survivors only. Returns {row: Match} and the time split (``model_coarse``, ``search``,
-        ``model_rerank`` in seconds, ``survivors``: rows given the high-res pass)."""
+        ``model_rerank`` in seconds, ``survivors``: rows given the high-res pass).
+
+        The subclass hook: a subclass may replace this one step and keep the rest of the stage
+        (error rows, flag rows, timing records); it must return the same pair for the same
+        ``rows`` (indexes into ``batch`` of decoded, searchable rows)."""
         timing: dict[str, Any] = {"model_coarse": 0.0, "search": 0.0, "model_rerank": 0.0, "survivors": 0}
         if not len(rows):
             return {}, timing
@@ -113,11 +137,41 @@ class Moderator:
 
         t = time.perf_counter()
         xq = self.fx.query_coarse(low)
+        self._coarse = xq  # kept for the batch's signature side file
         timing["model_coarse"] = time.perf_counter() - t
         decisions, survivors = self.gallery.search(xq, fine_fn)
         timing["search"] = time.perf_counter() - t - timing["model_coarse"] - timing["model_rerank"]
         timing["survivors"] = int(survivors.sum())
         return {int(r): d for r, d in zip(rows, decisions)}, timing
+
+    def with_hash_signals(self, batch: dict[str, Any], ok: np.ndarray, matches: dict[int, Any]) -> dict[int, Any]:
+        """The descriptor's decisions ``matches`` decided again with the gallery's hash banks, for
+        every decoded row (low-content ones too: an MD5 is the same file, whatever it shows), by
+        :meth:`~pipeline.gallery.query.GalleryIndex.decide_signals`'s one rule. A batch without
+        the decoder's signal columns (a plain Decoder) queries no list."""
+        rows = np.nonzero(ok)[0]
+        if not len(self.gallery.hash_banks) or not len(rows) or "pdq_hash" not in batch:
+            return matches
+        col = lambda c: [batch[c][r] if c in batch else None for r in rows]
+        quals = [int(q) if h is not None else None for h, q in zip(col("pdq_hash"), col("pdq_quality"))]
+        out = dict(matches)
+        for r, q in zip(rows, self.gallery.query_hashes(col("md5"), col("pdq_hash"), quals)):
+            m = self.gallery.decide_signals(matches.get(int(r)), q)
+            if m is not None:
+                out[int(r)] = m
+        return out
+
+    @staticmethod
+    def _signal_fields(batch: dict[str, Any], i: int, m: Any) -> dict[str, Any]:
+        """The row's hash-signal columns: the upload's own PDQ (every decoded row) and, for a
+        decision, the signal that made it and the list entry a hash match reached."""
+        h = batch["pdq_hash"][i] if "pdq_hash" in batch else None
+        out: dict[str, Any] = {"pdq_hash": h, "pdq_quality": int(batch["pdq_quality"][i]) if h is not None else None}
+        if m is not None:
+            out.update(signal=getattr(m, "signal", None), pdq_distance=getattr(m, "pdq_distance", None),
+                       list_entry_id=getattr(m, "list_entry_id", None), list_metadata=getattr(m, "list_metadata", None),
+                       reason=getattr(m, "note", None))
+        return out
 
     def _rows(self, batch: dict[str, Any], ok: np.ndarray, low_content: np.ndarray, matches: dict[int, Any]) -> Any:
         """One flag row per input row (:data:`FILE_SCHEMA`)."""
@@ -134,7 +188,9 @@ class Moderator:
             row.update(image_key=str(batch["image_key"][i]), image_sha256=batch["image_sha256"][i],
                        model_version=self.fx.version_id, gallery_version=self.gallery.version,
                        run_id=self.ctx.run_id, processed_at=now, action=Action.NONE.value)
-            if low_content[i]:
+            if ok[i]:
+                row.update(self._signal_fields(batch, i, m))
+            if low_content[i] and (m is None or m.status != Status.MATCHED.value):
                 row["status"] = Status.LOW_CONTENT.value
             elif m is None:
                 row.update(status=Status.ERROR.value, error_message=batch["error_message"][i],

@@ -29,8 +29,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.gallery import DisabledReference, GalleryIndex
-from pipeline.ingest.decode import DecodeConfig, Decoder
+from pipeline.ingest.decode import DecodeConfig
+from pipeline.ops.explain_hashes import HashSignals, hash_signals, render_lines
 from pipeline.schemas import Action, Status
+from pipeline.signals.hashes import SignalDecoder
 
 
 class Rule(str, enum.Enum):
@@ -108,7 +110,8 @@ class Explanation:
     image: str
     decode: DecodeResult
     candidates: tuple[Candidate, ...]
-    decision: Decision
+    decision: Decision               # the descriptor's (cascade + bank rules)
+    hashes: HashSignals | None = None  # hash-list banks and the decision across signals (pipeline.ops.explain_hashes)
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,7 @@ def explain(images: list[str], gal: GalleryIndex, fx: Any, top_k: int = 10,
     uris = np.asarray(images, dtype=object)
     fetched = Fetcher()({"image_key": uris, "uri": uris})
     sizes = [len(b) for b in fetched["bytes"]]
-    dec = Decoder(decode_cfg)(fetched)
+    dec = SignalDecoder(decode_cfg)(fetched)
     ok = np.asarray(dec["ok"], bool)
     low_content = np.asarray(dec.get("low_content", np.zeros(len(ok), bool)), bool) & ok
     job, shown = _scores(gal, fx, dec, np.nonzero(ok)[0], low_content, top_k)
@@ -287,7 +290,8 @@ def explain(images: list[str], gal: GalleryIndex, fx: Any, top_k: int = 10,
                                                          f"{dr.error_code}: {dr.error_message}")))
             continue
         m, D, I, F = job.get(i, (None, None, np.zeros(0, np.int64), np.zeros(0, np.float32)))
-        out.append(Explanation(uri, dr, _candidates(gal, shown[i], I, F, src), _decision(gal, m, D, I, F)))
+        hs = hash_signals(gal, dec["md5"][i], dec["pdq_hash"][i], int(dec["pdq_quality"][i]), m)
+        out.append(Explanation(uri, dr, _candidates(gal, shown[i], I, F, src), _decision(gal, m, D, I, F), hs))
     return LookupReport(gal.version, gal.model_id, gal.params.coarse_threshold, gal.params.fine_threshold,
                         gal.params.rerank_k, thresholds_in_force(gal),
                         tuple(sorted(gal.disabled.values(), key=lambda d: d.id)), tuple(out))
@@ -332,4 +336,5 @@ def render_table(report: LookupReport) -> str:
             what += f", bank {d.bank}, reference #{d.reference_id}, fine {_f(d.fine_score)} (raw {_f(d.fine_score_raw)})"
         L.append(f"decision  {what}")
         L.append(f"rule      {d.rule}: {d.detail}")
+        L += render_lines(e.hashes)
     return "\n".join(L)

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.ingest.decode import DecodeConfig, DecodeError, open_image
+from pipeline.ingest.decode import DecodeConfig, DecodeError, Decoder, open_image
 
 PDQ_BITS = 256
 PDQ_BYTES = PDQ_BITS // 8
@@ -253,6 +253,33 @@ class SignalHasher:
         out["pdq_hash"] = np.asarray(pdqs, dtype=object)
         out["pdq_quality"] = quals
         return out
+
+
+class SignalDecoder(Decoder):
+    """The job's decoder: :class:`~pipeline.ingest.decode.Decoder` plus ``md5`` (of the bytes,
+    also for a file that does not decode: MD5 lists match files; None for a read error),
+    ``pdq_hash`` and ``pdq_quality`` (:data:`NO_QUALITY` where no hash) in the same decode.
+
+    PDQ is computed on the image ``open_image`` returns, i.e. with the decoder's own JPEG draft
+    (>= ``high_res`` = 160 px), reduced by :func:`pdq_input`: row 3 of the module docstring's
+    table (0-14 bits off the full-resolution hash, every bridge-mods edit within 16 of its list
+    entry). Drafting at :data:`PDQ_MIN_SIDE` instead would change the descriptor's input pixels.
+    Measured cost: see ``docs/operations.md`` ("Hash-list banks")."""
+
+    EXTRA_COLUMNS = (("md5", object), ("pdq_hash", object), ("pdq_quality", np.int16))
+
+    def extra_defaults(self) -> dict[str, Any]:
+        return {"md5": None, "pdq_hash": None, "pdq_quality": NO_QUALITY}
+
+    def file_extras(self, data: bytes) -> dict[str, Any]:
+        return {"md5": md5_hex(data) if data else None}
+
+    def image_extras(self, im: Image.Image) -> dict[str, Any]:
+        try:
+            h, q = pdq_from_image(im, PDQ_MIN_SIDE)
+        except Exception:  # a hashing bug must not cost the row its descriptor decision
+            return {"pdq_hash": None, "pdq_quality": NO_QUALITY}
+        return {"pdq_hash": h, "pdq_quality": q}
 
 
 def _measure(folder: str) -> None:  # pragma: no cover - the measurement in the module docstring

@@ -1,4 +1,4 @@
-"""The commit protocol between runs of one output (pipeline/flags.py), on local disk, without a
+"""The commit protocol between runs of one output (pipeline/moderation/flags.py), on local disk, without a
 cluster: ownership of a date, what an older run may still do, what a sweep may delete."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Config files: the shipped ones load; every problem of a bad one is reported as FILE:LINE: message."""
+"""jobs/job_config.py: the shipped job config loads; every problem of a bad one is reported as
+FILE:LINE: message; the query overrides the job and ``lookup`` share."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from conftest import ROOT
 
 from jobs.job_config import JobConfig, JobConfigError, toml_key_lines
 from pipeline.errors import UsageError
-from pipeline.gallery.banks import BankFileError, load_banks
 from pipeline.ingest.decode import DecodeConfig
 
 
@@ -35,15 +35,6 @@ def test_the_shipped_job_config_loads_and_states_the_defaults() -> None:
     assert cfg.decode == DecodeConfig(max_bytes=50 * 1024 * 1024, max_pixels=64_000_000, min_side=16)
     over = JobConfig.from_toml(str(ROOT / "configs" / "moderate.toml"), batch_size=8, actors=None)
     assert over.batch_size == 8 and over.actors == 0  # a flag given wins; None means "not given"
-
-
-def test_the_shipped_bank_example_parses() -> None:
-    path = ROOT / "configs" / "banks.example.toml"
-    banks = load_banks(path)
-    assert [(b.name, b.action, b.fine_threshold, b.enabled) for b in banks] == [
-        ("violence", "filter", 0.80, True), ("spam_templates", "downrank", None, True),
-        ("known_false_positives", "allow", None, True)]
-    assert banks[0].source == "s3://moderation-refs/violence/" and banks[2].category == "allow/known_false_positive"
 
 
 def test_bad_job_keys_and_values_are_reported_at_their_lines(tmp_path) -> None:
@@ -153,10 +144,14 @@ def test_a_good_file_sets_what_it_says(tmp_path) -> None:
     assert cfg.decode == DecodeConfig(max_pixels=1_000_000) and cfg.threshold_overrides() == {"coarse": 0.6}
 
 
-def test_decode_config_checks_its_fields() -> None:
-    for bad in ({"min_side": 0}, {"max_bytes": True}, {"low_res": 112.0}, {"max_pixels": "64"}):
-        with pytest.raises(ValueError, match="must be an integer >= 1"):
-            DecodeConfig(**bad)
+def test_query_overrides_carry_the_thresholds_and_the_coarse_search_settings() -> None:
+    """The one construction the job's Moderator and ``lookup`` share (``JobConfig.query_overrides``)."""
+    from pipeline.gallery import QueryOverrides
+
+    assert JobConfig().query_overrides() == QueryOverrides()
+    cfg = JobConfig(coarse_threshold=0.6, rerank_k=50, coarse_nprobe=16, coarse_ef_search=256)
+    assert cfg.query_overrides() == QueryOverrides(coarse_threshold=0.6, fine_threshold=None, rerank_k=50, nprobe=16,
+                                                   ef_search=256)
 
 
 def test_toml_key_lines() -> None:
@@ -164,31 +159,3 @@ def test_toml_key_lines() -> None:
     where = toml_key_lines(text)
     assert (where["job"], where["job.batch_size"], where["job.decode"], where["job.decode.min_side"]) == (1, 3, 4, 4)
     assert (where["bank"], where["bank.name"], where["job.decode.max_bytes"]) == (6, 7, 9)
-
-
-_BAD_ACTION_BANK = """
-        [[bank]]
-        name = "ok"
-        source = "refs"
-        category = "sensitive/x"
-        action = "block"
-        """
-
-
-def test_bank_file_errors_name_file_and_line(tmp_path) -> None:
-    path = _write(tmp_path, _BAD_ACTION_BANK, "banks.toml")
-    with pytest.raises(BankFileError) as e:
-        load_banks(path)
-    assert str(e.value).splitlines()[1:] == [f"{path}:5: bank 'ok': action 'block' must be one of "
-                                             "['filter', 'downrank', 'allow']"]
-
-
-def test_bad_bank_file_through_the_cli_is_a_usage_error(tmp_path, capsys) -> None:
-    """A bad bank file is the user's to fix: exit 2 and the FILE:LINE message, not 'unexpected error'."""
-    from jobs.cli import main
-
-    path = _write(tmp_path, _BAD_ACTION_BANK, "banks.toml")
-    rc = main(["gallery", "build", "--banks", str(path), "--out", str(tmp_path / "gallery")])
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert f"{path}:5: bank 'ok': action 'block'" in err and "unexpected" not in err

@@ -1,11 +1,12 @@
-"""Sharded cascade against an exhaustive numpy computation on seeded data."""
+"""pipeline/gallery/index.py: the sharded cascade against an exhaustive numpy computation on seeded data;
+the background term of score normalisation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.gallery.index import CascadeIndex, decode_rerank, encode_rerank
+from pipeline.gallery.index import CascadeIndex, background_term, decode_rerank, encode_rerank
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -102,7 +103,7 @@ def test_rerank_scores_equal_brute_force_with_padding_and_unknown_ids(ids) -> No
     r = rng.standard_normal((n, 32)).astype(np.float32)
     r /= np.linalg.norm(r, axis=1, keepdims=True)
     idx = CascadeIndex.build(ids, c, r, n_shards=2, rerank_dtype="float32")
-    assert (idx._row_of is not None) == bool(ids[-1] < 1000)
+    assert idx.dense_row_table == bool(ids[-1] < 1000)
     q = rng.standard_normal((70, 32)).astype(np.float32)
     cols = rng.integers(0, n, (70, 600))
     I = ids[cols]
@@ -122,3 +123,15 @@ def test_float16_decode_fast_path_equals_numpy_cast() -> None:
     assert x.size >= 4096  # large enough for the vectorised path
     out = decode_rerank(x)
     assert out.dtype == np.float32 and np.array_equal(out, x.astype(np.float32))
+
+
+# -- score normalisation --------------------------------------------------------------------
+def test_background_term_is_the_mean_of_the_top_k_cosines() -> None:
+    rng = np.random.default_rng(0)
+    bg = rng.normal(size=(50, 8)).astype(np.float32)
+    bg /= np.linalg.norm(bg, axis=1, keepdims=True)
+    xq = bg[:3] * 0.9 + 0.1 * bg[3:6]
+    S = xq @ bg.T
+    for k in (1, 3, 10):
+        np.testing.assert_allclose(background_term(xq, bg, k), np.sort(S, axis=1)[:, ::-1][:, :k].mean(1), rtol=1e-6)
+    assert background_term(xq, None, 3).tolist() == [0.0, 0.0, 0.0]

@@ -1,4 +1,5 @@
-"""Nothing silently lost, nothing read that shouldn't be (issue 13): inputs, dates, manifests,
+"""jobs/run.py and the CLI on their inputs (with pipeline/ingest/plan.py): nothing silently lost,
+nothing read that shouldn't be: inputs, dates, manifests,
 pinned gallery versions and operator errors.
 
 Checks that need no cluster call the CLI in-process (or as a subprocess, where the exact output
@@ -320,10 +321,10 @@ class FailingModerator(Moderator):
     """The job's Moderator, failing inside its search on a batch that holds ``boom.jpg``: fault
     injection through ``execute_run(moderator=...)``."""
 
-    def _search(self, batch: dict[str, Any], rows: Any) -> Any:
+    def search_rows(self, batch: dict[str, Any], rows: Any) -> Any:
         if "boom.jpg" in {str(k) for k in batch["image_key"]}:
             raise RuntimeError(f"fault injected for a key of this batch in {self!r}")
-        return super()._search(batch, rows)
+        return super().search_rows(batch, rows)
 
 
 DAY_KEYS = ["_DSC0001.JPG", ".hidden.jpg", "sub/_x.jpg", "100075.jpg", "boom.jpg", "rocket.jpg",

@@ -1,4 +1,6 @@
-"""Operator's tools against a real gallery built with the shipped model (issue 15).
+"""pipeline/ops/ (explain, review_decisions, review_page), with pipeline/moderation/floodguard.py and
+pipeline/gallery/audit.py: the operator's tools against one real gallery built with the shipped model
+(one module-scoped world, so they share a file).
 
 ``modscan lookup`` (same decisions as the job's Moderator, the rule that decided), ``modscan review
 apply`` (validation with line numbers, one version, vectors reused, disabled references), the
@@ -251,6 +253,8 @@ def test_lookup_with_a_job_config_searches_an_ivf_gallery_like_the_job(world, fx
     """``modscan lookup --config`` and the job's Moderator, given the same job TOML (an ``nprobe``
     override, thresholds low enough that every upload is decided by its candidates), get the same
     coarse candidates and make the same decisions; without the override the candidates differ."""
+    from dataclasses import replace
+
     from jobs.cli import main
     from jobs.job_config import JobConfig
     from pipeline.ingest.decode import DecodeConfig, Decoder
@@ -266,8 +270,8 @@ def test_lookup_with_a_job_config_searches_an_ivf_gallery_like_the_job(world, fx
     report = {e["image"]: e for e in json.loads(capsys.readouterr().out)["explanations"]}
 
     def job_moderator(nprobe: int | None) -> Moderator:  # the actor the job starts, with the job's kwargs
-        return Moderator(gallery, RunContext(DAY, "run-ivf"), threshold_overrides=cfg.threshold_overrides() or None,
-                         precision=cfg.precision, nprobe=nprobe, ef_search=cfg.coarse_ef_search)
+        return Moderator(gallery, RunContext(DAY, "run-ivf"), overrides=replace(cfg.query_overrides(), nprobe=nprobe),
+                         precision=cfg.precision)
 
     arr = np.asarray(uploads, dtype=object)
     dec = Decoder(DecodeConfig.for_model(world["card"].config, base=cfg.decode))(Fetcher()({"image_key": arr, "uri": arr}))

@@ -1,4 +1,5 @@
-"""Every kind of bad or odd input -> a correct decode or one stable error code (never a raise)."""
+"""pipeline/ingest/decode.py: every kind of bad or odd input -> a correct decode or one stable error code
+(never a raise); the low-content guard; ``DecodeConfig`` checks and sizes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from conftest import photo, shared_dir
 from PIL import Image
 
-from pipeline.ingest.decode import DecodeConfig, Decoder
+from models.synthetic import generate
+from pipeline.ingest.decode import DecodeConfig, Decoder, is_low_content
 
 DEC = Decoder(DecodeConfig(low_res=48, high_res=64))
 
@@ -179,3 +181,38 @@ def test_decode_all_stacks_good_files_and_names_bad_ones() -> None:
     assert out["low_content"].tolist() == [False, False]
     with pytest.raises(ValueError, match=r"undecodable images: \['broken.jpg \("):
         dec.decode_all([jpeg(0), b"not an image"], names=["good.jpg", "broken.jpg"])
+
+
+# -- low-content guard ----------------------------------------------------------------------
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind,expected", [("flat", True), ("transparent", True), ("gradient", False),
+                                           ("noise", False), ("text_screenshot", False)])
+def test_low_content_is_decided_by_the_decoder(kind: str, expected: bool) -> None:
+    dec = Decoder(DecodeConfig(low_res=48, high_res=64))
+    for i in range(6):
+        k, im = generate("low-content-test", i, (kind,))
+        if kind == "gradient" and is_low_content(np.asarray(im.convert("RGB").resize((64, 64)))):
+            continue  # a gradient between two near-identical colours is a flat picture
+        r = dec.decode_one(_png(im))
+        assert r["ok"] and r["low_content"] is expected, (kind, i)
+
+
+def test_photos_are_not_low_content() -> None:
+    from conftest import photo
+
+    dec = Decoder(DecodeConfig(low_res=48, high_res=64))
+    for name in ("astronaut", "camera", "coins", "moon", "page", "horse", "brick"):
+        buf = io.BytesIO()
+        Image.fromarray(photo(name)).save(buf, format="JPEG")
+        assert not dec.decode_one(buf.getvalue())["low_content"], name
+
+
+def test_decode_config_checks_its_fields() -> None:
+    for bad in ({"min_side": 0}, {"max_bytes": True}, {"low_res": 112.0}, {"max_pixels": "64"}):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            DecodeConfig(**bad)

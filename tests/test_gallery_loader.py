@@ -1,5 +1,5 @@
-"""The streaming gallery loader (``open_gallery``, ``load_streaming``): same index as whole-file loading, every
-byte verified, and a load peak close to what stays resident (issue 13, ``bench memory``)."""
+"""pipeline/gallery/loader.py: the streaming gallery loader (``open_gallery``, ``load_streaming``): same index as whole-file loading, every
+byte verified, and a load peak close to what stays resident (``bench memory``); a tampered shard."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT
+from conftest import ROOT, photo
+from PIL import Image
+
+from models.card import read_card
+from pipeline import gallery as G
+from pipeline.gallery.banks import Bank
+from pipeline.gallery.index import CascadeIndex
+from pipeline.ingest.storage import open_store
 
 
 def _write_gallery(root, n: int, n_shards: int, rerank_dtype: str, seed: int = 0, holes: bool = True) -> str:
@@ -37,18 +44,17 @@ def _write_gallery(root, n: int, n_shards: int, rerank_dtype: str, seed: int = 0
 @pytest.mark.parametrize("rerank_dtype", ["float16", "int8", "float32"])
 def test_streaming_load_equals_whole_file_load(tmp_path, rerank_dtype: str) -> None:
     from pipeline import gallery as G
-    from pipeline.gallery.index import CascadeIndex
-    from pipeline.gallery.store import _load_verified
+    from pipeline.gallery.store import load_verified
     from pipeline.ingest.storage import open_store
 
     root = _write_gallery(tmp_path / "g", 3000, 3, rerank_dtype)
     g = G.open_gallery(root, None)
     store = open_store(root)
     m = G.read_manifest(store)
-    shards, entries = _load_verified(store, m)
+    shards, entries = load_verified(store, m)
     ref = CascadeIndex(shards, 128, 512)
-    assert np.array_equal(g.cascade._sorted_ids, ref._sorted_ids)
-    assert g.cascade._rerank.dtype == ref._rerank.dtype and np.array_equal(g.cascade._rerank, ref._rerank)
+    assert np.array_equal(g.cascade.sorted_ids, ref.sorted_ids)
+    assert g.cascade.rerank_matrix.dtype == ref.rerank_matrix.dtype and np.array_equal(g.cascade.rerank_matrix, ref.rerank_matrix)
     pd.testing.assert_frame_equal(g.entries, entries)
     xq = np.random.default_rng(1).standard_normal((20, 128), dtype=np.float32)
     xq /= np.linalg.norm(xq, axis=1, keepdims=True)
@@ -99,3 +105,39 @@ def test_load_peak_is_close_to_resident(tmp_path) -> None:
     peak, resident = (int(x) for x in r.stdout.split())
     assert resident > 60_000 * 1024  # rerank float16 alone is 1 KiB per entry: the load really happened
     assert peak <= 1.3 * resident, f"peak {peak / 2**20:.0f} MiB > 1.3 x resident {resident / 2**20:.0f} MiB"
+
+
+NAMES = ["astronaut", "rocket", "coffee", "camera", "chelsea", "horse"]
+
+
+def _write_refs(root, names):
+    root.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        Image.fromarray(photo(n)).save(root / f"{n}.png")
+    return root
+
+
+@pytest.fixture()
+def built(tmp_path, tiny_model_dir):
+    from jobs.gallery_cmd import local_extractor
+
+    a = _write_refs(tmp_path / "a", NAMES[:3])
+    b = _write_refs(tmp_path / "b", NAMES[2:4])  # coffee is in both banks
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    banks = [Bank("aa", str(a), "sensitive/x", "filter"), Bank("bb", str(b), "low_quality/spam", "downrank")]
+    card = read_card(tiny_model_dir)
+    store = open_store(str(tmp_path / "gal"), create=True)
+    extract = local_extractor(str(tiny_model_dir))
+    v, stats = G.build(store, banks, card, extract, n_shards=3)
+    return store, card, extract, v, stats, tmp_path
+
+
+def test_tampered_shard_is_a_checksum_error(built) -> None:
+    store, card, *_ = built
+    p = store.path("versions/v000001/shard-001.rerank.safetensors")
+    raw = bytearray(open(p, "rb").read())
+    raw[-3] ^= 0x55
+    open(p, "wb").write(bytes(raw))
+    with pytest.raises(G.GalleryIntegrityError, match="checksum mismatch"):
+        G.open_gallery(store, G.ModelRef(card.version_id))

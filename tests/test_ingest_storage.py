@@ -1,4 +1,4 @@
-"""Keys cannot escape their root; credentials are redacted."""
+"""pipeline/ingest/storage.py: keys cannot escape their root; credentials are redacted."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Evaluation harness: deterministic built mode, prepared mode CSV validation, outputs."""
+"""pipeline/evaluation/ (benchmark, calibrate, report, evaluate): deterministic built mode, prepared mode CSV validation, outputs."""
 
 from __future__ import annotations
 

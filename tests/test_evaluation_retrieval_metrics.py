@@ -1,4 +1,4 @@
-"""Metric functions against hand-computed small cases."""
+"""pipeline/evaluation/retrieval_metrics.py: metric functions against hand-computed small cases."""
 
 from __future__ import annotations
 

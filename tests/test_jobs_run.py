@@ -1,4 +1,4 @@
-"""End to end on a real local Ray cluster against a real S3 endpoint (moto server).
+"""jobs/run.py and jobs/moderate_cmd.py end to end on a real local Ray cluster against a real S3 endpoint (moto server).
 
 A gallery of three banks is built from S3 with Ray actors; a day of uploads (edited copies of
 gallery images, unrelated photos, every Pillow mode of the shared edge cases, broken files, odd
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import SHARED, photo
+from conftest import SHARED, photo, restart_ray
 from PIL import Image
 from s3server import moto_server
 
@@ -91,8 +91,7 @@ def world(tmp_path_factory, shipped_model_dir):
 
     tmp = tmp_path_factory.mktemp("e2e")
     with moto_server() as endpoint:
-        ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        restart_ray()
         s3 = boto3.client("s3", endpoint_url=endpoint)
         for b in ("refs-e2e", "uploads-e2e", "gallery-e2e", "flags-e2e"):
             s3.create_bucket(Bucket=b)

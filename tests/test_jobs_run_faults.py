@@ -1,4 +1,4 @@
-"""Faults on real parts: a killed actor, a flaky S3 endpoint (reads and writes), a killed driver,
+"""jobs/run.py under faults on real parts: a killed actor, a flaky S3 endpoint (reads and writes), a killed driver,
 two concurrent runs of one date, a node lost mid-job."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, photo
+from conftest import ROOT, photo, restart_ray
 from PIL import Image
 from s3server import moto_server
 
@@ -185,8 +185,7 @@ def flaky_s3(local_gallery):
         proxy = _FlakyProxy(endpoint)
         os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
         os.environ["MODSCAN_S3_RETRIES"] = "10"
-        ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        restart_ray()
         s3 = boto3.client("s3", endpoint_url=endpoint)
         s3.create_bucket(Bucket="flaky-up")
         s3.create_bucket(Bucket="flaky-out")

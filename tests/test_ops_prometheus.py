@@ -1,4 +1,4 @@
-"""Prometheus metrics of a run: exposition format parsed back, atomic textfile, Pushgateway PUT
+"""pipeline/ops/prometheus.py: Prometheus metrics of a run: exposition format parsed back, atomic textfile, Pushgateway PUT
 against a real HTTP server on 127.0.0.1, failures reported, not raised past the commit."""
 
 from __future__ import annotations

@@ -1,0 +1,174 @@
+"""What the ``modscan bench`` commands share: the machine line, the Markdown table, the
+``--photos`` folders, best-of timing, and realistic vectors from the shipped model.
+
+Benchmarks never assert: they print what they measured (and write ``bench-out/*.json``).
+
+Realistic vectors (search, memory): the shipped model's GeM-pooled features of real photos
+(the ``--photos`` folders when given, else scikit-image's) define a Gaussian in pooled space (mean +
+covariance); gallery entries are samples of it pushed through the model's own heads (adapter 1 ->
+128-d, reduction -> 512-d). Queries with a true match are gallery entries displaced by *real*
+edit displacements (pooled(edited low-res) - pooled(original), measured on the photos) pushed
+through adapter 2 (128-d) and the reduction (512-d); queries without a match are fresh samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UsageError
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:  # no /proc (not Linux): the platform's name will do
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU ({cpu}), {mem:.0f} GiB RAM, {gpu}"
+
+
+def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    """``rows`` as a Markdown table of the columns ``cols`` (a missing value: empty)."""
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
+    """Best of ``repeat`` calls of ``fn`` -> (seconds, the last result)."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+# --------------------------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------------------------
+def photos_help(use: str, default: str = "scikit-image's sample photos") -> str:
+    """The ``--photos`` help of a bench command: what ``use`` the photos are put to."""
+    return (f"folder of real photos (JPEG/PNG; repeat for more folders, e.g. ../shared/data/coco256): {use}; "
+            f"default: none, {default} instead")
+
+
+def bench_args(a: argparse.Namespace) -> tuple[Path, list[Path] | None]:
+    """A bench command's output folder (``--workdir``, default ``bench-out``; created) and its
+    ``--photos`` folders (None when none are given)."""
+    out = Path(getattr(a, "workdir", None) or "bench-out")
+    out.mkdir(parents=True, exist_ok=True)
+    photos = [Path(p) for p in a.photos] if getattr(a, "photos", None) else None
+    return out, photos
+
+
+# --------------------------------------------------------------------------------------------
+# realistic vectors
+# --------------------------------------------------------------------------------------------
+def photo_paths(photos: list[Path] | None, limit: int = 400) -> list[Path]:
+    """The first ``limit`` JPEG/PNG files of the ``photos`` folders (each sorted, in the order
+    given); none without ``photos`` (the callers fall back to the embedded samples)."""
+    paths: list[Path] = []
+    for d in photos or []:
+        if not Path(d).is_dir():
+            raise UsageError(f"--photos {d}: no such folder")
+        paths += sorted(p for p in Path(d).iterdir() if p.suffix.lower() in (".jpg", ".png"))
+    return paths[:limit]
+def pooled_statistics(model_dir: str | None = None, seed: int = 0, photos: list[Path] | None = None) -> dict[str, Any]:
+    """Pooled features of real photos (``photos`` folders; fewer than 50: plus scikit-image photos
+    and crops of them) and real edit displacements (shipped model)."""
+    import torch
+    from PIL import Image
+
+    from models.augment import apply_named, random_edit_names
+    from models.card import load_model
+    from models.preprocess import resize_pair, to_batch
+    from pipeline.evaluation.samples import UNRELATED_PHOTOS, skimage_photo
+
+    model, card = load_model(model_dir)
+    c = card.config
+    rng = random.Random(seed)
+    paths = photo_paths(photos)
+    ims = []
+    for p in paths:
+        with Image.open(p) as im:
+            ims.append(im.convert("RGB"))
+    if len(ims) < 50:  # no shared data: scikit-image photos and crops of them
+        base = [skimage_photo(n) for n in UNRELATED_PHOTOS + ["astronaut", "rocket", "coffee", "chelsea", "camera"]]
+        from models.augment import crop
+
+        ims += [crop(b, rng, 0.2) for b in base for _ in range(12)]
+    hi_o, lo_e, hi_e = [], [], []
+    for im in ims:  # the job's resize: the query's low square is made from its high one
+        e = apply_named(im, random_edit_names(rng), rng)
+        hi_o.append(resize_pair(im, c.low_res, c.high_res)[1])
+        lo, hi = resize_pair(e, c.low_res, c.high_res)
+        lo_e.append(lo)
+        hi_e.append(hi)
+    with torch.inference_mode():
+        P = torch.cat([model.pooled(to_batch(hi_o[i:i + 64])) for i in range(0, len(hi_o), 64)]).numpy()
+        Plo = torch.cat([model.pooled(to_batch(lo_e[i:i + 64])) for i in range(0, len(lo_e), 64)]).numpy()
+        Phi = torch.cat([model.pooled(to_batch(hi_e[i:i + 64])) for i in range(0, len(hi_e), 64)]).numpy()
+    return {"model": model, "card": card, "P": P, "d_lo": Plo - P, "d_hi": Phi - P, "n_photos": len(ims)}
+
+
+class VectorFactory:
+    """Samples pooled features like the photos' and maps them through the model's heads."""
+
+    def __init__(self, stats: dict[str, Any], seed: int = 0) -> None:
+        self.s = stats
+        self.rng = np.random.default_rng(seed)
+        P = stats["P"].astype(np.float64)
+        self.mu = P.mean(0)
+        U, S, Vt = np.linalg.svd(P - self.mu, full_matrices=False)
+        self.basis = (S[:, None] * Vt) / np.sqrt(max(1, len(P) - 1))  # rows: principal directions x std
+        self.iso = 0.1 * float(np.sqrt((S**2).sum() / (len(P) - 1) / P.shape[1]))  # keeps full rank
+
+    def pooled(self, n: int) -> np.ndarray:
+        z = self.rng.standard_normal((n, self.basis.shape[0]))
+        x = self.mu + z @ self.basis + self.iso * self.rng.standard_normal((n, self.basis.shape[1]))
+        return np.clip(x, 1e-6, None).astype(np.float32)
+
+    def _heads(self, pooled: np.ndarray, head: str) -> np.ndarray:
+        import torch
+
+        m = self.s["model"]
+        fn = {"a1": m.adapter1, "a2": m.adapter2, "red": m.reduction}[head]
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(pooled), 65536):
+                out.append(fn(torch.from_numpy(pooled[i:i + 65536])).numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def gallery(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        P = self.pooled(n)
+        return P, self._heads(P, "a1"), self._heads(P, "red")
+
+    def queries(self, P_gallery: np.ndarray, n_pos: int, n_neg: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (q128 from adapter 2, q512, true gallery row or -1)."""
+        src = self.rng.integers(0, len(P_gallery), n_pos)
+        j = self.rng.integers(0, len(self.s["d_lo"]), n_pos)
+        lo = np.clip(P_gallery[src] + self.s["d_lo"][j], 1e-6, None)
+        hi = np.clip(P_gallery[src] + self.s["d_hi"][j], 1e-6, None)
+        neg = self.pooled(n_neg)
+        q128 = np.concatenate([self._heads(lo, "a2"), self._heads(neg, "a2")])
+        q512 = np.concatenate([self._heads(hi, "red"), self._heads(neg, "red")])
+        truth = np.concatenate([src, -np.ones(n_neg, np.int64)])
+        return q128, q512, truth

@@ -1,0 +1,111 @@
+"""Hash lists inside a gallery version, and the query side of them.
+
+A hash bank (``kind = "pdq"`` or ``"md5"``, :mod:`pipeline.gallery.banks`) holds a list, not images.
+``gallery build`` reads its list file (:func:`pipeline.signals.lists.read_list`) and the version
+keeps it the way it keeps shards: one ``list-<bank>.parquet`` per hash bank
+(:data:`~pipeline.schemas.HASH_LIST_SCHEMA`: ``hash``, ``entry_id``, ``metadata``, in list order),
+recorded in :attr:`Manifest.hash_lists <pipeline.gallery.manifest.Manifest.hash_lists>` with its
+sha256 and checked on every load. :class:`HashBanks` is what a loaded version queries: one
+:class:`~pipeline.signals.index.PdqIndex` or :class:`~pipeline.signals.index.Md5Index` per
+enabled hash bank.
+
+Imports: ``manifest``, ``schemas`` and :mod:`pipeline.signals` only (``store`` and ``query`` use it).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.gallery.banks import Bank
+from pipeline.schemas import HASH_LIST_SCHEMA
+from pipeline.signals.index import Md5Index, PdqIndex
+from pipeline.signals.lists import HashEntry
+
+
+def list_file_name(bank: str) -> str:
+    return f"list-{bank}.parquet"
+
+
+def list_bytes(entries: Sequence[HashEntry]) -> bytes:
+    """A list as the Parquet bytes a version stores."""
+    t = pa.Table.from_pydict({"hash": [e.hash for e in entries], "entry_id": [e.entry_id for e in entries],
+                              "metadata": [e.metadata for e in entries]}, schema=HASH_LIST_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(t, buf)
+    return buf.getvalue()
+
+
+def entries_from_bytes(data: bytes) -> list[HashEntry]:
+    t = pq.read_table(io.BytesIO(data)).to_pydict()
+    return [HashEntry(h, i, m) for h, i, m in zip(t["hash"], t["entry_id"], t["metadata"])]
+
+
+@dataclass(frozen=True)
+class HashHit:
+    """One list entry an upload's signal reached, in one hash bank."""
+
+    bank: str
+    category: str
+    action: str
+    signal: str               # pdq | md5
+    distance: int             # Hamming distance (0 for md5)
+    entry_idx: int            # position in the bank's list
+    entry: HashEntry
+
+    @property
+    def entry_key(self) -> str:
+        """``list_entry_id`` of the flag row: the list's own id, else the matched list hash."""
+        return self.entry.entry_id if self.entry.entry_id is not None else self.entry.hash
+
+
+@dataclass(frozen=True)
+class HashQuery:
+    """What the hash banks made of one upload: every hit, and the pdq banks whose quality floor
+    the upload's PDQ quality was below (not matched against them)."""
+
+    hits: tuple[HashHit, ...] = ()
+    below_quality: tuple[str, ...] = ()
+
+
+class HashBanks:
+    """The enabled hash banks of a loaded version, each with its list and index."""
+
+    def __init__(self, banks: Mapping[str, Bank], lists: Mapping[str, list[HashEntry]]) -> None:
+        self.banks = {n: b for n, b in banks.items() if b.is_hash and b.enabled and n in lists}
+        self.lists = {n: list(lists[n]) for n in self.banks}
+        self.index: dict[str, Any] = {
+            n: (PdqIndex.build(self.lists[n]) if b.kind == "pdq" else Md5Index.build(self.lists[n]))
+            for n, b in self.banks.items()}
+
+    def __len__(self) -> int:
+        return len(self.banks)
+
+    def query(self, md5s: Sequence[str | None], pdqs: Sequence[str | None],
+              qualities: Sequence[int | None]) -> list[HashQuery]:
+        """Per upload: MD5 exact against every md5 bank; PDQ within each pdq bank's
+        ``pdq_max_distance``, skipped (and named in ``below_quality``) where the upload's quality
+        is below the bank's ``pdq_min_quality``. ``None`` signals match nothing."""
+        n = len(md5s)
+        hits: list[list[HashHit]] = [[] for _ in range(n)]
+        below: list[list[str]] = [[] for _ in range(n)]
+        for name in sorted(self.banks):
+            b = self.banks[name]
+            if b.kind == "md5":
+                res = self.index[name].query([m.lower() if m else None for m in md5s])
+            else:
+                keep = [p if p is not None and q is not None and q >= b.pdq_min_quality else None
+                        for p, q in zip(pdqs, qualities)]
+                for i, (p, k) in enumerate(zip(pdqs, keep)):
+                    if p is not None and k is None:
+                        below[i].append(name)
+                res = self.index[name].query(keep, b.pdq_max_distance)
+            for i, ms in enumerate(res):
+                hits[i] += [HashHit(name, b.category, b.action, b.kind, m.distance, m.entry_idx,
+                                    self.lists[name][m.entry_idx]) for m in ms]
+        return [HashQuery(tuple(h), tuple(bq)) for h, bq in zip(hits, below)]

@@ -1,0 +1,75 @@
+"""models/card.py: the model on disk, its checksums and its background bank."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from models.card import ModelIntegrityError, load_model
+from models.descriptor import Backbone, DescriptorConfig
+from models.train import TrainConfig, Trainer
+
+
+def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:
+    kw.setdefault("cache_views", 1)
+    kw.setdefault("epochs_backbone", 1)
+    kw.setdefault("model", DescriptorConfig(backbone=Backbone.RESNET18, high_res=64, low_res=48))
+    cfg = TrainConfig(batch_size=8, synthetic_images=4,
+                      epochs_adapter1=2, epochs_adapter2=2, batch_size_adapter2=16,
+                      queue_size=16, distill_bank=32, background_photos=4, background_graphics=3, **kw)
+    return Trainer(images_dir, tmp_path, cfg, command="test")
+
+
+@pytest.fixture()
+def gen_images(tmp_path):
+
+    from pipeline.evaluation.samples import procedural
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = random.Random(0)
+    for i in range(16):
+        procedural(rng, (96, 80)).save(d / f"{i}.png")
+    return d
+
+
+def test_tampered_background_bank_fails_with_a_clear_message(tmp_path, gen_images) -> None:
+    from models.card import load_background
+
+    tr = _tiny_trainer(tmp_path / "run", gen_images)
+    tr.run()
+    p = tmp_path / "run" / "background.safetensors"
+    raw = bytearray(p.read_bytes())
+    raw[-3] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    with pytest.raises(ModelIntegrityError, match="checksum mismatch"):
+        load_background(tmp_path / "run")
+
+
+def test_safetensors_round_trip_reproduces_outputs(tiny_model_dir) -> None:
+    m1, card = load_model(tiny_model_dir)
+    m2, _ = load_model(tiny_model_dir)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = m1.gallery_features(x), m2.gallery_features(x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert card.version_id.startswith("resnet18-64x48-")
+
+
+def test_tampered_weights_fail_with_a_clear_message(tiny_model_dir, tmp_path, capsys) -> None:
+    import shutil
+
+    from jobs.cli import main
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    raw = bytearray((d / "model.safetensors").read_bytes())
+    raw[-10] ^= 0xFF
+    (d / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ModelIntegrityError, match="checksum mismatch"):
+        load_model(d)
+    assert main(["card", "--model", str(d)]) == 1  # a ModscanError: the user reads its message, on one line
+    err = capsys.readouterr().err
+    assert err.startswith("modscan card: error: checksum mismatch for ") and err.count("\n") == 1, err

@@ -1,0 +1,182 @@
+"""pipeline/gallery/update.py: build, load round trip, add/remove without re-extracting, approximate
+coarse indexes through add/remove, a version's own thresholds."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+from conftest import photo
+from PIL import Image
+
+from models.card import read_card
+from models.synthetic import generate
+from pipeline import gallery as G
+from pipeline.gallery.banks import Bank
+from pipeline.gallery.index import CoarseIndexSpec
+from pipeline.ingest.decode import DecodeConfig, Decoder
+from pipeline.ingest.storage import open_store
+
+NAMES = ["astronaut", "rocket", "coffee", "camera", "chelsea", "horse"]
+
+
+def _write_refs(root, names):
+    root.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        Image.fromarray(photo(n)).save(root / f"{n}.png")
+    return root
+
+
+@pytest.fixture()
+def built(tmp_path, tiny_model_dir):
+    from jobs.gallery_cmd import local_extractor
+
+    a = _write_refs(tmp_path / "a", NAMES[:3])
+    b = _write_refs(tmp_path / "b", NAMES[2:4])  # coffee is in both banks
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    banks = [Bank("aa", str(a), "sensitive/x", "filter"), Bank("bb", str(b), "low_quality/spam", "downrank")]
+    card = read_card(tiny_model_dir)
+    store = open_store(str(tmp_path / "gal"), create=True)
+    extract = local_extractor(str(tiny_model_dir))
+    v, stats = G.build(store, banks, card, extract, n_shards=3)
+    return store, card, extract, v, stats, tmp_path
+
+
+def test_build_dedupes_by_sha_and_records_rejects(built) -> None:
+    store, card, _, v, stats, _ = built
+    assert v == "v000001" and G.current_version(store) == v
+    assert stats["aa"]["added"] == 3 and stats["bb"]["added"] == 1 and stats["bb"]["new_membership"] == 1
+    assert stats["bb"]["rejected"] == 1  # broken.jpg (notes.txt is not an image file: not listed)
+    inf = G.info(store)
+    assert inf["counts"] == {"images": 4, "memberships": 5}
+    assert inf["banks"]["aa"]["count"] == 3 and inf["banks"]["bb"]["count"] == 2
+    assert inf["model_id"] == card.version_id and inf["rejected"] == 1
+    m = G.read_manifest(store)
+    assert m.rejected[0].error_code == "truncated"
+
+
+def test_load_round_trip_and_self_match(built) -> None:
+    store, card, extract, *_ = built
+    gal = G.open_gallery(store, G.ModelRef(card.version_id))
+    _, content = G.read_content(store)
+    # querying the gallery vectors themselves returns each id first, with cosine ~1
+    D, I = gal.cascade.search_coarse(content.coarse, 5, -1.0)
+    assert np.array_equal(I[:, 0], content.ids) and np.allclose(D[:, 0], 1.0, atol=1e-5)
+    F = gal.cascade.score_fine(content.rerank, I)
+    assert np.allclose(F[:, 0], 1.0, atol=2e-3)  # float16 storage
+
+
+def test_add_and_remove_make_new_versions_without_reextracting(built) -> None:
+    store, card, extract, _, _, tmp = built
+    calls: list[int] = []
+
+    def counting(uris):
+        calls.append(len(uris))
+        return extract(uris)
+
+    _, before = G.read_content(store)
+    new = _write_refs(tmp / "c", ["horse", "astronaut"])  # astronaut already in bank aa
+    v2, st = G.add(store, "aa", G.list_source(str(new)), card, counting)
+    assert v2 == "v000002" and calls == [2] and st["added"] == 1 and st["already_present"] == 1
+    m2, after = G.read_content(store)
+    assert m2.parent == "v000001" and len(after.ids) == 5
+    # existing vectors are carried over bit for bit
+    keep = np.isin(after.ids, before.ids)
+    order = np.argsort(after.ids[keep])
+    np.testing.assert_array_equal(after.coarse[keep][order], before.coarse[np.argsort(before.ids)])
+    # remove bank bb's membership of coffee: coffee stays (still in aa), camera's vectors go
+    v3, st3 = G.remove(store, card, bank="bb")
+    assert v3 == "v000003" and st3 == {"memberships_removed": 2, "images_dropped": 1}
+    inf = G.info(store)
+    assert set(inf["banks"]) == {"aa"} and inf["counts"]["images"] == 4
+    assert G.list_versions(store) == ["v000001", "v000002", "v000003"]
+    # old versions stay readable (immutable)
+    assert G.read_manifest(store, "v000001").counts.images == 4
+
+
+# -- approximate coarse indexes ---------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_path, shipped_model_dir, kind) -> None:
+    import random as _random
+
+    from jobs.gallery_cmd import local_extractor
+    from models.augment import apply_named
+    from models.card import read_card
+    from pipeline import gallery as G
+    from pipeline.gallery import QueryOverrides
+    from pipeline.ingest.storage import open_store
+    from pipeline.moderation.moderator import Moderator, RunContext
+
+    refs, extra = tmp_path / "refs", tmp_path / "extra"
+    refs.mkdir()
+    extra.mkdir()
+    pics = [generate("coarse-idx", i)[1] for i in range(90)]
+    for i, im in enumerate(pics[:80]):
+        im.save(refs / f"{i:03d}.png")
+    for i, im in enumerate(pics[80:]):
+        im.save(extra / f"{i:03d}.png")
+    card, ex = read_card(shipped_model_dir), local_extractor(str(shipped_model_dir))
+    bank = [Bank("b", str(refs), "s/x", "filter")]
+    flat_store, apx_store = open_store(str(tmp_path / "flat"), create=True), open_store(str(tmp_path / kind), create=True)
+    G.build(flat_store, bank, card, ex, n_shards=2)
+    spec = CoarseIndexSpec(kind, ivf_nlist=4, nprobe=4, ef_search=256)
+    G.build(apx_store, bank, card, ex, 2, "float16", spec)
+    m = G.read_manifest(apx_store)
+    assert m.coarse_index.type == kind and m.coarse_index.nprobe == 4
+    rng = _random.Random(0)
+    datas = []
+    for im in pics[:40:4] + pics[80:]:
+        buf = io.BytesIO()
+        apply_named(im, ["rescale_jpeg"], rng).save(buf, format="JPEG", quality=90)
+        datas.append(buf.getvalue())
+    dec = Decoder(DecodeConfig(low_res=card.config.low_res, high_res=card.config.high_res))
+    keys = np.asarray([f"q{i}" for i in range(len(datas))], object)
+
+    def flags(uri: str) -> list:
+        # rerank_k 3: the coarse index's top-3 decides what gets reranked, so its order matters
+        mod = Moderator(uri, RunContext("2026-01-01", "r"), model_dir=str(shipped_model_dir),
+                        overrides=QueryOverrides(coarse_threshold=0.0, rerank_k=3))
+        t = mod(dec({"image_key": keys, "bytes": np.asarray(datas, object)})).to_pandas()
+        return list(zip(t["status"], t["reference_id"].fillna(-1).astype(int)))
+
+    want = flags(str(tmp_path / "flat"))
+    assert sum(s == "matched" for s, _ in want) >= 5  # the comparison says something
+    assert flags(str(tmp_path / kind)) == want
+    # add and remove keep the index type and its parameters
+    n0 = m.counts.images
+    v2, st = G.add(apx_store, "b", G.list_source(str(extra)), card, ex)
+    v3, _ = G.remove(apx_store, card, ids=[0, 1])
+    m3 = G.read_manifest(apx_store)
+    assert st["added"] >= 8 and m3.coarse_index == m.coarse_index
+    assert m3.counts.images == n0 + st["added"] - 2
+    bank_f512 = Moderator(str(tmp_path / kind), RunContext("2026-01-01", "r"), model_dir=str(shipped_model_dir)).gallery
+    gal = bank_f512
+    assert gal.cascade.ntotal == n0 + st["added"] - 2 and not {0, 1} & set(gal.entries["id"].tolist())
+
+
+def test_add_and_remove_keep_the_gallerys_own_thresholds(tmp_path, tiny_model_dir) -> None:
+
+    from jobs.gallery_cmd import local_extractor
+    from models.card import read_card
+    from pipeline import gallery as G
+    from pipeline.ingest.storage import open_store
+
+    refs, more = tmp_path / "refs", tmp_path / "more"
+    refs.mkdir()
+    more.mkdir()
+    generate("keep-thr", 0, ("chart",))[1].save(refs / "0.png")
+    generate("keep-thr", 1, ("text_screenshot",))[1].save(more / "1.png")
+    card = read_card(tiny_model_dir)
+    card.thresholds = {"coarse": 0.11, "fine": 0.55, "rerank_k": 7, "norm": {"beta": 0.25, "k": 3}}
+    store = open_store(str(tmp_path / "g"), create=True)
+    ex = local_extractor(str(tiny_model_dir))
+    G.build(store, [Bank("b", str(refs), "s/x", "filter")], card, ex, n_shards=1)
+    built = G.read_manifest(store).model
+    recalibrated = dataclasses.replace(card, thresholds={"coarse": 0.9, "fine": 0.99, "rerank_k": 1})
+    G.add(store, "b", G.list_source(str(more)), recalibrated, ex)
+    assert G.read_manifest(store).model == built
+    G.remove(store, recalibrated, ids=[0])
+    assert G.read_manifest(store).model == built

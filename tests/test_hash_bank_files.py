@@ -1,0 +1,108 @@
+"""Hash banks in bank files, manifests and the decision rule (issue 20), without Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.gallery.banks import Bank, BankFileError, parse_banks
+from pipeline.gallery.hashlists import HashBanks, HashHit, HashQuery
+from pipeline.gallery.manifest import Manifest
+from pipeline.gallery.query import GalleryIndex, Match
+from pipeline.signals.lists import HashEntry
+
+PDQ_A = "f" * 64
+PDQ_B = "f" * 60 + "0000"  # 16 bits from PDQ_A
+
+
+def test_hash_bank_kinds_and_settings_parse() -> None:
+    banks = parse_banks('[[bank]]\nname = "p"\nkind = "pdq"\nsource = "l.txt"\ncategory = "c"\naction = "filter"\n'
+                        'pdq_max_distance = 20\npdq_min_quality = 70\n'
+                        '[[bank]]\nname = "m"\nkind = "md5"\nsource = "s3://b/m.csv"\ncategory = "c"\naction = "allow"\n'
+                        '[[bank]]\nname = "i"\nsource = "imgs/"\ncategory = "c"\naction = "downrank"\n', base_dir="/x")
+    p, m, i = banks
+    assert (p.kind, p.pdq_max_distance, p.pdq_min_quality, p.source) == ("pdq", 20, 70, "/x/l.txt")
+    assert (m.kind, m.source, m.pdq_max_distance) == ("md5", "s3://b/m.csv", 31)
+    assert (i.kind, i.is_hash) == ("images", False)
+
+
+def test_every_bad_hash_bank_setting_is_reported_at_its_line() -> None:
+    text = ('[[bank]]\nname = "p"\nkind = "sha1"\nsource = "l"\ncategory = "c"\naction = "filter"\n'   # line 3
+            '[[bank]]\nname = "q"\nkind = "pdq"\nsource = "l"\ncategory = "c"\naction = "filter"\n'
+            'pdq_max_distance = 300\n'                                                                  # line 13
+            'pdq_min_quality = -1\n'                                                                    # line 14
+            'fine_threshold = 0.5\n'                                                                    # line 15
+            '[[bank]]\nname = "r"\nsource = "imgs"\ncategory = "c"\naction = "filter"\npdq_min_quality = 50\n')  # 21
+    with pytest.raises(BankFileError) as e:
+        parse_banks(text, "banks.toml")
+    msg = str(e.value)
+    for line, what in ((3, "kind 'sha1'"), (13, "pdq_max_distance"), (14, "pdq_min_quality"), (15, "fine_threshold"),
+                       (21, "pdq_min_quality is for kind")):
+        assert f"banks.toml:{line}:" in msg and what in msg, (line, what, msg)
+    assert e.value.exit_code == 2
+
+
+def test_manifest_without_hash_banks_writes_the_old_json_and_old_manifests_read(tmp_path) -> None:
+    old = {"format": 1, "version": "v000001", "parent": None, "created_at": "2026-01-01T00:00:00+00:00",
+           "model_id": "m", "dims": {"coarse": 128, "rerank": 512},
+           "thresholds": {"coarse": 0.5, "fine": 0.7, "rerank_k": 500, "norm": {"beta": 0.0, "k": 1}},
+           "rerank_dtype": "float16", "coarse_index": {"type": "flat", "hnsw_m": 32, "ivf_nlist": None,
+                                                       "nprobe": 32, "ef_search": 128},
+           "shards": [], "entries": {"file": "entries.parquet", "sha256": "0" * 64, "rows": 0},
+           "banks": {"b": {"name": "b", "source": "s", "category": "c", "action": "filter", "fine_threshold": None,
+                           "enabled": True, "count": 0}},
+           "counts": {"images": 0, "memberships": 0}, "rejected": [], "disabled_references": []}
+    m = Manifest.from_dict(old)
+    assert m.hash_lists == () and m.banks["b"].bank.kind == "images"
+    again = Manifest.from_json(m.to_json())
+    assert json.loads(again.to_json()) == json.loads(m.to_json()) and "hash_lists" not in m.to_json()
+    assert m.to_json() == json.dumps(old, indent=2) + "\n"  # byte-identical: no new key for an images-only gallery
+
+
+def _banks() -> dict[str, Bank]:
+    return {"pblock": Bank("pblock", "-", "c/b", "filter", kind="pdq"),
+            "pallow": Bank("pallow", "-", "c/a", "allow", kind="pdq", pdq_max_distance=10),
+            "m": Bank("m", "-", "c/m", "downrank", kind="md5"),
+            "floor": Bank("floor", "-", "c/f", "filter", kind="pdq", pdq_min_quality=90)}
+
+
+def test_hash_banks_query_distance_per_bank_md5_exact_and_quality_floor() -> None:
+    hb = HashBanks(_banks(), {"pblock": [HashEntry(PDQ_A, "e1", '{"k":1}')], "pallow": [HashEntry(PDQ_A)],
+                              "m": [HashEntry("a" * 32, "m1")], "floor": [HashEntry(PDQ_A)]})
+    q = hb.query(["A" * 32, None], [PDQ_B, PDQ_B], [80, 95])
+    by = {h.bank: h for h in q[0].hits}
+    assert set(by) == {"pblock", "m"}  # pallow: 16 > its 10 bits; floor: quality 80 < 90
+    assert by["pblock"].distance == 16 and by["pblock"].entry_key == "e1" and by["m"].distance == 0
+    assert q[0].below_quality == ("floor",) and {h.bank for h in q[1].hits} == {"pblock", "floor"}
+
+
+def _hit(bank: str, action: str, signal: str, distance: int, idx: int = 0) -> HashHit:
+    return HashHit(bank, "c", action, signal, distance, idx, HashEntry(PDQ_A if signal == "pdq" else "a" * 32))
+
+
+def test_decision_rule_strongest_wins_allow_at_least_as_strong_wins_ties_by_bank() -> None:
+    desc = Match("matched", "filter", "imgs", "c", 7, 0.9, 0.95, 0.95)
+    # pdq is stronger than the descriptor
+    m = GalleryIndex.decide_signals(desc, HashQuery((_hit("p", "downrank", "pdq", 20),)))
+    assert (m.status, m.bank, m.signal, m.pdq_distance, m.reference_id) == ("matched", "p", "pdq", 20, None)
+    # md5 beats pdq at distance 0; a nearer pdq beats a farther one
+    m = GalleryIndex.decide_signals(None, HashQuery((_hit("p", "filter", "pdq", 0), _hit("m", "downrank", "md5", 0))))
+    assert (m.bank, m.signal) == ("m", "md5")
+    m = GalleryIndex.decide_signals(None, HashQuery((_hit("far", "filter", "pdq", 9), _hit("near", "downrank", "pdq", 3))))
+    assert m.bank == "near"
+    # an allow at equal strength wins; a weaker one does not
+    m = GalleryIndex.decide_signals(desc, HashQuery((_hit("b", "filter", "pdq", 5), _hit("a", "allow", "pdq", 5))))
+    assert (m.status, m.action, m.bank) == ("clean", "none", "a")
+    m = GalleryIndex.decide_signals(desc, HashQuery((_hit("b", "filter", "pdq", 5), _hit("a", "allow", "pdq", 6))))
+    assert (m.status, m.bank) == ("matched", "b")
+    # a descriptor allow is weaker than any hash block
+    allow_desc = Match("clean", "none", "fp", "c", 3, 0.9, 0.99, 0.99)
+    assert GalleryIndex.decide_signals(allow_desc, HashQuery((_hit("b", "filter", "pdq", 30),))).status == "matched"
+    # ties: filter over downrank, then bank name, whatever the order of arrival
+    hits = (_hit("zz", "filter", "pdq", 4), _hit("aa", "downrank", "pdq", 4), _hit("bb", "filter", "pdq", 4))
+    assert GalleryIndex.decide_signals(None, HashQuery(hits)).bank == "bb"
+    assert GalleryIndex.decide_signals(None, HashQuery(hits[::-1])).bank == "bb"
+    # the descriptor alone: unchanged, labelled
+    assert GalleryIndex.decide_signals(desc, HashQuery()).signal == "descriptor"
+    assert GalleryIndex.decide_signals(None, HashQuery()) is None

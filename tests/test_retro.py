@@ -1,0 +1,212 @@
+"""``modscan retro`` on a real local Ray cluster against a real S3 endpoint (moto server).
+
+Day 1 is moderated against a gallery of two references; a third reference, of which day 1 holds
+copies, is then added as a new version. The tests run in file order on that one world: a killed
+retro run leaves the partition as it was; ``modscan retro`` then flags exactly what a fresh run of
+day 1 against the new gallery flags and changes nothing else; its rerun changes nothing; removing
+a reference clears its past flags. A model change is refused.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT, photo
+from PIL import Image
+from s3server import moto_server
+
+from pipeline.errors import ModscanError
+
+pytestmark = pytest.mark.slow
+
+DAY = "2026-04-01"
+BASE = {"coffee": "filter", "chelsea": "filter"}
+ADDED = "astronaut"
+FLAGS, FRESH, GAL = "s3://flags-retro/flags", "s3://flags-retro/fresh", "s3://gallery-retro/main"
+KEY_COLS = ["image_key", "status", "action", "bank", "reference_id"]
+
+
+def _jpeg(im: Image.Image, q: int = 85) -> bytes:
+    b = io.BytesIO()
+    im.convert("RGB").save(b, format="JPEG", quality=q)
+    return b.getvalue()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, shipped_model_dir):
+    import boto3
+    import ray
+
+    from jobs.gallery_cmd import local_extractor
+    from jobs.job_config import JobConfig
+    from jobs.run import moderate
+    from models.card import read_card
+    from pipeline import gallery as G
+    from pipeline.evaluation.samples import procedural
+    from pipeline.gallery.banks import Bank
+    from pipeline.ingest.storage import open_store
+
+    tmp = tmp_path_factory.mktemp("retro")
+    with moto_server() as endpoint:
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        for b in ("refs-retro", "uploads-retro", "gallery-retro", "flags-retro"):
+            s3.create_bucket(Bucket=b)
+        for n in [*BASE, ADDED]:
+            s3.put_object(Bucket="refs-retro", Key=f"{'added' if n == ADDED else 'base'}/{n}.jpg",
+                          Body=_jpeg(Image.fromarray(photo(n)), 95))
+        import random
+
+        rng = random.Random(3)
+        for i in range(12):
+            s3.put_object(Bucket="uploads-retro", Key=f"{DAY}/other-{i}.jpg", Body=_jpeg(procedural(rng, (240, 180))))
+        for n in [*BASE, ADDED]:
+            im = Image.fromarray(photo(n))
+            s3.put_object(Bucket="uploads-retro", Key=f"{DAY}/copy-{n}.jpg", Body=_jpeg(im))
+            s3.put_object(Bucket="uploads-retro", Key=f"{DAY}/small-{n}.jpg",
+                          Body=_jpeg(im.resize((im.width // 2, im.height // 2)), 75))
+        card, extract = read_card(None), local_extractor(None)
+        gal = open_store(GAL)
+        G.build(gal, [Bank("banned", "s3://refs-retro/base/", "sensitive/x", "filter")], card, extract, n_shards=2)
+        cfg = JobConfig(batch_size=8)
+        first = moderate(f"s3://uploads-retro/{DAY}/", GAL, FLAGS, DAY, cfg=cfg, review=False)
+        v2 = G.add(gal, "banned", ["s3://refs-retro/added/astronaut.jpg"], card, extract).version
+        yield {"s3": s3, "endpoint": endpoint, "tmp": tmp, "cfg": cfg, "first": first, "v1": first["gallery_version"],
+               "v2": v2, "gal": gal, "card": card, "extract": extract}
+        ray.shutdown()
+
+
+def _partition(root: str, dt: str = DAY) -> pd.DataFrame:
+    from pipeline.moderation.flags import read_flags
+
+    return read_flags(root, dt).sort_values("image_key").reset_index(drop=True)
+
+
+def _objects(s3, prefix: str) -> dict[str, str]:
+    return {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket="flags-retro", Prefix=prefix).get("Contents", [])}
+
+
+def test_a_killed_retro_run_leaves_the_partition_as_it_was(world) -> None:
+    s3 = world["s3"]
+    before = _objects(s3, f"flags/dt={DAY}/")
+    cmd = [sys.executable, "-m", "jobs.cli", "retro", "--gallery", GAL, "--since", world["v1"], "--from", DAY,
+           "--to", DAY, "--output", FLAGS, "--batch-size", "8"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline, killed = time.time() + 240, False
+    while time.time() < deadline and p.poll() is None:
+        if any(k.endswith(".started.json") for k in _objects(s3, "flags/_retro/")):
+            time.sleep(2.0)  # in the Ray part: the coarse pass or the re-decision
+            os.killpg(p.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.05)
+    p.wait(timeout=60)
+    assert killed, "the retro run finished before it could be killed"
+    assert _objects(s3, f"flags/dt={DAY}/") == before  # every object as it was, _SUCCESS included
+    assert (_partition(FLAGS)["run_id"] == world["first"]["run_id"]).all()
+
+
+def test_retro_flags_exactly_what_a_fresh_run_flags(world) -> None:
+    from jobs.retro import retro
+    from jobs.run import moderate
+
+    before = _partition(FLAGS)
+    rep = retro(GAL, world["v1"], DAY, DAY, FLAGS, cfg=world["cfg"])
+    fresh = moderate(f"s3://uploads-retro/{DAY}/", GAL, FRESH, DAY, cfg=world["cfg"], review=False)
+    after, new = _partition(FLAGS), _partition(FRESH)
+    assert fresh["gallery_version"] == world["v2"]
+    assert len(after) == len(before) and after["image_key"].is_unique
+    pd.testing.assert_frame_equal(after[KEY_COLS], new[KEY_COLS])
+    changed = set(after.loc[after["decided_by_run"].notna(), "image_key"])
+    assert changed and all(ADDED in k for k in changed), changed  # only the added reference's copies moved
+    assert changed == set(before.loc[before["action"] != after["action"], "image_key"])
+    rest = after[~after["image_key"].isin(changed)]
+    pd.testing.assert_frame_equal(rest.drop(columns=["dt"]).reset_index(drop=True),
+                                  before[~before["image_key"].isin(changed)].drop(columns=["dt"]).reset_index(drop=True))
+    moved = after[after["image_key"].isin(changed)]
+    assert (moved["previous_action"] == "none").all() and (moved["action"] == "filter").all()
+    assert (moved["run_id"] == world["first"]["run_id"]).all() and (moved["gallery_version"] == world["v2"]).all()
+    assert rep["totals"]["newly_flagged"] == len(changed) and rep["decoded"] < len(before)
+    assert rep["references_added"] and rep["per_day"][DAY]["committed"]
+    run = json.loads(world["s3"].get_object(Bucket="flags-retro", Key=f"flags/dt={DAY}/_run.json")["Body"].read())
+    assert run["kind"] == "retro" and run["gallery_versions_compared"] == {"since": world["v1"], "current": world["v2"]}
+    assert run["retro_counts"]["newly_flagged"] == len(changed) and run["days"] == [DAY]
+    assert (moved["decided_by_run"] == run["run_id"]).all()
+    # pandas over the root, with the dt filter, and DuckDB over the hive layout: one row per upload
+    from pipeline.ingest.storage import open_store
+
+    st = open_store(FLAGS)
+    pdf = pd.read_parquet(st.path(""), filesystem=st.fs, filters=[("dt", "=", DAY)])
+    assert len(pdf) == len(before) and pdf["image_key"].is_unique
+    local = world["tmp"] / "mirror"
+    for k in _objects(world["s3"], f"flags/dt={DAY}/"):
+        if k.endswith(".parquet"):
+            (local / k).parent.mkdir(parents=True, exist_ok=True)
+            (local / k).write_bytes(world["s3"].get_object(Bucket="flags-retro", Key=k)["Body"].read())
+    n, flagged = duckdb.sql(f"SELECT count(*), count(*) FILTER (WHERE decided_by_run IS NOT NULL) FROM read_parquet("
+                            f"'{local}/flags/*/*.parquet', hive_partitioning = true)").fetchall()[0]
+    assert (n, flagged) == (len(before), len(changed))
+
+
+def test_a_rerun_of_the_retro_run_changes_nothing(world) -> None:
+    from jobs.retro import retro
+
+    before = _objects(world["s3"], f"flags/dt={DAY}/")
+    rep = retro(GAL, world["v1"], DAY, DAY, FLAGS, cfg=world["cfg"])
+    assert rep["days"] == [] and DAY in rep["days_skipped"] and rep["totals"]["changed"] == 0
+    assert _objects(world["s3"], f"flags/dt={DAY}/") == before  # no new commit
+
+
+def test_removing_a_reference_clears_its_past_flags(world) -> None:
+    from jobs.retro import retro
+    from pipeline import gallery as G
+
+    before = _partition(FLAGS)
+    m = G.read_manifest(world["gal"])
+    ent = G.read_content(world["gal"]).content.entries
+    coffee = int(ent.loc[ent["source_uri"].str.endswith("coffee.jpg"), "id"].iloc[0])
+    hit = before["reference_id"] == coffee
+    assert hit.any() and (before.loc[hit, "action"] == "filter").all()
+    G.remove(world["gal"], ids=[coffee])
+    rep = retro(GAL, m.version, DAY, DAY, FLAGS, cfg=world["cfg"])
+    after = _partition(FLAGS)
+    cleared = after[before["reference_id"] == coffee]
+    assert (cleared["action"] == "none").all() and (cleared["previous_action"] == "filter").all()
+    assert rep["totals"]["cleared"] == int(hit.sum()) and rep["totals"]["newly_flagged"] == 0
+    pd.testing.assert_frame_equal(after.loc[~hit, KEY_COLS], before.loc[~hit, KEY_COLS])
+    assert any(c["id"] == coffee and c["why"] == "removed" for c in rep["references_removed_or_changed"])
+
+
+def test_a_model_change_is_refused(world, tmp_path) -> None:
+    from jobs.retro import retro
+    from pipeline.ingest.storage import open_store
+    from pipeline.schemas import SIGNATURE_SCHEMA
+
+    out = open_store(str(tmp_path / "flags"), create=True)
+    v = world["v1"]  # a version older than CURRENT: the day is one to re-check
+    for st, info in ((out, {"gallery_version": v}), (out.child("_signatures"), {"model_version": "another-model"})):
+        st.write_text(f"dt={DAY}/_run.json", json.dumps(info))
+        st.write_text(f"dt={DAY}/_SUCCESS", "r\n")
+    t = pa.Table.from_pydict({"image_key": ["a"], "image_uri": ["x"], "image_sha256": ["s"],
+                              "coarse_feature": pa.array([np.zeros(128, "<f2").tobytes()], pa.binary(256)),
+                              "pdq_hash": [None], "model_version": ["another-model"], "run_id": ["r"]},
+                             schema=SIGNATURE_SCHEMA)
+    pq.write_table(t, str(tmp_path / "flags" / "_signatures" / f"dt={DAY}" / "part-0.parquet"))
+    with pytest.raises(ModscanError, match="a model change needs a full backfill: modscan backfill"):
+        retro(GAL, v, DAY, DAY, str(tmp_path / "flags"), cfg=world["cfg"])
