@@ -175,13 +175,61 @@ def _parse_signals(text: str, kind: str, problems: _Problems) -> list[HashEntry]
     return out
 
 
+def _csv_header(row: list[str], line: int, problems: _Problems) -> list[str] | None:
+    """The lower-cased header, or None (problems recorded) when it is unusable."""
+    header = [c.strip().lower() for c in row]
+    bad = False
+    for c in header:
+        if c not in CSV_COLUMNS:
+            problems.add(line, f"unknown CSV column {c!r} (known: {list(CSV_COLUMNS)})")
+            bad = True
+    dup = sorted({c for c in header if header.count(c) > 1})
+    if dup:
+        problems.add(line, f"duplicate CSV column(s) {dup}")
+        bad = True
+    if "hash" not in header:
+        problems.add(line, "CSV header must name a 'hash' column")
+        bad = True
+    return None if bad else header
+
+
+def _csv_entry_id(rec: dict[str, str], ln: int, problems: _Problems, seen_ids: dict[str, int]) -> tuple[str | None, bool]:
+    """(entry_id or None, ok) of one record; duplicates and unprintable ids are problems."""
+    eid = rec.get("entry_id", "").strip() or None
+    if eid is None:
+        return None, True
+    if len(eid) > MAX_ENTRY_ID or not eid.isprintable():
+        problems.add(ln, f"entry_id must be printable and at most {MAX_ENTRY_ID} characters")
+        return eid, False
+    if eid in seen_ids:
+        problems.add(ln, f"duplicate entry_id {eid!r} (first at line {seen_ids[eid]})")
+        return eid, False
+    seen_ids[eid] = ln
+    return eid, True
+
+
+def _csv_metadata(rec: dict[str, str], ln: int, problems: _Problems) -> tuple[str | None, bool]:
+    """(canonical metadata JSON or None, ok) of one record: a JSON object or nothing."""
+    meta_text = rec.get("metadata", "").strip()
+    if not meta_text:
+        return None, True
+    try:
+        obj = json.loads(meta_text)
+    except json.JSONDecodeError as e:
+        problems.add(ln, f"metadata is not valid JSON: {e.msg} at character {e.pos}")
+        return None, False
+    if not isinstance(obj, dict):
+        problems.add(ln, f"metadata must be a JSON object, got {type(obj).__name__}")
+        return None, False
+    return canonical_metadata(obj), True
+
+
 def _parse_csv(text: str, kind: str, problems: _Problems) -> list[HashEntry]:
     out: list[HashEntry] = []
     seen: dict[str, int] = {}
     seen_ids: dict[str, int] = {}
     rd = csv.reader(io.StringIO(text, newline=""), strict=True)
     header: list[str] | None = None
-    head_line = 0
     while True:
         start = rd.line_num + 1
         try:
@@ -195,21 +243,8 @@ def _parse_csv(text: str, kind: str, problems: _Problems) -> list[HashEntry]:
         if not row or all(not c.strip() for c in row):
             continue
         if header is None:
-            header = [c.strip().lower() for c in row]
-            head_line = start
-            bad = False
-            for c in header:
-                if c not in CSV_COLUMNS:
-                    problems.add(head_line, f"unknown CSV column {c!r} (known: {list(CSV_COLUMNS)})")
-                    bad = True
-            dup = sorted({c for c in header if header.count(c) > 1})
-            if dup:
-                problems.add(head_line, f"duplicate CSV column(s) {dup}")
-                bad = True
-            if "hash" not in header:
-                problems.add(head_line, "CSV header must name a 'hash' column")
-                bad = True
-            if bad:
+            header = _csv_header(row, start, problems)
+            if header is None:
                 return out
             continue
         ln = start  # the record's first physical line (a quoted field may span several)
@@ -218,32 +253,9 @@ def _parse_csv(text: str, kind: str, problems: _Problems) -> list[HashEntry]:
             continue
         rec = dict(zip(header, row))
         h = _check_hash(rec["hash"].strip(), kind, ln, problems, seen)
-        ok = h is not None
-        eid = rec.get("entry_id", "").strip() or None
-        if eid is not None:
-            if len(eid) > MAX_ENTRY_ID or not eid.isprintable():
-                problems.add(ln, f"entry_id must be printable and at most {MAX_ENTRY_ID} characters")
-                ok = False
-            elif eid in seen_ids:
-                problems.add(ln, f"duplicate entry_id {eid!r} (first at line {seen_ids[eid]})")
-                ok = False
-            else:
-                seen_ids[eid] = ln
-        meta_text = rec.get("metadata", "").strip()
-        meta: str | None = None
-        if meta_text:
-            try:
-                obj = json.loads(meta_text)
-            except json.JSONDecodeError as e:
-                problems.add(ln, f"metadata is not valid JSON: {e.msg} at character {e.pos}")
-                ok = False
-            else:
-                if not isinstance(obj, dict):
-                    problems.add(ln, f"metadata must be a JSON object, got {type(obj).__name__}")
-                    ok = False
-                else:
-                    meta = canonical_metadata(obj)
-        if ok and h is not None:
+        eid, ok_id = _csv_entry_id(rec, ln, problems, seen_ids)
+        meta, ok_meta = _csv_metadata(rec, ln, problems)
+        if h is not None and ok_id and ok_meta:
             out.append(HashEntry(h, eid, meta))
     if header is None:
         problems.add(1, "empty CSV: expected a header naming a 'hash' column")
