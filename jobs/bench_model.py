@@ -92,11 +92,37 @@ def measure_compile(model_dir: str | None, images: list[Any], repeats: int) -> d
             "adopt": bool(speedup >= ADOPT_SPEEDUP and cos >= ADOPT_COSINE)}
 
 
+def measure_trunk_sizes(model_dir: str | None, precisions: list[str], sizes: list[int], n: int,
+                        repeats: int) -> list[dict[str, Any]]:
+    """ms per image of the model's trunk + heads at square input ``sizes``: what each candidate
+    resolution pair would cost per pass."""
+    import torch
+
+    from models.card import load_model
+
+    rows = []
+    model, card = load_model(model_dir, "cpu")
+    for prec in precisions:
+        used = model.set_precision(prec, "cpu")
+        for size in sizes:
+            x = torch.randn(n, 3, size, size)
+
+            def run(batch: torch.Tensor) -> Any:
+                with torch.inference_mode():
+                    return model.rerank_features(batch)
+
+            rows.append({"model": card.version_id, "precision": used.value, "size": size,
+                         "ms_per_image": round(_ms_per_image(run, x, repeats), 2)})
+    return rows
+
+
 def bench_model(models: list[str | None], precisions: list[str], photos: list[str] | None, n: int, repeats: int,
-                compile_check: bool, out: Path) -> dict[str, Any]:
+                compile_check: bool, out: Path, trunk_sizes: list[int] | None = None) -> dict[str, Any]:
     images = _photos(photos, n)
     rows = [measure_model(m, p, images, repeats) for m in models for p in precisions]
     res: dict[str, Any] = {"images": len(images), "rows": rows}
+    if trunk_sizes:
+        res["sizes"] = measure_trunk_sizes(models[0], precisions, trunk_sizes, min(n, 32), repeats)
     if compile_check:
         res["compile"] = measure_compile(models[0], images, repeats)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +139,10 @@ def _print(res: dict[str, Any]) -> None:
               f"{r['ms_fine_pass']:>10.2f} {r['ms_gallery_pass']:>8.2f}")
     for r in res["rows"]:
         print(f"ratio fine/coarse pass, {r['model']} {r['precision']}: {r['ms_fine_pass'] / r['ms_coarse_pass']:.2f}")
+    if res.get("sizes"):
+        print("trunk + heads at each input size, ms per image")
+        for r in res["sizes"]:
+            print(f"  {r['precision']:<5} {r['size']:>4} px  {r['ms_per_image']:>7.2f}")
     c = res.get("compile")
     if c:
         print(f"torch.compile trunk ({c['precision']}): eager {c['ms_eager']:.2f} ms, compiled {c['ms_compiled']:.2f} ms, "
@@ -122,7 +152,8 @@ def _print(res: dict[str, Any]) -> None:
 
 def cli_bench_model(a: argparse.Namespace) -> int:
     models = a.model or [None]
-    bench_model(models, a.precision or ["auto", "fp32"], a.photos, a.images, a.repeats, a.compile, Path(a.out))
+    sizes = [int(x) for x in a.trunk_sizes.split(",")] if a.trunk_sizes else None
+    bench_model(models, a.precision or ["auto", "fp32"], a.photos, a.images, a.repeats, a.compile, Path(a.out), sizes)
     return 0
 
 
@@ -135,5 +166,7 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> None:
     q.add_argument("--images", type=int, default=64)
     q.add_argument("--repeats", type=int, default=3)
     q.add_argument("--compile", action="store_true", help="also measure torch.compile of the trunk against eager")
+    q.add_argument("--trunk-sizes", default=None, metavar="N,N,...",
+                   help="also time the first model at these square input sizes (candidate resolution pairs)")
     q.add_argument("--out", default="bench-out")
     q.set_defaults(fn=cli_bench_model)

@@ -29,6 +29,7 @@ Checkpoints load with ``torch.load(weights_only=True)``: tensors only, nothing e
 from __future__ import annotations
 
 import contextlib
+import copy
 import enum
 import hashlib
 import json
@@ -83,7 +84,10 @@ class TrainConfig:
     stage1_stop_after: int | None = None  # end stage 1 after this many epochs of the epochs_backbone schedule
     lr_adapter: float = 3e-3
     lr_adapter1: float = 3e-4        # adapter 1 starts from PCA: fine-tune it gently
-    adapter1_init: str = "pca"       # pca (of the 512-d head) | random (ablation: the patent's plain init)
+    # auto: whiten for a pretrained trunk, pca otherwise | pca (of the 512-d head) | whiten (PCA
+    # whitening of the pooled features) | random (ablation: the patent's plain init)
+    adapter1_init: str = "auto"
+    adapter_val_every: int = 10      # stages 2-3 hold out every n-th training image and keep their best epoch (0: off)
     weight_decay: float = 1e-4
     temperature: float = 0.05
     entropy_weight: float = 3.0
@@ -221,6 +225,22 @@ def pca_whiten_init(reduction: nn.Module, pooled: torch.Tensor, shrink: float = 
     w = v.t() / torch.sqrt(lam + shrink * lam.mean())[:, None]
     reduction.fc.weight.copy_(w.float())
     reduction.fc.bias.copy_((-(w @ mu)).float())
+
+
+@torch.no_grad()
+def whiten_adapter_init(adapter: nn.Module, pooled: torch.Tensor, target_std: float = 0.5, shrink: float = 0.1) -> None:
+    """Set adapter 1's linear layer to PCA whitening of pooled features ``(N, C)`` onto its
+    ``out_features`` top directions, scaled so that ``tanh`` starts in its near-linear range. The
+    right start when the 512-d head is itself whitened: PCA *of that head* is then near-isotropic
+    and would pick arbitrary directions."""
+    x = pooled.double()
+    mu = x.mean(0)
+    evals, evecs = torch.linalg.eigh(torch.cov((x - mu).t()))
+    order = torch.argsort(evals, descending=True)[: adapter.fc.out_features]
+    lam, v = evals[order].clamp(min=0), evecs[:, order]
+    w = target_std * v.t() / torch.sqrt(lam + shrink * lam.mean())[:, None]
+    adapter.fc.weight.copy_(w.float())
+    adapter.fc.bias.copy_((-(w @ mu)).float())
 
 
 def pca_init(adapter: nn.Module, f512: torch.Tensor, reduction: nn.Module, pooled: torch.Tensor,
@@ -506,23 +526,47 @@ class Trainer:
         self._log({"stage": "cache", "key": key, "views": cfg.cache_views, "rows": int(d["ids"].shape[0])})
         return d
 
+    def _split_rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache rows -> (training rows, held-out rows): every ``adapter_val_every``-th image, all its views."""
+        every = self.cfg.adapter_val_every
+        if every <= 0:
+            return torch.arange(len(ids)), torch.zeros(0, dtype=torch.long)
+        held = (ids % every) == 0
+        return torch.nonzero(~held).flatten(), torch.nonzero(held).flatten()
+
+    @torch.no_grad()
+    def _held_out_loss(self, module: nn.Module, step: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+                       rows: torch.Tensor, batch_size: int) -> float:
+        """Mean loss over the held-out rows in fixed batches (eval mode)."""
+        module.eval()
+        losses = [step(rows[i:i + batch_size])[0].item() for i in range(0, len(rows) - 1, batch_size) if len(rows[i:i + batch_size]) > 1]
+        module.train()
+        return float(np.mean(losses)) if losses else float("nan")
+
     def _adapter_epochs(self, name: str, module: nn.Module, epochs: int,
-                        step: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]], n: int,
+                        step: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]], ids: torch.Tensor,
                         batch_size: int, lr: float) -> list[float]:
-        """``epochs`` passes over ``n`` cached rows in shuffled batches; ``step(idx)`` -> (loss, terms).
+        """``epochs`` passes over the training rows of the cache (image ids ``ids``) in shuffled
+        batches; ``step(idx)`` -> (loss, terms). With held-out images (``adapter_val_every``) each
+        epoch also logs their loss, and the module ends on its best held-out epoch (the adapters
+        see a few thousand images and overfit them otherwise).
 
         Logs an ``epoch 0`` line first: the loss of the initial adapter on one batch.
         """
         cfg = self.cfg
+        train_rows, val_rows = self._split_rows(ids)
+        n = len(train_rows)
         opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=cfg.weight_decay)
         batch_size = max(2, min(batch_size, n))
         steps = n // batch_size
         g = torch.Generator().manual_seed(cfg.seed)
         with torch.no_grad():
-            loss0, t0 = step(torch.randperm(n, generator=torch.Generator().manual_seed(1))[:batch_size])
-        self._log({"stage": name, "epoch": 0, "loss": round(loss0.item(), 4), **{k: round(v, 4) for k, v in t0.items()}})
+            loss0, t0 = step(train_rows[torch.randperm(n, generator=torch.Generator().manual_seed(1))[:batch_size]])
+        best = (self._held_out_loss(module, step, val_rows, batch_size), 0, copy.deepcopy(module.state_dict()))
+        self._log({"stage": name, "epoch": 0, "loss": round(loss0.item(), 4), **{k: round(v, 4) for k, v in t0.items()},
+                   **({"held_out_loss": round(best[0], 4)} if len(val_rows) else {})})
         for epoch in range(epochs):
-            perm = torch.randperm(n, generator=g)
+            perm = train_rows[torch.randperm(n, generator=g)]
             terms: dict[str, list[float]] = {}
             for i in range(steps):
                 _cosine_lr(opt, lr, epoch * steps + i, epochs * steps, steps)
@@ -534,7 +578,15 @@ class Trainer:
                     terms.setdefault(k, []).append(v)
             mean = {k: round(float(np.mean(v)), 4) for k, v in terms.items()}
             self.history[name].append(mean["loss"])
+            if len(val_rows):
+                held = self._held_out_loss(module, step, val_rows, batch_size)
+                mean["held_out_loss"] = round(held, 4)
+                if held < best[0]:
+                    best = (held, epoch + 1, copy.deepcopy(module.state_dict()))
             self._log({"stage": name, "epoch": epoch + 1, **mean})
+        if len(val_rows):
+            module.load_state_dict(best[2])
+            self._log({"stage": name, "kept_epoch": best[1], "held_out_loss": round(best[0], 4)})
         return self.history[name]
 
     @contextlib.contextmanager
@@ -576,12 +628,17 @@ class Trainer:
         self._freeze(m.backbone, m.pool, m.reduction)
         c = self.pooled_cache()
         gal, qh, ids = c["gallery"], c["query_high"], c["ids"]
-        if cfg.adapter1_init == "pca":
+        init = cfg.adapter1_init
+        if init == "auto":
+            init = "whiten" if self.pretrained_trunk else "pca"
+        sample = gal[torch.randperm(len(gal), generator=torch.Generator().manual_seed(cfg.seed))[:20000]].to(self.device)
+        if init == "pca":
             with torch.no_grad():
-                sample = gal[torch.randperm(len(gal), generator=torch.Generator().manual_seed(cfg.seed))[:20000]]
-                pca_init(m.adapter1, m.reduction(sample.to(self.device)), m.reduction, sample.to(self.device))
-        elif cfg.adapter1_init != "random":
-            raise ValueError(f"adapter1_init must be pca or random, got {cfg.adapter1_init!r}")
+                pca_init(m.adapter1, m.reduction(sample), m.reduction, sample)
+        elif init == "whiten":
+            whiten_adapter_init(m.adapter1, sample)
+        elif init != "random":
+            raise ValueError(f"adapter1_init must be auto, pca, whiten or random, got {cfg.adapter1_init!r}")
         m.adapter1.train()
 
         def step(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -590,7 +647,7 @@ class Trainer:
             return contrastive_loss(a, b, ids[idx].to(self.device), cfg)
 
         self._adapter_epochs("adapter1", m.adapter1, cfg.epochs_adapter1 if epochs is None else epochs, step,
-                             gal.shape[0], cfg.batch_size_adapter2, cfg.lr_adapter1)
+                             ids, cfg.batch_size_adapter2, cfg.lr_adapter1)
         self._save_ckpt("stage2.pt", {"model": m.state_dict(), "history": torch.tensor(self.history["adapter1"])})
         return self.history["adapter1"]
 
@@ -611,7 +668,7 @@ class Trainer:
             return self.history["adapter2"]
         self._freeze(m.backbone, m.pool, m.reduction, m.adapter1)
         c = self.pooled_cache()
-        gal, ql = c["gallery"], c["query_low"]
+        gal, ql, ids = c["gallery"], c["query_low"], c["ids"]
         with torch.no_grad():
             target = torch.cat([m.adapter1(gal[i:i + 4096].to(self.device)).cpu() for i in range(0, len(gal), 4096)])
         g = torch.Generator().manual_seed(cfg.seed + 2)
@@ -624,7 +681,7 @@ class Trainer:
             return cos_t + cfg.distill_kl_weight * kl_t, {"cosine": cos_t.item(), "kl": kl_t.item()}
 
         self._adapter_epochs("adapter2", m.adapter2, cfg.epochs_adapter2 if epochs is None else epochs, step,
-                             gal.shape[0], cfg.batch_size_adapter2, cfg.lr_adapter)
+                             ids, cfg.batch_size_adapter2, cfg.lr_adapter)
         self._save_ckpt("stage3.pt", {"model": m.state_dict(), "history": torch.tensor(self.history["adapter2"])})
         return self.history["adapter2"]
 
