@@ -526,7 +526,7 @@ class Trainer:
         self._log({"stage": "cache", "key": key, "views": cfg.cache_views, "rows": int(d["ids"].shape[0])})
         return d
 
-    def _split_rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_held_out(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cache rows -> (training rows, held-out rows): every ``adapter_val_every``-th image, all its views."""
         every = self.cfg.adapter_val_every
         if every <= 0:
@@ -554,7 +554,7 @@ class Trainer:
         Logs an ``epoch 0`` line first: the loss of the initial adapter on one batch.
         """
         cfg = self.cfg
-        train_rows, val_rows = self._split_rows(ids)
+        train_rows, val_rows = self.split_held_out(ids)
         n = len(train_rows)
         opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=cfg.weight_decay)
         batch_size = max(2, min(batch_size, n))

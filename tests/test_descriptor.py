@@ -52,6 +52,7 @@ def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:
     kw.setdefault("cache_views", 1)
     kw.setdefault("epochs_backbone", 1)
     kw.setdefault("model", DescriptorConfig(backbone=Backbone.RESNET18, high_res=64, low_res=48))
+    kw.setdefault("adapter_val_every", 0)  # these tests follow every epoch; held-out early stopping: tests/test_train.py
     cfg = TrainConfig(batch_size=8, synthetic_images=4,
                       epochs_adapter1=2, epochs_adapter2=2, batch_size_adapter2=16,
                       queue_size=16, distill_bank=32, background_photos=4, background_graphics=3, **kw)

@@ -59,8 +59,8 @@ def make_world(root: Path) -> dict[str, Path]:
     _jpeg(Image.fromarray(photo("chelsea")), refs / "spam" / "chelsea.jpg")
     _jpeg(Image.fromarray(photo("camera")), refs / "fp" / "camera.jpg")   # known false positive: allow wins
     up = root / "uploads"
-    for i in range(N_PLAIN):  # plain gradient backgrounds (wallpapers, text-post backgrounds): not low content
-        _jpeg(_near_blank(rng, 240 + 10 * i, 320, rng.uniform(200, 220, 3), 50.0 + 3 * i, 4.0), up / f"plain-{i:02d}.jpg")
+    for i in range(N_PLAIN):  # plain grey gradient backgrounds (wallpapers, text-post backgrounds): not low content
+        _jpeg(_near_blank(rng, 240 + 10 * i, 320, np.full(3, rng.uniform(200, 220)), 50.0 + 3 * i, 4.0), up / f"plain-{i:02d}.jpg")
     _jpeg(_near_blank(rng, 200, 300, np.array([120, 160, 200])), up / "flat.jpg")  # low content: never searched
     _jpeg(apply_named(Image.fromarray(photo("rocket")), ["flip"], r), up / "copy-rocket-flip.jpg")
     _jpeg(apply_named(Image.fromarray(photo("chelsea")), ["flip"], r), up / "copy-chelsea-flip.jpg")

@@ -95,3 +95,28 @@ def test_stage1_stop_after_ends_a_longer_schedule_early_and_stays_done(tmp_path,
     assert int(ck["epoch"]) == 1
     tr2 = _lite0_trainer(tmp_path / "run", photos, epochs_backbone=3, stage1_stop_after=1)
     assert len(tr2.stage_backbone()) == 1 and torch.equal(tr2.model.backbone.conv_stem.weight, w)
+
+
+def test_adapters_hold_out_every_nth_image_and_keep_their_best_epoch(tmp_path, photos) -> None:
+    tr = _lite0_trainer(tmp_path / "run", photos, adapter_val_every=4, epochs_adapter1=3, epochs_adapter2=3)
+    tr.run()
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    for stage in ("adapter1", "adapter2"):
+        epochs = [r for r in log if r.get("stage") == stage and "epoch" in r]
+        assert [r["epoch"] for r in epochs] == [0, 1, 2, 3] and all("held_out_loss" in r for r in epochs)
+        (kept,) = [r for r in log if r.get("stage") == stage and "kept_epoch" in r]
+        assert kept["held_out_loss"] == min(r["held_out_loss"] for r in epochs)
+    train_rows, held = tr.split_held_out(torch.arange(20))
+    assert held.tolist() == [0, 4, 8, 12, 16] and len(train_rows) == 15
+
+
+def test_whitening_init_gives_adapter1_decorrelated_unit_scaled_outputs() -> None:
+    from models.descriptor import CompressAdapter
+    from models.train import whiten_adapter_init
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 48, generator=g) @ torch.randn(48, 48, generator=g) + 2.0
+    ad = CompressAdapter(48, 8)
+    whiten_adapter_init(ad, x, target_std=0.5, shrink=0.0)
+    y = ad.fc(x).double()
+    assert torch.allclose(torch.cov(y.t()), 0.25 * torch.eye(8, dtype=torch.float64), atol=5e-3)
