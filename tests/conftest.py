@@ -88,3 +88,52 @@ def ray_cluster():
     ray = restart_ray()
     yield ray
     ray.shutdown()
+
+
+NAMES = ["astronaut", "rocket", "coffee", "camera", "chelsea", "horse"]
+
+
+def write_refs(root: Path, names: list[str]) -> Path:
+    """Sample photos ``names`` as PNG references under ``root``."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        Image.fromarray(photo(n)).save(root / f"{n}.png")
+    return root
+
+
+@pytest.fixture()
+def built(tmp_path, tiny_model_dir):
+    """A 3-shard gallery of two banks (coffee in both, a non-image and a broken file rejected)."""
+    from jobs.gallery_cmd import local_extractor
+    from models.card import read_card
+    from pipeline import gallery as G
+    from pipeline.gallery.banks import Bank
+    from pipeline.ingest.storage import open_store
+
+    a = write_refs(tmp_path / "a", NAMES[:3])
+    b = write_refs(tmp_path / "b", NAMES[2:4])  # coffee is in both banks
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    banks = [Bank("aa", str(a), "sensitive/x", "filter"), Bank("bb", str(b), "low_quality/spam", "downrank")]
+    card = read_card(tiny_model_dir)
+    store = open_store(str(tmp_path / "gal"), create=True)
+    extract = local_extractor(str(tiny_model_dir))
+    v, stats = G.build(store, banks, card, extract, n_shards=3)
+    return store, card, extract, v, stats, tmp_path
+
+
+@pytest.fixture()
+def gen_images(tmp_path: Path) -> Path:
+    """16 small generated pictures in a folder: a training set for tiny trainer tests."""
+    import random
+
+    from pipeline.evaluation.samples import procedural
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = random.Random(0)
+    for i in range(16):
+        procedural(rng, (96, 80)).save(d / f"{i}.png")
+    return d

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -22,17 +20,6 @@ def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:
     return Trainer(images_dir, tmp_path, cfg, command="test")
 
 
-@pytest.fixture()
-def gen_images(tmp_path):
-
-    from pipeline.evaluation.samples import procedural
-
-    d = tmp_path / "imgs"
-    d.mkdir()
-    rng = random.Random(0)
-    for i in range(16):
-        procedural(rng, (96, 80)).save(d / f"{i}.png")
-    return d
 
 
 def test_tampered_background_bank_fails_with_a_clear_message(tmp_path, gen_images) -> None:

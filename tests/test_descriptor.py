@@ -4,7 +4,6 @@ the feature cache, PCA init, resume, progress on Kodak: models/train.py)."""
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
@@ -59,17 +58,6 @@ def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:
     return Trainer(images_dir, tmp_path, cfg, command="test")
 
 
-@pytest.fixture()
-def gen_images(tmp_path):
-
-    from pipeline.evaluation.samples import procedural
-
-    d = tmp_path / "imgs"
-    d.mkdir()
-    rng = random.Random(0)
-    for i in range(16):
-        procedural(rng, (96, 80)).save(d / f"{i}.png")
-    return d
 
 
 @pytest.mark.parametrize("views", [1, 2])

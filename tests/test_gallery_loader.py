@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, photo
-from PIL import Image
+from conftest import ROOT
 
 from models.card import read_card
 from pipeline import gallery as G
@@ -20,9 +19,7 @@ from pipeline.ingest.storage import open_store
 
 
 def _write_gallery(root, n: int, n_shards: int, rerank_dtype: str, seed: int = 0, holes: bool = True) -> str:
-    from models.card import read_card
     from pipeline.gallery import GalleryContent, VersionModel, write_version
-    from pipeline.gallery.banks import Bank
     from pipeline.ingest.storage import open_store
 
     rng = np.random.default_rng(seed)
@@ -45,7 +42,6 @@ def _write_gallery(root, n: int, n_shards: int, rerank_dtype: str, seed: int = 0
 def test_streaming_load_equals_whole_file_load(tmp_path, rerank_dtype: str) -> None:
     from pipeline import gallery as G
     from pipeline.gallery.store import load_verified
-    from pipeline.ingest.storage import open_store
 
     root = _write_gallery(tmp_path / "g", 3000, 3, rerank_dtype)
     g = G.open_gallery(root, None)
@@ -107,30 +103,6 @@ def test_load_peak_is_close_to_resident(tmp_path) -> None:
     assert peak <= 1.3 * resident, f"peak {peak / 2**20:.0f} MiB > 1.3 x resident {resident / 2**20:.0f} MiB"
 
 
-NAMES = ["astronaut", "rocket", "coffee", "camera", "chelsea", "horse"]
-
-
-def _write_refs(root, names):
-    root.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        Image.fromarray(photo(n)).save(root / f"{n}.png")
-    return root
-
-
-@pytest.fixture()
-def built(tmp_path, tiny_model_dir):
-    from jobs.gallery_cmd import local_extractor
-
-    a = _write_refs(tmp_path / "a", NAMES[:3])
-    b = _write_refs(tmp_path / "b", NAMES[2:4])  # coffee is in both banks
-    (tmp_path / "b" / "notes.txt").write_text("not an image")
-    (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    banks = [Bank("aa", str(a), "sensitive/x", "filter"), Bank("bb", str(b), "low_quality/spam", "downrank")]
-    card = read_card(tiny_model_dir)
-    store = open_store(str(tmp_path / "gal"), create=True)
-    extract = local_extractor(str(tiny_model_dir))
-    v, stats = G.build(store, banks, card, extract, n_shards=3)
-    return store, card, extract, v, stats, tmp_path
 
 
 def test_tampered_shard_is_a_checksum_error(built) -> None:

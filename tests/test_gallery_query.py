@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import photo
-from PIL import Image
 
 from models.card import read_card
 from models.synthetic import generate
@@ -58,9 +56,8 @@ def test_normalised_fine_score_subtracts_beta_times_the_background_term() -> Non
 
 def test_a_normalising_gallery_refuses_to_score_without_a_background_bank(tmp_path, tiny_model_dir) -> None:
     from jobs.gallery_cmd import local_extractor
-    from models.card import BackgroundBank, read_card
+    from models.card import BackgroundBank
     from pipeline import gallery as G
-    from pipeline.ingest.storage import open_store
 
     refs = tmp_path / "refs"
     refs.mkdir()
@@ -78,30 +75,6 @@ def test_a_normalising_gallery_refuses_to_score_without_a_background_bank(tmp_pa
     assert gal.params.norm == ScoreNorm(0.5, 3) and gal.background is bg.f512
 
 
-NAMES = ["astronaut", "rocket", "coffee", "camera", "chelsea", "horse"]
-
-
-def _write_refs(root, names):
-    root.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        Image.fromarray(photo(n)).save(root / f"{n}.png")
-    return root
-
-
-@pytest.fixture()
-def built(tmp_path, tiny_model_dir):
-    from jobs.gallery_cmd import local_extractor
-
-    a = _write_refs(tmp_path / "a", NAMES[:3])
-    b = _write_refs(tmp_path / "b", NAMES[2:4])  # coffee is in both banks
-    (tmp_path / "b" / "notes.txt").write_text("not an image")
-    (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    banks = [Bank("aa", str(a), "sensitive/x", "filter"), Bank("bb", str(b), "low_quality/spam", "downrank")]
-    card = read_card(tiny_model_dir)
-    store = open_store(str(tmp_path / "gal"), create=True)
-    extract = local_extractor(str(tiny_model_dir))
-    v, stats = G.build(store, banks, card, extract, n_shards=3)
-    return store, card, extract, v, stats, tmp_path
 
 
 def test_model_mismatch_is_a_clear_error(built) -> None:

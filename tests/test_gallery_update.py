@@ -8,8 +8,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import photo
-from PIL import Image
+from conftest import write_refs
 
 from models.card import read_card
 from models.synthetic import generate
@@ -18,31 +17,6 @@ from pipeline.gallery.banks import Bank
 from pipeline.gallery.index import CoarseIndexSpec
 from pipeline.ingest.decode import DecodeConfig, Decoder
 from pipeline.ingest.storage import open_store
-
-NAMES = ["astronaut", "rocket", "coffee", "camera", "chelsea", "horse"]
-
-
-def _write_refs(root, names):
-    root.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        Image.fromarray(photo(n)).save(root / f"{n}.png")
-    return root
-
-
-@pytest.fixture()
-def built(tmp_path, tiny_model_dir):
-    from jobs.gallery_cmd import local_extractor
-
-    a = _write_refs(tmp_path / "a", NAMES[:3])
-    b = _write_refs(tmp_path / "b", NAMES[2:4])  # coffee is in both banks
-    (tmp_path / "b" / "notes.txt").write_text("not an image")
-    (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    banks = [Bank("aa", str(a), "sensitive/x", "filter"), Bank("bb", str(b), "low_quality/spam", "downrank")]
-    card = read_card(tiny_model_dir)
-    store = open_store(str(tmp_path / "gal"), create=True)
-    extract = local_extractor(str(tiny_model_dir))
-    v, stats = G.build(store, banks, card, extract, n_shards=3)
-    return store, card, extract, v, stats, tmp_path
 
 
 def test_build_dedupes_by_sha_and_records_rejects(built) -> None:
@@ -78,7 +52,7 @@ def test_add_and_remove_make_new_versions_without_reextracting(built) -> None:
         return extract(uris)
 
     _, before = G.read_content(store)
-    new = _write_refs(tmp / "c", ["horse", "astronaut"])  # astronaut already in bank aa
+    new = write_refs(tmp / "c", ["horse", "astronaut"])  # astronaut already in bank aa
     v2, st = G.add(store, "aa", G.list_source(str(new)), card, counting)
     assert v2 == "v000002" and calls == [2] and st["added"] == 1 and st["already_present"] == 1
     m2, after = G.read_content(store)
@@ -104,10 +78,8 @@ def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_pa
 
     from jobs.gallery_cmd import local_extractor
     from models.augment import apply_named
-    from models.card import read_card
     from pipeline import gallery as G
     from pipeline.gallery import QueryOverrides
-    from pipeline.ingest.storage import open_store
     from pipeline.moderation.moderator import Moderator, RunContext
 
     refs, extra = tmp_path / "refs", tmp_path / "extra"
@@ -160,9 +132,7 @@ def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_pa
 def test_add_and_remove_keep_the_gallerys_own_thresholds(tmp_path, tiny_model_dir) -> None:
 
     from jobs.gallery_cmd import local_extractor
-    from models.card import read_card
     from pipeline import gallery as G
-    from pipeline.ingest.storage import open_store
 
     refs, more = tmp_path / "refs", tmp_path / "more"
     refs.mkdir()

@@ -6,39 +6,13 @@ import dataclasses
 import io
 import json
 
-import pytest
-from conftest import photo
+from conftest import NAMES, photo, write_refs
 from PIL import Image
 
 from models.card import read_card
 from pipeline import gallery as G
 from pipeline.gallery.banks import Bank
 from pipeline.ingest.storage import open_store
-
-NAMES = ["astronaut", "rocket", "coffee", "camera", "chelsea", "horse"]
-
-
-def _write_refs(root, names):
-    root.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        Image.fromarray(photo(n)).save(root / f"{n}.png")
-    return root
-
-
-@pytest.fixture()
-def built(tmp_path, tiny_model_dir):
-    from jobs.gallery_cmd import local_extractor
-
-    a = _write_refs(tmp_path / "a", NAMES[:3])
-    b = _write_refs(tmp_path / "b", NAMES[2:4])  # coffee is in both banks
-    (tmp_path / "b" / "notes.txt").write_text("not an image")
-    (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    banks = [Bank("aa", str(a), "sensitive/x", "filter"), Bank("bb", str(b), "low_quality/spam", "downrank")]
-    card = read_card(tiny_model_dir)
-    store = open_store(str(tmp_path / "gal"), create=True)
-    extract = local_extractor(str(tiny_model_dir))
-    v, stats = G.build(store, banks, card, extract, n_shards=3)
-    return store, card, extract, v, stats, tmp_path
 
 
 def test_build_from_s3(s3_server, tmp_path, tiny_model_dir) -> None:
@@ -84,7 +58,7 @@ def test_gallery_add_and_remove_through_the_cli(tmp_path, tiny_model_dir, monkey
     own = {"coarse": 0.21, "fine": 0.61, "rerank_k": 9, "norm": {"beta": 0.0, "k": 3}}
     assert card.thresholds != own
     store = open_store(str(tmp_path / "gal"), create=True)
-    G.build(store, [Bank("aa", str(_write_refs(tmp_path / "a", NAMES[:2])), "sensitive/x", "filter")],
+    G.build(store, [Bank("aa", str(write_refs(tmp_path / "a", NAMES[:2])), "sensitive/x", "filter")],
             dataclasses.replace(card, thresholds=own), gallery_cmd.local_extractor(str(tiny_model_dir)), n_shards=2)
     built = G.read_manifest(store).model.thresholds()
     gal = str(tmp_path / "gal")
@@ -93,7 +67,7 @@ def test_gallery_add_and_remove_through_the_cli(tmp_path, tiny_model_dir, monkey
         assert main(list(argv)) == 0
         return json.loads(capsys.readouterr().out)
 
-    new = _write_refs(tmp_path / "c", ["horse", "astronaut"])  # astronaut is already in aa
+    new = write_refs(tmp_path / "c", ["horse", "astronaut"])  # astronaut is already in aa
     assert cli("gallery", "add", gal, "--bank", "aa", "--source", str(new), "--model", str(tiny_model_dir),
                "--who", "ops-t", "--note", "more refs") == {
         "version": "v000002", "added": 1, "already_present": 1, "new_membership": 0, "rejected": 0}

@@ -4,7 +4,6 @@ stage-1 monitor's plateau stop keeping the best epoch, resuming with all of it."
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -15,21 +14,16 @@ from models.train import TrainConfig, Trainer, pca_whiten_init
 
 
 @pytest.fixture()
-def photos(tmp_path):
-    from pipeline.evaluation.samples import procedural
-
-    d = tmp_path / "imgs"
-    d.mkdir()
-    rng = random.Random(0)
-    for i in range(16):
-        procedural(rng, (96, 80)).save(d / f"{i}.png")
-    return d
+def photos(gen_images):
+    return gen_images
 
 
 def _lite0_trainer(out, photos, monitor=None, **kw) -> Trainer:
     kw.setdefault("epochs_backbone", 1)
+    kw.setdefault("epochs_adapter1", 1)
+    kw.setdefault("epochs_adapter2", 1)
     cfg = TrainConfig(model=DescriptorConfig(high_res=64, low_res=48), batch_size=8, synthetic_images=4,
-                      epochs_adapter1=1, epochs_adapter2=1, batch_size_adapter2=16, cache_views=1,
+                      batch_size_adapter2=16, cache_views=1,
                       queue_size=16, distill_bank=32, background_photos=4, background_graphics=3, **kw)
     return Trainer(photos, out, cfg, command="test", monitor=monitor)
 
