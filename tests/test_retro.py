@@ -210,3 +210,30 @@ def test_a_model_change_is_refused(world, tmp_path) -> None:
     pq.write_table(t, str(tmp_path / "flags" / "_signatures" / f"dt={DAY}" / "part-0.parquet"))
     with pytest.raises(ModscanError, match="a model change needs a full backfill: modscan backfill"):
         retro(GAL, v, DAY, DAY, str(tmp_path / "flags"), cfg=world["cfg"])
+
+
+def test_nightly_with_retro_days_rechecks_days_decided_against_an_older_gallery(world) -> None:
+    """The nightly trigger: yesterday's partition was decided against an older version than tonight's
+    run, so ``retro_days = 1`` re-checks it; once it is at the current version nothing runs."""
+    from dataclasses import replace
+
+    from jobs.retro import nightly_retro
+    from jobs.run import moderate
+    from pipeline import gallery as G
+
+    nightly_out = "s3://flags-retro/nightly"
+    first = moderate(f"s3://uploads-retro/{DAY}/", GAL, nightly_out, DAY, cfg=world["cfg"], review=False)
+    before = _partition(nightly_out)
+    assert not before["image_key"].str.contains("coffee").any() or (
+        before.loc[before["image_key"].str.contains("coffee"), "action"] == "none").all()  # coffee was removed above
+    newer = G.add(world["gal"], "banned", ["s3://refs-retro/base/coffee.jpg"], world["card"], world["extract"]).version
+    tonight = "2026-04-02"
+    cfg = replace(world["cfg"], retro_days=1)
+    assert nightly_retro(GAL, nightly_out, tonight, newer, replace(cfg, retro_days=0)) == []  # off by default
+    (rep,) = nightly_retro(GAL, nightly_out, tonight, newer, cfg)
+    assert rep["days"] == [DAY] and rep["gallery_versions_compared"] == {"since": first["gallery_version"], "current": newer}
+    after = _partition(nightly_out)
+    coffee = after["image_key"].str.contains("coffee")
+    assert coffee.any() and (after.loc[coffee, "action"] == "filter").all()
+    assert rep["totals"]["newly_flagged"] == int(coffee.sum())
+    assert nightly_retro(GAL, nightly_out, tonight, newer, cfg) == []  # yesterday is at the current version now
