@@ -27,9 +27,8 @@ import numpy as np
 from pipeline.errors import UsageError
 
 
-def machine() -> str:
-    import torch
-
+def host() -> str:
+    """``N CPU (model name), M GiB RAM`` of this machine, without importing torch."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -39,8 +38,15 @@ def machine() -> str:
     except OSError:  # no /proc (not Linux): the platform's name will do
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} CPU ({cpu}), {mem:.0f} GiB RAM"
+
+
+def machine() -> str:
+    """:func:`host` plus the GPU torch sees (or ``no GPU``)."""
+    import torch
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU ({cpu}), {mem:.0f} GiB RAM, {gpu}"
+    return f"{host()}, {gpu}"
 
 
 def table(rows: list[dict[str, Any]], cols: list[str]) -> str:

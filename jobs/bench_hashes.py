@@ -23,13 +23,14 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jobs.bench_common import host, table
 
 PLANTED = (0, 4, 8, 16, 24, 31, 32, 40)
 METHODS = ("flat", "mih", "mih16", "hnsw")
@@ -60,25 +61,6 @@ def _allocated() -> int | None:
     f.restype = _MallInfo2
     m = f()
     return int(m.uordblks + m.hblkhd)
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:  # no /proc: the platform's name will do
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} CPU ({cpu}), {mem:.0f} GiB RAM"
-
-
-def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def flip_bits(codes: np.ndarray, k: np.ndarray, rng: np.random.Generator, chunk: int = 65536) -> np.ndarray:
@@ -209,12 +191,12 @@ def bench_hashes(sizes: Sequence[int] = (1_000_000, 10_000_000), queries: int = 
         rows = [r for n in sizes for r in bench_size(int(n), int(queries), int(max_distance), methods, hnsw_max_size, seed)]
     finally:
         faiss.omp_set_num_threads(old)
-    res = {"machine": _machine(), "faiss": faiss.__version__, "threads": threads, "queries": queries,
+    res = {"machine": host(), "faiss": faiss.__version__, "threads": threads, "queries": queries,
            "max_distance": max_distance, "planted_distances": list(PLANTED), "variant_share": VARIANT_SHARE,
            "rows": rows, "ratios": _ratios(rows)}
     print(f"\nPDQ index benchmark on {res['machine']}, faiss {res['faiss']}, {threads} thread(s); "
           f"{queries} queries (half planted at {list(PLANTED)} bits), max distance {max_distance}\n")
-    print(_table(rows, list(rows[0])))
+    print(table(rows, list(rows[0])))
     print("\nratios:\n" + "\n".join(f"  {k}: {v}" for k, v in res["ratios"].items()))
     p = Path(out)
     p.parent.mkdir(parents=True, exist_ok=True)
