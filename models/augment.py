@@ -224,12 +224,13 @@ def gallery_augment(img: Image.Image, rng: random.Random) -> Image.Image:
     return img
 
 
-def query_augment(img: Image.Image, rng: random.Random) -> Image.Image:
+def query_augment(img: Image.Image, rng: random.Random, grayscale_p: float = 0.25) -> Image.Image:
     """The query side of a training pair: the full edit chain an upload may carry.
 
     Crop/scale (aspect-changing), flip, small and 90-degree rotation, shift, overlay, borders,
     frames and captions, colour, grayscale, blur, noise, lines, text, stickers and JPEG, each with
-    its own probability (weak edits of the evaluation get more weight than in round 1).
+    its own probability; ``grayscale_p`` is the share of query views turned to grayscale (the
+    edit a colour-pretrained trunk is least invariant to).
     """
     if rng.random() < 0.8:
         img = crop(img, rng, min_area=0.25, max_aspect=2.0)
@@ -252,7 +253,7 @@ def query_augment(img: Image.Image, rng: random.Random) -> Image.Image:
         img = frame_caption(img, rng)
     if rng.random() < 0.7:
         img = color(img, rng)
-    if rng.random() < 0.25:
+    if rng.random() < grayscale_p:
         img = grayscale(img, rng)
     if rng.random() < 0.2:
         img = blur(img, rng)

@@ -93,6 +93,7 @@ class TrainConfig:
     entropy_weight: float = 3.0
     queue_size: int = 2048           # memory queue of past gallery-view embeddings (stage 1)
     synthetic_images: int = 400      # generated everyday pictures added to the photos
+    query_grayscale: float = 0.25    # share of stage-1 (and cached) query views turned to grayscale
     cache_views: int = 6
     distill_kl_weight: float = 0.25  # stage 3 relational term (cosine dominates)
     distill_temperature: float = 0.05
@@ -147,8 +148,8 @@ class PairDataset(torch.utils.data.Dataset):
     the same samples.
     """
 
-    def __init__(self, images: list[Image.Image], high: int, low: int, seed: int) -> None:
-        self.images, self.high, self.low, self.seed = images, high, low, seed
+    def __init__(self, images: list[Image.Image], high: int, low: int, seed: int, grayscale_p: float = 0.25) -> None:
+        self.images, self.high, self.low, self.seed, self.grayscale_p = images, high, low, seed, grayscale_p
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -158,7 +159,7 @@ class PairDataset(torch.utils.data.Dataset):
         rng = random.Random(hash((self.seed, self.epoch, i)))
         img = self.images[i]
         g = resize_square(gallery_augment(img, rng), self.high)
-        q_low, q_high = resize_pair(query_augment(img, rng), self.low, self.high)
+        q_low, q_high = resize_pair(query_augment(img, rng, self.grayscale_p), self.low, self.high)
         return g, q_low, q_high, i
 
 
@@ -433,7 +434,7 @@ class Trainer:
             return self.history["backbone"]
         if start == 0 and self.monitor is not None and not self.monitor_log:
             self._check_monitor(0)  # the starting point: what stage 1 has to improve on
-        ds = PairDataset(self.images, cfg.model.high_res, cfg.model.low_res, cfg.seed)
+        ds = PairDataset(self.images, cfg.model.high_res, cfg.model.low_res, cfg.seed, cfg.query_grayscale)
         steps_per_epoch = len(ds) // cfg.batch_size
         if steps_per_epoch == 0:
             raise ValueError(f"need at least batch_size={cfg.batch_size} images, have {len(ds)}")
@@ -491,7 +492,8 @@ class Trainer:
         h = hashlib.sha256()
         h.update(json.dumps({"views": cfg.cache_views, "n": len(self.images), "paths": [p.name for p in self.paths],
                              "synthetic": cfg.synthetic_images, "high": cfg.model.high_res, "low": cfg.model.low_res,
-                             "seed": cfg.seed, "preload": cfg.preload_max_side}, sort_keys=True).encode())
+                             "seed": cfg.seed, "preload": cfg.preload_max_side,
+                             "grayscale": cfg.query_grayscale}, sort_keys=True).encode())
         for k, v in sorted(self.model.state_dict().items()):
             if k.split(".")[0] in ("backbone", "pool"):
                 h.update(v.detach().cpu().float().numpy().tobytes()[:4096])
@@ -511,7 +513,7 @@ class Trainer:
         cfg, m = self.cfg, self.model
         m.eval()
         out: dict[str, list[torch.Tensor]] = {"gallery": [], "query_low": [], "query_high": [], "ids": []}
-        ds = PairDataset(self.images, cfg.model.high_res, cfg.model.low_res, cfg.seed + 10_000)
+        ds = PairDataset(self.images, cfg.model.high_res, cfg.model.low_res, cfg.seed + 10_000, cfg.query_grayscale)
         for v in range(cfg.cache_views):
             ds.epoch = v
             for g, q_low, q_high, ids in tqdm(_loader(ds, 128, False, False, 0, cfg.workers),

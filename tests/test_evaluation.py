@@ -64,10 +64,16 @@ def test_evaluate_writes_all_outputs(photos, tmp_path, tiny_model_dir) -> None:
     at_cal = [r for r in saved["coarse_tradeoff"] if r["coarse_threshold"] == th["coarse"]]
     assert at_cal and at_cal[0]["survivors"] == pytest.approx(saved["coarse_survivors"]["all_test"], abs=1e-3)
     assert at_cal[0]["recall_at_1"] == pytest.approx(saved["cascade"]["recall_at_1"], abs=1e-3)
+    # coarse-stage limits: the job's row is the card's operating point; every row keeps its flags
+    lim = saved["coarse_limits"]
+    assert [r["coarse_score"].split(":")[0] for r in lim][-2:] == ["512-d", "512-d"]
+    assert lim[0]["coarse_threshold"] == pytest.approx(th["coarse"], abs=1e-4)
+    assert lim[0]["survivors"] == pytest.approx(saved["coarse_survivors"]["all_test"], abs=1e-3)
+    assert len({r["exhaustive_true_flags"] for r in lim}) == 1  # one fine decision, several coarse scores
     surv = [r["survivors"] for r in saved["coarse_tradeoff"]]
     assert surv == sorted(surv, reverse=True)  # higher threshold, fewer high-res passes
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "µAP" in report and "Ablation" in report and set(saved["per_edit"])
+    assert "µAP" in report and "Ablation" in report and "What limits the coarse stage" in report and set(saved["per_edit"])
 
 
 def test_coarse_flag_parity_keeps_all_but_the_budget_of_true_flags() -> None:

@@ -4,7 +4,9 @@ Score normalisation (``beta``, ``k``: :func:`calibrate_norm`) and the fine thres
 ``--target-precision`` come from exhaustive 512-d decisions; the coarse threshold is *flag parity*
 (:func:`coarse_flag_parity`): the highest coarse threshold whose cascade keeps all but
 ``--coarse-flag-budget`` of the true flags exhaustive 512-d search makes. :func:`cascade_sim`
-simulates the cascade exactly at any coarse threshold (the report's trade-off table).
+simulates the cascade exactly at any coarse threshold (the report's trade-off table), and
+:func:`coarse_limits` puts the job's coarse stage beside stronger coarse scorers at their own flag
+parity: what the 128-d compression and the low query resolution each cost in high-res passes.
 """
 
 from __future__ import annotations
@@ -132,3 +134,40 @@ def calibrate(S512: np.ndarray, S128: np.ndarray, bq: dict[int, np.ndarray], sp:
     fine = decisions_at_precision(F, sp, sp.cal, target)["threshold"]
     parity = coarse_flag_parity(S128, F, sp.cal, sp.truth, rerank_k, fine, budget)
     return Calibration(norm, fine, parity["threshold"], rerank_k, grid, parity)
+
+
+COARSE_NORM_KS = (1, 10, 30)
+
+
+def coarse_limits(ft: Features, S128: np.ndarray, F: np.ndarray, sp: Split, bank: Any, rerank_k: int, fine: float,
+                  budget: float) -> list[dict[str, Any]]:
+    """Survivors at flag parity (calibrated on the calibration half, measured on the test half)
+    for the job's coarse score and for stronger ones: the same score background-normalised (the
+    (beta, k) with the fewest calibration-half survivors), the uncompressed 512-d feature of the
+    low-res query, and the 512-d feature of the high-res query (no resolution drop either)."""
+    def masked(S: np.ndarray) -> np.ndarray:
+        S = np.array(S, np.float32, copy=True)
+        S[ft.low_content] = -np.inf
+        S[:, ft.g_low_content] = -np.inf
+        return S
+
+    def at_parity(name: str, S: np.ndarray) -> dict[str, Any]:
+        thr = coarse_flag_parity(S, F, sp.cal, sp.truth, rerank_k, fine, budget)["threshold"]
+        return {"coarse_score": name, **cascade_sim(S, F, sp.test, sp.truth, thr, rerank_k, fine)}
+
+    rows = [at_parity("128-d: adapter 2 (low res) vs adapter 1 (the job)", S128)]
+    if bank is not None and len(getattr(bank, "f128", ())):
+        best: tuple[float, str, np.ndarray] | None = None
+        for k in COARSE_NORM_KS:
+            term = background_term(ft.q128, bank.f128, k)[:, None]
+            for beta in NORM_BETAS[1:]:
+                S = S128 - beta * term
+                thr = coarse_flag_parity(S, F, sp.cal, sp.truth, rerank_k, fine, budget)["threshold"]
+                surv = cascade_sim(S, F, sp.cal, sp.truth, thr, rerank_k, fine)["survivors"]
+                if best is None or surv < best[0]:
+                    best = (surv, f"128-d, background-normalised (beta {beta}, k {k})", S)
+        assert best is not None
+        rows.append(at_parity(best[1], best[2]))
+    rows.append(at_parity("512-d: low-res query vs high-res references", masked(ft.q512_low @ ft.g512.T)))
+    rows.append(at_parity("512-d: high-res query vs high-res references", masked(ft.q512 @ ft.g512.T)))
+    return rows

@@ -15,7 +15,7 @@ import pandas as pd
 
 from pipeline.evaluation import retrieval_metrics as M
 from pipeline.evaluation.benchmark import Benchmark, Features, Split
-from pipeline.evaluation.calibrate import Calibration, cascade_sim, decisions_at_precision, topk_rows
+from pipeline.evaluation.calibrate import Calibration, cascade_sim, coarse_limits, decisions_at_precision, topk_rows
 from pipeline.gallery.index import background_term
 
 
@@ -130,6 +130,7 @@ def assemble_metrics(bench: Benchmark, sp: Split, ft: Features, cal: Calibration
                              "everyday": float(surv[test][np.char.startswith(kinds.astype(str), "everyday/")].mean()),
                              "negatives": float(surv[test][~is_pos].mean()), "positives": float(surv[test][is_pos].mean())},
         "coarse_tradeoff": sim,
+        "coarse_limits": coarse_limits(ft, S128, Fexh, sp, fx.background, cal.rerank_k, cal.fine, budget),
         "low_content": {"detected": int(lc.sum()),
                         "of_low_content_uploads": int(sum(lc[i] for i, k in enumerate(sp.kind) if k.startswith("low_content/"))),
                         "low_content_uploads": int(sum(k.startswith("low_content/") for k in sp.kind)),
@@ -212,6 +213,10 @@ def report_md(m: dict[str, Any]) -> str:
         *[f"| {r['coarse_threshold']:.3f} | {r['survivors']:.1%} | {r['negatives_surviving']:.1%} | {r['flags_kept']:.3f} "
           f"| {r['true_flags']}/{r['exhaustive_true_flags']} | {r['false_flags']} | {r['recall_at_1']:.3f} |"
           for r in m["coarse_tradeoff"]],
+        "", "What limits the coarse stage: survivors at each coarse score's own flag parity:", "",
+        "| coarse score | survivors | negatives surviving | flags kept |", "|---|---|---|---|",
+        *[f"| {r['coarse_score']} | {r['survivors']:.1%} | {r['negatives_surviving']:.1%} | {r['flags_kept']:.3f} |"
+          for r in m["coarse_limits"]],
         "", "512-d diagnostics by query size (test positives):", "",
         "| query size | recall@1 | true-pair cosine (median) |", "|---|---|---|",
         *[f"| {k} | {v['recall_at_1']:.3f} | {v['true_pair_cosine_median']:.3f} |"
