@@ -93,6 +93,29 @@ def test_the_feature_cache_is_keyed_to_the_settings_that_shape_it(tmp_path, gen_
     assert len(list((tmp_path / "run" / "checkpoints").glob("pooled_cache-*.pt"))) == 2
 
 
+def test_query_grayscale_turns_that_share_of_query_views_gray_and_keys_the_cache(tmp_path, gen_images) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from models.train import PairDataset
+
+    imgs = [Image.open(p).convert("RGB") for p in sorted(gen_images.glob("*.png"))[:8]]
+
+    def gray_share(p: float) -> tuple[float, list[np.ndarray]]:
+        ds = PairDataset(imgs * 8, 64, 48, seed=0, grayscale_p=p)
+        items = [ds[i] for i in range(len(ds))]
+        # a grayscale view may get coloured text or stickers later in the chain: count mostly-gray views
+        gray = [float(np.mean(np.ptp(q.astype(int), axis=2) <= 2)) > 0.8 for _, _, q, _ in items]
+        return float(np.mean(gray)), [g for g, _, _, _ in items]
+
+    none, g0 = gray_share(0.0)
+    every, g1 = gray_share(1.0)
+    assert every > 0.7 and every > none + 0.5
+    assert all(np.array_equal(a, b) for a, b in zip(g0, g1)), "the gallery view must not depend on query_grayscale"
+    keys = {_tiny_trainer(tmp_path / "k", gen_images, query_grayscale=p)._cache_key() for p in (0.25, 0.45)}
+    assert len(keys) == 2, "a changed query_grayscale must build a new feature cache"
+
+
 def test_full_run_ships_fp16_weights_a_background_bank_and_a_card(tmp_path, gen_images) -> None:
     from safetensors.torch import load_file
 
