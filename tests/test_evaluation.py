@@ -101,6 +101,36 @@ def test_coarse_flag_parity_keeps_all_but_the_budget_of_true_flags() -> None:
     assert coarse_flag_parity(S, F, rows, truth, 10, 0.6, 0.1)["threshold"] > coarse_flag_parity(S, F, rows, truth, 10, 0.6, 0.0)["threshold"]
 
 
+def _norm_split(n: int = 40):
+    from pipeline.evaluation.benchmark import Split
+
+    rows = list(range(2 * n))  # rows < n: positives of column r; the rest: negatives
+    return Split([f"q{r}" for r in rows], [f"g{j}" for j in range(n)], rows, [], {r: r for r in range(n)},
+                 ["photo"] * (2 * n))
+
+
+def test_score_normalisation_ties_go_to_the_stronger_normalisation() -> None:
+    import numpy as np
+
+    from pipeline.evaluation.calibrate import calibrate_norm
+
+    n = 40
+    sp = _norm_split(n)
+    rng = np.random.default_rng(0)
+    S = rng.uniform(0.0, 0.4, (2 * n, n)).astype(np.float32)
+    S[np.arange(n), np.arange(n)] = rng.uniform(0.5, 1.0, n)
+    # the same background term for every query shifts all scores alike: every beta decides the same
+    flat = {k: np.full(2 * n, 0.3, np.float32) for k in (1, 3)}
+    norm, grid = calibrate_norm(S, flat, sp, 0.99)
+    assert len({g["recall"] for g in grid}) == 1 and (norm.beta, norm.k) == (1.0, 1)
+    # a term that only positives carry: normalising loses them, so no normalisation wins outright
+    pos_only = {1: np.where(np.arange(2 * n) < n, 0.5, 0.0).astype(np.float32)}
+    S2 = S.copy()
+    S2[n:, 0] = 0.9  # negatives as strong as the positives: only the raw score keeps them apart
+    S2[np.arange(n), np.arange(n)] = rng.uniform(0.95, 1.0, n)
+    assert calibrate_norm(S2, pos_only, sp, 0.99)[0].beta == 0.0
+
+
 def _prepared(tmp_path):
     g, q = tmp_path / "g", tmp_path / "q"
     g.mkdir()

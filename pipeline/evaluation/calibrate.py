@@ -49,16 +49,24 @@ def decisions_at_precision(S: np.ndarray, sp: Split, rows: list[int], target: fl
 
 def calibrate_norm(S512: np.ndarray, bq: dict[int, np.ndarray], sp: Split, target: float) -> tuple[ScoreNorm, list[dict]]:
     """The (beta, k) with the best recall at ``target`` precision on the calibration half
-    (exhaustive 512-d decisions); ties go to the smaller beta. Returns it and the whole grid."""
-    grid, best, best_key = [], ScoreNorm(), (-1.0, 0.0)
+    (exhaustive 512-d decisions). Recalls within one calibration positive of the best are ties
+    (a difference of one query is sampling noise), and ties go to the larger beta: at equal recall
+    the stronger normalisation keeps more margin against hub content (generic scenes, gradients,
+    flat graphics) that the calibration half samples only thinly. Returns it and the whole grid."""
+    grid: list[dict] = []
+    scored: list[tuple[float, ScoreNorm]] = []
     for k, term in bq.items():
         for beta in NORM_BETAS if len(term) else (0.0,):
             d = decisions_at_precision(S512 - beta * term[:, None] if len(term) else S512, sp, sp.cal, target)
             grid.append({"beta": beta, "k": k, "recall": round(d["recall"], 4), "precision": round(d["precision"], 4)})
-            key = (round(d["recall"], 6), -beta)
-            if key > best_key:
-                best, best_key = ScoreNorm(beta, k), key
-    return best, grid
+            scored.append((float(d["recall"]), ScoreNorm(beta, k)))
+    if not scored:
+        return ScoreNorm(), grid
+    one_query = 1.0 / max(1, sum(1 for r in sp.cal if r in sp.truth))
+    top = max(r for r, _ in scored)
+    ties = [(n.beta, r, -n.k) for r, n in scored if r >= top - one_query - 1e-9]
+    beta, _, neg_k = max(ties)
+    return ScoreNorm(beta, -neg_k), grid
 
 
 def coarse_flag_parity(S128: np.ndarray, F: np.ndarray, rows: list[int], truth: dict[int, int], k: int,
