@@ -147,10 +147,16 @@ class VectorFactory:
         self.basis = (S[:, None] * Vt) / np.sqrt(max(1, len(P) - 1))  # rows: principal directions x std
         self.iso = 0.1 * float(np.sqrt((S**2).sum() / (len(P) - 1) / P.shape[1]))  # keeps full rank
 
-    def pooled(self, n: int) -> np.ndarray:
-        z = self.rng.standard_normal((n, self.basis.shape[0]))
-        x = self.mu + z @ self.basis + self.iso * self.rng.standard_normal((n, self.basis.shape[1]))
-        return np.clip(x, 1e-6, None).astype(np.float32)
+    def pooled(self, n: int, chunk: int = 65536) -> np.ndarray:
+        """``(n, C)`` float32 samples, drawn in chunks: a million 1,280-d rows in float64 at once
+        would need ~30 GB on the way to a 5 GB result."""
+        out = np.empty((n, self.basis.shape[1]), np.float32)
+        for i in range(0, n, chunk):
+            m = min(chunk, n - i)
+            z = self.rng.standard_normal((m, self.basis.shape[0]))
+            x = self.mu + z @ self.basis + self.iso * self.rng.standard_normal((m, self.basis.shape[1]))
+            out[i:i + m] = np.clip(x, 1e-6, None)
+        return out
 
     def _heads(self, pooled: np.ndarray, head: str) -> np.ndarray:
         import torch

@@ -1,0 +1,21 @@
+"""jobs/bench_common.py: the synthetic vector factory the search and memory benchmarks share."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jobs.bench_common import VectorFactory
+
+
+def _stats(c: int = 48) -> dict:
+    rng = np.random.default_rng(0)
+    return {"P": np.abs(rng.normal(1.0, 0.3, (200, c))).astype(np.float32)}
+
+
+def test_pooled_samples_in_chunks_as_float32_like_the_photos() -> None:
+    vf = VectorFactory(_stats(), seed=3)
+    x = vf.pooled(1000, chunk=64)  # many chunks, the last one partial
+    assert x.shape == (1000, 48) and x.dtype == np.float32 and (x > 0).all()
+    assert np.allclose(x.mean(0), vf.mu, atol=0.05)  # samples follow the photos' statistics
+    assert np.array_equal(VectorFactory(_stats(), seed=3).pooled(1000, chunk=64), x)  # seeded
+    assert not np.array_equal(VectorFactory(_stats(), seed=4).pooled(1000, chunk=64), x)
