@@ -486,7 +486,7 @@ class Trainer:
         return {k: round(float(np.mean(v)), 4) for k, v in terms.items() if v}, round(time.time() - t0, 1)
 
     # -- cached pooled features for stages 2 and 3 -----------------------------------------
-    def _cache_key(self) -> str:
+    def cache_key(self) -> str:
         """Hash of every setting that shapes the cache, and of the stage-1 weights it comes from."""
         cfg = self.cfg
         h = hashlib.sha256()
@@ -505,7 +505,7 @@ class Trainer:
         low and at high res, plus ``ids``; row ``v*N + i`` is view ``v`` of image ``i``."""
         if self._pooled is not None:
             return self._pooled
-        key = self._cache_key()
+        key = self.cache_key()
         p = self.ckpt / f"pooled_cache-{key}.pt"
         if p.exists():
             self._pooled = torch.load(p, map_location="cpu", weights_only=True)

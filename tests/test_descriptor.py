@@ -112,7 +112,7 @@ def test_query_grayscale_turns_that_share_of_query_views_gray_and_keys_the_cache
     every, g1 = gray_share(1.0)
     assert every > 0.7 and every > none + 0.5
     assert all(np.array_equal(a, b) for a, b in zip(g0, g1)), "the gallery view must not depend on query_grayscale"
-    keys = {_tiny_trainer(tmp_path / "k", gen_images, query_grayscale=p)._cache_key() for p in (0.25, 0.45)}
+    keys = {_tiny_trainer(tmp_path / "k", gen_images, query_grayscale=p).cache_key() for p in (0.25, 0.45)}
     assert len(keys) == 2, "a changed query_grayscale must build a new feature cache"
 
 
