@@ -224,7 +224,10 @@ def gallery_augment(img: Image.Image, rng: random.Random) -> Image.Image:
     return img
 
 
-def query_augment(img: Image.Image, rng: random.Random, grayscale_p: float = 0.25) -> Image.Image:
+QUERY_GRAYSCALE = 0.25  # default share of query views turned gray (TrainConfig.query_grayscale)
+
+
+def query_augment(img: Image.Image, rng: random.Random, grayscale_p: float = QUERY_GRAYSCALE) -> Image.Image:
     """The query side of a training pair: the full edit chain an upload may carry.
 
     Crop/scale (aspect-changing), flip, small and 90-degree rotation, shift, overlay, borders,

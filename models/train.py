@@ -52,7 +52,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from models.augment import gallery_augment, query_augment
+from models.augment import QUERY_GRAYSCALE, gallery_augment, query_augment
 from models.card import ModelCard, load_model, save_model
 from models.descriptor import Backbone, DescriptorConfig, DescriptorModel, pick_device
 from models.losses import info_nce, koleo_entropy, relational_distill
@@ -93,7 +93,7 @@ class TrainConfig:
     entropy_weight: float = 3.0
     queue_size: int = 2048           # memory queue of past gallery-view embeddings (stage 1)
     synthetic_images: int = 400      # generated everyday pictures added to the photos
-    query_grayscale: float = 0.25    # share of stage-1 (and cached) query views turned to grayscale
+    query_grayscale: float = QUERY_GRAYSCALE  # share of stage-1 (and cached) query views turned to grayscale
     cache_views: int = 6
     distill_kl_weight: float = 0.25  # stage 3 relational term (cosine dominates)
     distill_temperature: float = 0.05
@@ -148,7 +148,7 @@ class PairDataset(torch.utils.data.Dataset):
     the same samples.
     """
 
-    def __init__(self, images: list[Image.Image], high: int, low: int, seed: int, grayscale_p: float = 0.25) -> None:
+    def __init__(self, images: list[Image.Image], high: int, low: int, seed: int, grayscale_p: float = QUERY_GRAYSCALE) -> None:
         self.images, self.high, self.low, self.seed, self.grayscale_p = images, high, low, seed, grayscale_p
         self.epoch = 0
 

@@ -64,7 +64,7 @@ def test_evaluate_writes_all_outputs(photos, tmp_path, tiny_model_dir) -> None:
     at_cal = [r for r in saved["coarse_tradeoff"] if r["coarse_threshold"] == th["coarse"]]
     assert at_cal and at_cal[0]["survivors"] == pytest.approx(saved["coarse_survivors"]["all_test"], abs=1e-3)
     assert at_cal[0]["recall_at_1"] == pytest.approx(saved["cascade"]["recall_at_1"], abs=1e-3)
-    # coarse-stage limits: the job's row is the card's operating point; every row keeps its flags
+    # coarse-stage limits: the job's row is the card's operating point; all rows share one fine decision
     lim = saved["coarse_limits"]
     assert [r["coarse_score"].split(":")[0] for r in lim][-2:] == ["512-d", "512-d"]
     assert lim[0]["coarse_threshold"] == pytest.approx(th["coarse"], abs=1e-4)

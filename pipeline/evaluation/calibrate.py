@@ -123,13 +123,18 @@ class Calibration:
     parity: dict[str, Any]
 
 
+def without_low_content(S: np.ndarray, ft: Features) -> np.ndarray:
+    """``S`` (queries x references) with low-content queries and references at ``-inf``, in place:
+    the job never searches the one nor indexes the other."""
+    S[ft.low_content] = -np.inf
+    S[:, ft.g_low_content] = -np.inf
+    return S
+
+
 def score_matrices(ft: Features, bank: Any, sp: Split) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
     """Raw 512-d and 128-d score matrices and the background terms per k. Low-content queries
     get no scores at all (the job never searches them), nor low-content references."""
-    S512, S128 = ft.q512 @ ft.g512.T, ft.q128 @ ft.g128.T
-    for S in (S512, S128):
-        S[ft.low_content] = -np.inf
-        S[:, ft.g_low_content] = -np.inf
+    S512, S128 = without_low_content(ft.q512 @ ft.g512.T, ft), without_low_content(ft.q128 @ ft.g128.T, ft)
     bg = bank.f512 if bank is not None else None
     bq = {k: background_term(ft.q512, bg, k) if bg is not None else np.zeros(0) for k in NORM_KS}
     return S512, S128, bq
@@ -153,12 +158,6 @@ def coarse_limits(ft: Features, S128: np.ndarray, F: np.ndarray, sp: Split, bank
     for the job's coarse score and for stronger ones: the same score background-normalised (the
     (beta, k) with the fewest calibration-half survivors), the uncompressed 512-d feature of the
     low-res query, and the 512-d feature of the high-res query (no resolution drop either)."""
-    def masked(S: np.ndarray) -> np.ndarray:
-        S = np.array(S, np.float32, copy=True)
-        S[ft.low_content] = -np.inf
-        S[:, ft.g_low_content] = -np.inf
-        return S
-
     def at_parity(name: str, S: np.ndarray) -> dict[str, Any]:
         thr = coarse_flag_parity(S, F, sp.cal, sp.truth, rerank_k, fine, budget)["threshold"]
         return {"coarse_score": name, **cascade_sim(S, F, sp.test, sp.truth, thr, rerank_k, fine)}
@@ -176,6 +175,6 @@ def coarse_limits(ft: Features, S128: np.ndarray, F: np.ndarray, sp: Split, bank
                     best = (surv, f"128-d, background-normalised (beta {beta}, k {k})", S)
         assert best is not None
         rows.append(at_parity(best[1], best[2]))
-    rows.append(at_parity("512-d: low-res query vs high-res references", masked(ft.q512_low @ ft.g512.T)))
-    rows.append(at_parity("512-d: high-res query vs high-res references", masked(ft.q512 @ ft.g512.T)))
+    rows.append(at_parity("512-d: low-res query vs high-res references", without_low_content(ft.q512_low @ ft.g512.T, ft)))
+    rows.append(at_parity("512-d: high-res query vs high-res references", without_low_content(ft.q512 @ ft.g512.T, ft)))
     return rows
