@@ -1,5 +1,5 @@
 """pipeline/ops/prometheus.py: Prometheus metrics of a run: exposition format parsed back, atomic textfile, Pushgateway PUT
-against a real HTTP server on 127.0.0.1, failures reported, not raised past the commit."""
+(prometheus_client's) against a real HTTP server on 127.0.0.1, failures reported, not raised past the commit."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pushgateway_stub import pushgateway
 
-from pipeline.ops.prometheus import MetricsPushError, publish, push, render, write_textfile
+from pipeline.ops.prometheus import MetricsPushError, publish, push, render, run_registry, write_textfile
 
 RUN = {  # the shape moderate() commits as _run.json
     "run_id": "20261125T031502-ab12cd34", "dt": "2026-11-25", "model_version": "resnet18-160x112-1fa986fea88d",
@@ -59,34 +59,47 @@ def test_label_values_are_escaped() -> None:
     assert s[("modscan_run_matches", (("bank", 'we"ird\\bank\nname'),))] == 2
 
 
+
+def test_an_older_run_without_flood_guard_or_throughput_still_renders() -> None:
+    run = {k: v for k, v in RUN.items() if k not in ("flood_guard", "images_per_second")}
+    text = render(run)
+    s = _samples(text)
+    assert s[("modscan_run_matches", (("bank", "fp"),))] == 2  # rows per bank, allow suppressions included
+    assert s[("modscan_run_images_per_second", ())] != s[("modscan_run_images_per_second", ())]  # NaN, not left out
+    assert "modscan_run_held_rows" not in text and "modscan_run_allowed" not in text
+
 def test_textfile_is_replaced_atomically(tmp_path) -> None:
     p = tmp_path / "collector" / "modscan.prom"
-    write_textfile(str(p), "old 1\n")
-    write_textfile(str(p), render(RUN))
-    assert _samples(p.read_text())[("modscan_run_images", ())] == 120
+    write_textfile(str(p), run_registry({**RUN, "inputs": 7}))
+    assert write_textfile(str(p), run_registry(RUN)) == str(p)
+    assert p.read_text() == render(RUN) and _samples(p.read_text())[("modscan_run_images", ())] == 120
     assert os.listdir(p.parent) == ["modscan.prom"]  # no temporary file left behind
 
 
 def test_push_puts_the_text_to_the_pushgateway_group() -> None:
     text = render(RUN)
     with pushgateway() as gw:
-        url = push(gw.url.replace("http://", "http://ops:s3cret@") + "/", text, job="modscan nightly")
-    assert url == f"{gw.url}/metrics/job/modscan%20nightly" and "s3cret" not in url
-    assert gw.requests == [("PUT", "/metrics/job/modscan%20nightly", text)]
+        url = push(gw.url.replace("http://", "http://ops:s3cret@") + "/", run_registry(RUN))
+        # a job name with a space goes as Pushgateway's base64 grouping key ("modscan nightly")
+        spaced = push(gw.url, run_registry(RUN), job="modscan nightly")
+    assert url == f"{gw.url}/metrics/job/modscan" and "s3cret" not in url
+    assert spaced == f"{gw.url}/metrics/job@base64/bW9kc2NhbiBuaWdodGx5"
+    assert gw.requests == [("PUT", "/metrics/job/modscan", text), ("PUT", "/metrics/job@base64/bW9kc2NhbiBuaWdodGx5", text)]
     assert gw.headers[0]["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert gw.headers[0]["Authorization"] == "Basic b3BzOnMzY3JldA=="  # ops:s3cret
+    assert "Authorization" not in gw.headers[1]  # no credentials in the URL: no auth header
 
 
 def test_push_failures_are_clear_errors(tmp_path) -> None:
     with pushgateway(status=500) as gw:
         with pytest.raises(MetricsPushError, match=r"answered HTTP 500"):
-            push(gw.url, "x 1\n")
+            push(gw.url, run_registry(RUN))
     with pushgateway() as gw:
         dead = gw.url
     with pytest.raises(MetricsPushError, match="unreachable"):
-        push(dead, "x 1\n", timeout=2)
+        push(dead, run_registry(RUN), timeout=2)
     with pytest.raises(MetricsPushError, match="must be an http"):
-        push("ftp://gw", "x 1\n")
+        push("ftp://gw", run_registry(RUN))
     # publish writes the textfile before trying the push, so a dead gateway costs only the push
     with pytest.raises(MetricsPushError):
         publish(RUN, str(tmp_path / "m.prom"), dead)
