@@ -65,17 +65,12 @@ def backfill(input_template: str, gallery: str, output: str, date_from: str, dat
     A day whose input is missing is never committed (``"missing: ..."``); a day that fails
     (``"failed: ..."``) does not stop the others. The caller reports both and exits non-zero.
     """
-    d0 = _dt.date.fromisoformat(F.valid_date(date_from, "--from"))
-    d1 = _dt.date.fromisoformat(F.valid_date(date_to, "--to"))
-    if d1 < d0:
-        raise UsageError(f"--to {date_to} is before --from {date_from}")
+    days = F.day_range(date_from, date_to)
     _from_template(input_template, date_from)
     cfg = cfg or JobConfig()
     out = check_output(output)
     result: dict[str, str] = {}
-    d = d0
-    while d <= d1:
-        dt = d.isoformat()
+    for dt in days:
         if F.is_committed(out, dt) and not force:
             result[dt] = "skipped (committed)"
         else:
@@ -89,7 +84,6 @@ def backfill(input_template: str, gallery: str, output: str, date_from: str, dat
             except Exception as e:
                 log.debug("backfill day %s failed", dt, exc_info=True)
                 result[dt] = f"failed: {plain_message(str(e) if isinstance(e, ModscanError) else e)}"
-        d += _dt.timedelta(days=1)
     return result
 
 

@@ -61,14 +61,6 @@ class RetroPlan:
     t_start: float = field(default_factory=time.time)
 
 
-def day_range(date_from: str, date_to: str) -> list[str]:
-    d0 = _dt.date.fromisoformat(F.valid_date(date_from, "--from"))
-    d1 = _dt.date.fromisoformat(F.valid_date(date_to, "--to"))
-    if d1 < d0:
-        raise UsageError(f"--to {date_to} is before --from {date_from}")
-    return [(d0 + _dt.timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
-
-
 def _check_day(out: Store, sig: Store, dt: str, since: str, current: str, model: str) -> str | None:
     """None when ``dt`` is to be re-checked; else why not. Raises when it cannot be done right."""
     if not F.is_committed(out, dt):
@@ -100,7 +92,7 @@ def prepare_retro(gallery_uri: str, since: str, date_from: str, date_to: str, ou
     from pipeline import gallery as G
 
     cfg = cfg or JobConfig()
-    days = [F.valid_date(d) for d in days] if days is not None else day_range(date_from, date_to)
+    days = [F.valid_date(d) for d in days] if days is not None else F.day_range(date_from, date_to)
     gstore = open_store(gallery_uri)
     current = G.read_manifest(gstore)
     try:

@@ -105,3 +105,15 @@ def test_an_unreadable_timing_record_is_left_out_with_a_warning(tmp_path, caplog
     assert tot == {"survivors": 3, "decoded": 5, "search": 0.5}
     (rec,) = [r for r in caplog.records if r.name == "jobs.run"]
     assert "timing record b.json unreadable" in rec.getMessage() and rec.exc_info is not None
+
+
+def test_day_range_is_inclusive_and_checks_both_dates() -> None:
+    from pipeline.errors import UsageError
+
+    assert F.day_range("2028-02-27", "2028-03-01") == ["2028-02-27", "2028-02-28", "2028-02-29", "2028-03-01"]
+    assert F.day_range(DAY, DAY) == [DAY]
+    with pytest.raises(UsageError, match="--to 2026-05-31 is before --from 2026-06-01"):
+        F.day_range(DAY, "2026-05-31")
+    for date_from, date_to, flag in (("2026-6-01", DAY, "--from"), (DAY, "2026-06-31", "--to")):
+        with pytest.raises(UsageError, match=flag):
+            F.day_range(date_from, date_to)

@@ -77,6 +77,16 @@ def valid_date(value: object, what: str = "date") -> str:
     return value
 
 
+def day_range(date_from: str, date_to: str) -> list[str]:
+    """Every day from ``date_from`` to ``date_to``, both included (``--from``/``--to`` of ``backfill``
+    and ``retro``), each checked by :func:`valid_date`; ``date_to`` before ``date_from`` is a usage error."""
+    d0 = _dt.date.fromisoformat(valid_date(date_from, "--from"))
+    d1 = _dt.date.fromisoformat(valid_date(date_to, "--to"))
+    if d1 < d0:
+        raise UsageError(f"--to {date_to} is before --from {date_from}")
+    return [(d0 + _dt.timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
+
+
 def partition_key(dt: str) -> str:
     return f"dt={valid_date(dt)}"
 
