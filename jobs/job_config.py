@@ -8,13 +8,12 @@ read their settings from here.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import ConfigFileError, UsageError, plain_message, toml_error_line
+from pipeline.errors import ConfigFileError, UsageError, plain_message, toml_error_line, toml_key_lines
 from pipeline.ingest.decode import DecodeConfig
 from pipeline.ingest.storage import KeyPolicy
 
@@ -144,30 +143,6 @@ _REMOVED_JOB_KEYS = {
     "single_stage": "the single-stage baseline is benchmark-only (`modscan bench pipeline` runs it)",
 }
 _MODEL_SIZES = ("low_res", "high_res")
-
-
-def toml_key_lines(text: str) -> dict[str, int]:
-    """First line (1-based) of each table header and key of a TOML text, by dotted path (``"job"``,
-    ``"job.decode"``, ``"job.decode.min_side"``), for error messages. Knows ``[table]`` and
-    ``[[array]]`` headers and bare, quoted and dotted keys; lines inside multi-line values that
-    look like ``key = ...`` may be taken for keys (only a line number can be off, never a value)."""
-    def path(raw: str) -> str:
-        return ".".join(p.strip().strip("\"'") for p in raw.split("."))
-
-    where: dict[str, int] = {}
-    table = ""
-    for i, line in enumerate(text.splitlines(), start=1):
-        s = line.strip()
-        head = re.match(r"^\[\[?([^\[\]]+)\]\]?", s)
-        key = re.match(r"^([A-Za-z0-9_\-.\"' ]+?)\s*=", s)
-        if head:
-            table = path(head.group(1))
-            where.setdefault(table, i)
-        elif key:
-            parts = (table.split(".") if table else []) + path(key.group(1)).split(".")
-            for n in range(1, len(parts) + 1):
-                where.setdefault(".".join(parts[:n]), i)
-    return where
 
 
 def _read_toml(path: str) -> tuple[str, dict[str, Any]]:

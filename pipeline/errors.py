@@ -41,6 +41,40 @@ def toml_error_line(e: Exception, default: int) -> int:
     return int(m.group(1)) if m else default
 
 
+def _toml_path(raw: str) -> str:
+    return ".".join(p.strip().strip("\"'") for p in raw.split("."))
+
+
+def toml_key_lines(text: str) -> dict[str, int]:
+    """First line (1-based) of each table header and key of a TOML text, by dotted path (``"job"``,
+    ``"job.decode"``, ``"job.decode.min_side"``), for :class:`ConfigFileError` messages. The n-th
+    table of an array (``[[bank]]``) is also ``"bank[n]"``, with its keys (``"bank[n].name"``);
+    ``"bank"`` and ``"bank.name"`` are the first ones. Knows ``[table]`` and ``[[array]]`` headers
+    and bare, quoted and dotted keys; lines inside multi-line values that look like ``key = ...``
+    may be taken for keys (only a line number can be off, never a value)."""
+    where: dict[str, int] = {}
+    tables: list[str] = [""]   # the current table, by each name it has: "bank" and "bank[2]"
+    arrays: dict[str, int] = {}  # tables seen so far in each array
+    for i, line in enumerate(text.splitlines(), start=1):
+        s = line.strip()
+        head = re.match(r"^(\[\[?)([^\[\]]+)\]\]?", s)
+        key = re.match(r"^([A-Za-z0-9_\-.\"' ]+?)\s*=", s)
+        if head:
+            name = _toml_path(head.group(2))
+            tables = [name]
+            if head.group(1) == "[[":
+                arrays[name] = arrays.get(name, 0) + 1
+                tables.append(f"{name}[{arrays[name] - 1}]")
+            for t in tables:
+                where.setdefault(t, i)
+        elif key:
+            for t in tables:
+                parts = (t.split(".") if t else []) + _toml_path(key.group(1)).split(".")
+                for n in range(1, len(parts) + 1):
+                    where.setdefault(".".join(parts[:n]), i)
+    return where
+
+
 class InputError(ModscanError):
     """The job's input is missing, empty or malformed (a manifest with bad keys). Exit code 1."""
 

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 from conftest import ROOT
 
-from jobs.job_config import JobConfig, JobConfigError, toml_key_lines
+from jobs.job_config import JobConfig, JobConfigError
 from pipeline.errors import UsageError
 from pipeline.ingest.decode import DecodeConfig
 
@@ -155,7 +155,14 @@ def test_query_overrides_carry_the_thresholds_and_the_coarse_search_settings() -
 
 
 def test_toml_key_lines() -> None:
+    from pipeline.errors import toml_key_lines
+
     text = '[job]\n# c\n"batch_size" = 1\ndecode.min_side = 2\n\n[[bank]]\nname = "x"\n[job.decode]\nmax_bytes = 3\n'
     where = toml_key_lines(text)
     assert (where["job"], where["job.batch_size"], where["job.decode"], where["job.decode.min_side"]) == (1, 3, 4, 4)
     assert (where["bank"], where["bank.name"], where["job.decode.max_bytes"]) == (6, 7, 9)
+    # each table of an array by its index; a key of a later table never lands on the first one
+    where = toml_key_lines('[[bank]]\nname = "a"\n\n[[ bank ]]\n"name" = "b"\nsource.x = 1\n[other]\nkind = 2\n')
+    assert (where["bank[0]"], where["bank[0].name"], where["bank[1]"], where["bank[1].name"]) == (1, 2, 4, 5)
+    assert (where["bank[1].source"], where["bank[1].source.x"], where["other.kind"]) == (6, 6, 8)
+    assert "bank[0].source" not in where and "bank[1].kind" not in where

@@ -92,19 +92,15 @@ class BankFileError(ConfigFileError, ValueError):
 
 
 def _locate(text: str) -> list[tuple[int, dict[str, int]]]:
-    """Line of each ``[[bank]]`` header and of each key inside it (1-based)."""
+    """Line of each ``[[bank]]`` header and of each key inside it (1-based), from the one TOML
+    line lookup that job configs use too."""
+    from pipeline.errors import toml_key_lines
+
+    where = toml_key_lines(text)
     blocks: list[tuple[int, dict[str, int]]] = []
-    in_bank = False
-    for i, line in enumerate(text.splitlines(), start=1):
-        s = line.strip()
-        if re.match(r"^\[\[\s*bank\s*\]\]", s):
-            blocks.append((i, {}))
-            in_bank = True
-        elif s.startswith("["):
-            in_bank = False
-        elif in_bank and "=" in s and not s.startswith("#"):
-            key = s.split("=", 1)[0].strip().strip('"')
-            blocks[-1][1].setdefault(key, i)
+    while (head := where.get(f"bank[{len(blocks)}]")) is not None:
+        prefix = f"bank[{len(blocks)}]."
+        blocks.append((head, {k[len(prefix):]: line for k, line in where.items() if k.startswith(prefix)}))
     return blocks
 
 
