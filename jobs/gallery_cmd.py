@@ -67,7 +67,7 @@ def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_s
 
     def extract(uris: list[str]) -> list[dict[str, Any]]:
         from jobs.job_config import JobConfig
-        from jobs.ray_stages import actor_resources, decode_and_apply, fetch_by_uri, init_ray, worker_error
+        from jobs.ray_stages import actor_resources, decode_and_apply, fetch_by_uri, init_ray, raise_worker_error
         from models.card import read_card
         from pipeline.ingest.decode import DecodeConfig
 
@@ -85,10 +85,7 @@ def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_s
             for b in ds.iter_batches(batch_size=1024, batch_format="numpy"):
                 out += _rows(b)
         except Exception as e:
-            cause = worker_error(e)
-            if cause is not None and cause is not e:
-                raise cause from e
-            raise
+            raise_worker_error(e)
         order = {u: i for i, u in enumerate(uris)}
         return sorted(out, key=lambda r: order[r["uri"]])
 

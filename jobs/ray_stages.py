@@ -9,7 +9,8 @@ Both run the same graph: rows of bytes (read from a prefix, or fetched by URI wi
 * :func:`build_input` (the job's input plan as a dataset) and :func:`fetch_by_uri`;
 * :func:`decode_and_apply`: decode tasks, then the stage actors;
 * :func:`worker_error`: the :class:`~pipeline.errors.ModscanError` a task or actor raised, read from
-  the exception Ray raises on the driver (``RayTaskError.cause``), never from its traceback text.
+  the exception Ray raises on the driver (``RayTaskError.cause``), never from its traceback text;
+  :func:`raise_worker_error` raises it (the one unwrapping every Ray Data caller does).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -224,3 +225,12 @@ def worker_error(e: BaseException) -> ModscanError | None:
         else:
             return None
     return None
+
+
+def raise_worker_error(e: BaseException) -> NoReturn:
+    """Raise what an operator should read after a Ray Data run failed with ``e``: the ModscanError
+    a task or actor raised (:func:`worker_error`), chained to ``e``, or else ``e`` itself."""
+    cause = worker_error(e)
+    if cause is not None and cause is not e:
+        raise cause from e
+    raise e

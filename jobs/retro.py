@@ -255,7 +255,7 @@ def _summary(plan: RetroPlan) -> dict[str, Any]:
 
 def execute_retro(plan: RetroPlan, ray_address: str | None = None) -> dict[str, Any]:
     """The coarse pass, the re-decision of the survivors and the per-day commits (module doc)."""
-    from jobs.ray_stages import init_ray, worker_error
+    from jobs.ray_stages import init_ray, raise_worker_error
 
     summary = _summary(plan)
     plan.out.write_text(f"{RETRO_DIR}/{plan.retro_id}.started.json", json.dumps(summary, indent=2) + "\n")
@@ -267,8 +267,7 @@ def execute_retro(plan: RetroPlan, ray_address: str | None = None) -> dict[str, 
             survivors = coarse_pass(plan)
             decided = redecide(plan, survivors)
         except Exception as e:
-            cause = worker_error(e)
-            raise (cause or e) from e
+            raise_worker_error(e)
     per_day = {dt: sum(1 for s in survivors if s["dt"] == dt) for dt in plan.days}
     results = {}
     for dt in plan.days:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pyarrow.fs as pafs
 
 from jobs.job_config import JobConfig
-from jobs.ray_stages import actor_resources, build_input, decode_and_apply, init_ray, worker_error
+from jobs.ray_stages import actor_resources, build_input, decode_and_apply, init_ray, raise_worker_error
 from pipeline.errors import ModscanError, UsageError, plain_message
 from pipeline.ingest.decode import DecodeConfig
 from pipeline.ingest.plan import InputPlan, check_input
@@ -210,10 +210,7 @@ def _fail(plan: RunPlan, e: Exception) -> NoReturn:
         taken = None
     if taken is not None and not isinstance(e, F.PartitionTakenError):
         raise taken from e
-    cause = worker_error(e)
-    if cause is not None and cause is not e:
-        raise cause from e
-    raise e
+    raise_worker_error(e)
 
 
 def _run_info(plan: RunPlan, moderator: type[Moderator], t_pipeline: float, resources: dict[str, Any],

@@ -42,3 +42,21 @@ def test_driver_errors_pass_and_other_failures_are_not_modscan_errors() -> None:
         raise RuntimeError("wrapped") from _remote(StageError(driver))
     except RuntimeError as e:
         assert worker_error(e) is driver
+
+
+def test_raise_worker_error_raises_the_stage_error_chained_or_the_failure_itself() -> None:
+    from jobs.ray_stages import raise_worker_error
+
+    error = InputError("gallery g: checksum mismatch (refusing to load)")
+    remote = _remote(StageError(error))
+    with pytest.raises(InputError) as got:
+        raise_worker_error(remote)
+    assert got.value is error and got.value.__cause__ is remote
+    driver = InputError("input x does not exist")
+    with pytest.raises(InputError) as got:
+        raise_worker_error(driver)
+    assert got.value is driver and got.value.__cause__ is None  # never chained to itself
+    bug = _remote(ValueError("a bug"))
+    with pytest.raises(RayTaskError) as got:
+        raise_worker_error(bug)
+    assert got.value is bug
