@@ -6,8 +6,9 @@ matches uploads against such lists, beside the copy-detection descriptor:
 
 - :mod:`pipeline.signals.hashes`: an upload's signals, computed once per file: :func:`md5_hex` of
   the bytes, :func:`pdq_hex` / :func:`pdq_from_image` / :func:`pdq_from_bytes` (hex in
-  ThreatExchange's convention), :func:`hamming`, the hex <-> ``uint8[32]`` packing faiss binary
-  indexes take, and the :class:`~pipeline.signals.hashes.SignalHasher` stage;
+  ThreatExchange's convention), :func:`hamming`, the hex -> ``uint8[32]`` packing faiss binary
+  indexes take, and the stage the job runs, :class:`~pipeline.signals.hashes.SignalDecoder` (the
+  job's :class:`~pipeline.ingest.decode.Decoder` with MD5 and PDQ added, in the same decode);
 - :mod:`pipeline.signals.lists`: reading and writing hash lists (ThreatExchange's plain signal
   file, ``<signal_type> <hash>`` per line, and a CSV with ``hash[,entry_id][,metadata]``), every
   problem reported at its line, all at once (exit 2, like bank files);

@@ -32,9 +32,8 @@ most of it in PDQ itself. Hence the rule of
 :func:`pdq_from_image`: use the image as decoded with the JPEG draft at :data:`PDQ_MIN_SIDE`, then
 reduce by an integer factor (``Image.reduce``, a box filter) while the short side stays >=
 :data:`PDQ_MIN_SIDE`. The decoder's 160 px square is **not** a good PDQ input: an exact copy
-already lands 8-22 bits away from its list hash, most of the 31-bit budget; ``SignalHasher(source=
-"square")`` exists for cost comparisons only. Reproduce: ``.venv/bin/python -m
-pipeline.signals.hashes ../shared/data/edge-cases/pdq-bridge-mods``.
+already lands 8-22 bits away from its list hash, most of the 31-bit budget. Reproduce:
+``.venv/bin/python -m pipeline.signals.hashes ../shared/data/edge-cases/pdq-bridge-mods``.
 
 Two deliberate differences from ``threatexchange``'s ``pdq_from_bytes``: the image is made upright
 by its EXIF orientation and transparency is composited over white (the decoder's
@@ -55,7 +54,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.ingest.decode import DecodeConfig, DecodeError, Decoder, open_image
+from pipeline.ingest.decode import DecodeConfig, Decoder, open_image
 
 PDQ_BITS = 256
 PDQ_BYTES = PDQ_BITS // 8
@@ -86,11 +85,6 @@ def bits_to_hex(bits: np.ndarray | Sequence[int]) -> str:
     if b.shape != (PDQ_BITS,):
         raise ValueError(f"a PDQ hash has {PDQ_BITS} bits, got shape {b.shape}")
     return np.packbits(b.astype(bool)).tobytes().hex()
-
-
-def hex_to_bits(h: str) -> np.ndarray:
-    """Inverse of :func:`bits_to_hex`: ``(256,)`` uint8 of 0/1."""
-    return np.unpackbits(pack_hex([h])[0])
 
 
 def pdq_hex(rgb: np.ndarray) -> tuple[str, int]:
@@ -172,87 +166,6 @@ def pack_hex(hashes: Iterable[str]) -> np.ndarray:
             _check_hex(h, PDQ_HEX_LEN)
         raise ValueError("malformed PDQ hex")  # pragma: no cover - the loop names the bad one
     return np.frombuffer(raw, np.uint8).reshape(len(hs), PDQ_BYTES).copy()
-
-
-def unpack_hex(codes: np.ndarray) -> list[str]:
-    """``(n, 32)`` uint8 codes -> PDQ hex strings (inverse of :func:`pack_hex`)."""
-    c = np.ascontiguousarray(codes, np.uint8)
-    if c.ndim != 2 or c.shape[1] != PDQ_BYTES:
-        raise ValueError(f"PDQ codes are (n, {PDQ_BYTES}) uint8, got {c.shape}")
-    return [row.tobytes().hex() for row in c]
-
-
-SOURCES = ("bytes", "square")
-
-
-class SignalHasher:
-    """Stage: a batch with ``bytes`` -> the same batch plus ``md5``, ``pdq_hash``, ``pdq_quality``.
-
-    Input columns: ``bytes`` (required), ``read_error`` (optional: a row with one gets no
-    signals), ``ok`` (optional, the decoder's: a row it refused gets no PDQ) and, for
-    ``source="square"``, ``high``. Every input column is passed through unchanged, so the stage
-    can sit before the :class:`~pipeline.ingest.decode.Decoder` (which needs ``bytes``) or, in
-    ``square`` mode, after it.
-
-    Output: ``md5`` (object: 32 hex digits, or None for a read error / zero-byte object: the MD5 of
-    the bytes even when they do not decode: MD5 lists match files), ``pdq_hash`` (object: 64 hex
-    digits or None), ``pdq_quality`` (int16: 0-100, :data:`NO_QUALITY` where ``pdq_hash`` is None).
-    Rows in = rows out; a bad row never raises (a missing ``bytes`` column, a wiring bug, does).
-
-    ``source="bytes"`` (default) decodes each file for PDQ with the decoder's bounds and the JPEG
-    draft at :data:`PDQ_MIN_SIDE` (~8 ms/image, within 0-6 bits of the full-resolution hash);
-    ``"square"`` hashes the decoder's ``high`` square (cheap, but 8-22 bits off: see the module
-    docstring). The cheapest faithful option, for the lead to integrate, is
-    :func:`pdq_from_image` inside ``Decoder.decode_one`` on the image ``open_image`` returns, with
-    the decoder's draft at ``max(high_res, PDQ_MIN_SIDE)``: one decode for both.
-    """
-
-    def __init__(self, cfg: DecodeConfig | None = None, source: str = "bytes", min_side: int = PDQ_MIN_SIDE) -> None:
-        if source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-        self.cfg = pdq_decode_config(cfg, min_side)
-        self.source, self.min_side = source, int(min_side)
-
-    def _pdq(self, data: bytes, high: np.ndarray | None) -> tuple[str | None, int]:
-        try:
-            if self.source == "square":
-                if high is None:
-                    return None, NO_QUALITY
-                return pdq_hex(np.asarray(high, np.uint8))
-            return pdq_from_image(open_image(data, self.cfg), self.min_side)
-        except DecodeError:  # the decoder refuses it too (same bounds): its row says why
-            return None, NO_QUALITY
-        except Exception:  # a hashing bug must not kill the job: the row keeps no PDQ
-            return None, NO_QUALITY
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        if "bytes" not in batch:
-            raise ValueError(f"SignalHasher needs a 'bytes' column, got {sorted(batch)}")
-        if self.source == "square" and "high" not in batch:
-            raise ValueError("SignalHasher(source='square') needs the decoder's 'high' column")
-        datas = list(batch["bytes"])
-        n = len(datas)
-        errs = list(batch["read_error"]) if "read_error" in batch else [None] * n
-        oks = [bool(v) for v in batch["ok"]] if "ok" in batch else [True] * n
-        highs = batch.get("high") if self.source == "square" else None
-        md5s: list[str | None] = []
-        pdqs: list[str | None] = []
-        quals = np.full(n, NO_QUALITY, np.int16)
-        for i, (d, e, ok) in enumerate(zip(datas, errs, oks)):
-            data = bytes(d) if d is not None else b""
-            if (isinstance(e, str) and e) or not data:
-                md5s.append(None)
-                pdqs.append(None)
-                continue
-            md5s.append(md5_hex(data))
-            h, q = self._pdq(data, highs[i] if highs is not None else None) if ok else (None, NO_QUALITY)
-            pdqs.append(h)
-            quals[i] = q if h is not None else NO_QUALITY
-        out = dict(batch)
-        out["md5"] = np.asarray(md5s, dtype=object)
-        out["pdq_hash"] = np.asarray(pdqs, dtype=object)
-        out["pdq_quality"] = quals
-        return out
 
 
 class SignalDecoder(Decoder):

@@ -92,14 +92,11 @@ _VERSION = "1"
 @dataclass(frozen=True)
 class HashMatch:
     """One list entry within reach of a query: its position in the list the index was built from
-    and the Hamming distance (0 for MD5). Lists of matches come sorted by :meth:`sort_key`."""
+    and the Hamming distance (0 for MD5). Lists of matches come sorted by distance, then entry
+    index (deterministic ties)."""
 
     entry_idx: int
     distance: int
-
-    def sort_key(self) -> tuple[int, int]:
-        """Distance, then entry index: the order of every match list (deterministic ties)."""
-        return (self.distance, self.entry_idx)
 
 
 def _as_entries_hashes(entries: Iterable[HashEntry | str]) -> list[str]:
