@@ -16,12 +16,13 @@ from collections.abc import Callable
 def _train(a: argparse.Namespace) -> int:
     from models.descriptor import DescriptorConfig
     from models.train import TrainConfig, parse_overrides, train
+    from pipeline.errors import UsageError
 
     try:
         model_over, train_over = parse_overrides(a.set or [])
         cfg = TrainConfig(model=DescriptorConfig(**model_over), **train_over)
-    except ValueError as e:
-        raise SystemExit(f"modscan train: {e}") from None
+    except ValueError as e:  # a --set the configs refuse: a usage error (exit 2), like any bad flag
+        raise UsageError(str(e)) from None
     trainer_monitor = None
     if a.monitor_photos:
         from models.descriptor import DescriptorModel

@@ -173,7 +173,9 @@ def write_card(model_dir: str | os.PathLike[str], card: ModelCard) -> None:
 def read_card(model_dir: str | os.PathLike[str] | None = None) -> ModelCard:
     path = Path(model_dir or DEFAULT_MODEL_DIR) / CARD_FILE
     if not path.exists():
-        raise FileNotFoundError(f"no model card at {path}: train a model with `modscan train` first")
+        from models.errors import PathNotFound
+
+        raise PathNotFound(f"no model card at {path}: train a model with `modscan train` first")
     return ModelCard.from_dict(json.loads(path.read_text()))
 
 

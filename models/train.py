@@ -55,6 +55,7 @@ from tqdm import tqdm
 from models.augment import QUERY_GRAYSCALE, gallery_augment, query_augment
 from models.card import ModelCard, load_model, save_model
 from models.descriptor import Backbone, DescriptorConfig, DescriptorModel, pick_device
+from models.errors import PathNotFound
 from models.losses import info_nce, koleo_entropy, relational_distill
 from models.preprocess import IMAGE_SUFFIXES, resize_pair, resize_square, to_batch
 from models.pretrained import imagenet_top1, load_lite0_imagenet
@@ -113,7 +114,7 @@ def list_images(root: str | os.PathLike[str]) -> list[Path]:
     """All image files under ``root`` (recursive), sorted for determinism."""
     paths = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
-        raise FileNotFoundError(f"no images under {root}")
+        raise PathNotFound(f"no images under {root}")
     return paths
 
 

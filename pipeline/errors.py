@@ -12,15 +12,10 @@ from __future__ import annotations
 
 import re
 
-# Defined at the bottom layer so that models/ raises it too (models/ may not import pipeline/);
-# this is the name everyone uses.
+# Defined at the bottom layer so that models/ raises them too (models/ may not import pipeline/);
+# these are the names everyone uses. UsageError: a bad command line or configuration value, exit 2.
 from models.errors import ModscanError as ModscanError
-
-
-class UsageError(ModscanError):
-    """A bad command line or configuration value (a date, a flag, a config key). Exit code 2."""
-
-    exit_code = 2
+from models.errors import UsageError as UsageError
 
 
 class ConfigFileError(UsageError):

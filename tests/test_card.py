@@ -60,3 +60,16 @@ def test_tampered_weights_fail_with_a_clear_message(tiny_model_dir, tmp_path, ca
     assert main(["card", "--model", str(d)]) == 1  # a ModscanError: the user reads its message, on one line
     err = capsys.readouterr().err
     assert err.startswith("modscan card: error: checksum mismatch for ") and err.count("\n") == 1, err
+
+
+def test_a_folder_without_a_model_card_is_a_usage_error(tmp_path, capsys) -> None:
+    from jobs.cli import main
+    from models.card import read_card
+    from pipeline.errors import UsageError
+
+    with pytest.raises(UsageError, match="no model card at") as e:
+        read_card(tmp_path)
+    assert isinstance(e.value, FileNotFoundError)  # what callers that catch one still get
+    assert main(["card", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modscan card: error: no model card at ") and err.count("\n") == 1, err

@@ -114,3 +114,21 @@ def test_whitening_init_gives_adapter1_decorrelated_unit_scaled_outputs() -> Non
     whiten_adapter_init(ad, x, target_std=0.5, shrink=0.0)
     y = ad.fc(x).double()
     assert torch.allclose(torch.cov(y.t()), 0.25 * torch.eye(8, dtype=torch.float64), atol=5e-3)
+
+
+def test_a_folder_without_images_is_a_usage_error(tmp_path, capsys) -> None:
+    from jobs.cli import main
+    from models.train import list_images
+    from pipeline.errors import UsageError
+
+    empty = tmp_path / "photos"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a photo")
+    with pytest.raises(UsageError, match="no images under") as e:
+        list_images(empty)
+    assert isinstance(e.value, FileNotFoundError)
+    args = ["train", "--images", str(empty), "--out", str(tmp_path / "out"),
+            "--set", "backbone=resnet18", "high_res=64", "low_res=48", "device=cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"modscan train: error: no images under {empty}") and err.count("\n") == 1, err

@@ -32,3 +32,13 @@ def test_bad_values_are_refused_with_the_key(pair, message):
     with pytest.raises(ValueError) as e:
         parse_overrides([pair])
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("pair", ["epochs_backbone=4.5", "epoch_backbone=4", "epochs_backbone"])
+def test_a_bad_set_is_a_usage_error_of_the_cli(pair, tmp_path, capsys):
+    from jobs.cli import main
+
+    assert main(["train", "--images", str(tmp_path), "--out", str(tmp_path / "out"), "--set", pair]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modscan train: error: --set ") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()  # refused before any work
