@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import gallery as G
+from pipeline.errors import UsageError
 from pipeline.gallery.banks import Bank, load_banks
 from pipeline.ingest.storage import open_store
 
@@ -176,4 +177,4 @@ def run(a: argparse.Namespace) -> int:
                          who=a.who, note=a.note)
         print(json.dumps({"version": v, **stats}, indent=2))
         return 0
-    raise SystemExit(f"unknown gallery command {a.gcmd}")
+    raise UsageError(f"unknown gallery command {a.gcmd!r}")

@@ -96,3 +96,15 @@ def test_gallery_add_and_remove_through_the_cli(tmp_path, tiny_model_dir, monkey
     recs = A.read_log(store)
     assert [r.action for r in recs] == ["build", "add", "add", "remove", "remove"]
     assert (recs[1].who, recs[1].note, recs[3].details["ids"]) == ("ops-t", "more refs", [horse])
+
+
+def test_an_unknown_gallery_command_is_a_usage_error() -> None:
+    import argparse
+
+    import pytest
+
+    from jobs.gallery_cmd import run
+    from pipeline.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown gallery command 'frobnicate'"):
+        run(argparse.Namespace(gcmd="frobnicate", model=None, ray_address=None))
