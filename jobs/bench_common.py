@@ -89,13 +89,16 @@ def bench_args(a: argparse.Namespace) -> tuple[Path, list[Path] | None]:
 # realistic vectors
 # --------------------------------------------------------------------------------------------
 def photo_paths(photos: list[Path] | None, limit: int = 400) -> list[Path]:
-    """The first ``limit`` JPEG/PNG files of the ``photos`` folders (each sorted, in the order
-    given); none without ``photos`` (the callers fall back to the embedded samples)."""
+    """The first ``limit`` image files of the ``photos`` folders (each sorted, in the order given;
+    every suffix the job reads, ``.JPEG`` too); none without ``photos`` (the callers fall back to
+    the embedded samples)."""
+    from models.preprocess import IMAGE_SUFFIXES
+
     paths: list[Path] = []
     for d in photos or []:
         if not Path(d).is_dir():
             raise UsageError(f"--photos {d}: no such folder")
-        paths += sorted(p for p in Path(d).iterdir() if p.suffix.lower() in (".jpg", ".png"))
+        paths += sorted(p for p in Path(d).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     return paths[:limit]
 def pooled_statistics(model_dir: str | None = None, seed: int = 0, photos: list[Path] | None = None) -> dict[str, Any]:
     """Pooled features of real photos (``photos`` folders; fewer than 50: plus scikit-image photos
@@ -167,6 +170,9 @@ class VectorFactory:
         with torch.inference_mode():
             for i in range(0, len(pooled), 65536):
                 out.append(fn(torch.from_numpy(pooled[i:i + 65536])).numpy())
+        if not out:  # no rows: the head's output width, no rows
+            with torch.inference_mode():
+                return np.zeros((0, fn(torch.zeros(1, pooled.shape[1])).shape[1]), np.float32)
         return np.concatenate(out).astype(np.float32)
 
     def gallery(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

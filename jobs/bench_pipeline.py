@@ -97,10 +97,10 @@ def _model_costs(images: Path, n_max: int = 512) -> dict[str, float]:
 
 def _pipeline_gallery(work: Path, n: int, photos: list[Path] | None) -> tuple[Path, int, str]:
     """The uploads and a 2-shard gallery of their 20 references -> (uploads folder, edited copies, gallery root)."""
-    from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.gallery.banks import Bank
+    from pipeline.gallery.extract import local_extractor
     from pipeline.ingest.storage import open_store
 
     images, refs = work / "uploads", work / "refs"

@@ -63,13 +63,13 @@ def _flagged(root: str, days: list[str]) -> set[tuple[str, str]]:
 def bench_retro(workdir: Path, days: int = 2, uploads: int = 200) -> dict[str, Any]:
     """Moderate ``days`` days against a gallery, add a handful of references, then re-check the
     days both ways: ``modscan retro`` and a full re-moderation (what ``backfill --force`` does)."""
-    from jobs.gallery_cmd import local_extractor
     from jobs.job_config import JobConfig
     from jobs.retro import retro
     from jobs.run import moderate
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.gallery.banks import Bank
+    from pipeline.gallery.extract import local_extractor
     from pipeline.gallery.update import list_source
     from pipeline.ingest.storage import open_store
 

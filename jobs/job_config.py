@@ -47,6 +47,7 @@ class JobConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     coarse_threshold: float | None = None   # None: the gallery manifest's (= the model card's)
     fine_threshold: float | None = None
+    sure_threshold: float | None = None
     rerank_k: int | None = None
     review_max_rows: int = 200
     precision: str = "auto"          # model trunk: auto (bf16 on CUDA / native-bf16 CPUs, else fp32) | bf16 | fp32
@@ -85,7 +86,7 @@ class JobConfig:
         need(is_int(self.retro_days) and self.retro_days >= 0, f"retro_days must be an integer >= 0, got {self.retro_days!r}")
         for name in ("image_extensions_only", "allow_empty_input", "verify_gallery", "write_signatures"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("coarse_threshold", "fine_threshold"):
+        for name in ("coarse_threshold", "fine_threshold", "sure_threshold"):
             v = getattr(self, name)
             need(v is None or (is_num(v) and -1.0 <= v <= 1.0), f"{name} must be a cosine in [-1, 1], got {v!r}")
         need(self.rerank_k is None or (is_int(self.rerank_k) and self.rerank_k >= 1),
@@ -118,7 +119,7 @@ class JobConfig:
     def threshold_overrides(self) -> dict[str, float]:
         """The thresholds this config sets over the gallery manifest's (job and ``lookup`` alike)."""
         return {k: v for k, v in {"coarse": self.coarse_threshold, "fine": self.fine_threshold,
-                                  "rerank_k": self.rerank_k}.items() if v is not None}
+                                  "sure": self.sure_threshold, "rerank_k": self.rerank_k}.items() if v is not None}
 
     def query_overrides(self) -> QueryOverrides:
         """What this config sets over a gallery version's own query settings (thresholds,

@@ -7,8 +7,8 @@ import json
 
 
 def cli_review(a: argparse.Namespace) -> int:
-    from jobs.gallery_cmd import local_extractor
     from models.card import read_card
+    from pipeline.gallery.extract import local_extractor
     from pipeline.ingest.storage import open_store, split_uri
     from pipeline.ops.review_decisions import apply_decisions
 

@@ -67,6 +67,9 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=lambda: dict(UNCALIBRATED_THRESHOLDS))
     background: dict[str, Any] = field(default_factory=dict)  # file, sha256, count, kinds
+    # per-pair score tails of unrelated real pictures and the verifier's pass rate (`modscan bench
+    # scale --write-card`): what `gallery build` sizes each version's thresholds with; {} = none
+    scale_tails: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         c = self.config
@@ -82,6 +85,7 @@ class ModelCard:
             "background": self.background,
             "training": self.training,
             "metrics": self.metrics,
+            **({"scale_tails": self.scale_tails} if self.scale_tails else {}),
         }
 
     @classmethod
@@ -94,6 +98,7 @@ class ModelCard:
             metrics=d.get("metrics", {}),
             thresholds=d.get("thresholds", dict(UNCALIBRATED_THRESHOLDS)),
             background=d.get("background", {}),
+            scale_tails=d.get("scale_tails", {}),
         )
 
 

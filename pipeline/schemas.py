@@ -87,6 +87,10 @@ FLAG_SCHEMA = pa.schema([
     pa.field("list_metadata", pa.string()),               # that entry's metadata (JSON object text) or null
     pa.field("pdq_hash", pa.string()),                    # the upload's PDQ (64 hex, ThreatExchange's) on decoded rows
     pa.field("pdq_quality", pa.int32()),                  # its PDQ quality 0-100; null where no PDQ hash
+    # geometric verification (pipeline.gallery.verify); null where nothing was verified and on
+    # partitions written before the columns existed
+    pa.field("inliers", pa.int32()),                      # RANSAC inliers of the deciding (or best rejected) candidate
+    pa.field("match_rule", pa.string()),                  # MatchRule: how the descriptor's decision was reached
 ])
 
 # The partition column lives in the path (dt=YYYY-MM-DD/), hive style, not inside the files:

@@ -106,10 +106,10 @@ def write_refs(root: Path, names: list[str]) -> Path:
 @pytest.fixture()
 def built(tmp_path, tiny_model_dir):
     """A 3-shard gallery of two banks (coffee in both, a non-image and a broken file rejected)."""
-    from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.gallery.banks import Bank
+    from pipeline.gallery.extract import local_extractor
     from pipeline.ingest.storage import open_store
 
     a = write_refs(tmp_path / "a", NAMES[:3])

@@ -55,9 +55,9 @@ def test_normalised_fine_score_subtracts_beta_times_the_background_term() -> Non
 
 
 def test_a_normalising_gallery_refuses_to_score_without_a_background_bank(tmp_path, tiny_model_dir) -> None:
-    from jobs.gallery_cmd import local_extractor
     from models.card import BackgroundBank
     from pipeline import gallery as G
+    from pipeline.gallery.extract import local_extractor
 
     refs = tmp_path / "refs"
     refs.mkdir()

@@ -76,10 +76,10 @@ def test_add_and_remove_make_new_versions_without_reextracting(built) -> None:
 def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_path, shipped_model_dir, kind) -> None:
     import random as _random
 
-    from jobs.gallery_cmd import local_extractor
     from models.augment import apply_named
     from pipeline import gallery as G
     from pipeline.gallery import QueryOverrides
+    from pipeline.gallery.extract import local_extractor
     from pipeline.moderation.moderator import Moderator, RunContext
 
     refs, extra = tmp_path / "refs", tmp_path / "extra"
@@ -131,8 +131,8 @@ def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_pa
 
 def test_add_and_remove_keep_the_gallerys_own_thresholds(tmp_path, tiny_model_dir) -> None:
 
-    from jobs.gallery_cmd import local_extractor
     from pipeline import gallery as G
+    from pipeline.gallery.extract import local_extractor
 
     refs, more = tmp_path / "refs", tmp_path / "more"
     refs.mkdir()

@@ -18,7 +18,7 @@ from pipeline.ingest.storage import open_store
 def test_build_from_s3(s3_server, tmp_path, tiny_model_dir) -> None:
     import boto3
 
-    from jobs.gallery_cmd import local_extractor
+    from pipeline.gallery.extract import local_extractor
 
     s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket="refs-bucket")

@@ -39,10 +39,10 @@ def _folder(root: Path, n: int) -> Path:
 
 @pytest.fixture(scope="module")
 def local_gallery(tmp_path_factory, shipped_model_dir):
-    from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.gallery.banks import Bank
+    from pipeline.gallery.extract import local_extractor
     from pipeline.ingest.storage import open_store
 
     tmp = tmp_path_factory.mktemp("faults")

@@ -63,10 +63,10 @@ def _one_line(err: str) -> str:
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A gallery of one bank holding the rocket photo (entry id 0)."""
-    from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.gallery.banks import Bank
+    from pipeline.gallery.extract import local_extractor
     from pipeline.ingest.storage import open_store
 
     tmp = tmp_path_factory.mktemp("inputs-gallery")

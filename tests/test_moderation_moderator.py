@@ -21,10 +21,10 @@ def _png(im: Image.Image) -> bytes:
 
 
 def test_moderator_rows_say_low_content_and_never_match(tmp_path, tiny_model_dir) -> None:
-    from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.gallery import QueryOverrides
+    from pipeline.gallery.extract import local_extractor
     from pipeline.ingest.storage import open_store
     from pipeline.moderation.moderator import Moderator, RunContext
 

@@ -83,8 +83,8 @@ def banks_for(refs: str) -> list:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, shipped_model_dir):
-    from jobs.gallery_cmd import local_extractor
     from models.card import read_card
+    from pipeline.gallery.extract import local_extractor
     from pipeline.ingest.storage import open_store
 
     root = tmp_path_factory.mktemp("operator")

@@ -49,13 +49,13 @@ def world(tmp_path_factory, shipped_model_dir):
     import boto3
     import ray
 
-    from jobs.gallery_cmd import local_extractor
     from jobs.job_config import JobConfig
     from jobs.run import moderate
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.evaluation.samples import procedural
     from pipeline.gallery.banks import Bank
+    from pipeline.gallery.extract import local_extractor
     from pipeline.ingest.storage import open_store
 
     tmp = tmp_path_factory.mktemp("retro")

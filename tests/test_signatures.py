@@ -84,11 +84,11 @@ def test_older_partitions_read_back_with_the_new_columns_null(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def day(tmp_path_factory, shipped_model_dir):
-    from jobs.gallery_cmd import local_extractor
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.evaluation.samples import procedural
     from pipeline.gallery.banks import Bank
+    from pipeline.gallery.extract import local_extractor
 
     tmp = tmp_path_factory.mktemp("sig")
     (tmp / "refs").mkdir()

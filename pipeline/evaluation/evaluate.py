@@ -61,51 +61,99 @@ def evaluate(bench: Benchmark, out: Path, model_dir: str | None = None, seed: in
     S512, S128, bq = score_matrices(ft, bank, sp)
     cal = calibrate(S512, S128, bq, sp, target_precision, rerank_k, coarse_flag_budget)
     Fexh = S512 - cal.norm.beta * bq[cal.norm.k][:, None] if cal.norm.beta else S512
-    Fn, Fr, surv, t_casc = run_cascade(ft, sp, cal, fx.card, bank, out, bench)
+    Fn, Fr, Fv, surv, t_casc = run_cascade(ft, sp, cal, fx.card, bank, out, bench)
     Spdq = pdq_scores(bench, sp)
     m = assemble_metrics(bench, sp, ft, cal, S512, S128, Fexh, Fn, Fr, Spdq, surv, target_precision, coarse_flag_budget, fx)
+    m.update(verification_metrics(Fv, sp, bench, cal, out))
     m["ablation"] = ablation(S512, ft, bank, sp, cal, target_precision)
     m["timings_seconds"] = {"total": round(time.perf_counter() - t0, 2), "cascade_search": round(t_casc, 4),
                             **ft.seconds}
-    write_outputs(out, m, sp, {"cascade": Fn, "cascade_raw": Fr, "exhaustive512": Fexh, "exhaustive512_raw": S512,
-                                "coarse128_only": S128, "pdq": Spdq})
+    write_outputs(out, m, sp, {"cascade": Fn, "cascade_verified": Fv, "cascade_raw": Fr, "exhaustive512": Fexh,
+                                "exhaustive512_raw": S512, "coarse128_only": S128, "pdq": Spdq})
     return m
 
 
 def run_cascade(ft: Features, sp: Split, cal: Calibration, card: Any, bank: Any, out: Path,
-                bench: Benchmark) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Write a real gallery version and query it like the job: -> (normalised F, raw F, survivors, s)."""
-    from pipeline.gallery import GalleryContent, ModelRef, VersionModel, open_gallery, write_version
-    from pipeline.gallery.banks import Bank
+                bench: Benchmark) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """Write a real gallery version (with the references' keypoints, its thresholds sized like
+    ``gallery build`` sizes them) and query it like the job: -> (normalised F, raw F, F under the
+    job's rule with geometric verification, survivors, s). ``F`` keeps every reranked candidate;
+    the verified matrix drops the candidates between the fine and sure thresholds that
+    verification did not confirm."""
+    from pipeline.gallery import ModelRef, VersionModel, open_gallery, write_version
+    from pipeline.gallery.calibration import initial
     from pipeline.ingest.storage import open_store
 
     gstore = open_store(str(out / "gallery"), create=True)
     gstore.delete_file("CURRENT")
     gstore.delete_dir("versions")
-    keep = np.nonzero(~ft.g_low_content)[0]
-    now = pd.Timestamp.now(tz="UTC")
-    entries = pd.DataFrame({"id": keep.astype(np.int64), "bank": "eval", "category": "eval", "action": "filter",
-                            "source_uri": [str(bench.gallery[sp.gids[j]]) for j in keep],
-                            "sha256": [f"id:{sp.gids[j]}" for j in keep], "added_at": now})
-    card = replace(card, thresholds={"coarse": cal.coarse, "fine": cal.fine, "rerank_k": cal.rerank_k,
-                                     "norm": cal.norm.to_dict()})
-    content = GalleryContent(keep.astype(np.int64), ft.g128[keep], ft.g512[keep], entries,
-                             {"eval": Bank("eval", str(out), "eval", "filter")})
-    write_version(gstore, content, VersionModel.from_card(card), n_shards=4, rerank_dtype="float16")
+    thresholds = {"coarse": cal.coarse, "fine": cal.fine, "rerank_k": cal.rerank_k, "norm": cal.norm.to_dict()}
+    card = replace(card, thresholds=thresholds)
+    model = VersionModel.from_card(card).with_thresholds(calibration=initial(thresholds, card.scale_tails))
+    write_version(gstore, _eval_content(ft, sp, bench, out), model, n_shards=4, rerank_dtype="float16")
     gal = open_gallery(gstore, ModelRef(card.version_id, bank))
     searched = np.nonzero(~ft.low_content)[0]
     t = time.perf_counter()
     c = gal.candidates(ft.q128[searched], lambda rows: ft.q512[searched][rows])
     sec = time.perf_counter() - t
+    datas = [bench.queries[sp.qids[r]].read_bytes() for r in searched]
+    matches = gal.decide(c.D, c.I, c.F, c.offset, gal.keypoints_from_bytes(datas))
     Fn = np.full((len(sp.qids), len(sp.gids)), -np.inf, np.float32)
-    Fr = Fn.copy()
+    Fr, Fv = Fn.copy(), Fn.copy()
     surv = np.zeros(len(sp.qids), bool)
     for i, r in enumerate(searched):
         ok = c.I[i] >= 0
         Fn[r, c.I[i][ok]] = c.F[i][ok]
         Fr[r, c.I[i][ok]] = c.F[i][ok] + c.offset[i]
+        Fv[r, c.I[i][ok]] = _confirmed(gal, c.I[i][ok], c.F[i][ok], matches[i])
     surv[searched] = c.survivors
-    return Fn, Fr, surv, sec
+    return Fn, Fr, Fv, surv, sec
+
+
+def _eval_content(ft: Features, sp: Split, bench: Benchmark, out: Path) -> Any:
+    """The evaluation gallery: every reference that is not low content, with its keypoints."""
+    from pipeline.gallery import GalleryContent
+    from pipeline.gallery.banks import Bank
+    from pipeline.gallery.verify import VerifyParams, pack, reference_keypoints
+
+    keep = np.nonzero(~ft.g_low_content)[0]
+    now = pd.Timestamp.now(tz="UTC")
+    entries = pd.DataFrame({"id": keep.astype(np.int64), "bank": "eval", "category": "eval", "action": "filter",
+                            "source_uri": [str(bench.gallery[sp.gids[j]]) for j in keep],
+                            "sha256": [f"id:{sp.gids[j]}" for j in keep], "added_at": now})
+    vp = VerifyParams()
+    kps = {int(j): pack(reference_keypoints(bench.gallery[sp.gids[j]].read_bytes(), vp)) for j in keep}
+    return GalleryContent(keep.astype(np.int64), ft.g128[keep], ft.g512[keep], entries,
+                          {"eval": Bank("eval", str(out), "eval", "filter")}, keypoints=kps, verify_params=vp)
+
+
+def _confirmed(gal: Any, ids: np.ndarray, F: np.ndarray, m: Any) -> np.ndarray:
+    """One query's fine scores with the candidates the job's rule would not accept dropped (-inf):
+    between the fine and sure thresholds, a candidate needs enough inliers (or a reference too
+    smooth to verify)."""
+    sure = gal.params.sure_threshold
+    if sure is None:
+        return F
+    inl = dict(m.verified)
+    out = F.copy()
+    for k, (g, f) in enumerate(zip(ids.tolist(), F.tolist())):
+        if gal.params.fine_threshold <= f < sure:
+            kp = gal.keypoints.count(int(g)) if gal.keypoints is not None else 0
+            if kp >= gal.verify_params.min_ref_keypoints and inl.get(int(g), -1) < gal.verify_params.min_inliers:
+                out[k] = -np.inf
+    return out
+
+
+def verification_metrics(Fv: np.ndarray, sp: Split, bench: Benchmark, cal: Calibration, out: Path) -> dict[str, Any]:
+    """The job's rule with verification, beside the fine threshold alone (``cascade``)."""
+    from pipeline.evaluation.report import per_edit, quality
+    from pipeline.gallery.store import read_manifest
+    from pipeline.ingest.storage import open_store
+
+    m = read_manifest(open_store(str(out / "gallery")))
+    return {"cascade_verified": quality(Fv, sp, cal.fine), "per_edit_verified": per_edit(Fv, sp, bench, cal.fine),
+            "verification": {"sure_threshold": m.model.sure_threshold, "fine_threshold": m.model.fine_threshold,
+                             "calibration": {k: v for k, v in (m.model.calibration or {}).items() if k != "tails"}}}
 
 
 def _pdq(paths: list[Path]) -> np.ndarray:

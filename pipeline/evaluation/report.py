@@ -177,7 +177,8 @@ def _plot(path: Path, preds: dict[str, pd.DataFrame], gt: dict[str, str]) -> Non
 def _quality_table(m: dict[str, Any]) -> list[str]:
     lines = ["| method | µAP | recall@1 | recall @ P90 | recall at its threshold | precision there "
              "| false flags / unrelated upload |", "|---|---|---|---|---|---|---|"]
-    for name, key in (("cascade, normalised (the job)", "cascade"), ("cascade, raw cosine", "cascade_raw"),
+    rows = (("cascade + geometric verification (the job)", "cascade_verified"),) if "cascade_verified" in m else ()
+    for name, key in (*rows, ("cascade, normalised, fine threshold alone", "cascade"), ("cascade, raw cosine", "cascade_raw"),
                       ("exhaustive 512-d, normalised", "exhaustive512"), ("exhaustive 512-d, raw", "exhaustive512_raw"),
                       ("128-d only (adapter 2 vs adapter 1)", "coarse128_only"), ("PDQ (perceptual hash)", "pdq")):
         r = m[key]
@@ -185,6 +186,25 @@ def _quality_table(m: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {r['micro_ap']:.3f} | {r['recall_at_1']:.3f} | {r['recall_at_p90']:.3f} | "
                      f"{op['recall']:.3f} | {op['precision']:.3f} | {r['false_flags_per_unrelated_upload']:.4f} |")
     return lines
+
+
+def _verification_lines(m: dict[str, Any]) -> list[str]:
+    """The job's rule with geometric verification: its thresholds, false flags and per-edit recall."""
+    if "cascade_verified" not in m:
+        return []
+    v, c = m["verification"], m["cascade_verified"]
+    op = c["operating_point"]
+    sure = "none (no scale tails in the card: the fine threshold alone decides)" if v["sure_threshold"] is None \
+        else f"{v['sure_threshold']:.4f}"
+    lines = [f"Geometric verification (the job's rule): fine ≥ {v['fine_threshold']:.4f}, and either the sure threshold "
+             f"{sure} or verification; precision {op['precision']:.3f}, recall {op['recall']:.3f}; false flags: "
+             f"{c['everyday_flagged']}/{c['everyday_uploads']} everyday, {c['photo_negatives_flagged']}/{c['photo_negatives']} "
+             f"unrelated photos, {c['low_content_flagged']}/{c['low_content_uploads']} low-content.", "",
+             "| edit | queries | recall at threshold, fine alone | with verification |", "|---|---|---|---|"]
+    for e, d in m["per_edit"].items():
+        dv = m["per_edit_verified"].get(e, {})
+        lines.append(f"| {e} | {d['queries']} | {d['recall_at_threshold']:.3f} | {dv.get('recall_at_threshold', float('nan')):.3f} |")
+    return [*lines, ""]
 
 
 def report_md(m: dict[str, Any]) -> str:
@@ -195,7 +215,7 @@ def report_md(m: dict[str, Any]) -> str:
         f"Gallery {b['gallery']} images; {b['queries']} queries ({b['positives']} positive, {b['negatives']} negative, "
         f"of which {b['everyday_uploads']} generated everyday uploads and {b['low_content_uploads']} low-content); "
         f"calibrated on {b['calibration_queries']} queries, metrics on the other {b['test_queries']}.", "",
-        *_quality_table(m), "",
+        *_quality_table(m), "", *_verification_lines(m),
         f"Thresholds: coarse ≥ {t['coarse']} (flag parity, budget {t['coarse_flag_budget']}), fine ≥ {t['fine']} "
         f"on the normalised score (beta {t['norm']['beta']}, k {t['norm']['k']}; raw-cosine threshold would be "
         f"{t['fine_raw']}), target precision {t['target_precision']}.",
@@ -237,6 +257,6 @@ def card_update(m: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(thresholds, metrics) to store in a model card from an evaluation's metrics."""
     t = m["thresholds"]
     thresholds = {"coarse": t["coarse"], "fine": t["fine"], "rerank_k": t["rerank_k"], "norm": t["norm"]}
-    keep = ("benchmark", "cascade", "cascade_raw", "exhaustive512", "coarse128_only", "pdq", "thresholds",
-            "coarse_survivors", "low_content", "diagnostics_512d_by_query_size")
-    return thresholds, {k: m[k] for k in keep}
+    keep = ("benchmark", "cascade", "cascade_verified", "verification", "cascade_raw", "exhaustive512", "coarse128_only",
+            "pdq", "thresholds", "coarse_survivors", "low_content", "diagnostics_512d_by_query_size")
+    return thresholds, {k: m[k] for k in keep if k in m}

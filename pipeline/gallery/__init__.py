@@ -12,6 +12,12 @@ Modules, one concern each; imports run one way (``a <- b``: ``b`` imports ``a``)
 - :mod:`pipeline.gallery.query`: :func:`open_gallery`, the one way to open a version for querying
   (the job, ``lookup``, ``evaluate`` and the benchmarks), :class:`GalleryIndex` (a loaded version),
   the cascade over it and the bank rules that turn candidates into one :class:`Match` per query;
+- :mod:`pipeline.gallery.verify`: geometric verification (ORB keypoints, RANSAC) and the
+  references' stored keypoints (:class:`~pipeline.gallery.verify.KeypointTable`);
+- :mod:`pipeline.gallery.calibration`: thresholds sized for a version's number of references
+  from the model card's measured score tails;
+- :mod:`pipeline.gallery.extract`: the feature stage that describes reference pictures
+  (``GalleryFeatureStage``, ``local_extractor``);
 - :mod:`pipeline.gallery.index` (the sharded faiss index), :mod:`~pipeline.gallery.banks` (bank
   files) and :mod:`~pipeline.gallery.audit` (the append-only audit log) underneath.
 
@@ -22,7 +28,9 @@ Words, one meaning each:
   scores (what the fine thresholds apply to, after score normalisation);
 - *rerank*: the second stage's step, scoring the coarse candidates with fine features, and the
   stored things named after it: ``rerank_k`` (candidates reranked per query), the gallery's
-  *rerank vectors* (``shard-NNN.rerank.safetensors``, ``rerank_dtype``, ``rerank_dim``).
+  *rerank vectors* (``shard-NNN.rerank.safetensors``, ``rerank_dtype``, ``rerank_dim``);
+- *sure*: the fine score at or above which the descriptor alone decides; between the fine and
+  the sure thresholds a match needs *verification* (local features, RANSAC *inliers*).
 
 The two index classes have verbs of their own: :class:`~pipeline.gallery.index.CascadeIndex` is
 the bare index (``search_coarse``, ``score_fine``, ``search_fine_exhaustive``: thresholds and ``k``
@@ -42,6 +50,7 @@ from pipeline.gallery.manifest import (
     DisabledReference,
     EntriesFile,
     GalleryModelMismatch,
+    KeypointsFile,
     Manifest,
     Rejected,
     ShardFiles,
@@ -53,6 +62,7 @@ from pipeline.gallery.query import (
     FineScores,
     GalleryIndex,
     Match,
+    MatchRule,
     ModelRef,
     QueryModel,
     QueryOverrides,
@@ -90,7 +100,7 @@ from pipeline.gallery.update import (
 __all__ = [
     "FORMAT_VERSION", "BankRecord", "Candidates", "CoarseHits", "Counts", "DisabledReference", "EntriesFile",
     "Extractor", "FineScores", "GalleryContent", "GalleryIndex", "GalleryIntegrityError", "GalleryModelMismatch",
-    "GalleryNotFound", "LoadedVersion", "Manifest", "Match", "ModelRef", "QueryModel", "QueryOverrides", "Rejected",
+    "GalleryNotFound", "KeypointsFile", "LoadedVersion", "Manifest", "Match", "MatchRule", "ModelRef", "QueryModel", "QueryOverrides", "Rejected",
     "SearchResult", "ShardFiles", "StoredVersion", "Update", "VersionModel", "add", "add_images", "build",
     "current_version", "export_hashes", "info", "replace_list", "list_source", "list_versions", "load_streaming", "open_gallery", "publish_version",
     "read_content", "read_manifest", "remove", "resolve_version", "stream_sha256", "verify", "write_audited",

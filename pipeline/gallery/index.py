@@ -67,6 +67,10 @@ class CascadeParams:
     fine_threshold: float
     rerank_k: int = 500
     norm: ScoreNorm = ScoreNorm()
+    # the descriptor-alone threshold (normalised fine score): a candidate between ``fine_threshold``
+    # and this one matches only when geometric verification confirms it (pipeline.gallery.verify).
+    # None: no verification stage (every candidate at or above ``fine_threshold`` matches).
+    sure_threshold: float | None = None
 
 
 def encode_rerank(x: np.ndarray, dtype: str) -> np.ndarray:

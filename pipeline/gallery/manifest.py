@@ -15,11 +15,14 @@ with one nested frozen dataclass per sub-object. Readers use attributes, never s
      "counts": {"images", "memberships"},                       Manifest.counts (Counts)
      "rejected": [{"bank", "uri", "error_code", ...}],          Manifest.rejected (Rejected, ...)
      "disabled_references": [{"id", "until", "by", ...}],       Manifest.disabled_references
-     "hash_lists": [{"bank", "kind", "file", "sha256", ...}]}   Manifest.hash_lists (HashListFile, ...)
+     "hash_lists": [{"bank", "kind", "file", "sha256", ...}],   Manifest.hash_lists (HashListFile, ...)
+     "keypoints": {"file", "sha256", "entries", "params", ...}}  Manifest.keypoints (KeypointsFile)
 
 ``hash_lists`` (one file per enabled hash bank, ``pdq`` / ``md5``) is written only by a version
 that has one: a gallery without hash banks writes the same JSON as before they existed, and a
-manifest without the key reads back with no lists.
+manifest without the key reads back with no lists. ``keypoints`` (the references' local features
+for geometric verification) and ``thresholds.sure`` are written by versions that verify; a version
+without them has no verification stage.
 
 :meth:`Manifest.to_json` writes exactly that layout (key order included, ``indent=2``, one final
 newline): the same content always gives the same bytes. :meth:`Manifest.from_json` also reads
@@ -39,6 +42,7 @@ from models.card import ModelCard
 from pipeline.errors import ModscanError
 from pipeline.gallery.banks import Bank
 from pipeline.gallery.index import CascadeParams, CoarseIndexSpec, ScoreNorm
+from pipeline.gallery.verify import VerifyParams
 
 FORMAT_VERSION = 1
 
@@ -64,13 +68,21 @@ class VersionModel:
     fine_threshold: float
     rerank_k: int = 500
     norm: ScoreNorm = field(default_factory=ScoreNorm)
+    # descriptor-alone threshold; between ``fine_threshold`` and it a match needs geometric
+    # verification. None (versions without keypoints): no verification stage.
+    sure_threshold: float | None = None
+    # the gallery-size calibration that chose the thresholds (pipeline.gallery.calibration), if any
+    calibration: Mapping[str, Any] | None = None
 
     @classmethod
     def from_thresholds(cls, model_id: str, coarse_dim: int, rerank_dim: int,
                         thresholds: Mapping[str, Any]) -> VersionModel:
-        """From a card's or manifest's ``thresholds`` dict (``rerank_k`` 500 and no ``norm`` when absent)."""
+        """From a card's or manifest's ``thresholds`` dict (``rerank_k`` 500, no ``norm`` and no
+        ``sure`` when absent)."""
+        sure = thresholds.get("sure")
         return cls(model_id, int(coarse_dim), int(rerank_dim), float(thresholds["coarse"]), float(thresholds["fine"]),
-                   int(thresholds.get("rerank_k", 500)), ScoreNorm.from_dict(thresholds.get("norm")))
+                   int(thresholds.get("rerank_k", 500)), ScoreNorm.from_dict(thresholds.get("norm")),
+                   None if sure is None else float(sure), thresholds.get("calibration"))
 
     @classmethod
     def from_card(cls, card: ModelCard) -> VersionModel:
@@ -78,19 +90,32 @@ class VersionModel:
 
     def thresholds(self) -> dict[str, Any]:
         """The manifest's ``thresholds`` entry."""
-        return {"coarse": self.coarse_threshold, "fine": self.fine_threshold, "rerank_k": self.rerank_k,
-                "norm": self.norm.to_dict()}
+        d: dict[str, Any] = {"coarse": self.coarse_threshold, "fine": self.fine_threshold, "rerank_k": self.rerank_k,
+                             "norm": self.norm.to_dict()}
+        if self.sure_threshold is not None:  # versions without verification keep their old bytes
+            d["sure"] = self.sure_threshold
+        if self.calibration is not None:
+            d["calibration"] = dict(self.calibration)
+        return d
 
     def params(self, coarse_threshold: float | None = None, fine_threshold: float | None = None,
-               rerank_k: int | None = None) -> CascadeParams:
+               rerank_k: int | None = None, sure_threshold: float | None = None) -> CascadeParams:
         """The cascade's parameters at query time: these thresholds, each replaced by the
-        argument given for it (a job's overrides)."""
+        argument given for it (a job's overrides). The sure threshold is never below the fine one."""
         def pick(over: Any, own: Any) -> Any:
             return own if over is None else over
 
-        return CascadeParams(float(pick(coarse_threshold, self.coarse_threshold)),
-                             float(pick(fine_threshold, self.fine_threshold)),
-                             int(pick(rerank_k, self.rerank_k)), self.norm)
+        fine = float(pick(fine_threshold, self.fine_threshold))
+        sure = pick(sure_threshold, self.sure_threshold)
+        return CascadeParams(float(pick(coarse_threshold, self.coarse_threshold)), fine,
+                             int(pick(rerank_k, self.rerank_k)), self.norm,
+                             None if sure is None else max(float(sure), fine))
+
+    def with_thresholds(self, **kw: Any) -> VersionModel:
+        """A copy with some of ``coarse_threshold``, ``fine_threshold``, ``sure_threshold``, ``calibration`` replaced."""
+        from dataclasses import replace
+
+        return replace(self, **kw)
 
 
 @dataclass(frozen=True)
@@ -147,6 +172,26 @@ class HashListFile:
     def to_dict(self) -> dict[str, Any]:
         return {"bank": self.bank, "kind": self.kind, "file": self.file, "sha256": self.sha256, "count": self.count,
                 "source": self.source}
+
+
+@dataclass(frozen=True)
+class KeypointsFile:
+    """The references' local features (:class:`~pipeline.gallery.verify.KeypointTable`), the
+    parameters they were found with, and the file's checksum."""
+
+    file: str               # keypoints.safetensors
+    sha256: str
+    entries: int            # references with a row (every image of the version)
+    keypoints: int          # keypoints stored in all
+    params: VerifyParams
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, "entries": self.entries, "keypoints": self.keypoints,
+                "params": self.params.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> KeypointsFile:
+        return cls(d["file"], d["sha256"], int(d["entries"]), int(d["keypoints"]), VerifyParams.from_dict(d["params"]))
 
 
 @dataclass(frozen=True)
@@ -212,13 +257,15 @@ class Manifest:
     rejected: tuple[Rejected, ...] = ()
     disabled_references: tuple[DisabledReference, ...] = ()
     hash_lists: tuple[HashListFile, ...] = ()
+    keypoints: KeypointsFile | None = None
     format: int = FORMAT_VERSION
 
     # -- rules read off a manifest ---------------------------------------------------------
     def files(self) -> list[tuple[str, str]]:
         """(file name, sha256) of every data file of the version."""
         shard_files = [f for s in self.shards for f in ((s.index, s.index_sha256), (s.rerank, s.rerank_sha256))]
-        return shard_files + [(self.entries.file, self.entries.sha256)] + [(h.file, h.sha256) for h in self.hash_lists]
+        kp = [(self.keypoints.file, self.keypoints.sha256)] if self.keypoints is not None else []
+        return shard_files + [(self.entries.file, self.entries.sha256)] + [(h.file, h.sha256) for h in self.hash_lists] + kp
 
     def disabled_in_force(self, at: _dt.datetime | None = None) -> dict[int, DisabledReference]:
         """References disabled at ``at`` (default: now): id -> record. A record with ``until =
@@ -256,6 +303,8 @@ class Manifest:
         }
         if self.hash_lists:
             d["hash_lists"] = [h.to_dict() for h in self.hash_lists]
+        if self.keypoints is not None:
+            d["keypoints"] = self.keypoints.to_dict()
         return d
 
     def to_json(self) -> str:
@@ -282,6 +331,7 @@ class Manifest:
                            for r in d.get("rejected", [])),
             disabled_references=tuple(DisabledReference.from_dict(x) for x in d.get("disabled_references", [])),
             hash_lists=tuple(HashListFile(**h) for h in d.get("hash_lists", [])),
+            keypoints=KeypointsFile.from_dict(d["keypoints"]) if d.get("keypoints") else None,
             format=int(d.get("format", FORMAT_VERSION)))
 
     @classmethod

@@ -20,7 +20,15 @@ from pipeline.gallery.hashlists import HashBanks, HashHit, HashQuery
 from pipeline.gallery.index import CascadeIndex, CascadeParams, background_term
 from pipeline.gallery.loader import load_streaming
 from pipeline.gallery.manifest import DisabledReference, Manifest
-from pipeline.gallery.store import GalleryIntegrityError, read_lists, read_manifest
+from pipeline.gallery.store import GalleryIntegrityError, read_keypoints, read_lists, read_manifest
+from pipeline.gallery.verify import (
+    CandidateVerifier,
+    KeypointTable,
+    MatchRule,
+    QueryKeypoints,
+    QueryKeypointsFn,
+    VerifyParams,
+)
 from pipeline.ingest.storage import Store, open_store
 from pipeline.schemas import Action, Status
 from pipeline.signals.lists import HashEntry
@@ -64,14 +72,15 @@ class QueryOverrides:
     rerank_k: int | None = None
     nprobe: int | None = None
     ef_search: int | None = None
+    sure_threshold: float | None = None
 
     @classmethod
     def from_thresholds(cls, thresholds: Mapping[str, float] | None, nprobe: int | None = None,
                         ef_search: int | None = None) -> QueryOverrides:
-        """From a job's threshold overrides dict (keys ``coarse``, ``fine``, ``rerank_k``, each
-        optional: ``JobConfig.threshold_overrides()``) and its coarse search settings."""
+        """From a job's threshold overrides dict (keys ``coarse``, ``fine``, ``sure``, ``rerank_k``,
+        each optional: ``JobConfig.threshold_overrides()``) and its coarse search settings."""
         t = thresholds or {}
-        return cls(t.get("coarse"), t.get("fine"), t.get("rerank_k"), nprobe, ef_search)
+        return cls(t.get("coarse"), t.get("fine"), t.get("rerank_k"), nprobe, ef_search, t.get("sure"))
 
 
 def open_gallery(gallery: str | Store, model: QueryModel | None, *, version: str | None = None,
@@ -88,10 +97,11 @@ def open_gallery(gallery: str | Store, model: QueryModel | None, *, version: str
     if model is not None:
         m.check_model(model.version_id)
     cascade, entries = load_streaming(store, m, nprobe=overrides.nprobe, ef_search=overrides.ef_search)
-    params = m.model.params(overrides.coarse_threshold, overrides.fine_threshold, overrides.rerank_k)
+    params = m.model.params(overrides.coarse_threshold, overrides.fine_threshold, overrides.rerank_k,
+                            overrides.sure_threshold)
     bank = model.background if model is not None else None
     return GalleryIndex(m, cascade, entries, params, bank.f512 if bank is not None else None,
-                        lists=read_lists(store, m))
+                        lists=read_lists(store, m), keypoints=read_keypoints(store, m))
 
 
 @dataclass
@@ -111,6 +121,11 @@ class Match:
     list_entry_id: str | None = None     # a hash match's list entry (its id, else its hash)
     list_metadata: str | None = None     # that entry's metadata (JSON text)
     note: str | None = None              # e.g. the pdq banks a low-quality upload hash was not matched against
+    inliers: int | None = None           # RANSAC inliers of the deciding candidate (clean: of the best one rejected)
+    rule: str | None = None              # MatchRule: how the descriptor decided (None: nothing reached a threshold)
+    verified: tuple[tuple[int, int], ...] = ()  # (reference id, inliers) of every candidate verified for this query
+
+
 
 
 # Signal strength, strongest first: an exact MD5 of the file, then PDQ by distance, then the
@@ -119,7 +134,7 @@ SIGNAL_RANK = {"md5": 2, "pdq": 1, "descriptor": 0}
 
 
 class _Hit(NamedTuple):
-    """One (query, gallery entry, bank) pair that reached its bank's fine threshold."""
+    """One (query, gallery entry, bank) pair that reached its bank's fine threshold and was confirmed."""
 
     fine: float
     gid: int
@@ -127,6 +142,8 @@ class _Hit(NamedTuple):
     category: str
     action: str
     coarse: float
+    rule: str
+    inliers: int | None
 
 
 class Candidates(NamedTuple):
@@ -172,8 +189,15 @@ class GalleryIndex:
 
     def __init__(self, manifest: Manifest, cascade: CascadeIndex, entries: pd.DataFrame,
                  params: CascadeParams, background: np.ndarray | None = None,
-                 lists: Mapping[str, list[HashEntry]] | None = None) -> None:
+                 lists: Mapping[str, list[HashEntry]] | None = None,
+                 keypoints: KeypointTable | None = None) -> None:
         self.manifest, self.cascade, self.params = manifest, cascade, params
+        # the references' local features; without them every candidate below the sure threshold
+        # is decided by the fine threshold alone (MatchRule.UNVERIFIABLE_REFERENCE)
+        self.keypoints = keypoints
+        self.verify_params = manifest.keypoints.params if manifest.keypoints is not None else VerifyParams()
+        # verification work since load: seconds, queries whose keypoints were computed, pairs matched
+        self.verify_stats: dict[str, float] = {"seconds": 0.0, "queries": 0, "pairs": 0}
         # (N, rerank_dim) background features of the query model, for score normalisation
         self.background = background if params.norm.beta else None
         self.banks = {n: b.bank for n, b in manifest.banks.items()}
@@ -206,49 +230,66 @@ class GalleryIndex:
         """Stage 1 for every upload: ``D, I`` ``(B, rerank_k)`` above the coarse threshold."""
         return CoarseHits(*self.cascade.search_coarse(xq128, self.params.rerank_k, self.params.coarse_threshold))
 
-    def decide(self, D: np.ndarray, I: np.ndarray, F: np.ndarray | None,
-               offset: np.ndarray | None = None) -> list[Match]:
+    def decide(self, D: np.ndarray, I: np.ndarray, F: np.ndarray | None, offset: np.ndarray | None = None,
+               query_keypoints: QueryKeypointsFn | None = None) -> list[Match]:
         """Bank rules per query: an allow-list match at least as good as the best blocking match
-        wins (no flag); otherwise the best blocking match above its bank's fine threshold decides
-        (ties: filter over downrank). ``F`` is None when no query was reranked."""
+        wins (no flag); otherwise the best blocking match decides (ties: filter over downrank).
+        A candidate counts when its fine score reaches its bank's threshold and it is confirmed
+        (:class:`MatchRule`: sure, verified, or a reference that cannot be verified).
+        ``F`` is None when no query was reranked; ``query_keypoints(q)`` gives query ``q``'s
+        keypoints for verification (None: candidates that need it are not confirmed)."""
         out = []
         off = np.zeros(len(I), np.float32) if offset is None else np.asarray(offset, np.float32)
-
-        def raw(q: int, fine: float | None) -> float | None:
-            return None if fine is None or not np.isfinite(fine) else float(fine + off[q])
-
         for q in range(len(I)):
             valid = I[q] >= 0
             best_coarse = float(D[q][valid].max()) if valid.any() else None
             if F is None or not valid.any():
                 out.append(Match(Status.CLEAN.value, Action.NONE.value, coarse_score=best_coarse))
                 continue
-            best_block: _Hit | None = None
-            best_allow: _Hit | None = None
-            for j in np.nonzero(valid)[0]:
-                gid, fine, crs = int(I[q, j]), float(F[q, j]), float(D[q, j])
-                for bank, category, action, thr in self._members.get(gid, ()):
-                    if fine < thr:
-                        continue
-                    hit = _Hit(fine, gid, bank, category, action, crs)
-                    if action == Action.ALLOW.value:
-                        if best_allow is None or fine > best_allow.fine:
-                            best_allow = hit
-                    elif best_block is None or (fine, action == Action.FILTER.value) > (
-                            best_block.fine, best_block.action == Action.FILTER.value):
-                        best_block = hit
-            best_fine = float(F[q][valid].max())
-            if best_block is not None and (best_allow is None or best_allow.fine < best_block.fine):
-                b = best_block
-                out.append(Match(Status.MATCHED.value, b.action, b.bank, b.category, b.gid, b.coarse, b.fine, raw(q, b.fine)))
-            elif best_block is not None and best_allow is not None:
-                a = best_allow
-                out.append(Match(Status.CLEAN.value, Action.NONE.value, a.bank, a.category, a.gid, a.coarse, a.fine,
-                                 raw(q, a.fine)))
-            else:
-                out.append(Match(Status.CLEAN.value, Action.NONE.value, coarse_score=best_coarse,
-                                 fine_score=best_fine, fine_score_raw=raw(q, best_fine)))
+            out.append(self._decide_one(q, D[q], I[q], F[q], float(off[q]), best_coarse, query_keypoints))
         return out
+
+    def _decide_one(self, q: int, D: np.ndarray, I: np.ndarray, F: np.ndarray, off: float, best_coarse: float | None,
+                    kp_fn: QueryKeypointsFn | None) -> Match:
+        best_block: _Hit | None = None
+        best_allow: _Hit | None = None
+        rejected: tuple[float, int | None] | None = None  # best candidate verification turned down
+        ver = CandidateVerifier(self.keypoints, self.verify_params, self.params.sure_threshold,
+                                self.verify_stats, q, kp_fn)
+        valid = np.nonzero(I >= 0)[0]
+        for j in valid[np.argsort(-F[valid], kind="stable")]:  # best fine first: verification is capped
+            gid, fine, crs = int(I[j]), float(F[j]), float(D[j])
+            for bank, category, action, thr in self._members.get(gid, ()):
+                if fine < thr:
+                    continue
+                rule, inl = ver.confirm(gid, fine, thr)
+                if rule == MatchRule.VERIFICATION_FAILED.value:
+                    if rejected is None:
+                        rejected = (fine, inl)
+                    continue
+                hit = _Hit(fine, gid, bank, category, action, crs, rule, inl)
+                if action == Action.ALLOW.value:
+                    if best_allow is None or fine > best_allow.fine:
+                        best_allow = hit
+                elif best_block is None or (fine, action == Action.FILTER.value) > (
+                        best_block.fine, best_block.action == Action.FILTER.value):
+                    best_block = hit
+        raw = lambda fine: None if not np.isfinite(fine) else float(fine + off)
+        if best_block is not None and (best_allow is None or best_allow.fine < best_block.fine):
+            b = best_block
+            return Match(Status.MATCHED.value, b.action, b.bank, b.category, b.gid, b.coarse, b.fine, raw(b.fine),
+                         inliers=b.inliers, rule=b.rule, verified=ver.record())
+        if best_block is not None and best_allow is not None:
+            a = best_allow
+            return Match(Status.CLEAN.value, Action.NONE.value, a.bank, a.category, a.gid, a.coarse, a.fine, raw(a.fine),
+                         inliers=a.inliers, rule=a.rule, verified=ver.record())
+        best_fine = float(F[valid].max())
+        if rejected is not None:
+            return Match(Status.CLEAN.value, Action.NONE.value, coarse_score=best_coarse, fine_score=rejected[0],
+                         fine_score_raw=raw(rejected[0]), inliers=rejected[1],
+                         rule=MatchRule.VERIFICATION_FAILED.value, verified=ver.record())
+        return Match(Status.CLEAN.value, Action.NONE.value, coarse_score=best_coarse, fine_score=best_fine,
+                     fine_score_raw=raw(best_fine))
 
     def normalise(self, xq512: np.ndarray, F: np.ndarray) -> FineScores:
         """Raw fine scores ``(B, k)`` of queries ``(B, rerank_dim)`` -> (normalised, offset ``(B,)``)."""
@@ -274,10 +315,26 @@ class GalleryIndex:
             F[rows], offset[rows] = self.normalise(xq512, self.cascade.score_fine(xq512, I[rows]))
         return Candidates(D, I, F, survivors, offset)
 
-    def search(self, xq128: np.ndarray, fine_fn: Callable[[np.ndarray], np.ndarray]) -> SearchResult:
-        """Cascade + bank rules: one :class:`Match` per query, and the survivor mask."""
+    def search(self, xq128: np.ndarray, fine_fn: Callable[[np.ndarray], np.ndarray],
+               query_keypoints: QueryKeypointsFn | None = None) -> SearchResult:
+        """Cascade + verification + bank rules: one :class:`Match` per query, and the survivor
+        mask. ``query_keypoints(q)``: query ``q``'s keypoints, asked for only when one of its
+        candidates needs verification (:meth:`decide`)."""
         c = self.candidates(xq128, fine_fn)
-        return SearchResult(self.decide(c.D, c.I, c.F, c.offset), c.survivors)
+        return SearchResult(self.decide(c.D, c.I, c.F, c.offset, query_keypoints), c.survivors)
+
+    def keypoints_from_bytes(self, datas: Any) -> QueryKeypointsFn:
+        """A ``query_keypoints`` function over the uploads' encoded bytes (``datas[q]``; None: none)."""
+        from pipeline.gallery.verify import grey_from_bytes, query_keypoints
+
+        p = self.verify_params
+
+        def fn(q: int) -> QueryKeypoints | None:
+            data = datas[q]
+            g = grey_from_bytes(data, p.side) if data is not None else None
+            return None if g is None else query_keypoints(g, p)
+
+        return fn
 
     def query_hashes(self, md5s: list[str | None], pdqs: list[str | None], qualities: list[int | None]) -> list[HashQuery]:
         """The hash banks' hits per upload (:meth:`pipeline.gallery.hashlists.HashBanks.query`)."""

@@ -12,6 +12,7 @@ Layout under a gallery root (local folder or ``s3://bucket/prefix``)::
     versions/v000003/entries.parquet     # id, bank, category, action, source_uri, sha256, added_at,
                                          # the reference's pdq_hash, pdq_quality, md5
     versions/v000003/list-<bank>.parquet # a hash bank's list: hash, entry_id, metadata (pipeline.gallery.hashlists)
+    versions/v000003/keypoints.safetensors  # the references' ORB keypoints (pipeline.gallery.verify)
 
 A version is immutable. Writers put every file of a new version under its own prefix, the
 manifest last, then replace ``CURRENT`` (an atomic rename locally, an atomic PUT on S3): a reader
@@ -44,6 +45,7 @@ from pipeline.errors import ModscanError
 from pipeline.gallery import audit as A
 from pipeline.gallery import hashlists as H
 from pipeline.gallery.banks import Bank
+from pipeline.gallery.calibration import sized
 from pipeline.gallery.index import CascadeIndex, CoarseIndexSpec, Shard, decode_rerank
 from pipeline.gallery.manifest import (
     BankRecord,
@@ -51,14 +53,18 @@ from pipeline.gallery.manifest import (
     DisabledReference,
     EntriesFile,
     HashListFile,
+    KeypointsFile,
     Manifest,
     Rejected,
     ShardFiles,
     VersionModel,
 )
+from pipeline.gallery.verify import KeypointTable, VerifyParams
 from pipeline.ingest.storage import Store, open_store
 from pipeline.schemas import ENTRY_SCHEMA
 from pipeline.signals.lists import HashEntry
+
+KEYPOINTS_FILE = "keypoints.safetensors"
 
 
 class GalleryIntegrityError(ModscanError, RuntimeError):
@@ -123,6 +129,10 @@ class GalleryContent:
     disabled: dict[int, DisabledReference] = field(default_factory=dict)
     # hash banks' lists, by bank name, in list order (pipeline.gallery.hashlists)
     lists: dict[str, list[HashEntry]] = field(default_factory=dict)
+    # the references' packed keypoints by id (pipeline.gallery.verify.pack) and what found them;
+    # None: a version without geometric verification
+    keypoints: dict[int, bytes] | None = None
+    verify_params: VerifyParams | None = None
 
     def check(self) -> None:
         if len(set(self.entries["id"])) != len(self.ids) or set(self.entries["id"]) != set(self.ids.tolist()):
@@ -133,6 +143,35 @@ class GalleryContent:
         bad = [n for n in self.lists if n not in self.banks or not self.banks[n].is_hash]
         if bad:
             raise ValueError(f"hash lists for banks that are not declared hash banks: {sorted(bad)}")
+        if self.keypoints is not None and set(self.keypoints) != set(self.ids.tolist()):
+            raise ValueError("keypoints and vectors disagree on the set of ids")
+
+
+def _write_keypoints(vstore: Store, content: GalleryContent) -> KeypointsFile | None:
+    if content.keypoints is None:
+        return None
+    table = KeypointTable.from_packed(content.keypoints)
+    data = table.to_bytes()
+    vstore.write_bytes(KEYPOINTS_FILE, data)
+    return KeypointsFile(KEYPOINTS_FILE, sha256_hex(data), len(table), table.n_keypoints,
+                         content.verify_params or VerifyParams())
+
+
+def read_keypoints(store: Store, m: Manifest) -> KeypointTable | None:
+    """The references' keypoints of manifest ``m`` (checked against its sha256), or None for a
+    version without them. A file that is not a keypoint table is a :class:`GalleryIntegrityError`."""
+    if m.keypoints is None:
+        return None
+    vstore = store.child(f"versions/{m.version}")
+    data = read_verified(vstore, m.keypoints.file, m.keypoints.sha256)
+    try:
+        table = KeypointTable.from_bytes(data)
+    except ValueError as e:
+        raise GalleryIntegrityError(f"{vstore.full_uri(m.keypoints.file)}: {e}") from None
+    if len(table) != m.keypoints.entries:
+        raise GalleryIntegrityError(f"{vstore.full_uri(m.keypoints.file)} holds {len(table)} references, the "
+                                    f"manifest says {m.keypoints.entries}")
+    return table
 
 
 def _write_shards(vstore: Store, cascade: CascadeIndex) -> tuple[ShardFiles, ...]:
@@ -179,6 +218,7 @@ def write_version(store: Store, content: GalleryContent, model: VersionModel, n_
     """Write a complete new version (shards, entries, manifest) and publish it via ``CURRENT``.
     ``model`` is what the manifest records of the model and thresholds (see :class:`VersionModel`)."""
     content.check()
+    model = sized(model, len(content.ids), verifies=content.keypoints is not None)  # thresholds for this size
     coarse_spec = CoarseIndexSpec.parse(coarse_spec)
     version = _next_version(store)
     vstore = store.child(f"versions/{version}")
@@ -197,7 +237,7 @@ def write_version(store: Store, content: GalleryContent, model: VersionModel, n_
         banks={n: BankRecord(b, int(counts.get(n, 0))) for n, b in sorted(content.banks.items())},
         counts=Counts(int(len(content.ids)), int(len(ent))), rejected=tuple(content.rejected),
         disabled_references=tuple(content.disabled[i] for i in sorted(content.disabled) if i in live_ids),
-        hash_lists=lists)
+        hash_lists=lists, keypoints=_write_keypoints(vstore, content))
     vstore.write_text("manifest.json", manifest.to_json())
     if publish:
         publish_version(store, version)
@@ -309,4 +349,7 @@ def read_content(store: Store, version: str | None = None) -> StoredVersion:
         rerank=np.concatenate(rerank) if rerank else np.zeros((0, rd), np.float32),
         entries=entries, banks={n: b.bank for n, b in m.banks.items()}, rejected=list(m.rejected),
         disabled={d.id: d for d in m.disabled_references}, lists=read_lists(store, m))
+    table = read_keypoints(store, m)
+    if table is not None and m.keypoints is not None:
+        content.keypoints, content.verify_params = table.to_packed(), m.keypoints.params
     return StoredVersion(m, content)

@@ -18,6 +18,7 @@ from models.card import ModelCard
 from models.preprocess import IMAGE_SUFFIXES
 from pipeline.gallery import audit as A
 from pipeline.gallery.banks import Bank
+from pipeline.gallery.calibration import Budgets, initial
 from pipeline.gallery.manifest import Manifest, Rejected, VersionModel
 from pipeline.gallery.store import (
     GalleryContent,
@@ -29,13 +30,15 @@ from pipeline.gallery.store import (
     write_audited,
     write_derived,
 )
+from pipeline.gallery.verify import VerifyParams
 from pipeline.ingest.storage import Store, open_store
 from pipeline.schemas import ENTRY_SCHEMA
 from pipeline.signals.lists import HashEntry, read_list
 
 # extract(uris) -> one dict per uri: {"uri", "sha256", "ok", "error_code", "error_message",
 #                                     "coarse": (128,) or None, "rerank": (512,) or None,
-#                                     optional "pdq_hash", "pdq_quality", "md5": the reference's signals}
+#                                     optional "pdq_hash", "pdq_quality", "md5": the reference's signals,
+#                                     optional "keypoints": its packed ORB keypoints (pipeline.gallery.verify)}
 Extractor = Callable[[list[str]], list[dict[str, Any]]]
 
 
@@ -83,6 +86,8 @@ def add_images(content: GalleryContent, bank: Bank, uris: list[str], extract: Ex
             new_ids.append(gid)
             new_c.append(r["coarse"])
             new_r.append(r["rerank"])
+            if content.keypoints is not None:  # a version that verifies keeps every reference's keypoints
+                content.keypoints[gid] = bytes(r.get("keypoints") or b"")
             stats["added"] += 1
         members.add((gid, bank.name))
         new_rows.append({"id": gid, "bank": bank.name, "category": bank.category, "action": bank.action,
@@ -106,11 +111,15 @@ def _empty_content(coarse_dim: int, rerank_dim: int) -> GalleryContent:
 
 def build(store: Store, banks: list[Bank], card: ModelCard, extract: Extractor, n_shards: int = 4,
           rerank_dtype: str = "float16", coarse_spec: str = "Flat", *, who: str | None = None,
-          note: str | None = None) -> Update:
+          note: str | None = None, budgets: Budgets = Budgets()) -> Update:
     """Extract every enabled bank and publish a new version, recording the card's model and
-    thresholds. Returns (version, per-bank stats)."""
+    thresholds, calibrated for the version's size from the card's tails within ``budgets``
+    (:mod:`pipeline.gallery.calibration`; every later version of the gallery is calibrated for
+    its own size the same way). Returns (version, per-bank stats)."""
     model = VersionModel.from_card(card)
+    model = model.with_thresholds(calibration=initial(card.thresholds, card.scale_tails, budgets))
     content = _empty_content(model.coarse_dim, model.rerank_dim)
+    content.keypoints, content.verify_params = {}, VerifyParams()
     stats: dict[str, Any] = {}
     for b in banks:
         content.banks[b.name] = b
@@ -171,6 +180,9 @@ def remove(store: Store, card: ModelCard | None = None, bank: str | None = None,
     keep = np.isin(content.ids, content.entries["id"].to_numpy(np.int64))
     dropped = int((~keep).sum())
     content.ids, content.coarse, content.rerank = content.ids[keep], content.coarse[keep], content.rerank[keep]
+    if content.keypoints is not None:
+        live = set(content.ids.tolist())
+        content.keypoints = {g: b for g, b in content.keypoints.items() if g in live}
     if bank is not None and not ids and not shas:
         content.banks.pop(bank)
         content.lists.pop(bank, None)
@@ -248,9 +260,35 @@ def info(store: Store) -> dict[str, Any]:
                              if b.bank.kind == "pdq" else {})}
                       for n, b in m.banks.items()},
             "hash_lists": {h.bank: {"kind": h.kind, "entries": h.count, "source": h.source} for h in m.hash_lists},
-            "shards": len(m.shards), "rerank_dtype": m.rerank_dtype, "thresholds": m.model.thresholds(),
+            "shards": len(m.shards), "rerank_dtype": m.rerank_dtype,
+            "thresholds": {k: v for k, v in m.model.thresholds().items() if k != "calibration"},
+            "per_unrelated_upload": _expected(m), "verification": _verification(store, m),
             "bytes": int(size), "rejected": len(m.rejected),
             **_review_state(store, m)}
+
+
+def _expected(m: Manifest) -> dict[str, Any] | None:
+    """What the version's thresholds are expected to give per unrelated upload (its size
+    calibration), and the share of the model's measured edited copies they flag; None for a
+    version whose model card had no scale tails (thresholds not sized)."""
+    cal = m.model.calibration
+    if not cal or "expected" not in cal:
+        return None
+    e = cal["expected"]
+    return {"references": cal.get("references"), "survivors": e["survivors"], "verified": e["verified"],
+            "false_flags": e["false_flags"], "copy_recall": e.get("copy_recall"), "budgets": cal.get("budgets"),
+            "floor": cal.get("base"), "tails_source": cal["tails"].get("source")}
+
+
+def _verification(store: Store, m: Manifest) -> dict[str, Any] | None:
+    """The version's keypoints: count, bytes per reference, and the parameters (None: no verification)."""
+    k = m.keypoints
+    if k is None:
+        return None
+    vstore = store.child(f"versions/{m.version}")
+    size = store.fs.get_file_info(vstore.path(k.file)).size
+    return {"references": k.entries, "keypoints": k.keypoints, "bytes": int(size),
+            "bytes_per_reference": round(size / max(k.entries, 1), 1), "params": k.params.to_dict()}
 
 
 def _review_state(store: Store, m: Manifest, recent: int = 20) -> dict[str, Any]:

@@ -81,6 +81,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, HSV
 
 
+def _object_array(xs: list[Any]) -> np.ndarray:
+    out = np.empty(len(xs), dtype=object)
+    out[:] = xs
+    return out
+
+
 def open_image(data: bytes, cfg: DecodeConfig) -> Image.Image:
     """Bytes -> RGB PIL image (EXIF-upright, first frame), or :class:`DecodeError`."""
     if len(data) == 0:
@@ -148,7 +154,10 @@ class Decoder:
 
     Output columns: ``image_key``, ``image_sha256``, ``ok`` (bool), ``low_content`` (bool: decoded
     but near-uniform, see :func:`is_low_content`), ``error_code``, ``error_message``, ``low``
-    ``(B, l, l, 3)`` and ``high`` ``(B, h, h, 3)`` uint8 (zeros where ``ok`` is false). Rows in =
+    ``(B, l, l, 3)`` and ``high`` ``(B, h, h, 3)`` uint8 (zeros where ``ok`` is false), and
+    ``bytes``, the encoded input passed on (None where unread): the few uploads whose candidates
+    need geometric verification are decoded again at its larger size from them
+    (:mod:`pipeline.gallery.verify`), so every other upload keeps the cheap small decode. Rows in =
     rows out, always.
 
     A subclass adds per-file columns (:data:`EXTRA_COLUMNS`, their values for a row that has none
@@ -215,6 +224,7 @@ class Decoder:
         extras = {c: np.asarray([r[c] for r in rows], dtype=t) for c, t in self.EXTRA_COLUMNS}
         return {**extras,
             "image_key": np.asarray(keys, dtype=object),
+            "bytes": _object_array([d if isinstance(d, bytes | bytearray | memoryview) else None for d in datas]),
             "image_sha256": np.asarray([r["image_sha256"] for r in rows], dtype=object),
             "ok": np.asarray([r["ok"] for r in rows], dtype=bool),
             "low_content": np.asarray([r["low_content"] for r in rows], dtype=bool),

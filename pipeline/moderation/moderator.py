@@ -124,7 +124,8 @@ class Moderator:
         The subclass hook: a subclass may replace this one step and keep the rest of the stage
         (error rows, flag rows, timing records); it must return the same pair for the same
         ``rows`` (indexes into ``batch`` of decoded, searchable rows)."""
-        timing: dict[str, Any] = {"model_coarse": 0.0, "search": 0.0, "model_rerank": 0.0, "survivors": 0}
+        timing: dict[str, Any] = {"model_coarse": 0.0, "search": 0.0, "model_rerank": 0.0, "verify": 0.0,
+                                  "verified_uploads": 0, "survivors": 0}
         if not len(rows):
             return {}, timing
         low, high = batch["low"][rows], batch["high"][rows]
@@ -135,12 +136,19 @@ class Moderator:
             timing["model_rerank"] += time.perf_counter() - t1
             return out
 
+        kp_fn = None
+        if "bytes" in batch:  # the decoder passes the encoded upload on for verification
+            kp_fn = self.gallery.keypoints_from_bytes([batch["bytes"][r] for r in rows])
+        v0 = dict(self.gallery.verify_stats)
         t = time.perf_counter()
         xq = self.fx.query_coarse(low)
         self._coarse = xq  # kept for the batch's signature side file
         timing["model_coarse"] = time.perf_counter() - t
-        decisions, survivors = self.gallery.search(xq, fine_fn)
-        timing["search"] = time.perf_counter() - t - timing["model_coarse"] - timing["model_rerank"]
+        decisions, survivors = self.gallery.search(xq, fine_fn, kp_fn)
+        # verification (the upload decoded at the verify size, its keypoints, matching) runs inside the search
+        timing["verify"] = self.gallery.verify_stats["seconds"] - v0["seconds"]
+        timing["verified_uploads"] = self.gallery.verify_stats["queries"] - v0["queries"]
+        timing["search"] = time.perf_counter() - t - timing["model_coarse"] - timing["model_rerank"] - timing["verify"]
         timing["survivors"] = int(survivors.sum())
         return {int(r): d for r, d in zip(rows, decisions)}, timing
 
@@ -198,7 +206,8 @@ class Moderator:
             else:
                 row.update(status=m.status, action=m.action, bank=m.bank, category=m.category,
                            reference_id=m.reference_id, coarse_score=m.coarse_score,
-                           fine_score=finite(m.fine_score), fine_score_raw=finite(m.fine_score_raw))
+                           fine_score=finite(m.fine_score), fine_score_raw=finite(m.fine_score_raw),
+                           inliers=getattr(m, "inliers", None), match_rule=getattr(m, "rule", None))
             for c in cols:
                 cols[c].append(row[c])
         return pa.Table.from_pydict(cols, schema=FILE_SCHEMA)

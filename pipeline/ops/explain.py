@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.gallery import DisabledReference, GalleryIndex
+from pipeline.gallery.query import MatchRule
 from pipeline.ingest.decode import DecodeConfig
 from pipeline.ops.explain_hashes import HashSignals, hash_signals, render_lines
 from pipeline.schemas import Action, Status
@@ -46,6 +47,9 @@ class Rule(str, enum.Enum):
     ALLOW_LIST_PRECEDENCE = "allow_list_precedence"  # an allow-list match at least as good as the best blocking one
     DISABLED_BANK = "disabled_bank"                  # a match reached the threshold, but its bank is disabled
     DISABLED_REFERENCE = "disabled_reference"        # a match reached the threshold, but the reference is disabled
+    VERIFICATION_FAILED = "verification_failed"      # reached the fine threshold, not the sure one, and geometric
+    #                                                  verification did not confirm it
+    HASH_LIST = "hash_list"                          # a hash-list bank (pdq / md5) decided, across signals
 
 
 class Verdict(str, enum.Enum):
@@ -103,6 +107,10 @@ class Decision:
     fine_score_raw: float | None
     rule: str
     detail: str
+    signal: str | None = None         # descriptor | pdq | md5: what decided (None: nothing matched)
+    match_rule: str | None = None     # the descriptor's MatchRule (sure, verified, ...), as in the flag row
+    inliers: int | None = None        # geometric verification's RANSAC inliers, as in the flag row
+    verified: tuple[tuple[int, int], ...] = ()  # (reference id, inliers) of every candidate verified
 
 
 @dataclass(frozen=True)
@@ -110,8 +118,9 @@ class Explanation:
     image: str
     decode: DecodeResult
     candidates: tuple[Candidate, ...]
-    decision: Decision               # the descriptor's (cascade + bank rules)
-    hashes: HashSignals | None = None  # hash-list banks and the decision across signals (pipeline.ops.explain_hashes)
+    decision: Decision               # the final decision across signals: what the job writes for this upload
+    hashes: HashSignals | None = None  # hash-list banks (pipeline.ops.explain_hashes)
+    descriptor: Decision | None = None  # the descriptor's own decision (cascade, verification, bank rules)
 
 
 @dataclass(frozen=True)
@@ -167,7 +176,13 @@ def _rule(gal: GalleryIndex, m: Any, job_D: np.ndarray, job_I: np.ndarray, job_F
     valid = job_I >= 0
     if m.status == Status.MATCHED.value:
         return Rule.BANK_THRESHOLD, (f"reference #{m.reference_id} in bank {m.bank!r}: fine {m.fine_score:.3f} >= "
-                                     f"threshold {gal.bank_threshold(m.bank):.3f} -> {m.action}")
+                                     f"threshold {gal.bank_threshold(m.bank):.3f}, {_confirmation(gal, m)} -> {m.action}")
+    if m.rule == MatchRule.VERIFICATION_FAILED.value:
+        return Rule.VERIFICATION_FAILED, (
+            f"best candidate's fine {m.fine_score:.3f} reached the fine threshold but not the sure threshold "
+            f"{gal.params.sure_threshold:.3f}, and geometric verification found "
+            f"{'no picture to verify' if m.inliers is None else f'{m.inliers} inliers'} "
+            f"(< {gal.verify_params.min_inliers}): no flag")
     if m.bank is not None:
         return Rule.ALLOW_LIST_PRECEDENCE, (
             f"allow-list bank {m.bank!r} (reference #{m.reference_id}, fine {m.fine_score:.3f}) matched at least as "
@@ -206,6 +221,18 @@ def _rule(gal: GalleryIndex, m: Any, job_D: np.ndarray, job_I: np.ndarray, job_F
                                        f"#{gid} ({bank!r}) with fine {fine:.3f} < threshold {gal.bank_threshold(bank):.3f}")
 
 
+def _confirmation(gal: GalleryIndex, m: Any) -> str:
+    """How a descriptor match was confirmed (its :class:`~pipeline.gallery.MatchRule`), in words."""
+    if m.rule == MatchRule.SURE.value:
+        return f"and the sure threshold {gal.params.sure_threshold:.3f} (the descriptor alone decides)"
+    if m.rule == MatchRule.VERIFIED.value:
+        return f"confirmed by geometric verification ({m.inliers} inliers >= {gal.verify_params.min_inliers})"
+    if m.rule == MatchRule.UNVERIFIABLE_REFERENCE.value:
+        return "reference too smooth to verify (fewer than " \
+               f"{gal.verify_params.min_ref_keypoints} keypoints): the fine threshold alone decides"
+    return "no verification stage in this gallery version"
+
+
 def _finite(x: float | None) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
@@ -227,7 +254,8 @@ def _scores(gal: GalleryIndex, fx: Any, dec: dict[str, Any], rows: np.ndarray, l
     searched = np.nonzero(~low_content[rows])[0]  # the job never searches a low-content upload
     if len(searched):
         c = gal.candidates(xq128[searched], lambda sel: xq512[searched][sel])  # the job's cascade ...
-        matches = gal.decide(c.D, c.I, c.F, c.offset)                        # ... and its bank rules
+        kp = gal.keypoints_from_bytes([dec["bytes"][rows[s_]] for s_ in searched])
+        matches = gal.decide(c.D, c.I, c.F, c.offset, kp)          # ... verification and bank rules
         for j, s_ in enumerate(searched):
             job[int(rows[s_])] = (matches[j], c.D[j], c.I[j], c.F[j])
     k = max(1, min(top_k, gal.cascade.ntotal))
@@ -262,7 +290,19 @@ def _decision(gal: GalleryIndex, m: Any, D: np.ndarray | None, I: np.ndarray, F:
                         "nothing to identify it by, so the job never searches it")
     rule, detail = _rule(gal, m, D, I, F)
     return Decision(m.status, m.action, m.bank, m.category, m.reference_id, m.coarse_score,
-                    _finite(m.fine_score), _finite(getattr(m, "fine_score_raw", None)), rule.value, detail)
+                    _finite(m.fine_score), _finite(getattr(m, "fine_score_raw", None)), rule.value, detail,
+                    "descriptor" if m.bank else None, m.rule, m.inliers, m.verified)
+
+
+def _final(descriptor: Decision, hs: HashSignals | None, final: Any) -> Decision:
+    """The decision across signals (what the job writes): the descriptor's, unless a hash-list bank decided."""
+    if hs is None or final is None or final.signal not in ("pdq", "md5"):
+        return descriptor
+    how = f"distance {final.pdq_distance}" if final.signal == "pdq" else "the same file"
+    detail = (f"{final.signal} list entry {final.list_entry_id} of bank {final.bank!r} ({how}) "
+              + ("-> " + final.action if final.status == Status.MATCHED.value else "in an allow bank: no flag"))
+    return Decision(final.status, final.action, final.bank, final.category, None, final.coarse_score, None, None,
+                    Rule.HASH_LIST.value, detail, final.signal)
 
 
 def explain(images: list[str], gal: GalleryIndex, fx: Any, top_k: int = 10,
@@ -291,7 +331,11 @@ def explain(images: list[str], gal: GalleryIndex, fx: Any, top_k: int = 10,
             continue
         m, D, I, F = job.get(i, (None, None, np.zeros(0, np.int64), np.zeros(0, np.float32)))
         hs = hash_signals(gal, dec["md5"][i], dec["pdq_hash"][i], int(dec["pdq_quality"][i]), m)
-        out.append(Explanation(uri, dr, _candidates(gal, shown[i], I, F, src), _decision(gal, m, D, I, F), hs))
+        own = _decision(gal, m, D, I, F)
+        final = _final(own, hs, gal.decide_signals(m, gal.query_hashes(
+            [dec["md5"][i]], [dec["pdq_hash"][i]], [int(dec["pdq_quality"][i]) if dec["pdq_hash"][i] else None])[0])
+            if hs is not None else None)
+        out.append(Explanation(uri, dr, _candidates(gal, shown[i], I, F, src), final, hs, own))
     return LookupReport(gal.version, gal.model_id, gal.params.coarse_threshold, gal.params.fine_threshold,
                         gal.params.rerank_k, thresholds_in_force(gal),
                         tuple(sorted(gal.disabled.values(), key=lambda d: d.id)), tuple(out))
@@ -304,6 +348,25 @@ def render_json(report: LookupReport) -> str:
 
 def _f(x: float | None, nd: int = 3) -> str:
     return "-" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
+
+
+def _decision_lines(e: Explanation) -> list[str]:
+    def what(d: Decision) -> str:
+        w = f"{d.status} / {d.action}"
+        if d.bank and d.signal in (None, "descriptor"):
+            w += f", bank {d.bank}, reference #{d.reference_id}, fine {_f(d.fine_score)} (raw {_f(d.fine_score_raw)})"
+        elif d.bank:
+            w += f", bank {d.bank} by {d.signal}"
+        return w
+
+    d, own = e.decision, e.descriptor
+    L = [f"decision  {what(d)}", f"rule      {d.rule}: {d.detail}"]
+    if own is not None and own is not d:
+        L += [f"descriptor {what(own)}", f"           {own.rule}: {own.detail}"]
+    src = own if own is not None else d
+    if src.verified:
+        L.append("verified  " + ", ".join(f"reference #{g}: {n} inliers" for g, n in src.verified))
+    return L
 
 
 def render_table(report: LookupReport) -> str:
@@ -330,11 +393,6 @@ def render_table(report: LookupReport) -> str:
                 mark = "*" if c.reranked_by_job else " "
                 L.append(f"  {c.rank:>4} {c.reference_id:>6} {c.coarse_score:>7.3f} {c.fine_score_raw:>7.3f} "
                          f"{c.fine_score:>7.3f}{mark} {mem}")
-        d = e.decision
-        what = f"{d.status} / {d.action}"
-        if d.bank:
-            what += f", bank {d.bank}, reference #{d.reference_id}, fine {_f(d.fine_score)} (raw {_f(d.fine_score_raw)})"
-        L.append(f"decision  {what}")
-        L.append(f"rule      {d.rule}: {d.detail}")
+        L += _decision_lines(e)
         L += render_lines(e.hashes)
     return "\n".join(L)

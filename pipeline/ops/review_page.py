@@ -18,6 +18,7 @@ import base64
 import html
 import io
 import logging
+from typing import Any
 
 import pandas as pd
 from PIL import Image
@@ -95,6 +96,18 @@ def _held_banner(matched: pd.DataFrame) -> str:
             f'<code>modscan review apply</code>.</div>')
 
 
+def _score(r: Any) -> str:
+    """A match's fine score and how it was confirmed (the flag row's ``match_rule`` / ``inliers``)."""
+    out = "-" if r.fine_score is None or pd.isna(r.fine_score) else f"{float(r.fine_score):.3f}"
+    rule = getattr(r, "match_rule", None)
+    inl = getattr(r, "inliers", None)
+    if rule == "verified" and inl is not None and not pd.isna(inl):
+        out += f" &middot; {int(inl)} inliers"
+    elif isinstance(rule, str) and rule != "fine":
+        out += f" &middot; {html.escape(rule)}"
+    return out
+
+
 def _groups_html(matched: pd.DataFrame, src: dict, input_uri: str, max_groups: int) -> str:
     """One table row per matched reference, busiest first: its thumbnail, bank, how many uploads
     matched it (by action) and the best few of them."""
@@ -112,7 +125,7 @@ def _groups_html(matched: pd.DataFrame, src: dict, input_uri: str, max_groups: i
         for r in g.sort_values("fine_score", ascending=False).head(GROUP_EXAMPLES).itertuples():
             q = _read(_input_uri(input_uri, r.image_key))
             ex.append(f'<span class="ex">{_thumb(q, sens) if q else "<span class=err>unreadable</span>"}<br>'
-                      f'{float(r.fine_score):.3f} <code>{html.escape(str(r.image_key))}</code></span>')
+                      f'{_score(r)} <code>{html.escape(str(r.image_key))}</code></span>')
         out_rows.append(
             f"<tr><td>{_thumb(ref, sens) if ref else '<span class=err>reference unavailable</span>'}"
             f"<br><small>ref #{int(rid)}</small></td><td>{html.escape(str(g['bank'].iloc[0]))}<br>"
