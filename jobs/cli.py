@@ -13,27 +13,6 @@ import sys
 from collections.abc import Callable
 
 
-def _train(a: argparse.Namespace) -> int:
-    from models.descriptor import DescriptorConfig
-    from models.train import TrainConfig, parse_overrides, train
-    from pipeline.errors import UsageError
-
-    try:
-        model_over, train_over = parse_overrides(a.set or [])
-        cfg = TrainConfig(model=DescriptorConfig(**model_over), **train_over)
-    except ValueError as e:  # a --set the configs refuse: a usage error (exit 2), like any bad flag
-        raise UsageError(str(e)) from None
-    trainer_monitor = None
-    if a.monitor_photos:
-        from models.descriptor import DescriptorModel
-        from pipeline.evaluation.train_monitor import stage1_monitor
-
-        trainer_monitor = stage1_monitor(a.monitor_photos, DescriptorModel(cfg.model), seed=a.monitor_seed)
-    card = train(a.images, a.out, cfg, command="modscan " + " ".join(sys.argv[1:]), monitor=trainer_monitor)
-    print(json.dumps(card.to_dict(), indent=2))
-    return 0
-
-
 def _card(a: argparse.Namespace) -> int:
     from models.card import load_model
 
@@ -94,19 +73,6 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
 def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--note", default=None, help="why: kept in the gallery's audit log")
     p.add_argument("--who", default=None, help="operator for the audit log (default: $MODSCAN_OPERATOR or the OS user)")
-
-
-def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="three-stage self-supervised training of the descriptor")
-    p.add_argument("--images", required=True, help="folder of training photos (recursive)")
-    p.add_argument("--out", required=True, help="output model directory (checkpoints resume from here)")
-    p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. epochs_backbone=30 high_res=224 low_res=160")
-    p.add_argument("--monitor-photos", metavar="DIR",
-                   help="photos for the stage-1 monitor (an evaluation benchmark built from them): "
-                        "stage 1 stops at its plateau and keeps the best epoch")
-    p.add_argument("--monitor-seed", type=int, default=0, help="seed of the monitor's benchmark")
-    p.set_defaults(fn=_train)
 
 
 def _add_card_parser(sub: argparse._SubParsersAction) -> None:
@@ -245,16 +211,17 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # lookup, review and gpu-check define their own sub-parsers; they import their heavy parts lazily
+    # train, lookup, review and gpu-check define their own sub-parsers; they import their heavy parts lazily
     from jobs.gpu_check import add_parser as add_gpu_check
     from jobs.hashes_cmd import add_parser as add_hashes
     from jobs.lookup_cmd import add_parser as add_lookup
     from jobs.retro_cmd import add_parser as add_retro
     from jobs.review_cmd import add_parser as add_review
+    from jobs.train_cmd import add_parser as add_train
 
     ap = argparse.ArgumentParser(prog="modscan", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for add in (_add_train_parser, _add_card_parser, _add_gallery_parser, _add_moderate_parsers, _add_demo_parser,
+    for add in (add_train, _add_card_parser, _add_gallery_parser, _add_moderate_parsers, _add_demo_parser,
                 _add_evaluate_parser, _add_bench_parser, add_lookup, add_review, add_gpu_check,
                 add_retro, add_hashes):
         add(sub)

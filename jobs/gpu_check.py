@@ -212,7 +212,7 @@ def _check_training(a: argparse.Namespace) -> dict[str, Any]:
     """4. Stage-1 training throughput on the GPU over ``--photos``."""
     import torch
 
-    from models.train import TrainConfig, Trainer
+    from models.training import TrainConfig, Trainer
 
     cfg = TrainConfig(epochs_backbone=a.train_epochs, workers=a.workers, device="cuda")
     tr = Trainer(a.photos, tempfile.mkdtemp(), cfg, command="gpu_check")

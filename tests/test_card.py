@@ -7,7 +7,7 @@ import torch
 
 from models.card import ModelIntegrityError, load_model
 from models.descriptor import Backbone, DescriptorConfig
-from models.train import TrainConfig, Trainer
+from models.training import TrainConfig, Trainer
 
 
 def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:
@@ -15,7 +15,7 @@ def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:
     kw.setdefault("epochs_backbone", 1)
     kw.setdefault("model", DescriptorConfig(backbone=Backbone.RESNET18, high_res=64, low_res=48))
     cfg = TrainConfig(batch_size=8, synthetic_images=4,
-                      epochs_adapter1=2, epochs_adapter2=2, batch_size_adapter2=16,
+                      epochs_adapter1=2, epochs_adapter2=2, batch_size_adapters=16,
                       queue_size=16, distill_bank=32, background_photos=4, background_graphics=3, **kw)
     return Trainer(images_dir, tmp_path, cfg, command="test")
 

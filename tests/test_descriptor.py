@@ -1,5 +1,5 @@
 """models/descriptor.py: shapes, norms, GeM; with the training stages that shape it (frozen stages,
-the feature cache, PCA init, resume, progress on Kodak: models/train.py)."""
+the feature cache, PCA init, resume, progress on Kodak: models/training/)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import shared_dir
 
 from models.card import load_model, resize_square, to_batch
 from models.descriptor import Backbone, DescriptorConfig, DescriptorModel, GeM
-from models.train import TrainConfig, Trainer
+from models.training import TrainConfig, Trainer
 
 
 def test_output_shapes_and_unit_norms() -> None:
@@ -53,7 +53,7 @@ def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:
     kw.setdefault("model", DescriptorConfig(backbone=Backbone.RESNET18, high_res=64, low_res=48))
     kw.setdefault("adapter_val_every", 0)  # these tests follow every epoch; held-out early stopping: tests/test_train.py
     cfg = TrainConfig(batch_size=8, synthetic_images=4,
-                      epochs_adapter1=2, epochs_adapter2=2, batch_size_adapter2=16,
+                      epochs_adapter1=2, epochs_adapter2=2, batch_size_adapters=16,
                       queue_size=16, distill_bank=32, background_photos=4, background_graphics=3, **kw)
     return Trainer(images_dir, tmp_path, cfg, command="test")
 
@@ -97,7 +97,7 @@ def test_query_grayscale_turns_that_share_of_query_views_gray_and_keys_the_cache
     import numpy as np
     from PIL import Image
 
-    from models.train import PairDataset
+    from models.training import PairDataset
 
     imgs = [Image.open(p).convert("RGB") for p in sorted(gen_images.glob("*.png"))[:8]]
 
@@ -133,7 +133,7 @@ def test_full_run_ships_fp16_weights_a_background_bank_and_a_card(tmp_path, gen_
     assert bank.kind.count("photo") == 4 and card.background["count"] == 7
     np.testing.assert_allclose(np.linalg.norm(bank.f512, axis=1), 1.0, atol=2e-3)
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    stage1 = [r for r in log if r.get("stage") == 1 and "epoch" in r]
+    stage1 = [r for r in log if r.get("stage") == "backbone" and "epoch" in r]
     assert stage1 and {"infonce", "entropy", "loss"} <= set(stage1[0])  # each loss term logged apart
     adapter2 = [r for r in log if r.get("stage") == "adapter2"]
     assert adapter2[0]["epoch"] == 0 and {"cosine", "kl"} <= set(adapter2[-1])
@@ -160,7 +160,7 @@ def test_stages_2_3_on_a_committed_backbone_reproduce_the_same_bytes(tmp_path, g
 
 def test_pca_init_makes_adapter1_the_top_principal_directions_of_the_512d_head() -> None:
     from models.descriptor import CompressAdapter, RerankReduction
-    from models.train import pca_init
+    from models.training import pca_init
 
     torch.manual_seed(0)
     red, ad = RerankReduction(64, 32), CompressAdapter(64, 4)
@@ -185,7 +185,7 @@ def test_training_resumes_from_checkpoint(tmp_path, gen_images) -> None:
     hist = tr2.stage_backbone(epochs=1)  # already done: loads, trains nothing
     assert len(hist) == 1 and torch.equal(tr2.model.state_dict()["backbone.0.weight"], w1)
     log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert log[0]["stage"] == 1 and log[0]["epoch"] == 1
+    assert log[0]["stage"] == "backbone" and log[0]["epoch"] == 1
 
 
 def test_a_few_training_steps_on_kodak_lower_the_loss(tmp_path) -> None:
