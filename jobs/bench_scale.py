@@ -11,6 +11,7 @@ reads them to calibrate each version's thresholds for its size.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import time
@@ -52,10 +53,11 @@ def _edited(pics: list[tuple[str, str, Path]], work: Path, seed: int) -> list[Pa
     qdir = work / "scale-queries"
     qdir.mkdir(parents=True, exist_ok=True)
     out = []
-    for i, (_n, _g, p) in enumerate(pics):
-        q = qdir / f"{i:05d}.jpg"
+    for _n, _g, p in pics:  # named by source and seed: a rerun with other pictures never reads a stale copy
+        key = hashlib.sha256(f"{seed}:{p.resolve()}".encode()).hexdigest()[:20]
+        q = qdir / f"{key}.jpg"
         if not q.exists():
-            rng = random.Random(f"{seed}:{i}")
+            rng = random.Random(f"{seed}:{p.name}")
             with Image.open(p) as im:
                 apply_named(im.convert("RGB"), random_edit_names(rng), rng).save(q, quality=90)
         out.append(q)
@@ -90,7 +92,6 @@ def _families(files: list[Path]) -> np.ndarray:
 
 
 def _features(pics: list[tuple[str, str, Path]], edited: list[Path], fx: Any) -> S.ScaleSet:
-    from pipeline.gallery.index import ScoreNorm, background_term
     from pipeline.ingest.decode import DecodeConfig, Decoder
 
     dec = Decoder(DecodeConfig.for_model(fx.config))
@@ -109,9 +110,7 @@ def _features(pics: list[tuple[str, str, Path]], edited: list[Path], fx: Any) ->
     q_src = np.concatenate([np.arange(a, b) for (a, b) in blocks for _ in (0, 1)])
     q_edited = np.concatenate([np.full(b - a, bool(k)) for (a, b) in blocks for k in (0, 1)])
     Q512 = np.concatenate(q512)
-    norm = ScoreNorm.from_dict(fx.card.thresholds.get("norm"))
-    bank = fx.background.f512 if fx.background is not None else None
-    offset = (norm.beta * background_term(Q512, bank, norm.k)).astype(np.float32)
+    offset = np.zeros(len(Q512), np.float32)  # set by _offsets
     return S.ScaleSet([nm for nm, _g, _p in pics], np.asarray([g for _n, g, _p in pics]), _families(files),
                       np.concatenate(g128), np.concatenate(g512), np.concatenate(q128), Q512, offset, q_src, q_edited)
 
@@ -120,7 +119,6 @@ def _cached_features(pics: list[tuple[str, str, Path]], edited: list[Path], fx: 
     """:func:`_features`, kept in ``WORKDIR/scale-features-<key>.npz`` for reruns with the same
     model, pictures and seed (the model passes are most of the bench's time)."""
     import dataclasses
-    import hashlib
 
     key = hashlib.sha256(json.dumps([fx.version_id, seed, [str(p) for _n, _g, p in pics]]).encode()).hexdigest()[:16]
     path = work / f"scale-features-{key}.npz"
@@ -131,6 +129,28 @@ def _cached_features(pics: list[tuple[str, str, Path]], edited: list[Path], fx: 
     ss = _features(pics, edited, fx)
     np.savez(path, **{f.name: np.asarray(getattr(ss, f.name)) for f in dataclasses.fields(S.ScaleSet)})
     return ss
+
+
+def _offsets(ss: S.ScaleSet, fx: Any, self_cos: float = 0.95) -> np.ndarray:
+    """Each query's score-normalisation offset, as the job computes it, except that a photo's own
+    entry in the background bank is left out: the bank holds 600 of the training photos, and an
+    upload is never a background picture (its own entry would take its top-1 background cosine
+    to ~1 and push every score of it down). Generated pictures keep the whole bank: similar
+    graphics in the bank are what normalisation is for."""
+    from pipeline.gallery.index import ScoreNorm
+
+    norm = ScoreNorm.from_dict(fx.card.thresholds.get("norm"))
+    if not norm.beta or fx.background is None:
+        return np.zeros(len(ss.q_src), np.float32)
+    bank = fx.background.f512
+    own = (ss.g512 @ bank.T >= self_cos) & (ss.groups != "generated")[:, None]  # (P, bank): a photo's own entries
+    out = np.empty(len(ss.q_src), np.float32)
+    for i in range(0, len(ss.q_src), 1024):
+        rows = np.arange(i, min(i + 1024, len(ss.q_src)))
+        Sb = np.where(own[ss.q_src[rows]], -np.inf, ss.q512[rows] @ bank.T)
+        k = max(1, min(norm.k, Sb.shape[1]))
+        out[rows] = norm.beta * (-np.partition(-Sb, k - 1, axis=1)[:, :k]).mean(axis=1)
+    return out
 
 
 class _Verifier:
@@ -165,15 +185,16 @@ class _Verifier:
         return len(self._ref[pic])
 
 
-def _synthetic_check(card_thr: dict[str, float], real: dict[str, Any], trained: list[Path]) -> list[dict[str, Any]]:
-    """The per-pair tails of ``bench search``'s vectors at both thresholds, against the real ones."""
+def _synthetic_check(card_thr: dict[str, float], real: dict[str, Any], photos: list[Path]) -> list[dict[str, Any]]:
+    """The per-pair tails of ``bench search``'s vectors (resampled from ``photos``) at both
+    thresholds, against the real ones: unrelated queries (held-out photos) against a gallery."""
     from jobs.bench_common import VectorFactory, pooled_statistics
     from pipeline.gallery.index import ScoreNorm, background_term
 
-    st = pooled_statistics(photos=trained)
+    st = pooled_statistics(photos=photos)
     vf = VectorFactory(st)
-    P, g128, g512 = vf.gallery(3000)
-    q128, q512, _ = vf.queries(P, 0, 1000)
+    P, g128, g512 = vf.gallery(5000)
+    q128, q512, _ = vf.queries(P, 0, 2000)
     norm = ScoreNorm.from_dict(st["card"].thresholds.get("norm"))
     from models.card import load_background
 
@@ -198,10 +219,11 @@ def bench_scale(trained: list[Path], unseen: list[Path], generated: int, work: P
     pics = _pictures(trained, unseen, generated, work)
     edited = _edited(pics, work, seed)
     ss = _cached_features(pics, edited, fx, work, seed)
+    ss.offset = _offsets(ss, fx)
     files = [p for _n, _g, p in pics]
     print(f"{machine()}\n{len(pics)} pictures ({', '.join(f'{g} {int((ss.groups == g).sum())}' for g in sorted(set(ss.groups)))}), "
           f"{len(ss.q_src)} queries, {len(set(ss.family.tolist()))} families; features in {time.time() - t0:.0f}s", flush=True)
-    res = _measure(ss, fx, _Verifier(files, edited, ss), trained)
+    res = _measure(ss, fx, _Verifier(files, edited, ss), trained + unseen)
     res.update({"machine": machine(), "model": fx.version_id, "seconds": round(time.time() - t0, 1)})
     _print(res)
     (work / "scale.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
@@ -210,15 +232,18 @@ def bench_scale(trained: list[Path], unseen: list[Path], generated: int, work: P
     return res
 
 
-def _measure(ss: S.ScaleSet, fx: Any, ver: _Verifier, trained: list[Path]) -> dict[str, Any]:
+def _measure(ss: S.ScaleSet, fx: Any, ver: _Verifier, photos: list[Path]) -> dict[str, Any]:
     thr = {k: float(fx.card.thresholds[k]) for k in ("coarse", "fine")}
     by_group = S.tails_by_group(ss)
     top = S.top_unrelated(ss, VERIFY_TOP)
     top_in = np.asarray([ver.inliers(q, p) for q, p, _s in top])
+    passes = [{"query": ss.names[int(ss.q_src[q])], "edited": bool(ss.q_edited[q]), "reference": ss.names[p],
+               "fine": round(float(sc), 4), "inliers": int(n)}
+              for (q, p, sc), n in zip(top, top_in) if n >= ver.p.min_inliers]
     ms_pair = 1000 * ver.seconds / max(ver.pairs, 1)
     p = ver.p
     k = int((top_in >= p.min_inliers).sum())
-    tails = ScoreTails(S.heavier(by_group, "coarse"), S.heavier(by_group, "fine"), S.upper95(k, len(top)), len(top),
+    tails = ScoreTails(S.envelope(by_group, "coarse"), S.envelope(by_group, "fine"), S.upper95(k, len(top)), len(top),
                        source=f"modscan bench scale: {len(ss.names)} pictures, {by_group['all']['fine'].pairs} unrelated pairs")
     c = S.copies(ss)
     c_in = np.asarray([ver.inliers(int(q), int(s)) for q, s in zip(c["rows"], c["src"])])
@@ -234,12 +259,12 @@ def _measure(ss: S.ScaleSet, fx: Any, ver: _Verifier, trained: list[Path]) -> di
                                 "fine per pair": t["fine"].rate(thr["fine"])} for g, t in by_group.items()],
         "verifier": {"top_unrelated_pairs": len(top), "lowest fine score": float(top[-1][2]), "passed": k,
                      "pass_rate": k / len(top), "pass_rate_upper95": tails.verifier_pass,
-                     "max_inliers": int(top_in.max()), "ms_per_pair": ms_pair,
+                     "max_inliers": int(top_in.max()), "ms_per_pair": ms_pair, "passes": passes,
                      "copies": len(c_in), "copies_verified": float((c_in >= p.min_inliers).mean()),
                      "unverifiable_references": int(np.unique(c["src"][unverifiable]).size)},
         "independence_check": S.measured_vs_independent(ss, tails.fine, (thr["fine"], 0.2, 0.15, 0.1)),
         "sizes": sizes, "coarse_curve_1m": S.coarse_curve(tails, c, flagged_1m),
-        "synthetic_check": _synthetic_check(thr, {"coarse": tails.coarse, "fine": tails.fine}, trained),
+        "synthetic_check": _synthetic_check(thr, {"coarse": tails.coarse, "fine": tails.fine}, photos),
         "scale_tails": {**tails.to_dict(), "copies": {
             "coarse": [round(float(x), 4) for x in c["coarse"]], "fine": [round(float(x), 4) for x in c["fine"]],
             "verified": [int(x >= p.min_inliers) for x in c_in]}},

@@ -94,6 +94,10 @@ def _add_gallery_build_parser(gs: argparse._SubParsersAction) -> None:
     p.add_argument("--ivf-nlist", type=int, default=None, help="ivf: lists per shard (default 4*sqrt(n))")
     p.add_argument("--nprobe", type=int, default=32, help="ivf: lists searched per query (stored; [job] overrides)")
     p.add_argument("--ef-search", type=int, default=128, help="hnsw: search breadth (stored; [job] overrides)")
+    p.add_argument("--false-flag-budget", type=float, default=0.001,
+                   help="expected falsely flagged share of unrelated uploads the sized thresholds aim at (default 0.001)")
+    p.add_argument("--verify-budget", type=float, default=0.05,
+                   help="share of unrelated uploads that may pay geometric verification (default 0.05)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="model trunk precision (auto: bf16 on CUDA or a CPU with native bf16, else fp32)")
     p.add_argument("--ray-address", default=None)

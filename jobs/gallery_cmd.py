@@ -95,8 +95,13 @@ def run(a: argparse.Namespace) -> int:
         banks = load_banks(a.banks)
         spec = CoarseIndexSpec(a.coarse_index, hnsw_m=a.hnsw_m, ivf_nlist=a.ivf_nlist, nprobe=a.nprobe,
                                ef_search=a.ef_search)
+        from pipeline.gallery.calibration import Budgets
+
+        for name in ("false_flag_budget", "verify_budget"):
+            if not 0.0 < getattr(a, name) < 1.0:
+                raise UsageError(f"--{name.replace('_', '-')} must be a share strictly between 0 and 1, got {getattr(a, name)}")
         v, stats = G.build(open_store(a.out, create=True), banks, card, extract, a.shards, a.rerank_dtype,
-                           spec, who=a.who, note=a.note)
+                           spec, who=a.who, note=a.note, budgets=Budgets(a.false_flag_budget, a.verify_budget))
         print(json.dumps({"version": v, "banks": stats}, indent=2, default=str))
         return 0
     if a.gcmd == "add":

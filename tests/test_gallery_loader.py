@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -112,4 +113,40 @@ def test_tampered_shard_is_a_checksum_error(built) -> None:
     raw[-3] ^= 0x55
     open(p, "wb").write(bytes(raw))
     with pytest.raises(G.GalleryIntegrityError, match="checksum mismatch"):
+        G.open_gallery(store, G.ModelRef(card.version_id))
+
+
+def test_keypoints_round_trip_through_versions_and_are_checked(built) -> None:
+    """Built versions store every reference's keypoints (sha256-checked, never unpickled); an add
+    or remove carries them over; a changed byte, or a file that is not a keypoint table even with a
+    matching checksum, refuses the version like any corrupt gallery file."""
+    import json
+
+    from pipeline.gallery.store import read_keypoints, sha256_hex
+
+    store, card, extract, v, _stats, tmp = built
+    m = G.read_manifest(store)
+    table = read_keypoints(store, m)
+    assert m.keypoints is not None and len(table) == m.counts.images == m.keypoints.entries
+    assert table.n_keypoints == m.keypoints.keypoints and min(table.count(int(g)) for g in table.ids) > 40
+    content = G.read_content(store).content
+    assert set(content.keypoints) == set(content.ids.tolist())
+    ids = sorted(content.keypoints)
+    G.remove(store, None, ids=[ids[0]])
+    t2 = read_keypoints(store, G.read_manifest(store))
+    assert list(t2.ids) == ids[1:]
+    np.testing.assert_array_equal(t2.get(ids[1]).desc, table.get(ids[1]).desc)  # carried over, not re-extracted
+    vdir = Path(store.path(f"versions/{G.read_manifest(store).version}"))
+    kp = vdir / "keypoints.safetensors"
+    raw = bytearray(kp.read_bytes())
+    raw[-5] ^= 0x21
+    kp.write_bytes(bytes(raw))
+    with pytest.raises(G.GalleryIntegrityError, match="checksum mismatch"):
+        G.open_gallery(store, G.ModelRef(card.version_id))
+    junk = b"{not a keypoint table}" * 10
+    kp.write_bytes(junk)
+    man = json.loads((vdir / "manifest.json").read_text())
+    man["keypoints"]["sha256"] = sha256_hex(junk)
+    (vdir / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(G.GalleryIntegrityError, match="malformed keypoint file"):
         G.open_gallery(store, G.ModelRef(card.version_id))

@@ -153,7 +153,27 @@ def verification_metrics(Fv: np.ndarray, sp: Split, bench: Benchmark, cal: Calib
     m = read_manifest(open_store(str(out / "gallery")))
     return {"cascade_verified": quality(Fv, sp, cal.fine), "per_edit_verified": per_edit(Fv, sp, bench, cal.fine),
             "verification": {"sure_threshold": m.model.sure_threshold, "fine_threshold": m.model.fine_threshold,
-                             "calibration": {k: v for k, v in (m.model.calibration or {}).items() if k != "tails"}}}
+                             "calibration": {k: v for k, v in (m.model.calibration or {}).items() if k != "tails"}},
+            "scale": scale_rows(m.model.calibration, cal)}
+
+
+def scale_rows(calibration: dict[str, Any] | None, cal: Calibration) -> list[dict[str, Any]]:
+    """Expected per unrelated upload at 10K-10M references: these calibrated thresholds sized like
+    ``gallery build`` sizes them, from the card's measured tails (``modscan bench scale``)."""
+    from pipeline.gallery.calibration import ScoreTails, calibrate_for_size, copy_recall, per_upload
+
+    tails = ScoreTails.from_dict((calibration or {}).get("tails"))
+    if tails is None:
+        return []
+    out = []
+    for n in (10_000, 100_000, 1_000_000, 10_000_000):
+        sc = calibrate_for_size(tails, n, cal.coarse, cal.fine)
+        out.append({"references": n, "coarse": sc.coarse, "fine": sc.fine, "sure": sc.sure,
+                    "survivors": sc.expected_survivors, "verified": sc.expected_verified,
+                    "false_flags": sc.expected_false_flags,
+                    "false_flags_fine_alone": per_upload(tails.fine.rate(cal.fine), n),
+                    "copy_recall": copy_recall(calibration["tails"].get("copies"), sc.coarse, sc.fine, sc.sure)})
+    return out
 
 
 def _pdq(paths: list[Path]) -> np.ndarray:

@@ -204,6 +204,13 @@ def _verification_lines(m: dict[str, Any]) -> list[str]:
     for e, d in m["per_edit"].items():
         dv = m["per_edit_verified"].get(e, {})
         lines.append(f"| {e} | {d['queries']} | {d['recall_at_threshold']:.3f} | {dv.get('recall_at_threshold', float('nan')):.3f} |")
+    if m.get("scale"):
+        lines += ["", "At scale (expected per unrelated upload, from the card's measured tails; `modscan bench scale`):", "",
+                  "| references | fine | sure | survivors | verified | false flags | false flags, fine alone | copy recall |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['references']:,} | {r['fine']:.3f} | {r['sure']:.3f} | {r['survivors']:.1%} | {r['verified']:.2%} "
+                  f"| {r['false_flags']:.2e} | {r['false_flags_fine_alone']:.1%} | "
+                  f"{'-' if r['copy_recall'] is None else format(r['copy_recall'], '.3f')} |" for r in m["scale"]]
     return [*lines, ""]
 
 

@@ -91,10 +91,17 @@ def _pair_count(ss: ScaleSet, group: str) -> int:
     return int(sum(len(ss.family) - fam_sizes[ss.family[ss.q_src[r]]] for r in rows))
 
 
-def heavier(tails: dict[str, dict[str, TailCurve]], kind: str, exclude: tuple[str, ...] = ("all",)) -> TailCurve:
-    """The group whose tail is heaviest at the far end of its measurements (the conservative choice)."""
-    cands = {g: t[kind] for g, t in tails.items() if g not in exclude}
-    return max(cands.values(), key=lambda c: c.rate(c.fit_from + 0.1))
+def envelope(tails: dict[str, dict[str, TailCurve]], kind: str, exclude: tuple[str, ...] = ("all",)) -> TailCurve:
+    """The conservative tail over the groups: at every threshold the highest measured rate of any
+    group, counted on the smallest group's pairs (so a rate is read off measurements only where
+    every group has enough exceedances), and beyond them the fit of the group whose fit is highest
+    where the measurements end."""
+    curves = [t[kind] for g, t in tails.items() if g not in exclude]
+    rates = tuple(float(max(c.rates[i] for c in curves)) for i in range(len(curves[0].thresholds)))
+    pairs = min(c.pairs for c in curves)
+    end = max(c.fit_from for c in curves) + 0.1
+    top = max(curves, key=lambda c: c.a + c.b * end)
+    return TailCurve(curves[0].thresholds, rates, pairs, top.a, top.b, top.fit_from)
 
 
 def top_unrelated(ss: ScaleSet, n: int, chunk: int = 512) -> list[tuple[int, int, float]]:
