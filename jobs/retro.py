@@ -216,8 +216,8 @@ def commit_day(plan: RetroPlan, dt: str, rows: dict[str, dict[str, Any]], summar
     out = plan.out
     run_id = new_run_id(dt)
     F.sweep_staging(out, keep=run_id)
+    F.claim_partition(out, dt, run_id)  # before its staging exists (see jobs.run's claim)
     out.write_text(f"{F.staging_key(run_id)}/started", str(time.time()))
-    F.claim_partition(out, dt, run_id)
     try:
         F.wait_for_commits(out, dt, run_id)
         now = out.read_text(f"{F.partition_key(dt)}/{F.SUCCESS}").strip() if F.is_committed(out, dt) else None

@@ -132,10 +132,12 @@ def check_output(output_uri: str) -> Store:
 
 
 def _claim(out: Store, dt: str, run_id: str) -> None:
-    """Sweep killed runs' staging, mark this run's as started and make it the owner of ``dt``."""
+    """Sweep killed runs' staging, make this run the owner of ``dt``, then mark its staging as
+    started: claimed first, so that a run of ``dt`` with staging that does not own ``dt`` has been
+    superseded for good (what the cleanup after a commit relies on)."""
     F.sweep_staging(out, keep=run_id)  # killed runs of other dates, older than an hour
-    out.write_text(f"{F.staging_key(run_id)}/started", str(time.time()))
     F.claim_partition(out, dt, run_id)
+    out.write_text(f"{F.staging_key(run_id)}/started", str(time.time()))
 
 
 def prepare_run(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_dir: str | None = None,

@@ -73,6 +73,52 @@ def test_sweep_keeps_runs_that_may_be_alive(tmp_path) -> None:
     assert out.exists(F.staging_key(long_owner)) and out.exists(F.staging_key(fresh))
 
 
+def test_a_superseded_run_still_writing_never_fails_the_owners_commit(tmp_path) -> None:
+    """The older run of a date is still finishing (its last Ray tasks write into its staging)
+    while the newer one commits and removes that staging: the commit must succeed."""
+    import threading
+
+    out = open_store(str(tmp_path / "flags"), create=True)
+    older, newer = "20260601T000001-aaaa", "20260601T000002-bbbb"
+    for run in (older, newer):
+        F.claim_partition(out, DAY, run)
+        _stage(out, run, ["a", "b"])
+    stop, written = threading.Event(), []
+    late = tmp_path / "flags" / "_staging" / older / "data"
+
+    def keep_writing() -> None:  # a straggler: files keep appearing in the older run's staging
+        while not stop.is_set():
+            late.mkdir(parents=True, exist_ok=True)
+            (late / f"late-{len(written)}.parquet").write_bytes(b"x")
+            written.append(1)
+
+    th = threading.Thread(target=keep_writing, daemon=True)
+    th.start()
+    try:
+        while len(written) < 50:
+            time.sleep(0.001)
+        F.commit_partition(out, DAY, newer, {"run_id": newer})
+    finally:
+        stop.set()
+        th.join()
+    assert out.exists(f"dt={DAY}/_SUCCESS") and not out.exists(F.staging_key(newer))
+    assert sorted(pd.read_parquet(tmp_path / "flags" / f"dt={DAY}")["image_key"]) == ["a", "b"]
+    F.sweep_staging(out, keep=newer, dt=DAY)  # what the straggler left is removed by a later sweep
+    assert not out.exists(F.staging_key(older))
+
+
+def test_the_sweep_after_a_commit_never_removes_the_live_owners_staging(tmp_path) -> None:
+    """Run A committed the date; run B claimed it meanwhile and is staging: A's cleanup removes
+    the superseded run's staging and keeps B's."""
+    out = open_store(str(tmp_path / "flags"), create=True)
+    loser, a, b = "20260601T000001-aaaa", "20260601T000002-bbbb", "20260601T000003-cccc"
+    for run in (loser, a, b):
+        F.claim_partition(out, DAY, run)
+        _stage(out, run, ["a"])
+    assert F.sweep_staging(out, keep=a, dt=DAY) == [loser]
+    assert out.exists(F.staging_key(b)) and out.exists(F.staging_key(a))
+
+
 # --------------------------------------------------------------------------------------------
 # Best-effort steps that fail leave a trace in the log (they do not raise)
 # --------------------------------------------------------------------------------------------

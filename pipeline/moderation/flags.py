@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 import posixpath
 import re
 import time
@@ -167,30 +168,71 @@ def _owns_its_date(out: Store, run: str) -> bool:
         return False
 
 
+def remove_staging(out: Store, key: str, attempts: int = 6) -> None:
+    """Delete the staging folder ``key`` and everything under it, robustly: a writer that is still
+    finishing (a superseded run's last Ray tasks, a straggling actor) can add a file while the
+    folder is being deleted, which fails the delete with "Directory not empty". That is retried
+    with a short backoff; absent is the state asked for. Raises the last error when the folder
+    still cannot be removed (a permission error at once)."""
+    for i in range(attempts):
+        try:
+            out.delete_dir(key)
+            return
+        except FileNotFoundError:  # removed by someone else meanwhile
+            return
+        except OSError as e:
+            if isinstance(e, PermissionError) or i == attempts - 1:
+                raise
+            time.sleep(0.05 * 2 ** i)
+
+
+def _removed(out: Store, key: str) -> bool:
+    """:func:`remove_staging` for a sweep: a folder that cannot be removed now is logged and left
+    for a later sweep, never an error (a cleanup must not fail a run)."""
+    try:
+        remove_staging(out, key)
+        return True
+    except OSError:
+        log.warning("could not remove staging %s (a writer may still be finishing; a later sweep removes it)",
+                    key, exc_info=True)
+        return False
+
+
+def _started(out: Store, run: str) -> float | None:
+    """When ``run`` claimed its date (its staging's ``started`` record), None if it has none."""
+    try:
+        return float(out.read_text(f"{STAGING}/{run}/started")) if out.exists(f"{STAGING}/{run}/started") else None
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def sweep_staging(out: Store, older_than_s: float = 3600.0, keep: str | None = None,
                   dt: str | None = None) -> list[str]:
-    """Delete staging folders of killed runs: with ``dt`` every other run of that date (called by
-    the owner of ``dt`` once it committed: those runs can no longer publish), and runs of other
-    dates older than ``older_than_s`` that no longer own their date. A run that is committing
-    right now, or a long run that still owns its date, is never touched: a killed owner's staging
-    goes when the next run of its date commits."""
+    """Delete staging folders of runs that can no longer publish, never a live owner's: with
+    ``dt`` every run of that date that is not its current owner (called by a run once it
+    committed ``dt``: a run claims its date before it stages anything, so a run of ``dt`` that
+    does not own it now has been superseded for good), and runs of other dates older than
+    ``older_than_s`` that no longer own their date. A run that is committing right now, or a long
+    run that still owns its date, is never touched: a killed owner's staging goes when the next
+    run of its date commits. Best effort: a folder that cannot be removed now is left for a
+    later sweep (:func:`remove_staging`)."""
     removed = []
+    owners: dict[str, str | None] = {}
     for d in out.list_dirs(STAGING):
         run = posixpath.basename(d)
         age = committing_heartbeat_age(out, run)
         if run == keep or (age is not None and age < COMMIT_STALE_S):
             continue
         same_dt = dt is not None and _run_dt(run) == dt.replace("-", "")
-        if not same_dt and _owns_its_date(out, run):
+        if same_dt:
+            if dt not in owners:
+                owners[dt] = partition_owner(out, dt)
+            if owners[dt] == run:  # claimed after the caller committed: the live owner
+                continue
+        elif _owns_its_date(out, run):
             continue
-        started = None
-        if out.exists(f"{STAGING}/{run}/started"):
-            try:
-                started = float(out.read_text(f"{STAGING}/{run}/started"))
-            except ValueError:
-                started = None
-        if same_dt or started is None or time.time() - started > older_than_s:
-            out.delete_dir(f"{STAGING}/{run}")
+        started = _started(out, run)
+        if (same_dt or started is None or time.time() - started > older_than_s) and _removed(out, f"{STAGING}/{run}"):
             removed.append(run)
     return removed
 
@@ -263,9 +305,17 @@ def _wait_for_other_commits(out: Store, dt: str, run_id: str, stale_s: float) ->
 
 
 def _release_staging(out: Store, run_id: str) -> None:
-    out.delete_dir(staging_key(run_id))
-    if not list(out.list(STAGING)):
-        out.delete_dir(STAGING)  # also the S3 directory marker object
+    """Remove a run's own staging, then the ``_staging`` folder itself when nothing else is in it.
+    Locally that is ``rmdir``, which refuses a folder another run has just written into; on S3 the
+    folder is only the directory marker pyarrow leaves behind."""
+    remove_staging(out, staging_key(run_id))
+    if out.is_local:
+        try:
+            os.rmdir(out.path(STAGING))
+        except OSError:  # not empty (another run stages), or already gone
+            pass
+    elif not list(out.list(STAGING)) and not out.list_dirs(STAGING):
+        _removed(out, STAGING)  # the S3 directory marker object
 
 
 def abandon(out: Store, run_id: str) -> None:
@@ -276,6 +326,18 @@ def abandon(out: Store, run_id: str) -> None:
     except Exception:
         log.warning("run %s: could not remove its staging %s (the next run sweeps it)", run_id,
                     staging_key(run_id), exc_info=True)
+
+
+def _clean_up_after_commit(out: Store, dt: str, run_id: str) -> None:
+    """After ``run_id`` published ``dt``: remove the staging of the runs of ``dt`` it superseded
+    and its own. Never raises: the partition is published, and a folder a superseded run is
+    still writing into is left for a later sweep rather than failing the run that committed."""
+    try:
+        sweep_staging(out, keep=run_id, dt=dt)  # older runs of dt can no longer publish
+    except Exception:
+        log.warning("run %s: sweeping the staging of superseded runs of dt=%s failed (a later sweep retries)",
+                    run_id, dt, exc_info=True)
+    abandon(out, run_id)
 
 
 def wait_for_commits(out: Store, dt: str, run_id: str, stale_s: float = COMMIT_STALE_S) -> None:
@@ -332,8 +394,7 @@ def commit_partition(out: Store, dt: str, run_id: str, run_info: dict[str, Any],
             _heartbeat(out, run_id)
         out.write_text(f"{part}/{RUN_JSON}", json.dumps(run_info, indent=2, default=str) + "\n")
         out.write_text(f"{part}/{SUCCESS}", run_id + "\n")
-    sweep_staging(out, keep=run_id, dt=dt)  # older runs of dt can no longer publish
-    _release_staging(out, run_id)
+    _clean_up_after_commit(out, dt, run_id)
     return out.full_uri(part)
 
 
