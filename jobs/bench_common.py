@@ -154,7 +154,7 @@ class VectorFactory:
     repeats each about N / B times): per-pair score tails follow the photos', but near-duplicate
     structure is denser than in a real gallery."""
 
-    def __init__(self, stats: dict[str, Any], seed: int = 0, holdout: float = 0.2, sigma: float = 0.25) -> None:
+    def __init__(self, stats: dict[str, Any], seed: int = 0, holdout: float = 0.2, sigma: float = 0.1) -> None:
         self.s = stats
         self.rng = np.random.default_rng(seed)
         P = np.asarray(stats["P"], np.float32)

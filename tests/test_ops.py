@@ -160,6 +160,7 @@ def test_lookup_makes_the_jobs_decisions_and_names_the_rule(world, moderated, fx
     for name, e in ex.items():  # same decision as the job's Moderator for every upload
         r, d = rows[name], e.decision
         assert (d.status, d.action, d.bank, d.reference_id) == (r["status"], r["action"], r["bank"], r["reference_id"]), name
+        assert (d.match_rule, d.inliers) == (r["match_rule"], r["inliers"]), name  # verification: the same rule
         if r["fine_score"] is not None:
             assert d.fine_score == pytest.approx(r["fine_score"], abs=1e-3)
             assert d.fine_score_raw == pytest.approx(r["fine_score_raw"], abs=1e-3)

@@ -8,8 +8,8 @@ between the originals, an independent signal from both the descriptor and the ve
 is a *copy* when the query is an edited copy of the reference.
 
 From the unrelated pairs: per-pair tails of the coarse score and of the normalised fine score
-(:class:`~pipeline.gallery.calibration.TailCurve`), by group (pictures the model trained on,
-pictures it never saw, generated everyday pictures); the verifier's pass rate on the
+(:class:`~pipeline.gallery.calibration.TailCurve`), by group of the query picture (pictures the
+model trained on, pictures it never saw, generated everyday pictures; ``photos``: the first two); the verifier's pass rate on the
 highest-scoring unrelated pairs; and, under the independence assumption, the expected share of
 unrelated uploads that survive the coarse stage and that are falsely flagged at 10K-10M
 references. The assumption is checked against the measured share at the largest real gallery
@@ -61,7 +61,7 @@ class ScaleSet:
 def tails_by_group(ss: ScaleSet, chunk: int = 512) -> dict[str, dict[str, TailCurve]]:
     """Per-pair tails of unrelated pairs, for all pairs and by the query picture's group (the
     reference may be any picture), coarse and fine."""
-    groups = ["all", *sorted(set(ss.groups.tolist()))]
+    groups = ["all", "photos", *sorted(set(ss.groups.tolist()))]
     acc: dict[str, dict[str, list[np.ndarray]]] = {g: {"coarse": [], "fine": []} for g in groups}
     for i in range(0, len(ss.q_src), chunk):
         rows = np.arange(i, min(i + chunk, len(ss.q_src)))
@@ -69,7 +69,7 @@ def tails_by_group(ss: ScaleSet, chunk: int = 512) -> dict[str, dict[str, TailCu
         U = ss.unrelated(rows)
         qg = ss.groups[ss.q_src[rows]]
         for g in groups:
-            m = U & ((qg == g)[:, None] if g != "all" else True)
+            m = U & _query_group(qg, g)[:, None]
             acc[g]["coarse"].append(_keep_tail(S128[m], COARSE_GRID))
             acc[g]["fine"].append(_keep_tail(F[m], FINE_GRID))
     out = {}
@@ -80,18 +80,25 @@ def tails_by_group(ss: ScaleSet, chunk: int = 512) -> dict[str, dict[str, TailCu
     return out
 
 
+def _query_group(qg: np.ndarray, g: str) -> np.ndarray:
+    """Queries of group ``g``: ``all``, ``photos`` (every group but the generated pictures), or one group."""
+    if g == "all":
+        return np.ones(len(qg), bool)
+    return (qg != "generated") if g == "photos" else (qg == g)
+
+
 def _keep_tail(x: np.ndarray, grid: tuple[float, ...]) -> np.ndarray:
     """The scores at or above the grid's start (what a tail curve counts), as float32."""
     return np.asarray(x[x >= grid[0]], np.float32)
 
 
 def _pair_count(ss: ScaleSet, group: str) -> int:
-    rows = np.arange(len(ss.q_src)) if group == "all" else np.nonzero(ss.groups[ss.q_src] == group)[0]
+    rows = np.nonzero(_query_group(ss.groups[ss.q_src], group))[0]
     fam_sizes = np.bincount(ss.family, minlength=int(ss.family.max()) + 1)
     return int(sum(len(ss.family) - fam_sizes[ss.family[ss.q_src[r]]] for r in rows))
 
 
-def envelope(tails: dict[str, dict[str, TailCurve]], kind: str, exclude: tuple[str, ...] = ("all",)) -> TailCurve:
+def envelope(tails: dict[str, dict[str, TailCurve]], kind: str, exclude: tuple[str, ...] = ("all", "photos")) -> TailCurve:
     """The conservative tail over the groups: at every threshold the highest measured rate of any
     group, counted on the smallest group's pairs (so a rate is read off measurements only where
     every group has enough exceedances), and beyond them the fit of the group whose fit is highest
