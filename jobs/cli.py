@@ -68,6 +68,8 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--signatures", default=None, help="signatures root URI (default: OUTPUT/_signatures)")
     p.add_argument("--allow-empty", action="store_true",
                    help="commit an empty partition when the input holds nothing (default: fail, so a scheduler retries)")
+    p.add_argument("--restart", action="store_true",
+                   help="start the partition over: do not resume the finished chunks a killed run of it left")
 
 
 def _add_audit_args(p: argparse.ArgumentParser) -> None:
@@ -96,8 +98,8 @@ def _add_gallery_build_parser(gs: argparse._SubParsersAction) -> None:
     p.add_argument("--ef-search", type=int, default=128, help="hnsw: search breadth (stored; [job] overrides)")
     p.add_argument("--false-flag-budget", type=float, default=0.001,
                    help="expected falsely flagged share of unrelated uploads the sized thresholds aim at (default 0.001)")
-    p.add_argument("--verify-budget", type=float, default=0.05,
-                   help="share of unrelated uploads that may pay geometric verification (default 0.05)")
+    p.add_argument("--verify-budget", type=float, default=0.10,
+                   help="share of unrelated uploads that may pay geometric verification (default 0.10)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="model trunk precision (auto: bf16 on CUDA or a CPU with native bf16, else fp32)")
     p.add_argument("--ray-address", default=None)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import ConfigFileError, UsageError, plain_message, toml_error_line, toml_key_lines
 from pipeline.ingest.decode import DecodeConfig
 from pipeline.ingest.storage import KeyPolicy
+from pipeline.moderation.resume import DEFAULT_CHUNK_SIZE
 
 if TYPE_CHECKING:
     from pipeline.gallery.query import QueryOverrides
@@ -58,6 +59,7 @@ class JobConfig:
     metrics_pushgateway: str | None = None  # Pushgateway base URL; metrics PUT after each commit
     write_signatures: bool = True    # keep each searched upload's signature for `modscan retro`
     retro_days: int = 0              # nightly: retro pass over the last N days when the gallery changed (0: off)
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # keys per chunk: a rerun after a killed driver skips the finished chunks
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -84,6 +86,7 @@ class JobConfig:
         need(is_int(self.review_max_rows) and self.review_max_rows >= 0,
              f"review_max_rows must be an integer >= 0, got {self.review_max_rows!r}")
         need(is_int(self.retro_days) and self.retro_days >= 0, f"retro_days must be an integer >= 0, got {self.retro_days!r}")
+        need(is_int(self.chunk_size) and self.chunk_size >= 1, f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
         for name in ("image_extensions_only", "allow_empty_input", "verify_gallery", "write_signatures"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("coarse_threshold", "fine_threshold", "sure_threshold"):

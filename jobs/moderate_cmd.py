@@ -32,7 +32,8 @@ def _from_template(template: str, dt: str) -> str:
 
 def cli_moderate(a: argparse.Namespace) -> int:
     dt = F.valid_date(a.date, "--date")
-    info = moderate(a.input, a.gallery, a.output, dt, a.model, _cfg(a), a.ray_address, signatures_uri=a.signatures)
+    info = moderate(a.input, a.gallery, a.output, dt, a.model, _cfg(a), a.ray_address, signatures_uri=a.signatures,
+                    restart=a.restart)
     print(summary(info))
     return 0
 
@@ -46,7 +47,7 @@ def cli_nightly(a: argparse.Namespace) -> int:
     dt = F.valid_date(a.date, "--date") if a.date is not None else yesterday()
     cfg = _cfg(a)
     info = moderate(_from_template(a.input_template, dt), a.gallery, a.output, dt, a.model, cfg, a.ray_address,
-                    signatures_uri=a.signatures)
+                    signatures_uri=a.signatures, restart=a.restart)
     print(summary(info))
     if cfg.retro_days:  # the gallery changed since yesterday's run: re-check the last retro_days days
         from jobs.retro import nightly_retro, summary_lines
@@ -59,7 +60,7 @@ def cli_nightly(a: argparse.Namespace) -> int:
 
 def backfill(input_template: str, gallery: str, output: str, date_from: str, date_to: str,
              model_dir: str | None = None, cfg: JobConfig | None = None, force: bool = False,
-             ray_address: str | None = None, signatures_uri: str | None = None) -> dict[str, str]:
+             ray_address: str | None = None, signatures_uri: str | None = None, restart: bool = False) -> dict[str, str]:
     """One partition per day; committed days are skipped unless ``force`` (resumable after a kill).
 
     A day whose input is missing is never committed (``"missing: ..."``); a day that fails
@@ -76,7 +77,7 @@ def backfill(input_template: str, gallery: str, output: str, date_from: str, dat
         else:
             try:
                 info = moderate(_from_template(input_template, dt), gallery, output, dt, model_dir, cfg, ray_address,
-                                signatures_uri=signatures_uri)
+                                signatures_uri=signatures_uri, restart=restart)
                 print(summary(info), flush=True)
                 result[dt] = "done"
             except MissingInput as e:
@@ -89,7 +90,7 @@ def backfill(input_template: str, gallery: str, output: str, date_from: str, dat
 
 def cli_backfill(a: argparse.Namespace) -> int:
     res = backfill(a.input_template, a.gallery, a.output, a.date_from, a.date_to, a.model, _cfg(a), a.force,
-                   a.ray_address, a.signatures)
+                   a.ray_address, a.signatures, a.restart)
     for dt, s in res.items():
         print(f"{dt}: {s}")
     missing = [dt for dt, s in res.items() if s.startswith("missing")]

@@ -30,6 +30,7 @@ from pipeline.errors import ModscanError
 from pipeline.ingest.decode import DecodeConfig
 from pipeline.ingest.plan import InputPlan, relative_key_rows
 from pipeline.ingest.storage import KeyPolicy, open_store, redact
+from pipeline.moderation.resume import CHUNK_COLUMN, Chunks
 from pipeline.signals.hashes import SignalDecoder
 
 log = logging.getLogger(__name__)
@@ -90,15 +91,18 @@ def actor_resources(cfg: JobConfig) -> ActorResources:
     return ActorResources(actors, cfg.actor_num_cpus, 0.0, threads)
 
 
-def decode_batch(batch: dict[str, Any], cfg: DecodeConfig, timings_uri: str | None) -> dict[str, Any]:
+def decode_batch(batch: dict[str, Any], cfg: DecodeConfig, timings_uri: str | None,
+                 chunks: Chunks | None = None) -> dict[str, Any]:
     """The decode task: fetched rows -> :class:`~pipeline.signals.hashes.SignalDecoder` output
-    (the decoder's columns plus the upload's ``md5``, ``pdq_hash``, ``pdq_quality``), with a
-    per-batch timing record under ``timings_uri`` (best effort; None: no record). Stateless, so
-    it runs as plain tasks."""
+    (the decoder's columns plus the upload's ``md5``, ``pdq_hash``, ``pdq_quality``, and with
+    ``chunks`` each row's ``chunk``), with a per-batch timing record under ``timings_uri`` (best
+    effort; None: no record). Stateless, so it runs as plain tasks."""
     t = time.perf_counter()
     out = SignalDecoder(cfg)(batch)
     if "image_uri" in batch:  # where the bytes were read from: kept for the signatures
         out["image_uri"] = np.asarray(batch["image_uri"], dtype=object)
+    if chunks is not None:  # a chunked run: which chunk each row's flag row is staged with
+        out[CHUNK_COLUMN] = chunks.column(out["image_key"])
     if timings_uri:
         try:
             open_store(timings_uri).write_text(
@@ -153,16 +157,17 @@ def _with_uris(relkey: Any, root_uri: str) -> Any:
 
 
 def decode_and_apply(ds: Any, stage: type, stage_kwargs: dict[str, Any], cfg: JobConfig, res: ActorResources,
-                     decode: DecodeConfig, timings_uri: str | None = None) -> Any:
+                     decode: DecodeConfig, timings_uri: str | None = None, chunks: Chunks | None = None) -> Any:
     """Fetched rows -> :func:`decode_batch` tasks -> a pool of ``res.actors`` ``stage`` actors.
 
     Every batch is ``cfg.batch_size`` rows; decode tasks claim ``cfg.decode_num_cpus`` each. The
     actors are built with ``stage_kwargs`` plus ``threads=res.torch_threads`` and get numpy
-    batches. A :class:`~pipeline.errors.ModscanError` a stage raises, in ``__init__`` too, reaches
-    the driver in a form :func:`worker_error` reads."""
+    batches (with ``chunks``, a ``chunk`` column: the stage is a
+    :func:`~pipeline.moderation.resume.chunked` one). A :class:`~pipeline.errors.ModscanError` a
+    stage raises, in ``__init__`` too, reaches the driver in a form :func:`worker_error` reads."""
     import ray
 
-    ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": decode, "timings_uri": timings_uri},
+    ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": decode, "timings_uri": timings_uri, "chunks": chunks},
                         batch_size=cfg.batch_size, num_cpus=cfg.decode_num_cpus)
     return ds.map_batches(_reporting_errors(stage), fn_constructor_kwargs={**stage_kwargs, "threads": res.torch_threads},
                           batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=res.actors),

@@ -109,14 +109,14 @@ def test_a_superseded_run_still_writing_never_fails_the_owners_commit(tmp_path) 
 
 def test_the_sweep_after_a_commit_never_removes_the_live_owners_staging(tmp_path) -> None:
     """Run A committed the date; run B claimed it meanwhile and is staging: A's cleanup removes
-    the superseded run's staging and keeps B's."""
+    the superseded run's staging and its own, and keeps B's."""
     out = open_store(str(tmp_path / "flags"), create=True)
     loser, a, b = "20260601T000001-aaaa", "20260601T000002-bbbb", "20260601T000003-cccc"
     for run in (loser, a, b):
         F.claim_partition(out, DAY, run)
         _stage(out, run, ["a"])
-    assert F.sweep_staging(out, keep=a, dt=DAY) == [loser]
-    assert out.exists(F.staging_key(b)) and out.exists(F.staging_key(a))
+    assert F.sweep_staging(out, keep=a, dt=DAY) == [loser, a]
+    assert out.exists(F.staging_key(b))
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,9 +130,9 @@ def test_abandon_that_cannot_remove_staging_logs_a_warning(tmp_path, monkeypatch
         raise PermissionError(f"denied: {key}")
 
     monkeypatch.setattr(out, "delete_dir", refuse)
-    with caplog.at_level("WARNING", logger="pipeline.moderation.flags"):
+    with caplog.at_level("WARNING", logger="pipeline.moderation.staging"):
         F.abandon(out, "r1")  # best effort: never raises over the run's own failure
-    (rec,) = [r for r in caplog.records if r.name == "pipeline.moderation.flags"]
+    (rec,) = [r for r in caplog.records if r.name == "pipeline.moderation.staging"]
     assert rec.levelname == "WARNING" and "run r1: could not remove its staging _staging/r1" in rec.getMessage()
     assert isinstance(rec.exc_info[1], PermissionError)
     assert out.exists(F.staging_key("r1"))

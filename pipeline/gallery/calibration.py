@@ -11,7 +11,8 @@ thresholds, chosen here from the model's measured per-pair tails (:class:`ScoreT
 per unrelated upload (:class:`Budgets`):
 
 * ``fine``: the card's fine threshold, raised until at most ``verify_share`` of unrelated uploads
-  have a candidate that reaches it (each of those pays geometric verification);
+  have a candidate that reaches it (each of those pays geometric verification) and the verified
+  path's false flags (those uploads x the verifier's pass rate) are at most half the budget;
 * ``sure``: raised until at most ``sure_false_flags`` of unrelated uploads have a candidate that
   reaches it; between ``fine`` and ``sure`` a match needs verification;
 * ``coarse``: the card's (flag parity: raising it loses copies long before it saves much, see
@@ -130,7 +131,7 @@ class Budgets:
     """The operator's budgets per unrelated upload (shares, 0-1)."""
 
     false_flags: float = 0.001      # expected falsely flagged unrelated uploads (the sure path gets half)
-    verify_share: float = 0.05      # unrelated uploads that pay geometric verification
+    verify_share: float = 0.10      # unrelated uploads that pay geometric verification
 
 
 @dataclass(frozen=True)
@@ -168,8 +169,11 @@ def calibrate_for_size(tails: ScoreTails, n: int, coarse: float, fine: float,
     floor: a small gallery keeps the thresholds its model was calibrated at) and the tails."""
     n = max(int(n), 1)
     per_pair = lambda share: -math.expm1(math.log1p(-share) / n)  # per-pair rate giving that share
-    fine_n = max(fine, tails.fine.threshold_for(per_pair(budgets.verify_share)))
-    sure_n = max(fine_n, tails.fine.threshold_for(per_pair(budgets.false_flags / 2)))
+    half = per_pair(budgets.false_flags / 2)
+    # fine: within the verification budget, and the verified path's false flags within half the budget
+    fine_n = max(fine, tails.fine.threshold_for(per_pair(budgets.verify_share)),
+                 tails.fine.threshold_for(half / max(tails.verifier_pass, 1e-12)))
+    sure_n = max(fine_n, tails.fine.threshold_for(half))
     e = expected(tails, n, coarse, fine_n, sure_n)
     return SizeCalibration(n, round(coarse, 4), round(fine_n, 4), round(sure_n, 4), e["survivors"], e["verified"],
                            e["false_flags"], budgets)

@@ -58,6 +58,13 @@ class InputPlan:
     def skipped_counts(self) -> dict[str, int]:
         return {reason: len(names) for reason, names in sorted(self.skipped.items()) if names}
 
+    def readable(self, keep: Callable[[str], bool]) -> InputPlan:
+        """This plan with only the readable keys ``keep`` accepts (what a resumed run still has to
+        read), in the same order; no forbidden keys and nothing skipped (those are not read)."""
+        pairs = [(k, u) for k, u in zip(self.keys, self.read_uris) if keep(k)]
+        return InputPlan(self.uri, self.kind, [k for k, _ in pairs], [u for _, u in pairs],
+                         store=self.store, policy=self.policy)
+
 
 def is_manifest(uri: str) -> bool:
     """Whether ``uri`` names a manifest (by its suffix, :data:`MANIFEST_SUFFIXES`) rather than a prefix."""

@@ -136,6 +136,23 @@ class Store:
         except FileNotFoundError:  # absent is the state asked for
             pass
 
+    def copy(self, src: str, dst: str) -> None:
+        """Copy ``src`` to ``dst``, leaving ``src`` as it is: a hard link on local disk (no bytes
+        copied; a file replaced later by :meth:`write_bytes` gets a new inode, so the two never
+        change together), a plain copy where linking is refused; a server-side copy on S3."""
+        if self.is_local:
+            os.makedirs(posixpath.dirname(self.path(dst)), exist_ok=True)
+            if os.path.lexists(self.path(dst)):
+                os.remove(self.path(dst))
+            try:
+                os.link(self.path(src), self.path(dst))
+            except OSError:  # a filesystem without hard links
+                import shutil
+
+                shutil.copyfile(self.path(src), self.path(dst))
+        else:
+            self.fs.copy_file(self.path(src), self.path(dst))
+
     def move(self, src: str, dst: str) -> None:
         """Rename on local disk; copy-then-delete on S3 (S3 has no rename)."""
         if self.is_local:

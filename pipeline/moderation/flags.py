@@ -58,7 +58,6 @@ from pipeline.moderation.partitions import (
     owner_key,
     partition_key,
     partition_owner,
-    split_partition,
     taken_error,
     valid_date,
     valid_partition,

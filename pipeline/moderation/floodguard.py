@@ -95,16 +95,26 @@ def reason_for(h: HeldReference, limit: int) -> str:
 
 def guard_staged(out: Store, run_id: str, max_matches_per_reference: int = DEFAULT_MAX_MATCHES_PER_REFERENCE
                  ) -> FloodReport:
-    """Count the staged rows of ``run_id`` and hold over-matching references (see module doc)."""
-    data = out.child(staging_key(run_id) + "/data")
-    files = [k for k in data.list() if k.endswith(".parquet")]
+    """Count the staged rows of ``run_id`` (staged in one pass) and hold over-matching references
+    in place (see module doc)."""
+    data = f"{staging_key(run_id)}/data"
+    files = [f"{data}/{k}" for k in out.child(data).list() if k.endswith(".parquet")]
+    return guard_files(out, files, max_matches_per_reference)[0]
+
+
+def guard_files(out: Store, files: list[str], max_matches_per_reference: int = DEFAULT_MAX_MATCHES_PER_REFERENCE,
+                rewrite_into: str | None = None) -> tuple[FloodReport, list[str]]:
+    """Count the rows of ``files`` (keys under ``out``) and hold over-matching references. A file
+    with held rows is rewritten in place, or, with ``rewrite_into`` (a folder key), as a new file
+    there while the staged one stays as it was: a chunked run's staged chunks may be resumed by a
+    rerun, which must count them as the Moderator wrote them. -> (report, the files to publish)."""
     per_ref: Counter[Key] = Counter()
     per_bank: Counter[str] = Counter()
     allowed: Counter[str] = Counter()
     ref_info: dict[Key, tuple[str, str | None, Counter[str]]] = {}
     cols = ["status", "action", "bank", "category", "reference_id", "list_entry_id"]
     for k in files:
-        t = pq.read_table(data.path(k), filesystem=out.fs)
+        t = pq.read_table(out.path(k), filesystem=out.fs)
         t = t.select([c for c in cols if c in t.column_names]).to_pylist()
         for r in t:
             rid = _key(r) if r["status"] == Status.MATCHED.value else None
@@ -122,19 +132,24 @@ def guard_staged(out: Store, run_id: str, max_matches_per_reference: int = DEFAU
                 bank, category, actions = ref_info[rid]
                 held.append(HeldReference(rid if isinstance(rid, int) else None, bank, category, n,
                                           actions.most_common(1)[0][0], None if isinstance(rid, int) else rid[1]))
-    held_rows, rewritten = _hold(out, data, files, held, max_matches_per_reference) if held else (0, 0)
+    published, held_rows, rewritten = list(files), 0, 0
+    if held:
+        published, held_rows, rewritten = _hold(out, files, held, max_matches_per_reference, rewrite_into)
     top = sorted(per_ref.items(), key=_busiest)[:TOP_REFERENCES]
     return FloodReport(max_matches_per_reference, sum(per_ref.values()), len(per_ref), dict(sorted(per_bank.items())),
-                       {_key_name(r): n for r, n in top}, dict(sorted(allowed.items())), tuple(held), held_rows, rewritten)
+                       {_key_name(r): n for r, n in top}, dict(sorted(allowed.items())), tuple(held), held_rows,
+                       rewritten), published
 
 
-def _hold(out: Store, data: Store, files: list[str], held: list[HeldReference], limit: int) -> tuple[int, int]:
-    """Rewrite the staged files that hold rows of ``held`` references -> (rows held, files rewritten)."""
+def _hold(out: Store, files: list[str], held: list[HeldReference], limit: int,
+          rewrite_into: str | None) -> tuple[list[str], int, int]:
+    """Rewrite the files that hold rows of ``held`` references -> (files to publish, rows held, files rewritten)."""
     reasons: dict[Key, str] = {(h.reference_id if h.reference_id is not None else (h.bank, h.list_entry_id or "")):
                                reason_for(h, limit) for h in held}
     n_rows = n_files = 0
-    for k in files:
-        t = pq.read_table(data.path(k), filesystem=out.fs)
+    published = []
+    for i, k in enumerate(files):
+        t = pq.read_table(out.path(k), filesystem=out.fs)
         for f in FILE_SCHEMA:  # columns a staged file may predate: null
             if f.name not in t.column_names:
                 t = t.append_column(f.name, pa.nulls(len(t), f.type))
@@ -144,6 +159,7 @@ def _hold(out: Store, data: Store, files: list[str], held: list[HeldReference], 
         mask = [key is not None and key in reasons for key in keys]
         n = sum(mask)
         if n == 0:
+            published.append(k)
             continue
         action = [Action.REVIEW.value if m else a for m, a in zip(mask, t["action"].to_pylist())]
         reason = [reasons[key] if m else old for m, key, old in zip(mask, keys, t["reason"].to_pylist())]
@@ -151,10 +167,12 @@ def _hold(out: Store, data: Store, files: list[str], held: list[HeldReference], 
         t = t.set_column(t.schema.get_field_index("reason"), FILE_SCHEMA.field("reason"), pa.array(reason, pa.string()))
         buf = io.BytesIO()
         pq.write_table(t, buf)
-        data.write_bytes(k, buf.getvalue())  # staged, not yet visible: replacing it is safe
+        dst = k if rewrite_into is None else f"{rewrite_into}/held-{i:06d}.parquet"
+        out.write_bytes(dst, buf.getvalue())  # staged, not yet visible: replacing it is safe
+        published.append(dst)
         n_rows += n
         n_files += 1
-    return n_rows, n_files
+    return published, n_rows, n_files
 
 
 def summary_lines(flood: dict[str, Any] | None) -> list[str]:

@@ -9,9 +9,11 @@ gallery, so no gallery change can alter their decision.
 
 Layout: ``SIG/dt=D/part-R-NNNNN.parquet`` + ``_run.json`` + ``_SUCCESS`` under the signatures
 root (default ``OUTPUT/_signatures/``: ``_``-prefixed, so hive discovery of the flags root never
-sees it). The Moderator actor writes one side file per batch into ``SIG/_staging/R/data/``, named
-after a hash of the batch's keys, so a Ray retry of a batch overwrites its file instead of adding
-a second one. The driver then verifies and commits them with the flags' own protocol
+sees it). The Moderator actor writes one side file per batch into the run's signature staging
+(``SIG/_staging/<stage>/R/data/`` for a chunked run, one file per chunk's share of a batch),
+named after a hash of the batch's keys, so a Ray retry of a batch overwrites its file instead of
+adding a second one. The driver then selects the files of the chunks it publishes
+(:func:`select_files`), verifies them and commits them with the flags' own protocol
 (:func:`pipeline.moderation.flags.commit_partition` with this schema), before the flags.
 """
 
@@ -94,14 +96,35 @@ class SignatureWriter:
         return name
 
 
-def staging_data_uri(sig: Store, run_id: str) -> str:
-    return sig.full_uri(f"{F.staging_key(run_id)}/data")
+def staging_data_uri(sig: Store, run_id: str, folder: str | None = None) -> str:
+    """Where the Moderator writes a run's signature files: ``folder`` (a chunked run's attempt,
+    ``SIG/_staging/<stage>/R``) or ``SIG/_staging/R``, then ``data``."""
+    return sig.full_uri(f"{folder or F.staging_key(run_id)}/data")
 
 
-def verify_signatures(sig: Store, run_id: str, expected: set[str]) -> dict[str, Any]:
-    """Counts of a run's staged signatures; :class:`~pipeline.moderation.flags.CommitError` unless
-    there is exactly one row per key of ``expected`` (the flag rows with status matched or clean)."""
-    files, t = F.read_staged(sig, run_id, ["image_key", "model_version"])
+def select_files(sig: Store, folders: dict[str, str], run_of_chunk: dict[int, str], chunk_of: Any) -> list[str]:
+    """The signature files a chunked run publishes: of every attempt folder (``folders``: run id ->
+    folder key), the files whose uploads all belong to chunks recorded as finished by that run
+    (``run_of_chunk``; ``chunk_of``: key -> chunk). The stage writes one file per chunk's share of a
+    batch, so a file is wholly in or out; files of a killed run's unfinished chunks, or of a
+    superseded run, are left out. -> keys under ``sig``."""
+    chosen = []
+    for run, folder in sorted(folders.items()):
+        data = sig.child(f"{folder}/data")
+        for name in data.list():
+            if not name.endswith(".parquet"):
+                continue
+            keys = pq.read_table(data.path(name), columns=["image_key"], filesystem=sig.fs).column("image_key").to_pylist()
+            if keys and all(run_of_chunk.get(chunk_of(k)) == run for k in keys):
+                chosen.append(f"{folder}/data/{name}")
+    return chosen
+
+
+def verify_signatures(sig: Store, run_id: str, expected: set[str], files: list[str] | None = None) -> dict[str, Any]:
+    """Counts of a run's staged signatures (``files``: keys under ``sig``; default: every file of
+    ``run_id`` staged in one pass); :class:`~pipeline.moderation.flags.CommitError` unless there is
+    exactly one row per key of ``expected`` (the flag rows with status matched or clean)."""
+    files, t = F.read_staged(sig, run_id, ["image_key", "model_version"], files)
     keys = t.column("image_key").to_pylist()
     dup = [k for k, c in Counter(keys).items() if c > 1]
     if dup:
@@ -110,15 +133,15 @@ def verify_signatures(sig: Store, run_id: str, expected: set[str]) -> dict[str, 
         lost, extra = expected - set(keys), set(keys) - expected
         raise F.CommitError(f"run {run_id}: signatures differ from the searched uploads ({len(lost)} without one, "
                             f"e.g. {sorted(lost)[:3]}; {len(extra)} unexpected, e.g. {sorted(extra)[:3]})")
-    data = sig.child(F.staging_key(run_id) + "/data")
-    size = sum(sig.fs.get_file_info(data.path(k)).size for k in files)
+    size = sum(sig.fs.get_file_info(sig.path(k)).size for k in files)
     return {"rows": len(keys), "files": len(files), "bytes": int(size),
             "bytes_per_upload": round(size / len(keys), 1) if keys else None}
 
 
-def searched_keys(out: Store, run_id: str) -> set[str]:
-    """Keys of a run's staged flag rows that went through the coarse search (status matched or clean)."""
-    _, t = F.read_staged(out, run_id, ["image_key", "status"])
+def searched_keys(out: Store, run_id: str, files: list[str] | None = None) -> set[str]:
+    """Keys of a run's staged flag rows (``files``, see :func:`~pipeline.moderation.flags.read_staged`)
+    that went through the coarse search (status matched or clean)."""
+    _, t = F.read_staged(out, run_id, ["image_key", "status"], files)
     searched = {Status.MATCHED.value, Status.CLEAN.value}
     return {k for k, s in zip(t.column("image_key").to_pylist(), t.column("status").to_pylist()) if s in searched}
 
