@@ -151,7 +151,8 @@ def verification_metrics(Fv: np.ndarray, sp: Split, bench: Benchmark, cal: Calib
     from pipeline.ingest.storage import open_store
 
     m = read_manifest(open_store(str(out / "gallery")))
-    return {"cascade_verified": quality(Fv, sp, cal.fine), "per_edit_verified": per_edit(Fv, sp, bench, cal.fine),
+    fine = m.model.fine_threshold  # the evaluation gallery's own, sized like `gallery build` sizes it
+    return {"cascade_verified": quality(Fv, sp, fine), "per_edit_verified": per_edit(Fv, sp, bench, fine),
             "verification": {"sure_threshold": m.model.sure_threshold, "fine_threshold": m.model.fine_threshold,
                              "calibration": {k: v for k, v in (m.model.calibration or {}).items() if k != "tails"}},
             "scale": scale_rows(m.model.calibration, cal)}
