@@ -12,6 +12,7 @@ from PIL import Image
 from models.card import read_card
 from pipeline import gallery as G
 from pipeline.gallery.banks import Bank
+from pipeline.gallery.extract import local_extractor
 from pipeline.ingest.storage import open_store
 
 
@@ -53,13 +54,13 @@ def test_gallery_add_and_remove_through_the_cli(tmp_path, tiny_model_dir, monkey
     from pipeline.gallery import audit as A
 
     monkeypatch.setattr(gallery_cmd, "ray_extractor",
-                        lambda model_dir, ray_address=None, **kw: gallery_cmd.local_extractor(model_dir))
+                        lambda model_dir, ray_address=None, **kw: local_extractor(model_dir))
     card = read_card(tiny_model_dir)
     own = {"coarse": 0.21, "fine": 0.61, "rerank_k": 9, "norm": {"beta": 0.0, "k": 3}}
     assert card.thresholds != own
     store = open_store(str(tmp_path / "gal"), create=True)
     G.build(store, [Bank("aa", str(write_refs(tmp_path / "a", NAMES[:2])), "sensitive/x", "filter")],
-            dataclasses.replace(card, thresholds=own), gallery_cmd.local_extractor(str(tiny_model_dir)), n_shards=2)
+            dataclasses.replace(card, thresholds=own), local_extractor(str(tiny_model_dir)), n_shards=2)
     built = G.read_manifest(store).model.thresholds()
     gal = str(tmp_path / "gal")
 

@@ -60,9 +60,10 @@ def test_bad_job_keys_and_values_are_reported_at_their_lines(tmp_path) -> None:
         f"{path}:3: [job] batch_size must be an integer >= 1, got 0",
         f"{path}:4: [job] actors must be an integer >= 0, got '2'",
         f"{path}:5: [job] unknown key 'torch_thread' (known: actor_num_cpus, actors, allow_empty_input, "
-        "allowed_input_prefixes, batch_size, coarse_ef_search, coarse_nprobe, coarse_threshold, decode_num_cpus, "
+        "allowed_input_prefixes, batch_size, chunk_size, coarse_ef_search, coarse_nprobe, coarse_threshold, decode_num_cpus, "
         "fine_threshold, image_extensions_only, max_matches_per_reference, metrics_pushgateway, metrics_textfile, "
-        "precision, rerank_k, retro_days, review_max_rows, torch_threads, verify_gallery, write_signatures, [job.decode])",
+        "precision, rerank_k, retro_days, review_max_rows, sure_threshold, torch_threads, verify_gallery, write_signatures, "
+        "[job.decode])",
         f"{path}:6: [job] single_stage was removed: the single-stage baseline is benchmark-only "
         "(`modscan bench pipeline` runs it)",
         f"{path}:7: [job] allowed input prefix 'relative/dir' must be an absolute path or an s3:// URI",
@@ -70,9 +71,10 @@ def test_bad_job_keys_and_values_are_reported_at_their_lines(tmp_path) -> None:
         f"{path}:11: [job] precision must be auto, bf16 or fp32, got 'fp16'",
         f"{path}:12: [job] verify_gallery must be true or false, got 'yes'",
         f"{path}:13: [job] unknown key 'test_fail_keys' (known: actor_num_cpus, actors, allow_empty_input, "
-        "allowed_input_prefixes, batch_size, coarse_ef_search, coarse_nprobe, coarse_threshold, decode_num_cpus, "
+        "allowed_input_prefixes, batch_size, chunk_size, coarse_ef_search, coarse_nprobe, coarse_threshold, decode_num_cpus, "
         "fine_threshold, image_extensions_only, max_matches_per_reference, metrics_pushgateway, metrics_textfile, "
-        "precision, rerank_k, retro_days, review_max_rows, torch_threads, verify_gallery, write_signatures, [job.decode])",
+        "precision, rerank_k, retro_days, review_max_rows, sure_threshold, torch_threads, verify_gallery, write_signatures, "
+        "[job.decode])",
         f"{path}:15: unknown top-level key 'jobs' (expected a [job] table)",
     ]
 

@@ -276,7 +276,7 @@ def test_corrupted_gallery_output_file_and_debug(capsys, tmp_path, gallery) -> N
     assert rc == 0  # plain info reads the manifest only
     rc, stdout, err = _cli(capsys, "gallery", "info", str(gal), "--verify")
     line = _one_line(err)
-    assert rc == 1 and "shard-001.rerank.safetensors" in line and "1 of 5 files fail verification" in line
+    assert rc == 1 and "shard-001.rerank.safetensors" in line and "1 of 6 files fail verification" in line
     assert [p["file"] for p in json.loads(stdout)["verify"]["problems"]] == ["shard-001.rerank.safetensors"]
 
     up = tmp_path / "up"
@@ -292,9 +292,9 @@ def test_corrupted_gallery_output_file_and_debug(capsys, tmp_path, gallery) -> N
     afile.write_text("")
     rc, _, err = _cli(capsys, "moderate", "--input", str(up), "--gallery", gallery, "--output", str(afile), "--date", DAY)
     assert rc == 1 and "is a file, not a folder" in _one_line(err)
-    # not a ModscanError: still one line, with the hint
+    # a model folder without a card is the user's mistake: one line, exit 2
     rc, _, err = _cli(capsys, "card", "--model", str(tmp_path / "no-model"))
-    assert rc == 1 and "run with --debug for the traceback" in _one_line(err)
+    assert rc == 2 and "no model card" in _one_line(err)
 
 
 def test_bomb_message_names_the_configured_max_pixels() -> None:
