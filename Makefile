@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.modscan-installed
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test test-fast lint install evaluate bench docs-transcripts clean
+.PHONY: demo test test-fast lint install evaluate bench bench-scale docs-transcripts clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,14 +32,21 @@ test-fast: $(STAMP)
 evaluate: $(STAMP)
 	$(VENV)/bin/modscan evaluate --photos ../shared/data/coco256 --seed 0 --out eval-out
 
-# Benchmarks; real photos from ../shared/data when present (else scikit-image's samples)
-BENCH_PHOTOS ?= $(wildcard ../shared/data/coco256 ../shared/data/kodak24)
+# Benchmarks; real photos from ../shared/data when present (else scikit-image's samples): the synthetic vectors
+# of search/memory resample up to 2,000 of them (bench scale checks their tails against real pictures')
+BENCH_PHOTOS ?= $(wildcard ../shared/data/photos/imagenet-sample ../shared/data/photos/bsds500 ../shared/data/coco256 ../shared/data/kodak24)
 BENCH_ARGS := $(foreach d,$(BENCH_PHOTOS),--photos $(d))
 bench: $(STAMP)
 	$(VENV)/bin/modscan bench search --gallery-size 1000000 $(BENCH_ARGS)
 	$(VENV)/bin/modscan bench memory --gallery-size 1000000 $(BENCH_ARGS)
 	$(VENV)/bin/modscan bench decode $(BENCH_ARGS)
 	$(VENV)/bin/modscan bench pipeline --images 2000 $(BENCH_ARGS)
+
+# Precision at 10K-10M references from real pictures (needs ../shared/data); stores the tails in the model card
+SHARED := ../shared/data
+bench-scale: $(STAMP)
+	$(VENV)/bin/modscan bench scale --trained $(SHARED)/photos/imagenet-sample --trained $(SHARED)/photos/bsds500 \
+		--unseen $(SHARED)/coco256 --unseen $(SHARED)/kodak24 --generated 300 --write-card
 
 # Operator transcripts of docs/operations.md, rerun for real with the shipped model (starts local Ray)
 docs-transcripts: $(STAMP)

@@ -4,9 +4,9 @@ Builds a gallery from reference photos (``--references DIR``, e.g. coco256 + kod
 day of uploads out of every photo of ``--unrelated DIR`` (never a reference) and ``--copies N``
 edited copies of references (1-3 edits of the evaluation's suite), and moderates the day twice
 with ``modscan moderate`` on a local Ray cluster: once with the gallery's own rule (thresholds
-sized for its size, geometric verification), once with the fine threshold alone
-(``[job] sure_threshold`` set to the fine threshold: every candidate that reaches it matches, the
-rule without verification). Prints, for each run, the unrelated uploads flagged and the copies
+sized for its size, geometric verification), once with the card's fine threshold alone
+(``[job] fine_threshold`` and ``sure_threshold`` set to it: every candidate that reaches it matches, the
+rule without verification, at the card's fine threshold). Prints, for each run, the unrelated uploads flagged and the copies
 flagged (to their own reference), and writes ``WORKDIR/real_job_check.json``.
 
     .venv/bin/python docs/real_job_check.py --references ../shared/data/coco256 --references ../shared/data/kodak24 \\
@@ -99,10 +99,13 @@ def main() -> int:
     m = G.read_manifest(store)
     e = G.read_content(store).content.entries
     source = {int(i): Path(u).name for i, u in zip(e["id"], e["source_uri"])}
-    (work / "fine-alone.toml").write_text(f"[job]\nsure_threshold = {m.model.fine_threshold}\n")
+    from models.card import read_card
+
+    card_fine = float(read_card(None).thresholds["fine"])  # the card's thresholds, no verification: the rule before it
+    (work / "fine-alone.toml").write_text(f"[job]\nfine_threshold = {card_fine}\nsure_threshold = {card_fine}\n")
     out: dict[str, object] = {"references": m.counts.images, "thresholds": m.model.thresholds() | {"calibration": None}}
-    for name, extra in (("gallery rule (verification)", []), ("fine threshold alone", ["--config", str(work / "fine-alone.toml")])):
-        flags_dir = work / ("flags-" + name.split()[0])
+    for name, extra in (("gallery rule (verification)", []), ("card fine threshold alone", ["--config", str(work / "fine-alone.toml")])):
+        flags_dir = work / ("flags-" + name.split()[1])
         run([MODSCAN, "moderate", "--input", str(work / "uploads"), "--gallery", str(work / "gallery"),
              "--output", str(flags_dir), "--date", DAY, *extra])
         from pipeline.flags import read_flags

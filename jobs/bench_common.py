@@ -140,6 +140,29 @@ def pooled_statistics(model_dir: str | None = None, seed: int = 0, photos: list[
     return {"model": model, "card": card, "P": P, "d_lo": Plo - P, "d_hi": Phi - P, "n_photos": len(ims)}
 
 
+def cached_pooled_statistics(photos: list[Path] | None, work: Path, limit: int = 2000) -> dict[str, Any]:
+    """:func:`pooled_statistics` of ``photos`` (default seed), kept in ``work/pooled-<key>.npz``
+    for reruns with the same model and photos: the model passes over up to 2,000 photos are most
+    of a benchmark's set-up time."""
+    import hashlib
+    import json
+
+    from models.card import load_model
+
+    paths = photo_paths(photos, limit)
+    if not paths:
+        return pooled_statistics(photos=photos, limit=limit)
+    model, card = load_model(None)
+    key = hashlib.sha256(json.dumps([card.version_id, [str(p) for p in paths]]).encode()).hexdigest()[:16]
+    path = Path(work) / f"pooled-{key}.npz"
+    if path.exists():
+        z = np.load(path, allow_pickle=False)
+        return {"model": model, "card": card, "P": z["P"], "d_lo": z["d_lo"], "d_hi": z["d_hi"], "n_photos": len(z["P"])}
+    st = pooled_statistics(photos=photos, limit=limit)
+    np.savez(path, P=st["P"], d_lo=st["d_lo"], d_hi=st["d_hi"])
+    return st
+
+
 class VectorFactory:
     """Vectors like the photos', by resampling the photos' own pooled features.
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.bench_common import VectorFactory, bench_args, machine, photos_help, pooled_statistics, table
+from jobs.bench_common import VectorFactory, bench_args, cached_pooled_statistics, machine, photos_help, table
 
 _RSS_PROBE = """
 import sys, time, numpy as np
@@ -47,7 +47,7 @@ def bench_memory(n: int, out_dir: Path, n_queries: int = 1000, photos: list[Path
     from pipeline.gallery.banks import Bank
     from pipeline.ingest.storage import open_store
 
-    st = pooled_statistics(photos=photos)
+    st = cached_pooled_statistics(photos, out_dir)
     card = st["card"]
     vf = VectorFactory(st, seed=1)
     P, g128, g512 = vf.gallery(n)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.bench_common import machine, photo_paths, table
+from jobs.bench_common import cached_pooled_statistics, machine, photo_paths, table
 from pipeline.evaluation import scale as S
 from pipeline.gallery.calibration import ScoreTails
 
@@ -185,23 +185,6 @@ class _Verifier:
         return len(self._ref[pic])
 
 
-def _cached_pooled(photos: list[Path], work: Path) -> dict[str, Any]:
-    """:func:`~jobs.bench_common.pooled_statistics` of ``photos``, kept in ``WORKDIR`` for reruns."""
-    from jobs.bench_common import pooled_statistics
-    from models.card import load_model
-
-    paths = photo_paths(photos, 2000)
-    model, card = load_model(None)
-    key = hashlib.sha256(json.dumps([card.version_id, [str(p) for p in paths]]).encode()).hexdigest()[:16]
-    path = work / f"scale-pooled-{key}.npz"
-    if path.exists():
-        z = np.load(path, allow_pickle=False)
-        return {"model": model, "card": card, "P": z["P"], "d_lo": z["d_lo"], "d_hi": z["d_hi"], "n_photos": len(z["P"])}
-    st = pooled_statistics(photos=photos, limit=2000)
-    np.savez(path, P=st["P"], d_lo=st["d_lo"], d_hi=st["d_hi"])
-    return st
-
-
 def _synthetic_check(card_thr: dict[str, float], real: dict[str, Any], photos: list[Path], work: Path) -> list[dict[str, Any]]:
     """The per-pair tails of ``bench search``'s vectors (resampled from ``photos``) at both
     thresholds, against the real photos' (``real``: the ``photos`` group's curves): unrelated
@@ -209,7 +192,7 @@ def _synthetic_check(card_thr: dict[str, float], real: dict[str, Any], photos: l
     from jobs.bench_common import VectorFactory
     from pipeline.gallery.index import ScoreNorm, background_term
 
-    st = _cached_pooled(photos, work)
+    st = cached_pooled_statistics(photos, work)
     vf = VectorFactory(st)
     P, g128, g512 = vf.gallery(5000)
     q128, q512, _ = vf.queries(P, 0, 2000)

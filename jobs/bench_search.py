@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.bench_common import VectorFactory, bench_args, machine, photos_help, pooled_statistics, table, timed
+from jobs.bench_common import VectorFactory, bench_args, cached_pooled_statistics, machine, photos_help, table, timed
 
 
 @dataclass
@@ -56,13 +56,13 @@ class _Exhaustive:
     flags: np.ndarray
 
 
-def _search_vectors(n: int, n_queries: int, photos: list[Path] | None) -> tuple[Any, np.ndarray, np.ndarray, _SearchQueries]:
+def _search_vectors(n: int, n_queries: int, photos: list[Path] | None, out_dir: Path) -> tuple[Any, np.ndarray, np.ndarray, _SearchQueries]:
     """Gallery vectors and queries from the shipped model -> (card, g128, g512, queries)."""
     from models.card import load_background
     from pipeline.gallery.index import ScoreNorm, background_term
 
     t0 = time.time()
-    st = pooled_statistics(photos=photos)
+    st = cached_pooled_statistics(photos, out_dir)
     card = st["card"]
     vf = VectorFactory(st)
     P, g128, g512 = vf.gallery(n)
@@ -168,7 +168,7 @@ def _approximate_rows(g128: np.ndarray, g512: np.ndarray, qs: _SearchQueries, ex
 
 
 def bench_search(n: int, n_queries: int, out_dir: Path, photos: list[Path] | None = None) -> dict[str, Any]:
-    card, g128, g512, qs = _search_vectors(n, n_queries, photos)
+    card, g128, g512, qs = _search_vectors(n, n_queries, photos, out_dir)
     row, exh = _exhaustive_row(g512, qs)  # (b) exhaustive rerank-dimension search
     rows = [row]
     # (a) the cascade with an exact coarse scan, K swept on one index
