@@ -7,7 +7,8 @@ Both run the same graph: rows of bytes (read from a prefix, or fetched by URI wi
 
 * :func:`init_ray` and :func:`actor_resources` (how many actors, with what CPUs/GPUs and threads);
 * :func:`build_input` (the job's input plan as a dataset) and :func:`fetch_by_uri`;
-* :func:`decode_and_apply`: decode tasks, then the stage actors;
+* :func:`decode_and_apply`: decode tasks, then the stage actors; :func:`stream_batches`: a
+  dataset's output consumed as it arrives (a chunked run's reports);
 * :func:`worker_error`: the :class:`~pipeline.errors.ModscanError` a task or actor raised, read from
   the exception Ray raises on the driver (``RayTaskError.cause``), never from its traceback text;
   :func:`raise_worker_error` raises it (the one unwrapping every Ray Data caller does).
@@ -15,11 +16,14 @@ Both run the same graph: rows of bytes (read from a prefix, or fetched by URI wi
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import time
+import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -135,16 +139,22 @@ def fetch_by_uri(keys: list[str], uris: list[str], cfg: JobConfig, *, policy: Ke
                           compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_fetchers), num_cpus=cfg.decode_num_cpus)
 
 
-def build_input(plan: InputPlan, cfg: JobConfig) -> Any:
-    """Ray dataset with ``image_key, bytes, read_error`` for the readable keys of ``plan``."""
+def build_input(plan: InputPlan, cfg: JobConfig, min_blocks: int = 1) -> Any:
+    """Ray dataset with ``image_key, bytes, read_error`` for the readable keys of ``plan``, in at
+    least ``min_blocks`` blocks (a chunked run asks for one per chunk: the stage's report of a
+    block reaches the driver when the block is done, so a chunk is recorded soon after its last
+    block, not at the end of the run)."""
     import ray
 
+    n = len(plan.read_uris)
+    blocks = max(_num_blocks(n, cfg), min(min_blocks, n))
     if plan.kind == "manifest":
-        return fetch_by_uri(plan.keys, plan.read_uris, cfg, policy=plan.policy)
+        return fetch_by_uri(plan.keys, plan.read_uris, cfg, policy=plan.policy, num_blocks=blocks)
     assert plan.store is not None
     ds = ray.data.read_binary_files(plan.read_uris, filesystem=plan.store.fs, include_paths=True,
-                                    override_num_blocks=_num_blocks(len(plan.read_uris), cfg))
-    return ds.map_batches(_with_uris(relative_key_rows(plan.store.root), plan.store.uri), batch_size=256, num_cpus=0.1)
+                                    override_num_blocks=blocks)
+    # batch_size=None: block by block, so that the blocks reach the stage as they were read
+    return ds.map_batches(_with_uris(relative_key_rows(plan.store.root), plan.store.uri), batch_size=None, num_cpus=0.1)
 
 
 def _with_uris(relkey: Any, root_uri: str) -> Any:
@@ -172,6 +182,26 @@ def decode_and_apply(ds: Any, stage: type, stage_kwargs: dict[str, Any], cfg: Jo
     return ds.map_batches(_reporting_errors(stage), fn_constructor_kwargs={**stage_kwargs, "threads": res.torch_threads},
                           batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=res.actors),
                           num_cpus=res.num_cpus, num_gpus=res.num_gpus, batch_format="numpy")
+
+
+def stream_batches(ds: Any, consume: Callable[[dict[str, Any]], None]) -> None:
+    """Run ``ds`` and hand each of its output blocks (numpy) to ``consume`` as it arrives.
+
+    When the run fails (in Ray or in ``consume``), what the failed execution holds is released
+    before the error travels up: Ray Data lets the actors of a failed execution go by reference
+    counting, and the traceback's frames would otherwise keep them, with their CPUs, as long as
+    the error is held (a backfill's next day, or a caller that keeps the error, would wait for
+    those CPUs). Pass the dataset straight in, not through a variable the caller keeps."""
+    it = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        for batch in it:
+            consume(batch)
+    except BaseException as e:
+        it.close()
+        del it, ds
+        traceback.clear_frames(e.__traceback__)
+        gc.collect()
+        raise
 
 
 class StageError(Exception):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pyarrow.fs as pafs
 
 from jobs.job_config import JobConfig
-from jobs.ray_stages import actor_resources, build_input, decode_and_apply, init_ray, raise_worker_error
+from jobs.ray_stages import actor_resources, build_input, decode_and_apply, init_ray, raise_worker_error, stream_batches
 from pipeline.errors import ModscanError, UsageError, plain_message
 from pipeline.ingest.decode import DecodeConfig
 from pipeline.ingest.plan import InputPlan, check_input
@@ -223,11 +223,13 @@ def _run_chunks(plan: RunPlan, progress: ChunkProgress, ray_address: str | None,
                     "overrides": cfg.query_overrides(), "gallery_version": plan.gallery_version,
                     "precision": cfg.precision, "chunk_data_uri": out.full_uri(f"{plan.folder}/data")}
     todo_input = plan.input.readable(lambda k: plan.chunks.of(k) in todo)
-    ds = decode_and_apply(build_input(todo_input, cfg), chunked(moderator), actor_kwargs, cfg, res, plan.decode,
-                          timings_uri, chunks=plan.chunks)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+
+    def consume(batch: dict[str, Any]) -> None:
         for c, f, n in zip(batch["chunk"], batch["file"], batch["rows"]):
             progress.add(int(c), str(f), int(n))
+
+    stream_batches(decode_and_apply(build_input(todo_input, cfg, len(todo)), chunked(moderator), actor_kwargs, cfg,
+                                    res, plan.decode, timings_uri, chunks=plan.chunks), consume)
     if progress.unfinished():
         raise F.CommitError(f"run {plan.run_id}: chunks {progress.unfinished()[:5]} did not get a row for every key")
     return res.to_dict()

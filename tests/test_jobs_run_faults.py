@@ -56,11 +56,11 @@ def local_gallery(tmp_path_factory, shipped_model_dir):
 
 
 
-def _kill_actor_when_busy(marker: Path, stop: threading.Event, killed: list[int]) -> None:
+def _kill_actor_when_busy(out: Path, run_id: str, stop: threading.Event, killed: list[int]) -> None:
     import psutil
 
     while not stop.is_set():
-        if marker.exists() and any(marker.iterdir()):
+        if any(out.glob(f"_staging/*/{run_id}/timings/*")):  # the run's first timing record
             for p in psutil.process_iter(["pid", "cmdline"]):
                 cmd = " ".join(p.info["cmdline"] or [])
                 if "Moderator" in cmd and "MapWorker" in cmd:
@@ -80,8 +80,7 @@ def test_actor_killed_mid_job_every_row_once(local_gallery, ray_cluster, tmp_pat
     run_id = new_run_id("2026-05-01")
     stop, killed = threading.Event(), []
     # kill the Moderator actor as soon as it has finished its first batch (a timing record exists)
-    th = threading.Thread(target=_kill_actor_when_busy,
-                          args=(out / "_staging" / run_id / "timings", stop, killed), daemon=True)
+    th = threading.Thread(target=_kill_actor_when_busy, args=(out, run_id, stop, killed), daemon=True)
     th.start()
     try:
         info = moderate(str(src), gal, str(out), "2026-05-01", cfg=JobConfig(batch_size=8), run_id=run_id, review=False)
@@ -330,9 +329,14 @@ def test_s3_write_outage_mid_commit_publishes_nothing_then_a_rerun_repairs(flaky
     assert read_flags(out, day).empty
     rerun = moderate("s3://flaky-up/small/", gal, out, day, cfg=cfg, review=False)
     df = read_flags(out, day)
-    assert len(df) == 6 and df["image_key"].is_unique and set(df["run_id"]) == {rerun["run_id"]}
+    # every chunk was staged and recorded before the commit failed: the rerun decodes nothing and
+    # publishes those rows, which keep the run id of the run that read them
+    (failed_run,) = rerun["resume"]["resumed_runs"]
+    assert rerun["resume"]["chunks_done_before"] == rerun["resume"]["chunks_total"] == 1
+    assert rerun["resume"]["images_decoded"] == 0 and failed_run != rerun["run_id"]
+    assert len(df) == 6 and df["image_key"].is_unique and set(df["run_id"]) == {failed_run}
     parquet = [k for k in _s3_keys(s3, f"w-outage/dt={day}/") if k.endswith(".parquet")]
-    assert parquet and all(rerun["run_id"] in k for k in parquet)  # nothing of the failed run is left
+    assert parquet and all(rerun["run_id"] in k for k in parquet)  # nothing the failed commit copied is left
     assert not _s3_keys(s3, "w-outage/_staging/")
 
 
@@ -392,7 +396,6 @@ def test_node_lost_mid_job_every_upload_exactly_one_row(local_gallery, tmp_path)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     raylet = psutil.Process(worker.all_processes["raylet"][0].process.pid)
-    timings = out / "_staging" / run_id / "timings"
     lost: list[list[str]] = []
 
     def kill_worker_node_when_busy() -> None:
@@ -407,7 +410,7 @@ def test_node_lost_mid_job_every_upload_exactly_one_row(local_gallery, tmp_path)
                     continue
                 if "Moderator" in cmd and "__init__" not in cmd:
                     busy.append(cmd)
-            done = len(list(timings.glob("*.json"))) if timings.exists() else 0
+            done = len(list(out.glob(f"_staging/*/{run_id}/timings/*.json")))
             if busy and done >= 2:
                 cluster.remove_node(worker, allow_graceful=False)
                 lost.append(busy)

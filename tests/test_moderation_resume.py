@@ -179,7 +179,7 @@ def test_the_sweep_keeps_a_killed_owners_stage_and_removes_what_nothing_can_use(
     done = _claimed_stage(out, "20260704T000001-dddddddd", _fp(partition="2026-07-04"))
     out.write_text(f"{S.stage_key(done.stage)}/{S.VOID}", "x")
     for r in (killed, lost, winner):
-        for run, folder in S.attempts(out, next(f for f in S.staged_folders(out) if f.name == r.stage)):
+        for _run, folder in S.attempts(out, next(f for f in S.staged_folders(out) if f.name == r.stage)):
             out.write_text(f"{folder}/started", str(time.time() - 7200))  # two hours ago
     gone = S.sweep_staging(out, keep="20260705T000000-eeeeeeee")
     assert sorted(gone) == sorted([lost.stage, done.stage])
