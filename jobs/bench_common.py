@@ -189,14 +189,17 @@ class VectorFactory:
 
     def pooled(self, n: int, chunk: int = 65536, held_out: bool = False) -> np.ndarray:
         """``(n, C)`` float32 resampled pooled features of the gallery bases (``held_out``: of the
-        query bases), drawn in chunks."""
+        query bases), drawn in chunks; :attr:`last_bases` holds each row's base."""
         bases = self.query_bases if held_out else self.gallery_bases
         out = np.empty((n, bases.shape[1]), np.float32)
+        self.last_bases = np.empty(n, np.int64)
         for i in range(0, n, chunk):
             m = min(chunk, n - i)
-            b = bases[self.rng.integers(0, len(bases), m)]
+            idx = self.rng.integers(0, len(bases), m)
+            b = bases[idx]
             jitter = np.exp(self.sigma * self.rng.standard_normal(b.shape, dtype=np.float32) - self.sigma ** 2 / 2)
             out[i:i + m] = np.clip(b * jitter, 1e-6, None)
+            self.last_bases[i:i + m] = idx
         return out
 
     def _heads(self, pooled: np.ndarray, head: str) -> np.ndarray:
@@ -214,7 +217,10 @@ class VectorFactory:
         return np.concatenate(out).astype(np.float32)
 
     def gallery(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(pooled, 128-d, 512-d)`` of ``n`` entries; :attr:`gallery_base` holds each entry's
+        base photo: entries of one base are near-duplicates, one picture stored many times."""
         P = self.pooled(n)
+        self.gallery_base = self.last_bases.copy()
         return P, self._heads(P, "a1"), self._heads(P, "red")
 
     def _displaced(self, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

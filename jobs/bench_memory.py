@@ -106,4 +106,5 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     q = bench_subparsers.add_parser("memory")
     q.add_argument("--gallery-size", type=int, default=1_000_000)
     q.add_argument("--photos", action="append", metavar="DIR", help=photos_help("the vectors' statistics come from them"))
+    q.add_argument("--workdir", default=None, help="output folder (default bench-out); caches the photos' pooled statistics")
     q.set_defaults(fn=cli_bench_memory)

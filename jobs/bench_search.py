@@ -31,6 +31,17 @@ class _SearchQueries:
     fine: float
     coarse_threshold: float
     k: int
+    base: np.ndarray | None = None  # gallery row -> its base photo: a top-1 of the true row's base is correct
+
+    def correct(self, I1: np.ndarray) -> np.ndarray:
+        """``(n,)`` top-1 rows -> whether each is the query's picture (its row, or a row of its base)."""
+        t = self.truth
+        if self.base is None:
+            return (I1 == t) & (t >= 0)
+        ok = (t >= 0) & (I1 >= 0)
+        out = np.zeros(len(t), bool)
+        out[ok] = self.base[I1[ok]] == self.base[t[ok]]
+        return out
 
     @property
     def n(self) -> int:
@@ -41,10 +52,10 @@ class _SearchQueries:
         return self.truth >= 0
 
     def recall1(self, I: np.ndarray) -> float:
-        return float((I[self.pos, 0] == self.truth[self.pos]).mean())
+        return float(self.correct(I[:, 0])[self.pos].mean())
 
     def flags(self, I: np.ndarray, D: np.ndarray) -> np.ndarray:
-        return self.pos & (I[:, 0] == self.truth) & (D[:, 0] - self.offset >= self.fine)
+        return self.pos & self.correct(I[:, 0]) & (D[:, 0] - self.offset >= self.fine)
 
 
 @dataclass
@@ -76,7 +87,7 @@ def _search_vectors(n: int, n_queries: int, photos: list[Path] | None, out_dir: 
     norm, fine = ScoreNorm.from_dict(card.thresholds.get("norm")), float(card.thresholds["fine"])
     bank = load_background(None, card)
     offset = norm.beta * background_term(q512, bank.f512 if bank is not None else None, norm.k)
-    return card, g128, g512, _SearchQueries(q128, q512, truth, offset, fine, thr_c, k)
+    return card, g128, g512, _SearchQueries(q128, q512, truth, offset, fine, thr_c, k, vf.gallery_base)
 
 
 def _exhaustive_row(g512: np.ndarray, qs: _SearchQueries) -> tuple[dict[str, Any], _Exhaustive]:
@@ -122,7 +133,7 @@ def _run_cascade(idx: Any, qs: _SearchQueries, k: int) -> tuple[np.ndarray, np.n
     if surv.any():
         Fs[surv] = idx.score_fine(qs.q512[surv], Ic[surv])
     parts = {"coarse": t2 - t1, "rerank": time.perf_counter() - t2,
-             "hit": float((Ic[qs.pos] == qs.truth[qs.pos][:, None]).any(axis=1).mean())}
+             "hit": float(np.stack([qs.correct(Ic[:, j]) for j in range(Ic.shape[1])], axis=1)[qs.pos].any(axis=1).mean())}
     best = np.argmax(Fs, axis=1)
     out = np.take_along_axis(Ic, best[:, None], 1)
     out[~surv] = -1
@@ -200,4 +211,5 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--gallery-size", type=int, default=1_000_000)
     q.add_argument("--queries", type=int, default=2000)
     q.add_argument("--photos", action="append", metavar="DIR", help=photos_help("the vectors' statistics come from them"))
+    q.add_argument("--workdir", default=None, help="output folder (default bench-out); caches the photos' pooled statistics")
     q.set_defaults(fn=cli_bench_search)

@@ -280,6 +280,37 @@ class KeypointTable:
                      "desc": np.ascontiguousarray(self.desc, np.uint8)})
 
     @classmethod
+    def mapped(cls, path: str) -> KeypointTable:
+        """A stored table memory-mapped read-only from a local file (whose checksum the caller has
+        checked): the descriptors stay on disk, in the page cache every process on the node
+        shares, and only the candidates verified are ever read. ``ValueError`` if malformed."""
+        import json
+        import struct
+
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                if not 0 < n < (64 << 20):
+                    raise ValueError("not a safetensors file")
+                header = json.loads(f.read(n))
+            dtypes = {"I64": "<i8", "F16": "<f2", "U8": "u1"}
+            arrays = {}
+            for name in ("ids", "offsets", "xy", "desc"):
+                h = header[name]
+                a, b = h["data_offsets"]
+                shape = tuple(h["shape"])
+                arr = np.memmap(path, dtype=dtypes[h["dtype"]], mode="r", offset=8 + n + a, shape=shape) \
+                    if b > a else np.zeros(shape, dtypes[h["dtype"]])
+                if arr.nbytes != b - a:
+                    raise ValueError(f"{name}: {b - a} bytes for shape {shape}")
+                arrays[name] = arr
+            return cls(np.asarray(arrays["ids"], np.int64), np.asarray(arrays["offsets"], np.int64), arrays["xy"],
+                       arrays["desc"])
+        except (KeyError, ValueError, TypeError, OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"malformed keypoint file: {e}") from None
+
+    @classmethod
     def from_bytes(cls, b: bytes) -> KeypointTable:
         """Read a stored table; anything malformed is a ``ValueError`` (the loader reports it as a corrupt file)."""
         from safetensors.numpy import load
