@@ -170,20 +170,26 @@ class VectorFactory:
     photos (its 512-d per-pair rate at the fine threshold was ~2,000x the real one: ``modscan bench
     scale``'s synthetic check), so every vector here is a *real* photo's pooled feature (its
     *base*) with multiplicative jitter ``exp(sigma * N(0, 1))`` per channel, pushed through the
-    model's heads. The photos are split once: gallery entries resample the ``1 - holdout`` gallery
-    bases; queries without a match resample the held-out bases (never in the gallery, so they are
-    unrelated to every entry, as a real unrelated upload is) displaced by a real edit displacement,
-    like queries with a match. Entries of one base are alike (a gallery of N entries from B bases
-    repeats each about N / B times): per-pair score tails follow the photos', but near-duplicate
-    structure is denser than in a real gallery."""
+    model's heads. The photos are split once: the gallery's distractors resample the ``1 -
+    holdout`` gallery bases; half of the held-out photos are references stored once each (the true
+    matches of the queries with a match, which are edited copies of them: real edit displacements);
+    the other half are the queries without a match (never in the gallery, so unrelated to every
+    entry, as a real unrelated upload is), displaced the same way. Distractors of one base are
+    alike (N entries from B bases repeat each about N / B times): per-pair score tails follow the
+    photos', but the distractors' near-duplicate structure is denser than a real gallery's."""
 
     def __init__(self, stats: dict[str, Any], seed: int = 0, holdout: float = 0.2, sigma: float = 0.1) -> None:
         self.s = stats
         self.rng = np.random.default_rng(seed)
         P = np.asarray(stats["P"], np.float32)
         order = np.random.default_rng(12345).permutation(len(P))  # one split, whatever the seed
-        n_held = max(1, int(round(holdout * len(P))))
-        self.query_bases, self.gallery_bases = P[order[:n_held]], P[order[n_held:]]
+        n_held = max(2, int(round(holdout * len(P))))
+        held = P[order[:n_held]]
+        # held-out photos: half are unrelated queries, half are references stored exactly once (the
+        # true matches of the queries with a match: unique in the gallery, as a real reference is)
+        self.query_bases, self.reference_bases = held[: n_held // 2], held[n_held // 2:]
+        self.gallery_bases = P[order[n_held:]]
+        self.reference_rows = np.zeros(0, np.int64)
         self.sigma = float(sigma)
         self.mu = P.mean(0)
 
@@ -219,8 +225,13 @@ class VectorFactory:
     def gallery(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(pooled, 128-d, 512-d)`` of ``n`` entries; :attr:`gallery_base` holds each entry's
         base photo: entries of one base are near-duplicates, one picture stored many times."""
-        P = self.pooled(n)
-        self.gallery_base = self.last_bases.copy()
+        n_ref = min(len(self.reference_bases), max(n // 2, 1))
+        P = self.pooled(n - n_ref)
+        base = self.last_bases.copy()
+        jitter = np.exp(self.sigma * self.rng.standard_normal((n_ref, P.shape[1]), dtype=np.float32) - self.sigma ** 2 / 2)
+        P = np.concatenate([P, np.clip(self.reference_bases[:n_ref] * jitter, 1e-6, None)])
+        self.reference_rows = np.arange(n - n_ref, n)
+        self.gallery_base = np.concatenate([base, len(self.gallery_bases) + np.arange(n_ref)])
         return P, self._heads(P, "a1"), self._heads(P, "red")
 
     def _displaced(self, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -229,8 +240,10 @@ class VectorFactory:
         return np.clip(P + self.s["d_lo"][j], 1e-6, None), np.clip(P + self.s["d_hi"][j], 1e-6, None)
 
     def queries(self, P_gallery: np.ndarray, n_pos: int, n_neg: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """-> (q128 from adapter 2, q512, true gallery row or -1)."""
-        src = self.rng.integers(0, len(P_gallery), n_pos)
+        """-> (q128 from adapter 2, q512, true gallery row or -1). A query with a match is an
+        edited copy of one of the references stored once (:attr:`reference_rows`)."""
+        rows = self.reference_rows if len(self.reference_rows) else np.arange(len(P_gallery))
+        src = rows[self.rng.integers(0, len(rows), n_pos)]
         lo, hi = self._displaced(P_gallery[src])
         nlo, nhi = self._displaced(self.pooled(n_neg, held_out=True))
         q128 = np.concatenate([self._heads(lo, "a2"), self._heads(nlo, "a2")])
