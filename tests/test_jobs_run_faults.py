@@ -253,7 +253,7 @@ def test_driver_killed_during_the_write_then_rerun(local_gallery, tmp_path) -> N
     deadline = time.time() + 240
     killed = False
     while time.time() < deadline and p.poll() is None:
-        staged = list((out / "_staging").glob("*/data/*.parquet")) if (out / "_staging").exists() else []
+        staged = list((out / "_staging").glob("*/*/data/*.parquet")) if (out / "_staging").exists() else []
         if staged:
             os.killpg(p.pid, signal.SIGKILL)
             killed = True

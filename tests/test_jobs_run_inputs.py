@@ -425,7 +425,7 @@ def test_a_modscan_error_raised_in_an_actor_reaches_the_cli_as_its_own_line(caps
     assert rc == 1, err[-3000:]
     assert line.startswith("modscan moderate: error: checksum mismatch for ") and "shard-001.rerank.safetensors" in line
     assert line.endswith("refusing to load)"), line  # the error's own message: no Ray traceback or retry advice
-    assert not (out / f"dt={DAY}").exists() and not list((out / "_staging").glob("*/data/*"))
+    assert not (out / f"dt={DAY}").exists() and not list((out / "_staging").glob("**/data/*"))
 
 
 def test_manifest_rows_forbidden_keys_are_never_read(ray_cluster, gallery, tmp_path) -> None:
