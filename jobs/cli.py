@@ -39,6 +39,12 @@ def _nightly(a: argparse.Namespace) -> int:
     return cli_nightly(a)
 
 
+def _hourly(a: argparse.Namespace) -> int:
+    from jobs.moderate_cmd import cli_hourly
+
+    return cli_hourly(a)
+
+
 def _backfill(a: argparse.Namespace) -> int:
     from jobs.moderate_cmd import cli_backfill
 
@@ -59,7 +65,7 @@ def _evaluate(a: argparse.Namespace) -> int:
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gallery", required=True, help="gallery root URI (local path or s3://bucket/prefix)")
-    p.add_argument("--output", required=True, help="flags root URI; partitions go under dt=YYYY-MM-DD/")
+    p.add_argument("--output", required=True, help="flags root URI; partitions go under dt=YYYY-MM-DD/ (hours: .../hour=HH/)")
     p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
     p.add_argument("--config", default=None, help="TOML job config (see configs/moderate.toml)")
     p.add_argument("--batch-size", type=int, default=None)
@@ -70,6 +76,9 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
                    help="commit an empty partition when the input holds nothing (default: fail, so a scheduler retries)")
     p.add_argument("--restart", action="store_true",
                    help="start the partition over: do not resume the finished chunks a killed run of it left")
+    p.add_argument("--allow-mixed-day", action="store_true",
+                   help="write a day partition next to hourly ones of that date, or an hour next to its day "
+                        "(refused by default: a day-level reader reads the rows of both)")
 
 
 def _add_audit_args(p: argparse.ArgumentParser) -> None:
@@ -144,10 +153,11 @@ def _add_gallery_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_moderate_parsers(sub: argparse._SubParsersAction) -> None:
-    """moderate, nightly and backfill: the job, for one day, yesterday or a date range."""
-    p = sub.add_parser("moderate", help="check one day of uploads and write its flags partition")
+    """moderate, nightly, hourly and backfill: the job, for one day or hour, yesterday, the last hour, or a range."""
+    p = sub.add_parser("moderate", help="check one day (or hour) of uploads and write its flags partition")
     p.add_argument("--input", required=True, help="prefix (local/s3://) or a .parquet/.csv manifest of keys")
     p.add_argument("--date", required=True, help="partition date YYYY-MM-DD")
+    p.add_argument("--hour", default=None, help="an hour of --date (00-23, UTC): write dt=D/hour=HH instead of the day")
     _add_job_args(p)
     p.set_defaults(fn=_moderate)
 
@@ -158,10 +168,17 @@ def _add_moderate_parsers(sub: argparse._SubParsersAction) -> None:
     _add_job_args(p)
     p.set_defaults(fn=_nightly)
 
-    p = sub.add_parser("backfill", help="moderate a date range, one partition per day, resumable")
-    p.add_argument("--input-template", required=True)
-    p.add_argument("--from", dest="date_from", required=True)
-    p.add_argument("--to", dest="date_to", required=True)
+    p = sub.add_parser("hourly", help="moderate the last full hour's uploads (UTC) into dt=D/hour=HH (idempotent)")
+    p.add_argument("--input-template", required=True,
+                   help="input URI with {date} and {hour}, e.g. s3://uploads/{date}/{hour}/")
+    p.add_argument("--at", default=None, help="the hour YYYY-MM-DDTHH (default: the last full hour, UTC)")
+    _add_job_args(p)
+    p.set_defaults(fn=_hourly)
+
+    p = sub.add_parser("backfill", help="moderate a range of days or hours, one partition each, resumable")
+    p.add_argument("--input-template", required=True, help="input URI with {date} (and {hour} for a range of hours)")
+    p.add_argument("--from", dest="date_from", required=True, help="YYYY-MM-DD, or YYYY-MM-DDTHH for hourly partitions")
+    p.add_argument("--to", dest="date_to", required=True, help="YYYY-MM-DD, or YYYY-MM-DDTHH (same form as --from)")
     p.add_argument("--force", action="store_true", help="redo days that are already committed")
     _add_job_args(p)
     p.set_defaults(fn=_backfill)

@@ -1,7 +1,9 @@
-"""``modscan moderate|nightly|backfill``: one day, yesterday, or a range of days, one partition each.
+"""``modscan moderate|nightly|hourly|backfill``: one day or hour, yesterday, the last full hour, or
+a range of days or hours, one partition each.
 
 The command-line side of :mod:`jobs.run`: flags -> :class:`~jobs.job_config.JobConfig`, input
-templates with ``{date}``, and the backfill loop (resumable: committed days are skipped).
+templates with ``{date}`` (and ``{hour}`` for hours), and the backfill loop (resumable:
+committed partitions are skipped, and an interrupted one resumes from its finished chunks).
 """
 
 from __future__ import annotations
@@ -23,18 +25,37 @@ def _cfg(a: argparse.Namespace) -> JobConfig:
                                allow_empty_input=True if getattr(a, "allow_empty", False) else None)
 
 
-def _from_template(template: str, dt: str) -> str:
+def _from_template(template: str, part: str) -> str:
+    """The input of partition ``part``: ``{date}`` filled in, and ``{hour}`` (``00``-``23``) for an hour."""
+    dt, hour = F.split_partition(part)
+    fields = {"date": dt} if hour is None else {"date": dt, "hour": f"{hour:02d}"}
     try:
-        return template.format(date=dt)
+        return template.format(**fields)
     except (KeyError, IndexError, ValueError) as e:
-        raise UsageError(f"--input-template {template!r}: only {{date}} can be filled in ({plain_message(e)})") from None
+        what = "{date}" if hour is None else "{date} and {hour}"
+        raise UsageError(f"--input-template {template!r}: only {what} can be filled in ({plain_message(e)})") from None
+
+
+def _run(a: argparse.Namespace, input_uri: str, part: str, cfg: JobConfig | None = None) -> dict:
+    """One partition with the job flags of ``a``; prints the summary."""
+    info = moderate(input_uri, a.gallery, a.output, part, a.model, cfg or _cfg(a), a.ray_address,
+                    signatures_uri=a.signatures, restart=a.restart, allow_mixed_day=a.allow_mixed_day)
+    print(summary(info))
+    return info
 
 
 def cli_moderate(a: argparse.Namespace) -> int:
     dt = F.valid_date(a.date, "--date")
-    info = moderate(a.input, a.gallery, a.output, dt, a.model, _cfg(a), a.ray_address, signatures_uri=a.signatures,
-                    restart=a.restart)
-    print(summary(info))
+    _run(a, a.input, F.hour_partition(dt, a.hour) if a.hour is not None else dt)
+    return 0
+
+
+def cli_hourly(a: argparse.Namespace) -> int:
+    """The last full hour (UTC), or ``--at``: one ``dt=D/hour=HH`` partition."""
+    part = F.valid_partition(a.at, "--at") if a.at is not None else F.previous_hour()
+    if not F.is_hourly(part):
+        raise UsageError(f"--at {a.at!r} is not an hour in the form YYYY-MM-DDTHH (e.g. 2026-02-05T13)")
+    _run(a, _from_template(a.input_template, part), part)
     return 0
 
 
@@ -46,9 +67,7 @@ def yesterday() -> str:
 def cli_nightly(a: argparse.Namespace) -> int:
     dt = F.valid_date(a.date, "--date") if a.date is not None else yesterday()
     cfg = _cfg(a)
-    info = moderate(_from_template(a.input_template, dt), a.gallery, a.output, dt, a.model, cfg, a.ray_address,
-                    signatures_uri=a.signatures, restart=a.restart)
-    print(summary(info))
+    info = _run(a, _from_template(a.input_template, dt), dt, cfg)
     if cfg.retro_days:  # the gallery changed since yesterday's run: re-check the last retro_days days
         from jobs.retro import nightly_retro, summary_lines
 
@@ -60,14 +79,17 @@ def cli_nightly(a: argparse.Namespace) -> int:
 
 def backfill(input_template: str, gallery: str, output: str, date_from: str, date_to: str,
              model_dir: str | None = None, cfg: JobConfig | None = None, force: bool = False,
-             ray_address: str | None = None, signatures_uri: str | None = None, restart: bool = False) -> dict[str, str]:
-    """One partition per day; committed days are skipped unless ``force`` (resumable after a kill).
+             ray_address: str | None = None, signatures_uri: str | None = None, restart: bool = False,
+             allow_mixed_day: bool = False) -> dict[str, str]:
+    """One partition per day, or per hour when ``date_from`` and ``date_to`` are hours
+    (``YYYY-MM-DDTHH``); committed partitions are skipped unless ``force`` (resumable after a kill:
+    the interrupted partition resumes from its finished chunks unless ``restart``).
 
-    A day whose input is missing is never committed (``"missing: ..."``); a day that fails
+    A partition whose input is missing is never committed (``"missing: ..."``); one that fails
     (``"failed: ..."``) does not stop the others. The caller reports both and exits non-zero.
     """
-    days = F.day_range(date_from, date_to)
-    _from_template(input_template, date_from)
+    days = F.partition_range(date_from, date_to)
+    _from_template(input_template, days[0])
     cfg = cfg or JobConfig()
     out = check_output(output)
     result: dict[str, str] = {}
@@ -77,7 +99,7 @@ def backfill(input_template: str, gallery: str, output: str, date_from: str, dat
         else:
             try:
                 info = moderate(_from_template(input_template, dt), gallery, output, dt, model_dir, cfg, ray_address,
-                                signatures_uri=signatures_uri, restart=restart)
+                                signatures_uri=signatures_uri, restart=restart, allow_mixed_day=allow_mixed_day)
                 print(summary(info), flush=True)
                 result[dt] = "done"
             except MissingInput as e:
@@ -90,13 +112,14 @@ def backfill(input_template: str, gallery: str, output: str, date_from: str, dat
 
 def cli_backfill(a: argparse.Namespace) -> int:
     res = backfill(a.input_template, a.gallery, a.output, a.date_from, a.date_to, a.model, _cfg(a), a.force,
-                   a.ray_address, a.signatures, a.restart)
+                   a.ray_address, a.signatures, a.restart, a.allow_mixed_day)
     for dt, s in res.items():
         print(f"{dt}: {s}")
     missing = [dt for dt, s in res.items() if s.startswith("missing")]
     failed = [dt for dt, s in res.items() if s.startswith("failed")]
     if missing or failed:
-        raise ModscanError(f"backfill incomplete: {len(missing)} day(s) with missing input "
+        unit = "hour(s)" if any(F.is_hourly(p) for p in res) else "day(s)"
+        raise ModscanError(f"backfill incomplete: {len(missing)} {unit} with missing input "
                            f"({', '.join(missing) or '-'}), {len(failed)} failed ({', '.join(failed) or '-'}); "
                            f"nothing was committed for them, rerun the same command once they are fixed")
     return 0

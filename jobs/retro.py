@@ -104,7 +104,7 @@ def prepare_retro(gallery_uri: str, since: str, date_from: str, date_to: str, ou
     out = check_output(output_uri)
     sig = open_store(signatures_root(output_uri, signatures_uri))
     todo, skipped, base = [], {}, {}
-    for dt in days:
+    for dt in [p for d in days for p in (F.committed_partitions(out, d) or [d])]:  # a day's hours are re-checked too
         why = _check_day(out, sig, dt, since, current.version, current.model.model_id)
         if why:
             skipped[dt] = why
@@ -125,18 +125,26 @@ def _changed_flags(plan: RetroPlan) -> list[str]:
     found = []
     for dt in plan.days:
         part = F.partition_key(dt)
-        for k in plan.out.list(part):
+        for k in plan.out.list(part, recursive=False):
             if k.endswith(".parquet"):
                 t = pq.read_table(plan.out.path(k), columns=["image_key", "reference_id"], filesystem=plan.out.fs)
                 found += [f"{dt}/{key}" for key in R.flagged_by(t, plan.diff.changed_ids)]
     return found
 
 
+def _partition_of(path: str) -> str:
+    """The partition of a committed file's path: its ``dt=`` folder, and ``hour=`` below it if any."""
+    parts = str(path).split("/")
+    dt = next(p[3:] for p in parts if p.startswith("dt="))
+    hour = next((p[len(F.HOUR_DIR):] for p in parts if p.startswith(F.HOUR_DIR)), None)
+    return dt if hour is None else f"{dt}T{hour}"
+
+
 def _with_dt(batch: dict[str, Any]) -> dict[str, Any]:
-    """Signature rows read with ``include_paths``: the day from the ``dt=`` folder of the path."""
+    """Signature rows read with ``include_paths``: the partition (day or hour) from the path."""
     import numpy as np
 
-    dts = [next(p[3:] for p in str(path).split("/") if p.startswith("dt=")) for path in batch["path"]]
+    dts = [_partition_of(path) for path in batch["path"]]
     return {"dt": np.asarray(dts, object), "image_key": batch["image_key"], "image_uri": batch["image_uri"],
             "coarse_feature": batch["coarse_feature"]}
 
@@ -187,7 +195,7 @@ def _stage_day(plan: RetroPlan, dt: str, run_id: str, rows: dict[str, dict[str, 
     out, part = plan.out, F.partition_key(dt)
     keys: set[str] = set()
     total = R.MergeCounts()
-    files = [k for k in out.list(part) if k.endswith(".parquet")]
+    files = [k for k in out.list(part, recursive=False) if k.endswith(".parquet")]  # a day's own, never its hours'
     for i, k in enumerate(files):
         t = pq.read_table(out.path(k), filesystem=out.fs)
         file_keys = t.column("image_key").to_pylist()
@@ -230,7 +238,8 @@ def commit_day(plan: RetroPlan, dt: str, rows: dict[str, dict[str, Any]], summar
         F.check_owner(out, dt, run_id)
     except Exception as e:
         _fail_day(out, dt, run_id, e)
-    info = {**summary, "run_id": run_id, "dt": dt, "replaces_run": plan.base_runs[dt], "inputs": len(keys),
+    info = {**summary, "run_id": run_id, "dt": F.split_partition(dt)[0], "hour": F.split_partition(dt)[1],
+            "partition": F.partition_key(dt), "replaces_run": plan.base_runs[dt], "inputs": len(keys),
             "counts": verified, "retro_counts": vars(counts), "flood_guard": flood.to_dict(),
             "finished_at": _dt.datetime.now(_dt.UTC).isoformat()}
     verified.pop("files", None)

@@ -29,6 +29,7 @@ from pipeline.ingest.storage import Store, open_store, redact
 from pipeline.moderation import flags as F
 from pipeline.moderation.floodguard import FloodReport, guard_files
 from pipeline.moderation.floodguard import summary_lines as flood_summary_lines
+from pipeline.moderation.partitions import check_mixed_day
 from pipeline.moderation.resume import (
     ChunkProgress,
     ChunkRecord,
@@ -54,8 +55,9 @@ log = logging.getLogger(__name__)
 
 
 def new_run_id(dt: str) -> str:
-    """A fresh run id for date ``dt``: ``YYYYMMDDTHHMMSS-<8 hex>`` (UTC start time, random suffix)."""
-    return f"{dt.replace('-', '')}T{_dt.datetime.now(_dt.UTC).strftime('%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    """A fresh run id for partition ``dt``: ``YYYYMMDDTHHMMSS-<8 hex>`` for a day,
+    ``YYYYMMDDhHHTHHMMSS-<8 hex>`` for an hour (UTC start time, random suffix)."""
+    return f"{F.compact(dt)}T{_dt.datetime.now(_dt.UTC).strftime('%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
 def sum_timings(st: Store) -> dict[str, float]:
@@ -175,13 +177,14 @@ def _open_resume(out: Store, dt: str, run_id: str, plan_in: InputPlan, chunks: C
 
 def prepare_run(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_dir: str | None = None,
                 cfg: JobConfig | None = None, run_id: str | None = None,
-                signatures_uri: str | None = None, restart: bool = False) -> RunPlan:
-    """Every check that needs no cluster: date, config, input (listed or manifest read: every row
-    decided), model, gallery (version pinned), output (created, this run made owner of the
-    partition, the stage of a killed run joined unless ``restart``). Raises
+                signatures_uri: str | None = None, restart: bool = False, allow_mixed_day: bool = False) -> RunPlan:
+    """Every check that needs no cluster: partition (a day, or an hour ``YYYY-MM-DDTHH``), config,
+    input (listed or manifest read: every row decided), model, gallery (version pinned), output
+    (created; a day and its hours are not mixed unless ``allow_mixed_day``; this run made owner of
+    the partition, the stage of a killed run joined unless ``restart``). Raises
     :class:`~pipeline.errors.ModscanError`."""
     t_start = time.time()
-    F.valid_date(dt, "date")
+    dt = F.valid_partition(dt, "date")
     cfg = cfg or JobConfig()
     plan_in = check_input(input_uri, allowed_prefixes=cfg.allowed_input_prefixes,
                           image_extensions_only=cfg.image_extensions_only, allow_empty=cfg.allow_empty_input)
@@ -193,6 +196,7 @@ def prepare_run(input_uri: str, gallery_uri: str, output_uri: str, dt: str, mode
         raise ModscanError(f"model {model_dir or '(shipped)'} cannot be read: {plain_message(e, 300)}") from None
     version = _check_gallery(gallery_uri, card.version_id, cfg.verify_gallery)
     out = check_output(output_uri)
+    check_mixed_day(out, dt, allow_mixed_day)
     sig = check_output(signatures_root(output_uri, signatures_uri)) if cfg.write_signatures else None
     run_id = run_id or new_run_id(dt)
     decode_cfg = DecodeConfig.for_model(card.config, base=cfg.decode)
@@ -270,7 +274,7 @@ def _fail(plan: RunPlan, e: Exception) -> NoReturn:
     if taken is not None:  # superseded: what it staged and recorded is the new owner's to use or remove
         for st in (plan.out, plan.signatures):
             if st is not None:
-                F.remove_own_attempt(st, plan.resume.stage, plan.run_id, plan.folder)
+                F.remove_own_attempt(st, plan.resume.stage, plan.run_id, plan.folder, records=plan.out)
         if not isinstance(e, F.PartitionTakenError):
             raise taken from e
     raise_worker_error(e)
@@ -291,8 +295,10 @@ def _run_info(plan: RunPlan, moderator: type[Moderator], t_pipeline: float, reso
     out, cfg, n = plan.out, plan.cfg, plan.input.rows
     timings = sum_timings(out.child(f"{plan.folder}/timings")) if out.exists(f"{plan.folder}/timings") else {}
     resume = _resume_info(plan, timings)
+    day, hour = F.split_partition(plan.dt)
     run_info = {
-        "run_id": plan.run_id, "dt": plan.dt, "input": redact(plan.input.uri), "gallery": redact(plan.gallery_uri),
+        "run_id": plan.run_id, "dt": day, "hour": hour, "partition": F.partition_key(plan.dt),
+        "input": redact(plan.input.uri), "gallery": redact(plan.gallery_uri),
         "output": redact(plan.output_uri), "model_version": plan.model_version,
         "gallery_version": plan.gallery_version, "inputs": n, "skipped": plan.input.skipped_counts(),
         "skipped_examples": {r: names[:5] for r, names in sorted(plan.input.skipped.items()) if names},
@@ -314,7 +320,8 @@ def _run_info(plan: RunPlan, moderator: type[Moderator], t_pipeline: float, reso
 
 def _signature_info(run_info: dict[str, Any]) -> dict[str, Any]:
     """The ``_run.json`` of a signature partition: the run's identity and the signatures' counts."""
-    keep = ("run_id", "dt", "input", "gallery", "output", "model_version", "gallery_version", "inputs", "finished_at")
+    keep = ("run_id", "dt", "hour", "partition", "input", "gallery", "output", "model_version", "gallery_version",
+            "inputs", "finished_at")
     return {**{k: run_info[k] for k in keep}, **run_info["signatures"]}
 
 
@@ -383,12 +390,14 @@ def execute_run(plan: RunPlan, ray_address: str | None = None, review: bool = Tr
 def moderate(input_uri: str, gallery_uri: str, output_uri: str, dt: str, model_dir: str | None = None,
              cfg: JobConfig | None = None, ray_address: str | None = None, review: bool = True,
              run_id: str | None = None, moderator: type[Moderator] | None = None,
-             signatures_uri: str | None = None, restart: bool = False) -> dict[str, Any]:
-    """Run one partition: :func:`prepare_run` then :func:`execute_run` (``moderator``: the actor
-    class, default :class:`~pipeline.moderation.moderator.Moderator`; ``signatures_uri``: default
-    ``OUTPUT/_signatures``; ``restart``: never resume a killed run's chunks). Returns the
-    ``_run.json`` content."""
-    plan = prepare_run(input_uri, gallery_uri, output_uri, dt, model_dir, cfg, run_id, signatures_uri, restart)
+             signatures_uri: str | None = None, restart: bool = False, allow_mixed_day: bool = False) -> dict[str, Any]:
+    """Run one partition, a day or an hour ``YYYY-MM-DDTHH``: :func:`prepare_run` then
+    :func:`execute_run` (``moderator``: the actor class, default
+    :class:`~pipeline.moderation.moderator.Moderator`; ``signatures_uri``: default
+    ``OUTPUT/_signatures``; ``restart``: never resume a killed run's chunks; ``allow_mixed_day``:
+    write a day next to its hours, or an hour next to its day). Returns the ``_run.json`` content."""
+    plan = prepare_run(input_uri, gallery_uri, output_uri, dt, model_dir, cfg, run_id, signatures_uri, restart,
+                       allow_mixed_day)
     return execute_run(plan, ray_address, review, moderator)
 
 
@@ -396,7 +405,8 @@ def summary(info: dict[str, Any]) -> str:
     """The lines ``modscan moderate`` prints for a finished run (its ``_run.json`` content)."""
     c = info["counts"]
     lines = [
-        f"modscan: dt={info['dt']} run={info['run_id']} model={info['model_version']} gallery={info['gallery_version']}",
+        f"modscan: {info.get('partition') or 'dt=' + info['dt']} run={info['run_id']} model={info['model_version']} "
+        f"gallery={info['gallery_version']}",
         f"  {info['inputs']} uploads -> {c['rows']} rows in {info['wall_seconds']:.1f}s "
         f"({info['images_per_second']} images/s in the pipeline); {info['survivors']} went to the 512-d rerank",
         f"  status: {json.dumps(c['by_status'])}  action: {json.dumps(c['by_action'])}",

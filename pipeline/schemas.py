@@ -60,6 +60,7 @@ FLAG_SCHEMA = pa.schema([
     pa.field("image_key", pa.string(), nullable=False),   # object key relative to the input root
     pa.field("image_sha256", pa.string()),                # of the bytes read; null if unreadable
     pa.field("dt", pa.string(), nullable=False),          # partition date YYYY-MM-DD
+    pa.field("hour", pa.int32()),                         # hour (UTC) of an hourly partition dt=D/hour=HH/; null for a day
     pa.field("status", pa.string(), nullable=False),      # Status
     pa.field("action", pa.string(), nullable=False),      # filter | downrank | review | none
     pa.field("bank", pa.string()),                        # matched bank (or winning allow bank)
@@ -93,11 +94,13 @@ FLAG_SCHEMA = pa.schema([
     pa.field("match_rule", pa.string()),                  # MatchRule: how the descriptor's decision was reached
 ])
 
-# The partition column lives in the path (dt=YYYY-MM-DD/), hive style, not inside the files:
-# pandas/pyarrow/DuckDB readers of the output root get it back as a column. A copy inside the
-# files would clash with the path's (pyarrow refuses to merge string with dictionary).
+# The partition columns live in the path (dt=YYYY-MM-DD/, and hour=HH/ below it for an hourly
+# partition), hive style, not inside the files: pandas/pyarrow/DuckDB readers of the output root
+# get them back as columns. A copy inside the files would clash with the path's (pyarrow refuses
+# to merge string with dictionary).
 PARTITION_COLUMN = "dt"
-FILE_SCHEMA = pa.schema([f for f in FLAG_SCHEMA if f.name != PARTITION_COLUMN])
+PARTITION_COLUMNS = (PARTITION_COLUMN, "hour")
+FILE_SCHEMA = pa.schema([f for f in FLAG_SCHEMA if f.name not in PARTITION_COLUMNS])
 
 # One row per searched upload of a run (decoded, not low content): what `modscan retro` matches
 # later changes of the gallery against without re-reading the image (pipeline/moderation/signatures.py).

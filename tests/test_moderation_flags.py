@@ -163,3 +163,58 @@ def test_day_range_is_inclusive_and_checks_both_dates() -> None:
     for date_from, date_to, flag in (("2026-6-01", DAY, "--from"), (DAY, "2026-06-31", "--to")):
         with pytest.raises(UsageError, match=flag):
             F.day_range(date_from, date_to)
+
+
+# --------------------------------------------------------------------------------------------
+# Partitions: days and hours
+# --------------------------------------------------------------------------------------------
+def test_partition_names_days_and_hours() -> None:
+    import datetime as dt
+
+    from pipeline.errors import UsageError
+
+    assert F.valid_partition("2026-06-01T07") == "2026-06-01T07" and F.valid_partition(DAY) == DAY
+    assert F.partition_key("2026-06-01T07") == "dt=2026-06-01/hour=07" and F.partition_key(DAY) == "dt=2026-06-01"
+    assert F.compact("2026-06-01T07") == "20260601h07" and F.compact(DAY) == "20260601"
+    from pipeline.moderation.partitions import conflicts, from_compact
+
+    assert from_compact("20260601h07T101010-abcd") == "2026-06-01T07" and from_compact("20260601-ab12") == DAY
+    assert from_compact("retro-x") is None and from_compact("20261301T000000-a") is None
+    for bad in ("2026-06-01T24", "2026-06-01T7", "2026-06-01 07", "2026-06-31T01"):
+        with pytest.raises(UsageError):
+            F.valid_partition(bad, "--at")
+    assert F.partition_range("2026-06-01T22", "2026-06-02T01") == [
+        "2026-06-01T22", "2026-06-01T23", "2026-06-02T00", "2026-06-02T01"]
+    assert F.partition_range(DAY, "2026-06-02") == [DAY, "2026-06-02"]
+    with pytest.raises(UsageError, match="two days .* or two hours"):
+        F.partition_range(DAY, "2026-06-01T05")
+    assert F.previous_hour(dt.datetime(2026, 6, 2, 0, 14, tzinfo=dt.UTC)) == "2026-06-01T23"
+    assert F.owner_key("2026-06-01T07") != F.owner_key(DAY)
+    assert conflicts(DAY, "2026-06-01T07") and not conflicts("2026-06-01T06", "2026-06-01T07")
+
+
+def test_a_day_and_its_hours_are_not_mixed_unless_asked_and_a_mixed_day_reads_both(tmp_path) -> None:
+    from pipeline.errors import UsageError
+    from pipeline.moderation.partitions import check_mixed_day
+
+    out = open_store(str(tmp_path / "flags"), create=True)
+    hour = "2026-06-01T07"
+    for part, run, keys in ((hour, "20260601h07T000001-aaaa", ["a", "b"]), ("2026-06-01T08", "20260601h08T000001-bbbb", ["c"])):
+        F.claim_partition(out, part, run)
+        _stage(out, run, keys)
+        F.commit_partition(out, part, run, {"run_id": run})
+    with pytest.raises(UsageError, match="dt=2026-06-01 already holds hourly partitions .*--allow-mixed-day"):
+        check_mixed_day(out, DAY, allow=False)
+    check_mixed_day(out, DAY, allow=True)
+    day_run = "20260601T000001-cccc"
+    F.claim_partition(out, DAY, day_run)
+    _stage(out, day_run, ["a", "d"])  # a day run that read "a" too: a mixed day holds its row twice
+    F.commit_partition(out, DAY, day_run, {"run_id": day_run})
+    with pytest.raises(UsageError, match="dt=2026-06-01 already holds a day partition"):
+        check_mixed_day(out, "2026-06-01T09", allow=False)
+    assert out.exists(f"dt={DAY}/_SUCCESS") and out.exists("dt=2026-06-01/hour=07/_SUCCESS")
+    df = F.read_flags(out.uri, DAY)
+    assert sorted(zip(df["image_key"], df["hour"].fillna(-1).astype(int))) == [
+        ("a", -1), ("a", 7), ("b", 7), ("c", 8), ("d", -1)]
+    assert sorted(F.read_flags(out.uri, hour)["image_key"]) == ["a", "b"]
+    assert len(pd.read_parquet(tmp_path / "flags", filters=[("dt", "=", DAY)])) == 5

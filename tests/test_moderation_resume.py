@@ -169,6 +169,12 @@ def test_a_cleanup_keeps_the_stage_a_newer_owner_may_be_resuming(tmp_path) -> No
     assert S.clean_partition(out, DAY, committer=a) == []
     F.remove_own_attempt(out, st.stage, a, S.attempt_key(st.stage, a))  # a failed: its recorded chunk stays
     assert R.read_records(out, st.stage)[0].run_id == a
+    # the signatures of a's chunks too: the flags' chunk records decide, not the signature root's
+    sig = open_store(str(tmp_path / "flags" / "_signatures"), create=True)
+    for run in (a, "20260701T000003-cccccccc"):
+        S.mark_started(sig, S.attempt_key(st.stage, run))
+        F.remove_own_attempt(sig, st.stage, run, S.attempt_key(st.stage, run), records=out)
+    assert [r for r, _ in S.attempts(sig, S.staged_folders(sig)[0])] == [a]
 
 
 def test_the_sweep_keeps_a_killed_owners_stage_and_removes_what_nothing_can_use(tmp_path) -> None:

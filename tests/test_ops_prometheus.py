@@ -50,6 +50,8 @@ def test_render_is_valid_exposition_format_with_every_count() -> None:
     assert s[("modscan_last_success_partition_timestamp_seconds", ())] == 1795564800.0  # 2026-11-25T00:00Z
     info = [k for k in s if k[0] == "modscan_run_info"][0]
     assert dict(info[1])["gallery_version"] == "v000007"
+    hourly = _samples(render({**RUN, "hour": 13}))  # an hourly partition: the start of its hour
+    assert hourly[("modscan_last_success_partition_timestamp_seconds", ())] == 1795564800.0 + 13 * 3600
 
 
 def test_label_values_are_escaped() -> None:

@@ -237,3 +237,34 @@ def test_nightly_with_retro_days_rechecks_days_decided_against_an_older_gallery(
     assert coffee.any() and (after.loc[coffee, "action"] == "filter").all()
     assert rep["totals"]["newly_flagged"] == int(coffee.sum())
     assert nightly_retro(GAL, nightly_out, tonight, newer, cfg) == []  # yesterday is at the current version now
+
+
+def test_retro_re_decides_each_hour_of_an_hourly_day(world) -> None:
+    """A day moderated hour by hour (``dt=D/hour=HH``): ``retro --from D --to D`` re-checks every
+    committed hour of D and re-commits the hours whose decisions changed."""
+    import random
+
+    from jobs.retro import retro
+    from jobs.run import moderate
+    from pipeline import gallery as G
+    from pipeline.evaluation.samples import procedural
+
+    s3, out, day = world["s3"], "s3://flags-retro/hourly", "2026-04-03"
+    rng = random.Random(9)
+    for h in ("10", "11"):
+        for i in range(3):
+            s3.put_object(Bucket="uploads-retro", Key=f"{day}/{h}/other-{h}-{i}.jpg", Body=_jpeg(procedural(rng, (240, 180))))
+    s3.put_object(Bucket="uploads-retro", Key=f"{day}/10/copy-rocket.jpg", Body=_jpeg(Image.fromarray(photo("rocket"))))
+    since = [moderate(f"s3://uploads-retro/{day}/{h}/", GAL, out, f"{day}T{h}", cfg=world["cfg"], review=False)
+             for h in ("10", "11")][0]["gallery_version"]
+    s3.put_object(Bucket="refs-retro", Key="hourly/rocket.jpg", Body=_jpeg(Image.fromarray(photo("rocket")), 95))
+    G.add(world["gal"], "banned", ["s3://refs-retro/hourly/rocket.jpg"], world["card"], world["extract"])
+    rep = retro(GAL, since, day, day, out, cfg=world["cfg"])
+    assert rep["days"] == [f"{day}T10", f"{day}T11"]
+    assert rep["per_day"][f"{day}T10"]["committed"] and not rep["per_day"][f"{day}T11"]["committed"]
+    df = _partition(out, day)  # the day: both hours
+    assert len(df) == 7 and df["image_key"].is_unique and sorted(df["hour"].unique()) == [10, 11]
+    row = df.set_index("image_key").loc["copy-rocket.jpg"]
+    assert row["action"] == "filter" and row["hour"] == 10 and row["previous_action"] == "none"
+    info = json.loads(s3.get_object(Bucket="flags-retro", Key=f"hourly/dt={day}/hour=10/_run.json")["Body"].read())
+    assert info["kind"] == "retro" and (info["dt"], info["hour"], info["partition"]) == (day, 10, f"dt={day}/hour=10")

@@ -21,7 +21,7 @@ Protocol for a run R of partition P under output root O:
    rerun resumes from it.
    * local disk: the new partition folder is built in staging and swapped in by two renames;
      ``_run.json`` is inside before the swap and ``_SUCCESS`` is written last.
-   * S3 (no rename): ``_SUCCESS`` is deleted first, the
+   * S3 (no rename), and a day folder that also holds hours: ``_SUCCESS`` is deleted first, the
      partition's old files deleted, the staged files copied in, then ``_run.json`` and ``_SUCCESS``.
      Readers that need consistency read a partition only when ``_SUCCESS`` exists (or read exactly
      the files ``_run.json`` lists). A write that fails half-way leaves the partition without
@@ -44,8 +44,10 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from pipeline.errors import ModscanError
 from pipeline.ingest.storage import Store
 from pipeline.moderation.partitions import (
+    HOUR_DIR,
     OWNERS,
     RUN_JSON,
     SUCCESS,
@@ -53,11 +55,19 @@ from pipeline.moderation.partitions import (
     PartitionTakenError,
     check_owner,
     claim_partition,
+    committed_partitions,
+    compact,
     day_range,
+    hour_partition,
+    hour_partitions,
     is_committed,
+    is_hourly,
     owner_key,
     partition_key,
     partition_owner,
+    partition_range,
+    previous_hour,
+    split_partition,
     taken_error,
     valid_date,
     valid_partition,
@@ -83,9 +93,10 @@ from pipeline.schemas import FILE_SCHEMA, FLAG_SCHEMA
 log = logging.getLogger(__name__)
 
 __all__ = [  # the commit protocol's names, importable from here as before partitions and staging had modules
-    "COMMIT_STALE_S", "OWNERS", "RUN_JSON", "STAGING", "SUCCESS", "CommitError", "PartitionTakenError", "abandon",
-    "check_owner", "claim_partition", "commit_partition", "committing_heartbeat_age",
-    "day_range", "is_committed", "owner_key", "partition_key", "partition_owner", "read_flags", "read_run",
+    "COMMIT_STALE_S", "HOUR_DIR", "OWNERS", "RUN_JSON", "STAGING", "SUCCESS", "CommitError", "PartitionTakenError", "abandon",
+    "check_owner", "claim_partition", "commit_partition", "committed_partitions", "committing_heartbeat_age",
+    "compact", "day_range", "hour_partition", "hour_partitions", "is_committed", "is_hourly", "partition_range",
+    "previous_hour", "split_partition", "owner_key", "partition_key", "partition_owner", "read_flags", "read_run",
     "read_staged", "staging_key", "sweep_staging", "taken_error", "valid_date", "valid_partition", "verify_staged",
     "wait_for_commits", "write_staged",
 ]
@@ -176,7 +187,8 @@ def _publish_local(out: Store, part: str, folder: str, files: list[str], names: 
 
 def _publish_in_place(out: Store, part: str, folder: str, files: list[str], names: list[str], info: str,
                       beat: Any) -> None:
-    """S3 (no rename): replace the partition's own files, ``_SUCCESS`` removed first and written last."""
+    """S3 (no rename), or a local day folder that also holds hours: replace the partition's own
+    files (never a ``hour=HH/`` folder under a day), ``_SUCCESS`` removed first and written last."""
     out.delete_file(f"{part}/{SUCCESS}")
     for k in list(out.list(part, recursive=False)):
         out.delete_file(k)
@@ -221,7 +233,8 @@ def commit_partition(out: Store, dt: str, run_id: str, run_info: dict[str, Any],
         files = [write_staged(out, run_id, "empty.parquet", schema.empty_table(), schema, folder)]
     names = [f"part-{run_id}-{i:05d}.parquet" for i in range(len(files))]
     info = json.dumps({**run_info, "files": names}, indent=2, default=str) + "\n"
-    if out.is_local:
+    day_with_hours = split_partition(dt)[1] is None and bool(hour_partitions(out, dt))
+    if out.is_local and not day_with_hours:
         _publish_local(out, part, folder, files, names, info)
     else:
         _publish_in_place(out, part, folder, files, names, info, lambda: write_heartbeat(out, folder, since))
@@ -248,33 +261,58 @@ def clean_up_after_commit(out: Store, dt: str, run_id: str, stage: str | None = 
                     partition_key(dt), exc_info=True)
 
 
-def remove_own_attempt(out: Store, stage: str, run_id: str, folder: str) -> None:
-    """After a superseded chunked run failed: remove its attempt unless a chunk record names it (the
-    owner may be resuming from those chunks), then the stage and ``_staging`` folders if empty."""
+def remove_own_attempt(out: Store, stage: str, run_id: str, folder: str, records: Store | None = None) -> None:
+    """After a superseded chunked run failed: remove its attempt folder in ``out`` unless a chunk
+    record of the stage names it (the owner may be resuming from those chunks; ``records``: the
+    store holding the records, the flags root, when ``out`` is the signatures root), then the stage
+    and ``_staging`` folders if empty."""
     from pipeline.moderation.resume import read_records
 
     try:
-        if all(r.run_id != run_id for r in read_records(out, stage).values()):
+        if all(r.run_id != run_id for r in read_records(records or out, stage).values()):
             removed(out, folder)
         prune_staging(out, stage)
     except Exception:
         log.warning("run %s: could not remove its attempt %s (a later sweep removes it)", run_id, folder, exc_info=True)
 
 
+def _read_partition(out: Store, part: str) -> pa.Table:
+    """The rows of one committed partition (its own files: a day's never include its hours')."""
+    files = [out.path(k) for k in out.list(partition_key(part), recursive=False) if k.endswith(".parquet")]
+    t = pads.dataset(files, filesystem=out.fs, format="parquet", schema=FILE_SCHEMA).to_table()
+    dt, hour = split_partition(part)
+    i = t.schema.get_field_index("image_sha256") + 1
+    t = t.add_column(i, "dt", pa.array([dt] * len(t), pa.string()))
+    return t.add_column(i + 1, "hour", pa.array([hour] * len(t), pa.int32()))
+
+
+def _days(out: Store) -> list[str]:
+    days = []
+    for d in out.list_dirs():
+        name = posixpath.basename(d)
+        if name.startswith("dt="):
+            try:
+                days.append(valid_date(name[3:]))
+            except ModscanError:  # not a partition of ours
+                continue
+    return days
+
+
 def read_flags(uri: str, dt: str | None = None) -> Any:
-    """Read committed flags into pandas (the recommender's view): partitions with ``_SUCCESS`` only."""
+    """Read committed flags into pandas (the recommender's view): partitions with ``_SUCCESS`` only.
+
+    ``dt``: a day ``YYYY-MM-DD`` reads that day: its day partition and each of its hourly ones; an
+    hour ``YYYY-MM-DDTHH`` reads that hour only; None reads everything. ``hour`` is null on the rows
+    of day partitions. A day that holds both forms (written with ``--allow-mixed-day``) gives the
+    rows of both."""
     from pipeline.ingest.storage import open_store
 
     out = open_store(uri)
-    parts = [posixpath.basename(d) for d in out.list_dirs() if posixpath.basename(d).startswith("dt=")]
-    frames = []
-    for p in parts:
-        d = p[3:]
-        if (dt is None or d == dt) and is_committed(out, d):
-            ds = pads.dataset(out.path(p), filesystem=out.fs, format="parquet", schema=FILE_SCHEMA)
-            t = ds.to_table()
-            t = t.add_column(t.schema.get_field_index("image_sha256") + 1, "dt", pa.array([d] * len(t), pa.string()))
-            frames.append(t.cast(FLAG_SCHEMA).to_pandas())
+    if dt is not None and "T" in dt:
+        parts = [valid_partition(dt)] if is_committed(out, dt) else []
+    else:
+        parts = [p for d in _days(out) if dt is None or d == dt for p in committed_partitions(out, d)]
+    frames = [_read_partition(out, p).cast(FLAG_SCHEMA).to_pandas() for p in parts]
     import pandas as pd
 
     return pd.concat(frames, ignore_index=True) if frames else FLAG_SCHEMA.empty_table().to_pandas()

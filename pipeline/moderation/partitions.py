@@ -4,7 +4,9 @@
 A partition is named by its text everywhere in the code: ``2026-05-07`` (a day) or
 ``2026-05-07T13`` (13:00-14:00 UTC of that day). :func:`partition_key` turns it into the hive
 path, :func:`compact` into the prefix of run ids and staging folders (``20260507``,
-``20260507h13``).
+``20260507h13``). A day and its hours can both exist; a run refuses to write one form of a date
+that already holds the other unless it is asked to (``--allow-mixed-day``): a day-level reader
+then reads the rows of both.
 
 Ownership: :func:`claim_partition` writes ``O/_owners/<partition key>`` = run id before the run
 stages anything (last writer wins): the newest run of a partition owns it, an older one still
@@ -14,6 +16,7 @@ running publishes nothing (:class:`PartitionTakenError`).
 from __future__ import annotations
 
 import datetime as _dt
+import posixpath
 import re
 
 from pipeline.errors import ModscanError, UsageError
@@ -125,8 +128,68 @@ def day_range(date_from: str, date_to: str) -> list[str]:
     return [(d0 + _dt.timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
 
 
+def partition_range(p_from: str, p_to: str) -> list[str]:
+    """Days (two dates) or hours (two ``YYYY-MM-DDTHH``) from ``p_from`` to ``p_to``, both included."""
+    hourly = [isinstance(p, str) and "T" in p for p in (p_from, p_to)]
+    if not any(hourly):
+        return day_range(p_from, p_to)
+    if not all(hourly):
+        raise UsageError(f"--from {p_from} and --to {p_to}: give two days (YYYY-MM-DD) or two hours (YYYY-MM-DDTHH)")
+    t0 = _dt.datetime.fromisoformat(valid_partition(p_from, "--from") + ":00")
+    t1 = _dt.datetime.fromisoformat(valid_partition(p_to, "--to") + ":00")
+    if t1 < t0:
+        raise UsageError(f"--to {p_to} is before --from {p_from}")
+    n = int((t1 - t0).total_seconds() // 3600) + 1
+    return [(t0 + _dt.timedelta(hours=i)).strftime("%Y-%m-%dT%H") for i in range(n)]
+
+
+def previous_hour(now: _dt.datetime | None = None) -> str:
+    """The last full hour before ``now`` (UTC): what ``modscan hourly`` moderates by default."""
+    now = now or _dt.datetime.now(_dt.UTC)
+    return (now.replace(minute=0, second=0, microsecond=0) - _dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H")
+
+
 def is_committed(out: Store, part: str) -> bool:
     return out.exists(f"{partition_key(part)}/{SUCCESS}")
+
+
+def hour_partitions(out: Store, dt: str) -> list[str]:
+    """The hourly partitions of day ``dt`` that exist under ``out`` (committed or not), in order."""
+    hours = []
+    for d in out.list_dirs(partition_key(valid_date(dt))):
+        name = posixpath.basename(d)
+        if name.startswith(HOUR_DIR):
+            try:
+                hours.append(hour_partition(dt, name[len(HOUR_DIR):]))
+            except UsageError:  # not one of ours
+                continue
+    return sorted(hours)
+
+
+def committed_partitions(out: Store, dt: str) -> list[str]:
+    """What a day-level reader of ``dt`` reads: the day partition and each hour of it, where committed."""
+    return [p for p in [valid_date(dt), *hour_partitions(out, dt)] if is_committed(out, p)]
+
+
+def has_day_files(out: Store, dt: str) -> bool:
+    """Whether ``dt=D/`` holds a day partition's own files (not only ``hour=HH/`` folders)."""
+    return any(True for _ in out.list(partition_key(valid_date(dt)), recursive=False))
+
+
+def check_mixed_day(out: Store, part: str, allow: bool) -> None:
+    """Refuse to write one form of a date that already holds the other (a day partition next to
+    hourly ones), unless ``allow``: a day-level reader (``read_flags(uri, D)``, pandas'
+    ``filters=[("dt", "=", D)]``) would read the rows of both."""
+    dt, hour = split_partition(part)
+    if allow:
+        return
+    if hour is not None and has_day_files(out, dt):
+        raise UsageError(f"dt={dt} already holds a day partition: an hourly partition next to it would be read "
+                         f"together with it by day-level readers; pass --allow-mixed-day to write it anyway")
+    if hour is None and hour_partitions(out, dt):
+        raise UsageError(f"dt={dt} already holds hourly partitions ({', '.join(hour_partitions(out, dt))}): a day "
+                         f"partition next to them would be read together with them by day-level readers; pass "
+                         f"--allow-mixed-day to write it anyway")
 
 
 # --------------------------------------------------------------------------------------------

@@ -152,7 +152,8 @@ def committed_files(sig: Store, dt: str) -> list[str]:
     if not F.is_committed(sig, dt):
         return []
     part = F.partition_key(dt)
-    return [sig.path(posixpath.join(part, posixpath.relpath(k, part))) for k in sig.list(part) if k.endswith(".parquet")]
+    return [sig.path(posixpath.join(part, posixpath.relpath(k, part))) for k in sig.list(part, recursive=False)
+            if k.endswith(".parquet")]
 
 
 def model_versions(sig: Store, dt: str) -> set[str]:

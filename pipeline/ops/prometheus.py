@@ -86,8 +86,9 @@ def _families(run_info: dict[str, Any]) -> Iterator[GaugeMetricFamily]:
     yield _gauge("modscan_last_success_timestamp_seconds", "When the last run committed its partition (Unix time).",
                  _epoch(run_info["finished_at"]))
     yield _gauge("modscan_last_success_partition_timestamp_seconds",
-                 "00:00 UTC of the partition date the last successful run committed (Unix time).",
-                 _dt.datetime.combine(_dt.date.fromisoformat(run_info["dt"]), _dt.time(), _dt.UTC).timestamp())
+                 "Start (UTC) of the partition the last successful run committed: 00:00 of its date, or its hour (Unix time).",
+                 _dt.datetime.combine(_dt.date.fromisoformat(run_info["dt"]), _dt.time(run_info.get("hour") or 0),
+                                      _dt.UTC).timestamp())
 
 
 class _RunCollector:
