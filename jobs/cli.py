@@ -222,14 +222,15 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     from jobs.bench_memory import add_parser as add_bench_memory
     from jobs.bench_model import add_parser as add_bench_model
     from jobs.bench_pipeline import add_parser as add_bench_pipeline
+    from jobs.bench_resume import add_parser as add_bench_resume
     from jobs.bench_retro import add_parser as add_bench_retro
     from jobs.bench_scale import add_parser as add_bench_scale
     from jobs.bench_search import add_parser as add_bench_search
 
-    p = sub.add_parser("bench", help="benchmarks: search, decode, pipeline, memory, model, retro, hashes")
+    p = sub.add_parser("bench", help="benchmarks: search, decode, pipeline, memory, model, retro, hashes, scale, resume")
     bs = p.add_subparsers(dest="bcmd", required=True)
     for add in (add_bench_search, add_bench_decode, add_bench_pipeline, add_bench_memory, add_bench_model,
-                add_bench_retro, add_bench_hashes, add_bench_scale):
+                add_bench_retro, add_bench_hashes, add_bench_scale, add_bench_resume):
         add(bs)
 
 
