@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 def _card(a: argparse.Namespace) -> int:
@@ -262,6 +264,20 @@ def _add_debug(p: argparse.ArgumentParser, top: bool) -> None:
                 _add_debug(sp, False)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A log handler writing to whatever ``sys.stderr`` is when a record is emitted: a caller that
+    runs ``main`` in-process (a test capturing output) may swap the stream and close the old one,
+    and a handler holding the old one would fail every later record."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command. A :class:`~pipeline.errors.ModscanError` prints one line and exits with its
     code (2 usage, 1 runtime); any other exception is a bug or an infrastructure failure: one line
@@ -274,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     debug = bool(a.debug) or os.environ.get("MODSCAN_DEBUG", "") not in ("", "0")
     if debug:
-        import logging
-
-        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logging.basicConfig(level=logging.DEBUG, handlers=[handler])
     fn: Callable[[argparse.Namespace], int] = a.fn
     prog = f"modscan {a.cmd}"
     try:
