@@ -147,15 +147,15 @@ def cached_pooled_statistics(photos: list[Path] | None, work: Path, limit: int =
     import hashlib
     import json
 
-    from models.card import load_model
+    from models.card import load_model, read_card
 
     paths = photo_paths(photos, limit)
     if not paths:
         return pooled_statistics(photos=photos, limit=limit)
-    model, card = load_model(None)
-    key = hashlib.sha256(json.dumps([card.version_id, [str(p) for p in paths]]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([read_card(None).version_id, [str(p) for p in paths]]).encode()).hexdigest()[:16]
     path = Path(work) / f"pooled-{key}.npz"
-    if path.exists():
+    if path.exists():  # the model is loaded once either way: here, or by pooled_statistics
+        model, card = load_model(None)
         z = np.load(path, allow_pickle=False)
         return {"model": model, "card": card, "P": z["P"], "d_lo": z["d_lo"], "d_hi": z["d_hi"], "n_photos": len(z["P"])}
     st = pooled_statistics(photos=photos, limit=limit)
