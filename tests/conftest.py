@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+# the operator's world (a gallery built with the shipped model, a day of uploads, its committed flags),
+# built once per session for the files that use it: see operator_world.py
+pytest_plugins = ["operator_world"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -44,6 +50,31 @@ def shipped_model_dir() -> Path:
     if not (DEFAULT_MODEL_DIR / "model.safetensors").exists():
         pytest.fail("the shipped model models/default/model.safetensors is missing")
     return DEFAULT_MODEL_DIR
+
+
+def _as_image(im: Image.Image | np.ndarray) -> Image.Image:
+    return Image.fromarray(im) if isinstance(im, np.ndarray) else im
+
+
+def jpeg_bytes(im: Image.Image | np.ndarray, quality: int = 90) -> bytes:
+    """A picture (PIL or an RGB uint8 array) encoded as JPEG."""
+    buf = io.BytesIO()
+    _as_image(im).convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png_bytes(im: Image.Image | np.ndarray) -> bytes:
+    """A picture (PIL or an array) encoded as PNG."""
+    buf = io.BytesIO()
+    _as_image(im).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_jpeg(im: Image.Image | np.ndarray, path: Path, quality: int = 92) -> Path:
+    """Write a picture as a JPEG file at ``path`` (parents created). -> ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(jpeg_bytes(im, quality))
+    return path
 
 
 def photo(name: str) -> np.ndarray:
@@ -95,8 +126,6 @@ NAMES = ["astronaut", "rocket", "coffee", "camera", "chelsea", "horse"]
 
 def write_refs(root: Path, names: list[str]) -> Path:
     """Sample photos ``names`` as PNG references under ``root``."""
-    from PIL import Image
-
     root.mkdir(parents=True, exist_ok=True)
     for n in names:
         Image.fromarray(photo(n)).save(root / f"{n}.png")

@@ -1,12 +1,18 @@
-"""pipeline/moderation/floodguard.py on hash-list matches: a list entry that matches more uploads
-than the limit is held like a reference (real staged Parquet files, read back after the rewrite)."""
+"""pipeline/moderation/floodguard.py: a reference (or a hash-list entry) that matches more uploads than
+the limit is held for review instead of its action, on real staged Parquet files read back after the
+rewrite: the descriptor cases in the shared operator world (``operator_world.py``: the shipped model's
+gallery, an over-broad plain-gradient reference), the list-entry cases on hand-made rows, and the real
+job on a local Ray cluster (held rows, ``_run.json``, summary, Prometheus metrics)."""
 
 from __future__ import annotations
 
 import datetime as dt
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+from operator_world import DAY, FLOOD_LIMIT, N_PLAIN, stage_rows
 
 from pipeline.ingest.storage import open_store
 from pipeline.moderation import flags as F
@@ -48,3 +54,71 @@ def test_under_the_limit_nothing_is_held(tmp_path) -> None:
     F.write_staged(out, "r1", "a.parquet", _rows([(f"u{i}.jpg", "ncmec", "e1", None, "pdq") for i in range(3)]))
     rep = guard_staged(out, "r1", max_matches_per_reference=3)
     assert rep.held == () and rep.held_rows == 0 and rep.matches_per_bank == {"ncmec": 3}
+
+
+def test_flood_guard_holds_the_over_broad_reference(ops_world, committed) -> None:
+    ref, rep = ops_world["ref"], committed["report"]
+    assert [(h.reference_id, h.bank, h.matches, h.held_action) for h in rep.held] == [
+        (ref["plain-gradient"], "violence", N_PLAIN, "filter")]
+    assert rep.held_rows == N_PLAIN and rep.files_rewritten == 2  # its rows sat in both staged files
+    assert rep.matches_per_reference[str(ref["plain-gradient"])] == N_PLAIN
+    assert rep.matches_per_reference[str(ref["rocket"])] == 1
+    assert rep.matches_per_bank == {"spam": 1, "violence": N_PLAIN + 1} and rep.allowed_per_bank == {"fp": 1}
+    df = F.read_flags(committed["out"].uri, DAY)
+    held = df[df["action"] == "review"]
+    assert sorted(held["image_key"]) == [f"plain-{i:02d}.jpg" for i in range(N_PLAIN)]
+    assert (held["status"] == "matched").all() and held["reason"].str.contains(
+        f"reference #{ref['plain-gradient']} \\(violence\\) matched {N_PLAIN} uploads").all()
+    assert held["reason"].str.contains(f"max_matches_per_reference={FLOOD_LIMIT}; held for review instead of filter").all()
+    rocket = df[df["image_key"] == "copy-rocket-flip.jpg"].iloc[0]
+    assert rocket["action"] == "filter" and pd.isna(rocket["reason"])  # one match: not held
+    assert df.loc[df["action"] != "review", "reason"].isna().all()
+    assert committed["counts"]["by_action"]["review"] == N_PLAIN  # the commit's counts see the final rows
+    assert F.read_run(committed["out"], DAY)["flood_guard"]["held_rows"] == N_PLAIN
+
+
+def test_flood_guard_off_and_under_the_limit_changes_nothing(ops_world, moderated, tmp_path) -> None:
+    from pipeline.ingest.storage import open_store
+    from pipeline.moderation.floodguard import guard_staged
+
+    for limit in (0, N_PLAIN):  # 0: off; N_PLAIN: not *more* than the limit
+        out = open_store(str(tmp_path / f"o{limit}"), create=True)
+        stage_rows(out, "r", moderated)
+        before = {k: out.read_bytes(k) for k in out.list()}
+        rep = guard_staged(out, "r", limit)
+        assert rep.held == () and rep.held_rows == 0 and rep.matches_per_bank["violence"] == N_PLAIN + 1
+        assert {k: out.read_bytes(k) for k in out.list()} == before
+
+
+
+
+@pytest.mark.slow
+def test_job_holds_floods_and_writes_metrics(ops_world, ray_local, tmp_path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+    from pushgateway_stub import pushgateway
+
+    from jobs.job_config import JobConfig
+    from jobs.run import moderate, summary
+    from pipeline.ingest.storage import open_store
+
+    with pushgateway() as gw:
+        cfg = JobConfig(batch_size=8, max_matches_per_reference=FLOOD_LIMIT,
+                        metrics_textfile=str(tmp_path / "textfile" / "modscan.prom"), metrics_pushgateway=gw.url)
+        info = moderate(str(ops_world["uploads"]), str(ops_world["gallery"]), str(tmp_path / "flags"), DAY, cfg=cfg)
+    fg = info["flood_guard"]
+    assert [h["reference_id"] for h in fg["held"]] == [ops_world["ref"]["plain-gradient"]] and fg["held_rows"] == N_PLAIN
+    assert info["counts"]["by_action"]["review"] == N_PLAIN
+    assert "!! HELD by the flood guard" in summary(info)
+    assert F.read_run(open_store(str(tmp_path / "flags")), DAY)["flood_guard"]["held_rows"] == N_PLAIN
+    text = (tmp_path / "textfile" / "modscan.prom").read_text()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    val = lambda name, **lab: next(s.value for s in fams[name].samples if all(s.labels.get(k) == v for k, v in lab.items()))
+    assert val("modscan_run_images") == N_PLAIN + 7
+    assert val("modscan_run_rows_by_action", action="review") == N_PLAIN
+    assert val("modscan_run_error_rows", error_code="truncated") == 1
+    assert val("modscan_run_matches", bank="violence") == N_PLAIN + 1
+    assert val("modscan_run_held_references") == 1
+    assert val("modscan_last_success_partition_timestamp_seconds") == 1775088000.0  # 2026-04-02T00:00Z
+    assert gw.requests == [("PUT", "/metrics/job/modscan", text)]
+    assert info["metrics"]["textfile"].endswith("modscan.prom")
+

@@ -1,0 +1,80 @@
+"""pipeline/ops/review_page.py: the reviewer-safe review page of a committed, flood-guarded run
+(grouped by reference, sensitive thumbnails blurred until clicked, offline), rendered by headless
+Chromium where it is installed (the shared world of ``operator_world.py``)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from operator_world import DAY, N_PLAIN
+from PIL import Image
+
+
+def _page_html(committed) -> str:
+    return committed["out"].read_text(f"_reviews/dt={DAY}/review-{committed['run_id']}.html")
+
+
+def test_review_page_groups_by_reference_blurs_sensitive_and_shouts_about_held(ops_world, committed) -> None:
+
+    page = _page_html(committed)
+    ref = ops_world["ref"]
+    assert 'class="held"' in page and "HELD by the flood guard" in page
+    assert f"reference <code>#{ref['plain-gradient']}</code> (violence): <b>{N_PLAIN}</b> uploads held" in page
+    # grouped by reference, busiest first, with counts
+    groups = re.findall(r"ref #(\d+)</small></td><td>([a-z]+)<br><small>[^<]*</small></td><td><b>(\d+)</b>", page)
+    assert groups[0] == (str(ref["plain-gradient"]), "violence", str(N_PLAIN))
+    assert (str(ref["rocket"]), "violence", "1") in groups and (str(ref["chelsea"]), "spam", "1") in groups
+    # sensitive thumbnails are wrapped in the click-to-reveal blur; spam ones are not
+    spam_row = next(r for r in page.split("<tr>") if f"ref #{ref['chelsea']}</small>" in r)
+    rocket_row = next(r for r in page.split("<tr>") if f"ref #{ref['rocket']}</small>" in r)
+    assert 'class="sens"' in rocket_row and 'class="sens"' not in spam_row
+    assert "filter:blur(14px) grayscale(1)" in page and "input:checked~img{filter:none}" in page
+    # offline: nothing fetched from anywhere, every image inline
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page) and "url(" not in page
+    assert page.count('src="data:image/jpeg;base64,') >= N_PLAIN
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def screenshot(html_path: Path, png: Path, size: tuple[int, int] = (1280, 1400)) -> Image.Image:
+    """Render a local HTML file with headless Chromium, with a dead proxy so nothing could load from the
+    network, and return the screenshot."""
+    profile = png.parent / f".profile-{png.stem}"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+           f"--user-data-dir={profile}", "--proxy-server=http://127.0.0.1:9", f"--window-size={size[0]},{size[1]}",
+           f"--screenshot={png}", html_path.as_uri()]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    shutil.rmtree(profile, ignore_errors=True)
+    return Image.open(png).convert("RGB")
+
+
+def _reveal_stats(blurred: Image.Image, revealed: Image.Image) -> dict[str, float]:
+    """Compare two screenshots of the same page where they differ (the sensitive thumbnails):
+    area share and colour spread (max - min channel) in each."""
+    b, r = (np.asarray(im, np.int16) for im in (blurred, revealed))
+    diff = np.abs(b - r).max(axis=2) > 16
+    spread = lambda a: float((a.max(axis=2) - a.min(axis=2))[diff].mean())
+    return {"area": float(diff.mean()), "spread_blurred": spread(b), "spread_revealed": spread(r)}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (Debian: apt-get install chromium)")
+def test_review_page_in_headless_chromium_is_blurred_until_clicked(committed, tmp_path) -> None:
+    page = _page_html(committed)
+    blurred_html, revealed_html = tmp_path / "review.html", tmp_path / "revealed.html"
+    blurred_html.write_text(page)
+    # the state after clicking every sensitive thumbnail: each reveal checkbox ticked
+    revealed_html.write_text(page.replace('<input type="checkbox">', '<input type="checkbox" checked>'))
+    blurred = screenshot(blurred_html, tmp_path / "blurred.png")
+    revealed = screenshot(revealed_html, tmp_path / "revealed.png")
+    st = _reveal_stats(blurred, revealed)
+    # a click changes a good part of the page: the sensitive thumbnails (the spam cat is the same in both)
+    assert st["area"] > 0.05, st
+    # by default the browser shows them grey (the blur and the grey come from the same CSS rule);
+    # ticked, in colour
+    assert st["spread_blurred"] < 2 and st["spread_revealed"] > 5, st
