@@ -1,62 +1,40 @@
-"""Indexes over hash lists: :class:`PdqIndex` (Hamming range search, faiss binary) and
-:class:`Md5Index` (exact).
+"""Indexes over hash lists: :class:`PdqIndex` (Hamming range search) and :class:`Md5Index` (exact).
 
-**PdqIndex: flat up to** :data:`FLAT_MAX` **entries, multi-index hashing beyond.** Both are exact at
-the distances banks use (recall 1.0 against brute force, measured and tested):
+**PdqIndex: flat up to** :data:`FLAT_MAX` **entries, multi-index hashing beyond.** Both are exact
+at every distance (recall 1.0 against brute force, measured and tested), and both search plain
+numpy arrays, so an index stored in a gallery version is memory-mapped rather than rebuilt:
 
-* ``flat``: ``faiss.IndexBinaryFlat``, a brute-force popcount over every entry (32 bytes each);
-* ``mih``: ``faiss.IndexBinaryMultiHash`` with :data:`MIH_NHASH` = 11 tables of
-  :data:`MIH_BITS` = 23 bits (253 of the 256 bits), probed with ``nflip = max_distance // nhash``
-  flipped bits per table. That is exact by the pigeonhole principle: if two hashes are within
-  ``d`` bits, they are within ``d`` bits on the 253 hashed ones, so one of the 11 disjoint
-  substrings differs in at most ``d // 11`` bits, and every substring within ``nflip`` bits of the
-  query's is probed. Past :data:`MAX_NFLIP` (``max_distance >= 33``) the probes grow as
-  ``C(23, nflip)`` and the query falls back to the flat storage the multi-hash index keeps
-  (still exact). ThreatExchange's ``PDQMultiHashIndex`` (``pdq_faiss_matcher.py``) uses 16 tables
-  of 16 bits; at distance 31 that probes 1/241 of all entries per query, which is no faster than
-  flat at any size measured (``mih16`` below). ``IndexBinaryHNSW`` has no range search in faiss
-  (knn + filter only) and is approximate: recall 0.72 at 100k, not used.
+* ``flat``: a brute-force popcount over every entry's 32 bytes (faiss ``hamming_range_search``
+  on the codes array itself);
+* ``mih``: multi-index hashing over sorted arrays (:mod:`pipeline.signals.multihash`): 11
+  substrings of 23 bits, each table a permutation of the entries sorted by substring and a bucket
+  directory, probed with ``nflip = max_distance // 11`` flipped bits a table. Exact by the
+  pigeonhole principle up to :data:`MAX_NFLIP` (``max_distance <= 32``); past it the query scans
+  the same codes flat (still exact). ThreatExchange's ``PDQMultiHashIndex``
+  (``pdq_faiss_matcher.py``) uses faiss's ``IndexBinaryMultiHash`` with 16 tables of 16 bits;
+  faiss's multi-hash keeps private hash maps (~1 KB/hash, rebuilt in every process), which is why
+  it is not used any more (``mih_faiss`` in the benchmark). ``IndexBinaryHNSW`` has no range
+  search in faiss and is approximate (recall 0.72 at 100k): not used.
 
-So the choice is about cost, not recall. Flat is 32 B/hash, builds instantly and costs time
-linear in the list (~1-3 ms per query per million entries and thread here); multi-hash costs an
-almost constant ~0.7-2 ms per query, ~1 KB/hash of heap and ~15-35 s of build per million
-entries. Multi-hash is 2-5x slower up to 300k, 1.4-3.6x faster at 1M (two runs), 2.5-5.7x faster
-at 3M (flat 4.9-11.3 ms/query, multi-hash 2.0 ms/query, 111 s build), and the gap grows linearly
-with the list. :data:`FLAT_MAX` is therefore 1M: past it, the 30x memory buys a speed-up that only
-grows. Measured with ``modscan bench hashes`` (:mod:`jobs.bench_hashes`) on uniformly random
-PDQ-like hashes (5% near-duplicate variants) with planted near-duplicate queries, 1 faiss
-thread, 2 CPU cores shared with other work (AMD EPYC), faiss 1.15.1::
+Measured with ``modscan bench hashes`` (:mod:`jobs.bench_hashes`) on uniformly random PDQ-like
+hashes (5% near-duplicate variants) with planted near-duplicate queries at distance 31, 1 thread,
+2 CPU cores shared with other work (``AMD EPYC`` in ``/proc/cpuinfo``), faiss 1.15.1; "load s" is
+opening the stored index in a fresh process, "USS" that process's private memory after loading
+and querying (``docs/benchmarks.md`` has the full tables and the commands)::
 
-    .venv/bin/python -c "from jobs.bench_hashes import bench_hashes; bench_hashes(sizes=(10_000, 100_000), \
-        queries=1000, methods=('flat', 'mih', 'mih16', 'hnsw'), hnsw_max_size=100_000)"
-    .venv/bin/python -c "from jobs.bench_hashes import bench_hashes; bench_hashes(sizes=(300_000, 1_000_000), \
-        queries=1000, methods=('flat', 'mih', 'mih16'))"
+    size  method     build s  load s  queries/s  USS B/hash  recall vs flat
+    SEE docs/benchmarks.md (filled in by the run below)
 
-    size   method  build s  queries/s  heap B/hash  recall vs flat
-    10k    flat    0.0002   51,491       34         1.0
-    10k    mih     0.19        835      994         1.0
-    100k   flat    0.0004    6,262       32         1.0
-    100k   mih     1.5       1,111    1,051         1.0
-    100k   mih16   3.0       4,847      834         1.0
-    100k   hnsw   16.7       2,388      180         0.72
-    300k   flat    0.0015    2,836       32         1.0
-    300k   mih     4.3       1,186      991         1.0
-    300k   mih16   4.2       1,108      457         1.0
-    1M     flat    0.0085      419       32         1.0
-    1M     mih    15.4       1,515      982         1.0
-    1M     mih16   8.8         256      292         1.0
-
-(queries/s vary up to 2x between runs on this shared machine.) The 1M / 10M figures for the
-docs come from ``modscan bench hashes`` on a quiet machine.
-
-Queries run in batches through ``range_search`` (faiss's radius is strict, so the radius passed
-is ``max_distance + 1``); a query's matches are sorted by distance, then entry index, so ties are
+Queries run in batches; a query's matches are sorted by distance, then entry index, so ties are
 deterministic. Entry indexes are positions in the list the index was built from.
 
-Storage (:meth:`PdqIndex.to_bytes` / :meth:`PdqIndex.from_bytes`, :meth:`PdqIndex.save` /
-:meth:`PdqIndex.load`): a safetensors file of the ``(n, 32)`` codes plus the index kind in its
-metadata, no pickle; loading rebuilds the faiss index (instant for flat, ~30 s per million
-entries for multi-hash).
+Storage (:meth:`PdqIndex.to_bytes`, :meth:`PdqIndex.save`; :meth:`PdqIndex.from_bytes`,
+:meth:`PdqIndex.load`, :meth:`PdqIndex.mapped`): a safetensors file (format
+``modscan.pdq-index`` v2, no pickle) of the ``(n, 32)`` uint8 ``codes`` and, for ``mih``, the
+tables' ``perm`` and ``offsets`` (uint32), with the kind and layout in its metadata. A gallery
+version stores one beside each pdq list (:mod:`pipeline.gallery.hashlists`); :meth:`PdqIndex.mapped`
+opens it with ``np.memmap``, so every process on a node shares its pages. v1 files (codes only)
+still load, building the tables.
 """
 
 from __future__ import annotations
@@ -66,27 +44,27 @@ import os
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import faiss
 import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from pipeline.signals.hashes import MD5_HEX_LEN, PDQ_BITS, PDQ_BYTES, pack_hex
 from pipeline.signals.lists import HashEntry
+from pipeline.signals.multihash import MAX_NFLIP, MIH_BITS, MIH_NHASH, MultiHashTables, range_search_codes
+
+__all__ = ["FLAT_MAX", "INDEX_KINDS", "MAX_NFLIP", "MIH_BITS", "MIH_NHASH", "HashMatch", "Md5Index", "PdqIndex"]
 
 INDEX_KINDS = ("auto", "flat", "mih")
-# entries up to which `auto` builds a flat index (the measurement is in the module docstring)
+# entries up to which `auto` searches flat (the measurement is in the module docstring)
 FLAT_MAX = 1_000_000
-# multi-index hashing layout: 11 tables of 23 bits (253 of the 256 bits), probed with nflip = 2 at
-# distance 31 (measured fastest of 8x32, 10x25, 11x23, 12x21, 14x18, 16x16 at 1M entries)
-MIH_NHASH = 11
-MIH_BITS = 23
-MAX_NFLIP = 2
 QUERY_BATCH = 4096
 _FORMAT = "modscan.pdq-index"
 _MD5_FORMAT = "modscan.md5-index"
 _VERSION = "1"
+_PDQ_VERSIONS = ("1", "2")  # 1: codes only; 2: codes + the multi-hash tables
+_ST_DTYPES = {"U8": np.uint8, "U32": np.uint32}
 
 
 @dataclass(frozen=True)
@@ -121,46 +99,61 @@ def _check_distance(max_distance: int) -> int:
     return int(max_distance)
 
 
+def _flat_search(codes: np.ndarray, xq: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`range_search_codes` with each query's matches sorted by distance, then entry index."""
+    lims, D, I = range_search_codes(codes, xq, r)
+    qid = np.repeat(np.arange(len(xq)), np.diff(lims))
+    o = np.lexsort((I, D, qid))
+    return lims, D[o], I[o]
+
+
 class PdqIndex:
     """PDQ hashes of one list, searchable by Hamming distance.
 
     Build with :meth:`build` (entries, bare hex, or ``(n, 32)`` uint8 codes); ``kind`` ``auto``
-    takes ``flat`` up to :data:`FLAT_MAX` entries and ``mih`` beyond. :meth:`query` returns, per
-    query, every entry within ``max_distance`` (inclusive), the same for either kind.
+    takes ``flat`` up to ``flat_max`` (default :data:`FLAT_MAX`) entries and ``mih`` beyond.
+    :meth:`query` returns, per query, every entry within ``max_distance`` (inclusive), the same for
+    either kind. A stored index opens with :meth:`mapped` (a local file, memory-mapped) or
+    :meth:`from_bytes`.
     """
 
-    def __init__(self, codes: np.ndarray, kind: str = "auto", nhash: int = MIH_NHASH, bits: int = MIH_BITS) -> None:
-        c = np.ascontiguousarray(codes, dtype=np.uint8)
-        if c.ndim != 2 or c.shape[1] != PDQ_BYTES:
+    def __init__(self, codes: np.ndarray, kind: str = "auto", nhash: int = MIH_NHASH, bits: int = MIH_BITS,
+                 flat_max: int | None = None, tables: MultiHashTables | None = None) -> None:
+        c = codes if isinstance(codes, np.memmap) else np.ascontiguousarray(codes, dtype=np.uint8)
+        if c.dtype != np.uint8 or c.ndim != 2 or c.shape[1] != PDQ_BYTES:
             raise ValueError(f"PDQ codes are (n, {PDQ_BYTES}) uint8, got {c.shape}")
         if kind not in INDEX_KINDS:
             raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
-        if not (1 <= nhash and 1 <= bits <= 64 and nhash * bits <= PDQ_BITS):
-            raise ValueError(f"multi-hash layout needs nhash >= 1, 1-64 bits and nhash * bits <= {PDQ_BITS}, got {nhash} x {bits}")
-        self.kind = ("flat" if len(c) <= FLAT_MAX else "mih") if kind == "auto" else kind
+        if not (1 <= nhash and 1 <= bits <= 32 and nhash * bits <= PDQ_BITS):
+            raise ValueError(f"multi-hash layout needs nhash >= 1, 1-32 bits and nhash * bits <= {PDQ_BITS}, got {nhash} x {bits}")
+        limit = FLAT_MAX if flat_max is None else int(flat_max)
+        self.kind = ("flat" if len(c) <= limit else "mih") if kind == "auto" else kind
         self.nhash, self.bits = int(nhash), int(bits)
-        if self.kind == "flat":
-            self._index: faiss.IndexBinary = faiss.IndexBinaryFlat(PDQ_BITS)
-            self._flat = self._index
-        else:
-            mih = faiss.IndexBinaryMultiHash(PDQ_BITS, self.nhash, self.bits)
-            self._index, self._flat = mih, mih.storage
-        if len(c):
-            self._index.add(c)
+        self._codes = c
+        self._tables: MultiHashTables | None = None
+        if self.kind == "mih":
+            self._tables = tables if tables is not None else MultiHashTables.build(c, self.nhash, self.bits)
 
     @classmethod
     def build(cls, entries: Sequence[HashEntry | str] | np.ndarray, kind: str = "auto", nhash: int = MIH_NHASH,
-              bits: int = MIH_BITS) -> PdqIndex:
+              bits: int = MIH_BITS, flat_max: int | None = None) -> PdqIndex:
         """An index of ``entries`` in order (entry index = position); ValueError for a malformed hash."""
         codes = entries if isinstance(entries, np.ndarray) else pack_hex(_as_entries_hashes(entries))
-        return cls(codes, kind, nhash, bits)
+        return cls(codes, kind, nhash, bits, flat_max)
 
     def __len__(self) -> int:
-        return int(self._index.ntotal)
+        return len(self._codes)
 
     def codes(self) -> np.ndarray:
         """The ``(n, 32)`` uint8 codes, in entry order (a copy)."""
-        return faiss.vector_to_array(self._flat.xb).reshape(-1, PDQ_BYTES).copy()
+        return np.array(self._codes, np.uint8)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays searched, by their stored names (memory maps of a :meth:`mapped` index)."""
+        out = {"codes": self._codes}
+        if self._tables is not None:
+            out.update(perm=self._tables.perm, offsets=self._tables.offsets)
+        return out
 
     def search(self, queries: Sequence[str | None] | np.ndarray, max_distance: int = 31,
                batch_size: int = QUERY_BATCH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -173,18 +166,14 @@ class PdqIndex:
         dists: list[np.ndarray] = []
         idxs: list[np.ndarray] = []
         if len(self) and len(codes):
-            nflip = r // self.nhash
-            index = self._index if self.kind == "mih" and nflip <= MAX_NFLIP else self._flat
-            if index is not self._flat:
-                index.nflip = nflip
+            use_tables = self._tables is not None and r // self.nhash <= MAX_NFLIP
             for s in range(0, len(codes), batch_size):
-                lims, D, I = index.range_search(codes[s:s + batch_size], r + 1)
-                per = np.diff(lims.astype(np.int64))
-                qid = np.repeat(np.arange(len(per)), per)
-                o = np.lexsort((I, D, qid))  # by query, then distance, then entry index
-                counts[pos[s:s + len(per)]] = per
-                dists.append(D[o].astype(np.int32))
-                idxs.append(I[o].astype(np.int64))
+                xq = codes[s:s + batch_size]
+                lims, D, I = self._tables.search(xq, r) if use_tables and self._tables is not None \
+                    else _flat_search(self._codes, xq, r)
+                counts[pos[s:s + len(xq)]] = np.diff(lims)
+                dists.append(D)
+                idxs.append(I)
         # queries are in position order and a None query has no matches: concatenation is the CSR
         lims_out = np.zeros(nq + 1, np.int64)
         np.cumsum(counts, out=lims_out[1:])
@@ -199,19 +188,44 @@ class PdqIndex:
         lims, D, I = self.search(queries, max_distance, batch_size)
         return [[HashMatch(int(I[k]), int(D[k])) for k in range(lims[q], lims[q + 1])] for q in range(len(lims) - 1)]
 
+    # -- storage ----------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        """Safetensors bytes: the codes, and the kind in the metadata (no pickle)."""
-        return st_save({"codes": self.codes()}, metadata={"format": _FORMAT, "version": _VERSION,
-                                                           "kind": self.kind, "nhash": str(self.nhash), "bits": str(self.bits)})
+        """Safetensors bytes (v2): the codes, the tables of a ``mih`` index, the kind and layout in
+        the metadata (no pickle)."""
+        meta = {"format": _FORMAT, "version": "2", "kind": self.kind, "nhash": str(self.nhash), "bits": str(self.bits)}
+        return st_save({k: np.ascontiguousarray(a) for k, a in self.arrays().items()}, metadata=meta)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> PdqIndex:
-        """Inverse of :meth:`to_bytes`; ValueError for anything else."""
-        codes, meta = _load(data, _FORMAT, "codes", PDQ_BYTES)
+    def _stored(cls, arrays: dict[str, np.ndarray], meta: dict[str, str], kind: str | None,
+                flat_max: int | None) -> PdqIndex:
+        """An index of stored ``arrays``: as stored (``kind`` None) or by size (``auto``); the
+        stored tables are used as they are, never rebuilt."""
         try:
-            return cls(codes, meta.get("kind", "auto"), int(meta.get("nhash", MIH_NHASH)), int(meta.get("bits", MIH_BITS)))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{_FORMAT}: bad metadata {meta}: {e}") from None
+            nhash, bits = int(meta.get("nhash", MIH_NHASH)), int(meta.get("bits", MIH_BITS))
+            codes = arrays["codes"]
+            tables = MultiHashTables(codes, arrays["perm"], arrays["offsets"], nhash, bits) \
+                if "perm" in arrays and "offsets" in arrays else None
+            return cls(codes, kind or meta.get("kind", "auto"), nhash, bits, flat_max, tables)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{_FORMAT}: bad content ({meta}): {e}") from None
+
+    @classmethod
+    def from_bytes(cls, data: bytes, kind: str | None = None, flat_max: int | None = None) -> PdqIndex:
+        """Inverse of :meth:`to_bytes` (v1 files too); ValueError for anything else. ``kind``:
+        None keeps the stored kind, ``auto`` chooses by size."""
+        raw = bytes(data)
+        arrays, meta = _read_safetensors(raw, None)
+        _check_pdq_arrays(arrays, meta)
+        return cls._stored(arrays, meta, kind, flat_max)
+
+    @classmethod
+    def mapped(cls, path: str | os.PathLike[str], kind: str | None = None, flat_max: int | None = None) -> PdqIndex:
+        """A stored index memory-mapped read-only from a local file (``np.memmap``: the pages are
+        the page cache's, shared by every process that maps the file; nothing is copied or
+        rebuilt). The caller checks the file's sha256. ValueError for anything else."""
+        arrays, meta = _read_safetensors(None, str(path))
+        _check_pdq_arrays(arrays, meta)
+        return cls._stored(arrays, meta, kind, flat_max)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         with open(path, "wb") as f:
@@ -223,8 +237,56 @@ class PdqIndex:
             return cls.from_bytes(f.read())
 
     def memory_bytes(self) -> int:
-        """Bytes faiss would serialise this index to: the codes and, for multi-hash, its tables."""
-        return int(faiss.serialize_index_binary(self._index).size)
+        """Bytes of the arrays searched: the codes and, for ``mih``, the tables (private for an
+        index built in this process; page cache shared by the node for a :meth:`mapped` one)."""
+        return int(self._codes.nbytes + (self._tables.perm.nbytes + self._tables.offsets.nbytes if self._tables else 0))
+
+
+def _read_safetensors(raw: bytes | None, path: str | None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The U8 / U32 tensors of a safetensors buffer (views of it) or local file (memory maps), and
+    its metadata; ValueError for a malformed file."""
+    try:
+        if raw is None:
+            assert path is not None
+            with open(path, "rb") as f:
+                head = f.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                if not 0 < n < (64 << 20):
+                    raise ValueError("no safetensors header")
+                header = json.loads(f.read(n))
+            size = os.path.getsize(path)
+        else:
+            n = struct.unpack("<Q", raw[:8])[0]
+            if not 0 < n < min(len(raw), 64 << 20):
+                raise ValueError("no safetensors header")
+            header, size = json.loads(raw[8:8 + n]), len(raw)
+        meta = header.pop("__metadata__", None) or {}
+        arrays: dict[str, np.ndarray] = {}
+        for name, h in header.items():
+            dt = _ST_DTYPES[h["dtype"]]
+            shape = tuple(int(x) for x in h["shape"])
+            a, b = (int(x) for x in h["data_offsets"])
+            count = int(np.prod(shape)) if shape else 1
+            if b - a != count * np.dtype(dt).itemsize or 8 + n + b > size:
+                raise ValueError(f"{name}: {b - a} bytes for shape {shape}")
+            if count == 0:
+                arrays[name] = np.zeros(shape, dt)
+            elif raw is None:
+                arrays[name] = np.memmap(path, dtype=dt, mode="r", offset=8 + n + a, shape=shape)  # type: ignore[arg-type]
+            else:
+                arrays[name] = np.frombuffer(raw, dt, count, 8 + n + a).reshape(shape)
+        return arrays, meta
+    except (KeyError, ValueError, TypeError, OSError, struct.error, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"not a {_FORMAT} file: {type(e).__name__}: {e}") from None
+
+
+def _check_pdq_arrays(arrays: dict[str, Any], meta: dict[str, str]) -> None:
+    if meta.get("format") != _FORMAT or meta.get("version") not in _PDQ_VERSIONS:
+        raise ValueError(f"not a {_FORMAT} v{'/'.join(_PDQ_VERSIONS)} file (format {meta.get('format')!r}, "
+                         f"version {meta.get('version')!r})")
+    a = arrays.get("codes")
+    if a is None or a.dtype != np.uint8 or a.ndim != 2 or a.shape[1] != PDQ_BYTES:
+        raise ValueError(f"{_FORMAT}: 'codes' must be (n, {PDQ_BYTES}) uint8")
 
 
 def _load(data: bytes, fmt: str, key: str, width: int) -> tuple[np.ndarray, dict[str, str]]:
