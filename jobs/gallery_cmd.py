@@ -49,9 +49,24 @@ def _is_hash_bank(a: argparse.Namespace) -> bool:
     """``gallery add``'s bank is a pdq/md5 bank: in the gallery already, or declared in ``--banks``."""
     m = G.read_manifest(open_store(a.gallery))
     if a.bank in m.banks:
+        if m.banks[a.bank].bank.is_hash and getattr(a, "from_wave", None) is not None:
+            raise UsageError(f"--from-wave adds a picture; bank {a.bank!r} is a hash-list bank")
         return m.banks[a.bank].bank.is_hash
     declared = {b.name: b for b in load_banks(a.banks)} if a.banks else {}
     return a.bank in declared and declared[a.bank].is_hash
+
+
+def _add_source(a: argparse.Namespace) -> tuple[list[str], str | None]:
+    """``gallery add``'s pictures and audit note: ``--source``'s, or a committed wave's representative
+    (``--from-wave``, with ``--flags`` and ``--date``; the note names the wave)."""
+    if getattr(a, "from_wave", None) is None:
+        return G.list_source(a.source), a.note
+    if not a.flags or not a.date:
+        raise UsageError("--from-wave needs --flags (the flags root) and --date (the wave's day)")
+    from jobs.waves_cmd import wave_source
+
+    uris, note = wave_source(a.flags, a.date, a.hour, a.from_wave)
+    return uris, f"{a.note}; {note}" if a.note else note
 
 
 def run(a: argparse.Namespace) -> int:
@@ -108,8 +123,8 @@ def run(a: argparse.Namespace) -> int:
         new_bank: Bank | None = None
         if a.banks:
             new_bank = {b.name: b for b in load_banks(a.banks)}.get(a.bank)
-        v, stats = G.add(open_store(a.gallery), a.bank, G.list_source(a.source), card, extract, new_bank,
-                         who=a.who, note=a.note)
+        uris, note = _add_source(a)
+        v, stats = G.add(open_store(a.gallery), a.bank, uris, card, extract, new_bank, who=a.who, note=note)
         print(json.dumps({"version": v, **stats}, indent=2))
         return 0
     raise UsageError(f"unknown gallery command {a.gcmd!r}")

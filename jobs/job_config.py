@@ -60,6 +60,12 @@ class JobConfig:
     write_signatures: bool = True    # keep each searched upload's signature for `modscan retro`
     retro_days: int = 0              # nightly: retro pass over the last N days when the gallery changed (0: off)
     chunk_size: int = DEFAULT_CHUNK_SIZE  # keys per chunk: a rerun after a killed driver skips the finished chunks
+    waves: bool = False              # moderate: cluster the partition's own uploads after the commit (docs/waves.md)
+    wave_min_size: int = 5           # a cluster of at least this many uploads is a wave
+    wave_k: int = 16                 # waves: neighbours searched per upload
+    wave_coarse_threshold: float = 0.40   # waves: query-to-query 128-d cosine of a candidate pair
+    wave_fine_threshold: float = 0.15     # waves: normalised fine score from which a pair is verified
+    wave_sure_threshold: float | None = None  # waves: fine score needing no verification (None: sized for the partition)
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -87,6 +93,13 @@ class JobConfig:
              f"review_max_rows must be an integer >= 0, got {self.review_max_rows!r}")
         need(is_int(self.retro_days) and self.retro_days >= 0, f"retro_days must be an integer >= 0, got {self.retro_days!r}")
         need(is_int(self.chunk_size) and self.chunk_size >= 1, f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+        need(isinstance(self.waves, bool), f"waves must be true or false, got {self.waves!r}")
+        need(is_int(self.wave_min_size) and self.wave_min_size >= 2, f"wave_min_size must be an integer >= 2, got {self.wave_min_size!r}")
+        need(is_int(self.wave_k) and 1 <= self.wave_k <= 1024, f"wave_k must be an integer in 1..1024, got {self.wave_k!r}")
+        for name in ("wave_coarse_threshold", "wave_fine_threshold", "wave_sure_threshold"):
+            v = getattr(self, name)
+            need((v is None and name == "wave_sure_threshold") or (is_num(v) and -1.0 <= v <= 1.0),
+                 f"{name} must be a score in [-1, 1], got {v!r}")
         for name in ("image_extensions_only", "allow_empty_input", "verify_gallery", "write_signatures"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("coarse_threshold", "fine_threshold", "sure_threshold"):

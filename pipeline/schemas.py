@@ -117,6 +117,27 @@ SIGNATURE_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
 ])
 
+# One row per upload of a partition, the companion of its flags under ``OUTPUT/_waves/``
+# (pipeline/moderation/waves.py): the near-duplicate cluster each upload belongs to among the
+# partition's own uploads, for the recommender ("keep the first, down-rank the repeats") and the
+# reviewers' waves. ``dup_basis``: ``searched`` (compared with the partition's other uploads),
+# ``not_searched`` (an error or low-content row: never compared, a cluster of its own) or
+# ``reread_failed`` (its picture could not be read again for the fine score: a cluster of its own).
+WAVE_SCHEMA = pa.schema([
+    pa.field("image_key", pa.string(), nullable=False),
+    pa.field("dup_cluster_id", pa.string(), nullable=False),   # 16 hex digits: sha256(partition, smallest member key)
+    pa.field("dup_cluster_size", pa.int32(), nullable=False),
+    pa.field("dup_rank", pa.int32(), nullable=False),          # 1: the cluster's first upload (upload time, then key)
+    pa.field("wave", pa.bool_(), nullable=False),              # dup_cluster_size >= [job] wave_min_size
+    pa.field("uploaded_at", pa.timestamp("us", tz="UTC")),     # the object's modification time; null if unknown
+    pa.field("dup_score", pa.float32()),                       # best normalised fine score of an edge it joined by
+    pa.field("dup_edge", pa.string()),                         # how that edge was accepted: same_bytes | sure | verified
+    pa.field("dup_basis", pa.string(), nullable=False),
+    pa.field("image_uri", pa.string()),
+    pa.field("run_id", pa.string(), nullable=False),           # the waves run
+    pa.field("flags_run_id", pa.string(), nullable=False),     # the flags partition it clustered
+])
+
 ENTRY_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),           # stable gallery id (one per unique sha256)
     pa.field("bank", pa.string(), nullable=False),

@@ -1,0 +1,252 @@
+"""pipeline/moderation/waves.py and wave_output.py, jobs/waves.py and waves_cmd.py (``modscan waves``),
+the review page's Waves section and ``gallery add --from-wave``.
+
+Unit tests of the parts (no Ray), then one module-scoped world on a real local Ray cluster: a day
+with two planted waves (edited copies of two photos) among unrelated pictures, an unreadable and a
+flat upload, moderated by ``modscan moderate``'s own run; the waves pass then runs twice on it,
+its Parquet is read back with pandas and DuckDB, its review page is rendered by headless
+Chromium, and ``gallery add --from-wave`` followed by ``modscan retro`` flags the wave's members.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import photo, save_jpeg
+from PIL import Image
+
+from models.augment import apply_named
+from pipeline.moderation import flags as F
+from pipeline.moderation import wave_output as O
+from pipeline.moderation import waves as W
+
+DAY = "2026-05-03"
+# each planted member: the edits that made it (the first upload of wave "astronaut" is the original)
+EDITS = [["crop"], ["flip"], ["rescale_jpeg"], ["text"], ["color"], ["sticker"], ["frame_caption"], ["crop", "flip"]]
+WAVES = {"astronaut": EDITS, "rocket": EDITS[1:7]}
+UNRELATED_PHOTOS = ["camera", "coins", "horse", "moon", "page", "coffee", "brick", "grass", "gravel", "cell"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the parts, without Ray
+# ---------------------------------------------------------------------------------------------
+def test_clusters_are_components_with_stable_ids_and_ranks_by_upload_time() -> None:
+    keys = ["a", "b", "c", "d", "e"]
+    edges = [O.Edge(0, 2, 0.4, W.SURE), O.Edge(2, 4, 0.2, W.VERIFIED), O.Edge(1, 3, None, W.SAME_BYTES)]
+    t = {0: 30.0, 2: 10.0, 4: 20.0, 1: float("nan")}  # "d" (row 3) has no time: ranked after "b"? no: b unknown too
+    c = O.assign("2026-01-01", keys, edges, t)
+    assert list(c["size"]) == [3, 2, 3, 2, 3]
+    assert c["cluster_id"][0] == c["cluster_id"][2] == c["cluster_id"][4] == W.cluster_id("2026-01-01", "a")
+    assert c["cluster_id"][1] == c["cluster_id"][3] == W.cluster_id("2026-01-01", "b") != c["cluster_id"][0]
+    assert list(c["rank"][[2, 4, 0]]) == [1, 2, 3]          # by upload time
+    assert list(c["rank"][[1, 3]]) == [1, 2]                 # both unknown: by key
+    assert c["rule"][2] == W.SURE and c["score"][4] == pytest.approx(0.2) and c["rule"][1] == W.SAME_BYTES
+    again = O.assign("2026-01-01", keys, list(reversed(edges)), t)  # order of edges does not matter
+    assert list(again["cluster_id"]) == list(c["cluster_id"]) and list(again["rank"]) == list(c["rank"])
+    assert W.cluster_id("2026-01-02", "a") != W.cluster_id("2026-01-01", "a")  # ids are per partition
+
+
+def test_neighbour_search_finds_what_exhaustive_search_finds() -> None:
+    import faiss
+
+    g = np.random.default_rng(0)
+    x = g.normal(size=(300, 128)).astype(np.float32)
+    x[100:110] = x[100] + 0.2 * g.normal(size=(10, 128))  # a family of near-duplicates
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    st = W.NeighbourSearch(faiss.serialize_index(W.feature_index(x)), k=16, threshold=0.5)
+    out = st({"id": np.arange(300)})
+    a, b, s = W.unique_pairs(out["a"], out["b"], out["coarse"])
+    S = x @ x.T
+    want = {(i, j) for i in range(300) for j in range(i + 1, 300) if S[i, j] >= 0.5}
+    assert set(zip(a.tolist(), b.tolist())) == want and len(want) == 45
+    assert np.allclose(s, [S[i, j] for i, j in zip(a, b)], atol=1e-5) and (a < b).all()
+    assert st({"id": np.zeros(0, np.int64)})["a"].shape == (0,)
+
+
+def test_sure_threshold_is_sized_for_the_partition_and_params_are_checked() -> None:
+    from models.card import read_card
+    from pipeline.errors import UsageError
+    from pipeline.gallery.calibration import ScoreTails
+
+    card = read_card(None)
+    tails = ScoreTails.from_dict(card.scale_tails)
+    fine = float(card.thresholds["fine"])
+    small, day, big = (W.sure_for_size(tails, n, fine, 0.0005) for n in (100, 10_000, 1_000_000))
+    assert fine <= small <= day <= big and big > fine + 0.05
+    assert W.sure_for_size(None, 10_000, fine, 0.0005) == fine
+    assert W.same_bytes_pairs(["x", None, "y", "x", "x"]) == [(0, 3), (0, 4)]
+    with pytest.raises(UsageError, match="wave_min_size"):
+        W.WaveParams(wave_min_size=1)
+    with pytest.raises(UsageError, match="wave_k"):
+        W.WaveParams(k=0)
+
+
+def test_wave_keys_in_a_job_config_file_are_checked_at_their_line(tmp_path) -> None:
+    from jobs.job_config import JobConfig, JobConfigError
+
+    p = tmp_path / "job.toml"
+    p.write_text("[job]\nwaves = true\nwave_min_size = 1\nwave_fine_threshold = 2.0\n")
+    with pytest.raises(JobConfigError) as e:
+        JobConfig.from_toml(str(p))
+    assert f"{p}:3: [job] wave_min_size must be an integer >= 2" in str(e.value)
+    assert f"{p}:4: [job] wave_fine_threshold must be a score in [-1, 1]" in str(e.value)
+    p.write_text("[job]\nwaves = true\nwave_min_size = 3\n")
+    assert JobConfig.from_toml(str(p)).wave_min_size == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# a moderated day on a real local Ray cluster
+# ---------------------------------------------------------------------------------------------
+def _make_day(root: Path) -> dict[str, list[str]]:
+    """Uploads of DAY: the planted waves, unrelated pictures, an unreadable and a flat file; the
+    modification time of each planted member is set so that the wave's first upload is known."""
+    from models.synthetic import generate
+    from pipeline.evaluation.samples import procedural
+
+    up = root / "uploads"
+    planted: dict[str, list[str]] = {}
+    base = 1_780_000_000
+    for name, edits in WAVES.items():
+        im = Image.fromarray(photo(name))
+        for i, e in enumerate(edits):
+            key = f"{name}-{i:02d}.jpg"
+            pic = im if (name == "astronaut" and i == 0) else apply_named(im, e, random.Random(i))
+            os.utime(save_jpeg(pic, up / key), (base + 60 * i, base + 60 * i))
+            planted.setdefault(name, []).append(key)
+    unrelated = []
+    for n in UNRELATED_PHOTOS:
+        save_jpeg(Image.fromarray(photo(n)), up / f"photo-{n}.jpg")
+        unrelated.append(f"photo-{n}.jpg")
+    r = random.Random(5)
+    for i in range(6):
+        save_jpeg(procedural(r, (320, 240)), up / f"procedural-{i}.jpg")
+        save_jpeg(generate("waves-test", i)[1], up / f"everyday-{i}.jpg")
+        unrelated += [f"procedural-{i}.jpg", f"everyday-{i}.jpg"]
+    (up / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    save_jpeg(Image.new("RGB", (300, 200), (120, 160, 200)), up / "flat.jpg")
+    return {**planted, "unrelated": unrelated}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, shipped_model_dir, ray_cluster):
+    from jobs.job_config import JobConfig
+    from jobs.run import moderate
+    from models.card import read_card
+    from pipeline import gallery as G
+    from pipeline.gallery.banks import Bank
+    from pipeline.gallery.extract import local_extractor
+    from pipeline.ingest.storage import open_store
+
+    root = tmp_path_factory.mktemp("waves")
+    planted = _make_day(root)
+    save_jpeg(Image.fromarray(photo("rocket")), root / "refs" / "violence" / "rocket.jpg")
+    save_jpeg(Image.fromarray(photo("chelsea")), root / "refs" / "spam" / "chelsea.jpg")
+    banks = [Bank("violence", str(root / "refs" / "violence"), "sensitive/violence", "filter"),
+             Bank("spam", str(root / "refs" / "spam"), "low_quality/spam", "downrank")]
+    gal = root / "gallery"
+    G.build(open_store(str(gal), create=True), banks, read_card(None), local_extractor(None), n_shards=1)
+    cfg = JobConfig(actors=1, batch_size=16, verify_gallery=False)
+    out = root / "flags"
+    info = moderate(str(root / "uploads"), str(gal), str(out), DAY, cfg=cfg)
+    assert info["inputs"] == sum(len(v) for v in planted.values()) + 2
+    return {"root": root, "planted": planted, "gallery": gal, "out": out, "cfg": cfg, "flags_info": info}
+
+
+@pytest.fixture(scope="module")
+def passes(world):
+    """The waves pass run twice on the committed day."""
+    from jobs.waves import waves
+
+    first = waves(str(world["out"]), DAY, world["cfg"])
+    df1 = O.read_waves(O.waves_root(str(world["out"])), DAY)
+    second = waves(str(world["out"]), DAY, world["cfg"])
+    df2 = O.read_waves(O.waves_root(str(world["out"])), DAY)
+    return {"first": first, "second": second, "df1": df1, "df2": df2}
+
+
+def _cluster_of(df, keys: list[str]) -> str:
+    """The cluster most of ``keys`` landed in."""
+    ids = df.set_index("image_key").loc[keys, "dup_cluster_id"]
+    return str(ids.value_counts().index[0])
+
+
+@pytest.mark.slow
+def test_planted_waves_are_found_and_nothing_unrelated_joins_them(world, passes) -> None:
+    df, planted = passes["df1"], world["planted"]
+    found, total = 0, 0
+    wave_ids = []
+    for name in WAVES:
+        cid = _cluster_of(df, planted[name])
+        wave_ids.append(cid)
+        members = df[df["dup_cluster_id"] == cid]
+        found += int(members["image_key"].isin(planted[name]).sum())
+        total += len(planted[name])
+        assert set(members["image_key"]) <= set(planted[name]), f"unrelated uploads merged into wave {name}"
+        assert members["wave"].all() and (members["dup_cluster_size"] == len(members)).all()
+        assert sorted(members["dup_rank"]) == list(range(1, len(members) + 1))
+    assert found / total >= 0.95, (found, total)
+    assert len(set(wave_ids)) == 2  # two distinct waves, not merged
+    first_astronaut = df.set_index("image_key").loc["astronaut-00.jpg"]
+    assert first_astronaut["dup_rank"] == 1 and first_astronaut["uploaded_at"].timestamp() == 1_780_000_000
+    # every unrelated upload is in no wave
+    others = df[df["image_key"].isin(planted["unrelated"])]
+    assert not others["wave"].any() and (others["dup_basis"] == W.SEARCHED).all()
+    info = passes["first"]
+    assert info["waves"] == 2 and info["uploads_in_waves"] == found and info["candidate_pairs"] > 0
+
+
+@pytest.mark.slow
+def test_one_row_per_upload_identical_ids_on_rerun_read_by_pandas_and_duckdb(world, passes) -> None:
+    import duckdb
+    import pandas as pd
+
+    df1, df2 = passes["df1"], passes["df2"]
+    flags = F.read_flags(str(world["out"]), DAY)
+    assert sorted(df1["image_key"]) == sorted(flags["image_key"]) and df1["image_key"].is_unique
+    cols = ["image_key", "dup_cluster_id", "dup_cluster_size", "dup_rank", "wave"]
+    pd.testing.assert_frame_equal(df1[cols].sort_values("image_key").reset_index(drop=True),
+                                  df2[cols].sort_values("image_key").reset_index(drop=True))
+    assert passes["first"]["run_id"] != passes["second"]["run_id"]
+    by_key = df1.set_index("image_key")
+    assert by_key.loc["broken.jpg", "dup_basis"] == W.NOT_SEARCHED and by_key.loc["flat.jpg", "dup_cluster_size"] == 1
+    root = O.waves_root(str(world["out"]))
+    part = Path(root) / f"dt={DAY}"
+    assert (part / "_SUCCESS").exists() and len(list(part.glob("*.parquet"))) == 1
+    assert not (Path(root) / "_staging").exists()  # cleaned up after the commit
+    # the recommender's reads: pandas over the root with a dt filter, DuckDB with hive partitioning
+    pdf = pd.read_parquet(root, filters=[("dt", "=", DAY)])
+    assert len(pdf) == len(flags)
+    q = f"""SELECT f.image_key, f.action, w.dup_rank FROM read_parquet('{world['out']}/dt=*/*.parquet', hive_partitioning=true) f
+            JOIN read_parquet('{root}/dt=*/*.parquet', hive_partitioning=true) w USING (dt, image_key)
+            WHERE f.dt = '{DAY}' AND (w.dup_rank = 1)"""
+    firsts = duckdb.sql(q).df()
+    assert len(firsts) == df1["dup_cluster_id"].nunique()
+
+
+@pytest.mark.slow
+def test_a_commit_that_fails_verification_publishes_nothing(world, passes) -> None:
+    from pipeline.ingest.storage import open_store
+
+    wstore = open_store(O.waves_root(str(world["out"])))
+    before = O.read_waves(wstore.uri, DAY)
+    t = pa.Table.from_pandas(before.iloc[:-1], preserve_index=False)  # one upload lost
+    with pytest.raises(F.CommitError, match="1 without one"):
+        O.commit_waves(wstore, DAY, F.compact(DAY) + "T000000-lost0000", t, set(before["image_key"]), {})
+    after = O.read_waves(wstore.uri, DAY)
+    assert after.equals(before) and not wstore.exists(F.staging_key(F.compact(DAY) + "T000000-lost0000"))
+
+
+@pytest.mark.slow
+def test_errors_name_what_is_missing(world, tmp_path) -> None:
+    from jobs.waves import prepare_waves
+    from pipeline.errors import ModscanError
+
+    with pytest.raises(ModscanError, match="no committed flags partition.*run `modscan moderate`"):
+        prepare_waves(str(world["out"]), "2026-05-04")
+    with pytest.raises(ModscanError, match="not an hour"):
+        prepare_waves(str(world["out"]), "2026-05-03T1")
