@@ -119,8 +119,8 @@ def pooled_statistics(model_dir: str | None = None, seed: int = 0, photos: list[
     paths = photo_paths(photos, limit)
     ims = []
     for p in paths:
-        with Image.open(p) as im:
-            ims.append(im.convert("RGB"))
+        with Image.open(p) as f:
+            ims.append(f.convert("RGB"))
     if len(ims) < 50:  # no shared data: scikit-image photos and crops of them
         base = [skimage_photo(n) for n in UNRELATED_PHOTOS + ["astronaut", "rocket", "coffee", "chelsea", "camera"]]
         from models.augment import crop

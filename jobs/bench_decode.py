@@ -6,6 +6,7 @@ Benchmarks never assert: they print what they measured.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ def _encoded(fmt: str, size: tuple[int, int], photos: list[Path] | None) -> byte
     src = photo_paths(photos, 1)
     if src:
         with Image.open(src[0]) as im:
-            img = im.convert("RGB").resize(size, Image.BILINEAR)
+            img = im.convert("RGB").resize(size, Image.Resampling.BILINEAR)
     else:
         img = generate("bench-decode", 0, ("smooth_field",))[1].resize(size)
     buf = io.BytesIO()
@@ -57,8 +58,8 @@ def bench_decode(out_dir: Path, repeat: int = 20, photos: list[Path] | None = No
     for fmt in ("JPEG", "PNG", "WEBP"):
         for size in DECODE_SIZES:
             data = _encoded(fmt, size, photos)
-            t_dec, _ = timed(lambda d=data: dec.decode_one(d), repeat)
-            t_full, _ = timed(lambda d=data: full(d), max(3, repeat // 4))
+            t_dec, _ = timed(functools.partial(dec.decode_one, data), repeat)
+            t_full, _ = timed(functools.partial(full, data), max(3, repeat // 4))
             rows.append({"format": fmt, "size": f"{size[0]}x{size[1]}", "KB": len(data) // 1024,
                          "decode+resize ms (modscan)": f"{1000 * t_dec:.1f}",
                          "full decode+resize ms": f"{1000 * t_full:.1f}", "speed-up": f"{t_full / t_dec:.2f}x"})

@@ -34,8 +34,8 @@ def _make_images(root: Path, n: int, refs: Path, seed: int = 0, photos: list[Pat
     refs.mkdir(parents=True, exist_ok=True)
     pool = []
     for p in photo_paths(photos, 300):
-        with Image.open(p) as im:
-            pool.append(im.convert("RGB"))
+        with Image.open(p) as f:
+            pool.append(f.convert("RGB"))
     if not pool:
         from pipeline.evaluation.samples import UNRELATED_PHOTOS, skimage_photo
 
@@ -74,7 +74,7 @@ def _model_costs(images: Path, n_max: int = 512) -> dict[str, float]:
     decoded = dec.decode_all(datas, names=[f.name for f in files])
     t_dec = (time.perf_counter() - t) / len(files)
     low, high = decoded["low"], decoded["high"]
-    out = {"images": len(files), "decode_s_per_image": t_dec, "native_bf16": bool(cpu_has_native_bf16() or torch.cuda.is_available())}
+    out: dict[str, Any] = {"images": len(files), "decode_s_per_image": t_dec, "native_bf16": bool(cpu_has_native_bf16() or torch.cuda.is_available())}
     for prec in ("auto", "fp32", "bf16"):
         fx = FeatureExtractor(None, threads=torch.get_num_threads(), precision=prec)
         n = len(files) if prec != "bf16" or out["native_bf16"] else 32  # emulated bf16 is ~10x slower: sample

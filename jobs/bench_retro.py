@@ -79,6 +79,7 @@ def bench_retro(workdir: Path, days: int = 2, uploads: int = 200) -> dict[str, A
     card, extract = read_card(None), local_extractor(None)
     G.build(gal, [Bank("banned", str(paths["base"]), "sensitive/x", "filter")], card, extract, n_shards=2)
     since = G.current_version(gal)
+    assert since is not None  # just built
     cfg = JobConfig(batch_size=32)
     flags, full = str(workdir / "flags"), str(workdir / "flags-backfill")
     for dt in dts:

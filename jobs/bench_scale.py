@@ -127,7 +127,8 @@ def _cached_features(pics: list[tuple[str, str, Path]], edited: list[Path], fx: 
         return S.ScaleSet(**{f.name: (z[f.name].tolist() if f.name == "names" else z[f.name])
                              for f in dataclasses.fields(S.ScaleSet)})
     ss = _features(pics, edited, fx)
-    np.savez(path, **{f.name: np.asarray(getattr(ss, f.name)) for f in dataclasses.fields(S.ScaleSet)})
+    arrays: dict[str, Any] = {f.name: np.asarray(getattr(ss, f.name)) for f in dataclasses.fields(S.ScaleSet)}
+    np.savez(path, **arrays)
     return ss
 
 

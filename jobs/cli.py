@@ -269,7 +269,7 @@ class _CurrentStderr(logging.StreamHandler):
     runs ``main`` in-process (a test capturing output) may swap the stream and close the old one,
     and a handler holding the old one would fail every later record."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline import gallery as G
 from pipeline.errors import UsageError
-from pipeline.gallery.banks import Bank, load_banks
+from pipeline.gallery.banks import load_banks
 from pipeline.gallery.extract import GalleryFeatureStage, stage_rows
 from pipeline.ingest.storage import open_store
 
@@ -120,7 +120,7 @@ def run(a: argparse.Namespace) -> int:
         print(json.dumps({"version": v, "banks": stats}, indent=2, default=str))
         return 0
     if a.gcmd == "add":
-        new_bank: Bank | None = None
+        new_bank = None
         if a.banks:
             new_bank = {b.name: b for b in load_banks(a.banks)}.get(a.bank)
         uris, note = _add_source(a)

@@ -105,7 +105,7 @@ def _collab(api_cls: Any, name: str, fields: dict[str, Any]) -> Any:
 
 
 def _metadata(meta: Any) -> str | None:
-    if meta is None or not dataclasses.is_dataclass(meta):
+    if meta is None or not dataclasses.is_dataclass(meta) or isinstance(meta, type):
         return None
     d = dataclasses.asdict(meta)
     return canonical_metadata(json.loads(json.dumps(d, default=str, sort_keys=True))) if d else None

@@ -278,7 +278,7 @@ def execute_retro(plan: RetroPlan, ray_address: str | None = None) -> dict[str, 
         except Exception as e:
             raise_worker_error(e)
     per_day = {dt: sum(1 for s in survivors if s["dt"] == dt) for dt in plan.days}
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for dt in plan.days:
         results[dt] = commit_day(plan, dt, decided.get(dt, {}), {**summary, "survivors": per_day[dt]}) \
             if decided.get(dt) else {"committed": False, "survivors": per_day[dt],

@@ -18,10 +18,10 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 Edit = Callable[[Image.Image, random.Random], Image.Image]
 
-_FONT_CACHE: dict[int, ImageFont.ImageFont] = {}
+_FONT_CACHE: dict[int, ImageFont.FreeTypeFont | ImageFont.ImageFont] = {}
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: float) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     size = max(8, int(size))
     if size not in _FONT_CACHE:
         _FONT_CACHE[size] = ImageFont.load_default(size=size)
@@ -57,7 +57,7 @@ def flip(img: Image.Image, rng: random.Random) -> Image.Image:
 def rotate(img: Image.Image, rng: random.Random, max_deg: float = 30.0) -> Image.Image:
     """Rotate by up to ``max_deg`` degrees, expanding the canvas with a solid border."""
     deg = rng.uniform(5, max_deg) * rng.choice((-1, 1))
-    return img.rotate(deg, resample=Image.BILINEAR, expand=True, fillcolor=_rand_color(rng))
+    return img.rotate(deg, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=_rand_color(rng))
 
 
 def border(img: Image.Image, rng: random.Random) -> Image.Image:
@@ -72,16 +72,16 @@ def border(img: Image.Image, rng: random.Random) -> Image.Image:
 
 
 def rotate90(img: Image.Image, rng: random.Random) -> Image.Image:
-    return img.transpose(rng.choice((Image.ROTATE_90, Image.ROTATE_270)))
+    return img.transpose(rng.choice((Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270)))
 
 
 def rescale(img: Image.Image, rng: random.Random) -> Image.Image:
     """Down-scale to 30-80 % then back to a random size (scaling artefacts)."""
     w, h = img.size
     s = rng.uniform(0.3, 0.8)
-    small = img.resize((max(8, int(w * s)), max(8, int(h * s))), Image.BILINEAR)
+    small = img.resize((max(8, int(w * s)), max(8, int(h * s))), Image.Resampling.BILINEAR)
     return small.resize((max(8, int(w * rng.uniform(0.5, 1.2))), max(8, int(h * rng.uniform(0.5, 1.2)))),
-                        Image.BILINEAR)
+                        Image.Resampling.BILINEAR)
 
 
 def jpeg(img: Image.Image, rng: random.Random, lo: int = 10, hi: int = 40) -> Image.Image:
@@ -113,8 +113,8 @@ def blur(img: Image.Image, rng: random.Random) -> Image.Image:
 def noise(img: Image.Image, rng: random.Random) -> Image.Image:
     a = np.asarray(img, dtype=np.float32)
     g = np.random.default_rng(rng.randrange(2**32))
-    a = a + g.normal(0.0, rng.uniform(4, 20), a.shape)
-    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    noisy = a + g.normal(0.0, rng.uniform(4, 20), a.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
 def shift(img: Image.Image, rng: random.Random) -> Image.Image:
@@ -181,7 +181,7 @@ def overlay_on_background(img: Image.Image, rng: random.Random) -> Image.Image:
     """Shrink the image and paste it onto a larger random background (screenshot/collage)."""
     w, h = img.size
     s = rng.uniform(0.5, 0.85)
-    small = img.resize((max(8, int(w * s)), max(8, int(h * s))), Image.BILINEAR)
+    small = img.resize((max(8, int(w * s)), max(8, int(h * s))), Image.Resampling.BILINEAR)
     out = Image.new("RGB", (w, h), _rand_color(rng))
     out.paste(small, (rng.randint(0, w - small.width), rng.randint(0, h - small.height)))
     return out

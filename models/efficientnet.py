@@ -102,6 +102,9 @@ class InvertedResidual(nn.Module):
 class InputRenorm(nn.Module):
     """``(x - mean) / std`` tensors -> ``(x01 - 0.5) / 0.5``, the normalisation the trunk was trained with."""
 
+    scale: torch.Tensor  # buffers, registered in __init__
+    shift: torch.Tensor
+
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         m = torch.tensor(mean).view(1, 3, 1, 1)

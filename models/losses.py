@@ -36,6 +36,8 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, ids: torch.Te
     ids = torch.arange(n, device=a.device) if ids is None else ids
     same = ids[:, None] == ids[None, :]
     if queue is not None and len(queue):
+        if queue_ids is None:
+            raise ValueError("a queue of negatives needs its queue_ids")
         qsame = ids[:, None] == queue_ids[None, :]
         l_ab = torch.cat([a @ b.t(), a @ queue.t()], dim=1) / temperature
         l_ba = torch.cat([b @ a.t(), b @ queue.t()], dim=1) / temperature

@@ -24,13 +24,13 @@ _STD = np.asarray(STD, dtype=np.float32) * 255.0
 
 def resize_square(img: Image.Image, size: int) -> np.ndarray:
     """PIL image -> ``(size, size, 3)`` uint8, bilinear (anti-aliased when shrinking)."""
-    return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    return np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def resize_pair(img: Image.Image, low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
     """PIL image -> (``(low, low, 3)``, ``(high, high, 3)``) uint8; the low square from the high one."""
-    hi = img.convert("RGB").resize((high, high), Image.BILINEAR)
-    lo = hi.resize((low, low), Image.BILINEAR)
+    hi = img.convert("RGB").resize((high, high), Image.Resampling.BILINEAR)
+    lo = hi.resize((low, low), Image.Resampling.BILINEAR)
     return np.asarray(lo, dtype=np.uint8), np.asarray(hi, dtype=np.uint8)
 
 

@@ -145,7 +145,7 @@ def classify(trunk: EfficientNetLite0, head: dict[str, torch.Tensor], images: li
         im = im.convert("RGB")
         w, h = im.size
         s = 256 / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
         w, h = im.size
         left, top = (w - size) // 2, (h - size) // 2
         arrays.append(np.asarray(im.crop((left, top, left + size, top + size))))

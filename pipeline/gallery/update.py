@@ -19,6 +19,7 @@ from models.preprocess import IMAGE_SUFFIXES
 from pipeline.gallery import audit as A
 from pipeline.gallery.banks import Bank
 from pipeline.gallery.calibration import Budgets, initial
+from pipeline.gallery.index import CoarseIndexSpec
 from pipeline.gallery.manifest import Manifest, Rejected, VersionModel
 from pipeline.gallery.store import (
     GalleryContent,
@@ -110,7 +111,7 @@ def _empty_content(coarse_dim: int, rerank_dim: int) -> GalleryContent:
 
 
 def build(store: Store, banks: list[Bank], card: ModelCard, extract: Extractor, n_shards: int = 4,
-          rerank_dtype: str = "float16", coarse_spec: str = "Flat", *, who: str | None = None,
+          rerank_dtype: str = "float16", coarse_spec: str | CoarseIndexSpec = "Flat", *, who: str | None = None,
           note: str | None = None, budgets: Budgets = Budgets()) -> Update:
     """Extract every enabled bank and publish a new version, recording the card's model and
     thresholds, calibrated for the version's size from the card's tails within ``budgets``
@@ -205,6 +206,7 @@ def _remove_list_entries(store: Store, m: Manifest, content: GalleryContent, ban
                          entry_ids: set[str], who: str | None, note: str | None) -> Update:
     """New version without the list entries of hash bank ``bank`` with those hashes or entry ids."""
     _hash_bank(content, m, bank)
+    assert bank is not None  # _hash_bank raised otherwise
     old = content.lists.get(bank, [])
     content.lists[bank] = [e for e in old if e.hash not in hashes and e.entry_id not in entry_ids]
     stats = {"list_entries_removed": len(old) - len(content.lists[bank]), "list_entries": len(content.lists[bank])}

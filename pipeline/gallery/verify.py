@@ -73,7 +73,7 @@ class Keypoints(NamedTuple):
     def empty(cls) -> Keypoints:
         return cls(np.zeros((0, 2), np.float32), np.zeros((0, ORB_DESCRIPTOR_BYTES), np.uint8))
 
-    def __len__(self) -> int:  # type: ignore[override]
+    def __len__(self) -> int:
         return int(self.xy.shape[0])
 
 
@@ -83,7 +83,7 @@ def grey(im: Image.Image, side: int) -> np.ndarray:
     w, h = im.size
     s = side / max(w, h)
     size = (max(1, round(w * s)), max(1, round(h * s)))
-    return np.asarray(im.convert("L").resize(size, Image.BILINEAR), dtype=np.uint8)
+    return np.asarray(im.convert("L").resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def grey_from_bytes(data: bytes, side: int) -> np.ndarray | None:
@@ -101,7 +101,7 @@ def orb_keypoints(g: np.ndarray, n_features: int) -> Keypoints:
     """Grey ``(h, w)`` uint8 -> up to ``n_features`` ORB keypoints, strongest first."""
     import cv2
 
-    orb = cv2.ORB_create(nfeatures=int(n_features), fastThreshold=10)
+    orb = cv2.ORB.create(nfeatures=int(n_features), fastThreshold=10)
     kps, desc = orb.detectAndCompute(np.ascontiguousarray(g), None)
     if desc is None or not kps:
         return Keypoints.empty()

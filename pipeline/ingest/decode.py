@@ -110,8 +110,8 @@ def open_image(data: bytes, cfg: DecodeConfig) -> Image.Image:
             if im.format == "JPEG":
                 im.draft(im.mode, (cfg.high_res, cfg.high_res))
             im.load()
-            im = ImageOps.exif_transpose(im) or im
-            return to_rgb(im)
+            upright = ImageOps.exif_transpose(im) or im
+            return to_rgb(upright)
     except DecodeError:
         raise
     except UnidentifiedImageError as e:

@@ -39,7 +39,8 @@ class Fetcher:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         check_columns(batch, ["image_key", "uri"], "Fetcher")
-        datas, errors = [], []
+        datas: list[bytes] = []
+        errors: list[str | None] = []
         for uri in batch["uri"]:
             try:
                 datas.append(self._fetch(str(uri)))

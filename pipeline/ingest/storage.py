@@ -8,6 +8,7 @@ backoff. Keys are always relative to the root and validated so that no key can e
 
 from __future__ import annotations
 
+import builtins
 import os
 import posixpath
 import uuid
@@ -118,7 +119,7 @@ class Store:
         for i in sorted(infos, key=lambda i: i.path):
             yield posixpath.relpath(i.path, self.root)
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:  # builtins: `list` here is the method above
         base = self.path(prefix) if prefix else self.root
         sel = pafs.FileSelector(base, recursive=False, allow_not_found=True)
         return sorted(posixpath.relpath(i.path, self.root) for i in self.fs.get_file_info(sel)

@@ -162,7 +162,7 @@ def _hold(out: Store, files: list[str], held: list[HeldReference], limit: int,
             published.append(k)
             continue
         action = [Action.REVIEW.value if m else a for m, a in zip(mask, t["action"].to_pylist())]
-        reason = [reasons[key] if m else old for m, key, old in zip(mask, keys, t["reason"].to_pylist())]
+        reason = [reasons[key] if m and key is not None else old for m, key, old in zip(mask, keys, t["reason"].to_pylist())]
         t = t.set_column(t.schema.get_field_index("action"), FILE_SCHEMA.field("action"), pa.array(action, pa.string()))
         t = t.set_column(t.schema.get_field_index("reason"), FILE_SCHEMA.field("reason"), pa.array(reason, pa.string()))
         buf = io.BytesIO()

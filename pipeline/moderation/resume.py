@@ -223,7 +223,7 @@ def chunk_file_name(chunk: int, keys: list[str]) -> str:
     return f"c{chunk:06d}-{digest(keys)[:16]}.parquet"
 
 
-def chunked(stage: type) -> type:
+def chunked(stage: type[Any]) -> type:
     """``stage`` (a class whose ``__call__`` returns flag rows, :data:`FILE_SCHEMA`) for a chunked
     run: its batches carry a ``chunk`` column; each chunk's rows go through the stage on their own
     (so that whatever the stage writes per call, e.g. a signature file, belongs to one chunk) and

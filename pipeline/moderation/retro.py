@@ -86,7 +86,8 @@ def diff_versions(store: Store, since: str, current: str | None = None) -> Galle
     """References added and changed between gallery versions ``since`` and ``current`` (default CURRENT)."""
     old_m, new_m = read_manifest(store, since), read_manifest(store, current)
     old, new = _active(store, old_m), _active(store, new_m)
-    added, changed = [], []
+    added: list[dict[str, Any]] = []
+    changed: list[dict[str, Any]] = []
     for key, (gid, _cat, _act, thr) in sorted(new.items()):
         prev = old.get(key)
         if prev is None or thr < prev[3]:
@@ -105,9 +106,9 @@ def _reconstruct(index: Any, gid: int) -> np.ndarray:
     import faiss
 
     if isinstance(index, faiss.IndexIDMap2):
-        return index.reconstruct(int(gid))
+        return index.reconstruct(int(gid))  # type: ignore[return-value]  # faiss's stub: the torch overload comes first
     ivf = faiss.extract_index_ivf(index)  # IVF: reconstruct by id needs a direct map
-    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # faiss's stub omits DirectMap
     return index.reconstruct(int(gid))
 
 

@@ -289,6 +289,11 @@ def _extract_uploads(changes: list[Change], extract: G.Extractor, path: str) -> 
     return results
 
 
+def _extracted(result: dict[str, Any]) -> G.Extractor:
+    """An extractor that returns the features already extracted from one upload."""
+    return lambda _uris: [result]
+
+
 def apply_decisions(store: Store, text: str, path: str, card: ModelCard, extract: G.Extractor,
                     input_uri: str | None = None, who: str | None = None, dry_run: bool = False) -> ApplyResult:
     """Validate, extract the uploads to add, then write one new version with one audit record.
@@ -304,14 +309,16 @@ def apply_decisions(store: Store, text: str, path: str, card: ModelCard, extract
     now = _dt.datetime.now(_dt.UTC).isoformat()
     for c in changes:
         if c.effect == "add_to_bank":
-            st = G.add_images(content, content.banks[c.bank], [c.image], lambda _u, r=results[c.image]: [r])
+            assert c.bank is not None and c.image is not None  # parse_decisions sets both for this effect
+            st = G.add_images(content, content.banks[c.bank], [c.image], _extracted(results[c.image]))
             tot = added.setdefault(c.bank, {})
             for k, v in st.items():
                 tot[k] = tot.get(k, 0) + v
         elif c.effect == "disable":
+            assert c.reference_id is not None  # parse_decisions sets it for disable and enable
             content.disabled[c.reference_id] = G.DisabledReference(c.reference_id, c.disabled_until, c.reviewer, now,
                                                                    c.note, c.run_id)
-        else:
+        elif c.reference_id is not None:
             content.disabled.pop(c.reference_id, None)
     if dry_run:
         return ApplyResult(None, m.version, tuple(changes), added)
