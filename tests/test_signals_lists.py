@@ -1,4 +1,5 @@
-"""Hash lists: ThreatExchange's signal file and CSV, every problem at its line, all at once."""
+"""Hash lists: ThreatExchange's signal file, bare-hash files and CSV, every problem at its line, all
+at once; exact duplicates dropped and counted, conflicting ones refused."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pipeline.errors import ConfigFileError, MissingInput
 from pipeline.signals.lists import (
     MAX_REPORTED,
     HashEntry,
+    HashList,
     HashListError,
     detect_format,
     format_csv,
@@ -65,36 +67,36 @@ def test_malformed_signal_file_reports_every_problem_at_its_line() -> None:
         f"pdq {P1}",                 # 1 ok
         f"pdq {P1[:-1]}",            # 2 63 digits
         f"pdq {P2[:-1]}z",           # 3 not hex
-        f"pdq {P1}",                 # 4 duplicate of line 1
+        f"pdq {P1}",                 # 4 exact duplicate of line 1: dropped, counted
         f"photo_hash {P2}",          # 5 unknown type
         f"video_md5 {M1}",           # 6 md5 in a pdq bank
         "# exported 2024-01-01",     # 7 comment: not in the format
         "pdq",                       # 8 no hash
         f"pdq {P2} extra",           # 9 trailing field
         f"url {P3}",                 # 10 a ThreatExchange type modscan does not match
-        f"pdq {P1.upper()}",         # 11 duplicate after case folding
+        f"pdq {P1.upper()}",         # 11 exact duplicate after case folding: dropped, counted
         f"pdq {P3}",                 # 12 ok
+        P2,                          # 13 a bare hash among typed lines
     ])
     errs = errors_of(text, "pdq", "s3://lists/ncmec.txt")
-    assert [ln for ln, _ in errs] == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert [ln for ln, _ in errs] == [2, 3, 5, 6, 7, 8, 9, 10, 13]
     msg = dict(errs)
     assert "64 hex digits, got 63" in msg[2]
     assert "64 hex digits" in msg[3]
-    assert "duplicate hash" in msg[4] and "first at line 1" in msg[4]
+    assert "a bare hash" in msg[13]
     assert "unknown signal type 'photo_hash'" in msg[5]
     assert "md5" in msg[6] and "pdq bank takes only pdq" in msg[6]
     assert "no comments" in msg[7]
     assert "<signal_type> <hash>" in msg[8]
     assert "nothing else" in msg[9]
     assert "'url' is not an image hash" in msg[10]
-    assert "first at line 1" in msg[11]
     with pytest.raises(ConfigFileError) as ei:
         parse_list(text, "pdq", "s3://lists/ncmec.txt")
     e = ei.value
     assert e.exit_code == 2
-    assert "10 error(s) in hash list" in str(e)
+    assert "9 error(s) in hash list" in str(e)
     assert "s3://lists/ncmec.txt:2: PDQ hash must be 64 hex digits" in str(e)
-    assert str(e).count("\ns3://lists/ncmec.txt:") == 10
+    assert str(e).count("\ns3://lists/ncmec.txt:") == 9
 
 
 def test_a_pdq_line_in_an_md5_list_is_refused() -> None:
@@ -146,8 +148,8 @@ def test_malformed_csv_reports_every_problem_at_its_line() -> None:
     text = "\n".join([
         "hash,entry_id,metadata",     # 1
         f"{P1},a,",                   # 2 ok
-        f"{P1},b,",                   # 3 duplicate hash
-        f"{P2},a,",                   # 4 duplicate entry id
+        f"{P1},b,",                   # 3 the hash of line 2 with another entry id: a conflict
+        f"{P2},a,",                   # 4 the entry id of line 2 on another hash: a conflict
         f"{P3},c,{{not json",         # 5 bad JSON
         f'{P3[:-2]}00,d,"[1, 2]"',    # 6 JSON, but not an object
         f"{P2[:-1]},e,",              # 7 short hash
@@ -160,8 +162,8 @@ def test_malformed_csv_reports_every_problem_at_its_line() -> None:
     errs = errors_of(text, "pdq", "l.csv")
     assert [ln for ln, _ in errs] == [3, 4, 5, 6, 7, 8, 12]
     msg = dict(errs)
-    assert "first at line 2" in msg[3]
-    assert "duplicate entry_id 'a' (first at line 2)" in msg[4]
+    assert f"duplicate hash {P1} with another entry_id than at line 2" in msg[3]
+    assert f"duplicate entry_id 'a' (first at line 2, with hash {P1})" in msg[4]
     assert "not valid JSON" in msg[5]
     assert "must be a JSON object, got list" in msg[6]
     assert "64 hex digits, got 63" in msg[7]
@@ -184,12 +186,93 @@ def test_format_detection() -> None:
     assert detect_format(f"\nhash,entry_id\n{P1},x\n") == "csv"
     assert detect_format(f"pdq {P1}\n", "x.CSV") == "csv"
     assert detect_format("") == "signals"
+    assert detect_format(f"\n{P1.upper()}\r\n") == "bare" and detect_format(f"{M1}\n") == "bare"
+    assert detect_format("pdq\n") == "signals"
     # explicit format wins: a signal file read as CSV fails on its header
     assert errors_of(f"pdq {P1}\n", "pdq", fmt="csv")[0][1].startswith("unknown CSV column")
     with pytest.raises(ValueError):
         parse_list(f"pdq {P1}\n", "pdq", fmt="xml")
     with pytest.raises(ValueError):
         parse_list(f"pdq {P1}\n", "sha1")
+
+
+# ---------------------------------------------------------------------------------------------
+# duplicates and bare-hash files
+# ---------------------------------------------------------------------------------------------
+def test_exact_duplicate_lines_are_dropped_and_counted_in_every_format() -> None:
+    sig = parse_list(f"pdq {P1}\npdq {P2}\nPDQ {P1.upper()}\npdq {P1}\n", "pdq")
+    assert isinstance(sig, HashList) and sig == [HashEntry(P1), HashEntry(P2)]
+    assert (sig.duplicates, sig.format) == (2, "signals")
+    bare = parse_list(f"{M1}\n{M2}\n\n{M1.upper()}\n", "md5")
+    assert bare == [HashEntry(M1), HashEntry(M2)] and (bare.duplicates, bare.format) == (1, "bare")
+    # CSV: the same hash, id and metadata (as JSON: key order and spacing do not count) is a repeat
+    csv_text = ("hash,entry_id,metadata\n"
+                f'{P1},n-1,"{{""a"": 1, ""b"": [2]}}"\n'
+                f"{P2},,\n"
+                f'{P1.upper()},n-1,"{{""b"":[2],""a"":1}}"\n'
+                f"{P2},,\n")
+    got = parse_list(csv_text, "pdq", "l.csv")
+    assert got == [HashEntry(P1, "n-1", '{"a":1,"b":[2]}'), HashEntry(P2)]
+    assert (got.duplicates, got.format) == (2, "csv")
+    assert parse_list(f"pdq {P1}\n", "pdq").duplicates == 0
+
+
+def test_conflicting_duplicates_are_refused_with_both_lines() -> None:
+    text = "\n".join([
+        "hash,entry_id,metadata",     # 1
+        f'{P1},n-1,"{{""a"": 1}}"',   # 2
+        f'{P1},n-1,"{{""a"": 2}}"',   # 3 same hash and id, other metadata
+        f"{P1},n-9,",                 # 4 same hash, other id and metadata
+        f"{P2},n-1,",                 # 5 the id of line 2 on another hash
+        f'{P1},n-1,"{{""a"": 1}}"',   # 6 an exact repeat of line 2: not a problem
+    ])
+    errs = errors_of(text, "pdq", "l.csv")
+    assert [ln for ln, _ in errs] == [3, 4, 5]
+    msg = dict(errs)
+    assert f"duplicate hash {P1} with another metadata than at line 2" in msg[3]
+    assert f"duplicate hash {P1} with another entry_id and metadata than at line 2" in msg[4]
+    assert f"duplicate entry_id 'n-1' (first at line 2, with hash {P1})" in msg[5]
+
+
+def test_a_program_scale_list_with_repeated_lines_is_read() -> None:
+    """Every third line a repeat of an earlier one: 150,000 lines, 100,000 entries kept, in order."""
+    hs = [f"{i:064x}" for i in range(100_000)]
+    lines = [f"pdq {h}" for h in hs]
+    for i in range(0, 100_000, 2):
+        lines.insert(i + i // 2 + 1, f"pdq {hs[i // 2]}")
+    got = parse_list("\n".join(lines), "pdq")
+    assert len(lines) == 150_000 and len(got) == 100_000 and got.duplicates == 50_000
+    assert [e.hash for e in got] == hs
+
+
+def test_bare_hash_files_read_as_threatexchange_does_with_a_signal_type() -> None:
+    text = f"{P1}\r\n\n {P2.upper()} \n{P3}\n"
+    got = parse_list(text, "pdq", "ncmec.txt")
+    assert got == [HashEntry(P1), HashEntry(P2), HashEntry(P3)] and got.format == "bare"
+    # threatexchange's file reader with `signal_type` set takes each stripped line as the signal
+    te = {("pdq", line.strip()) for line in text.splitlines() if line.strip()}
+    assert {("pdq", e.hash) for e in got} == {(t, h.lower()) for t, h in te}
+    assert parse_list(f"{M1}\n{M2}\n", "md5") == [HashEntry(M1), HashEntry(M2)]
+
+
+def test_bare_hash_file_problems_at_their_lines() -> None:
+    text = "\n".join([
+        P1,                # 1 ok: the file is bare
+        f"pdq {P2}",       # 2 a typed line in a bare file
+        M1,                # 3 an MD5 in a pdq bank's list
+        P3[:-1],           # 4 63 digits
+        "# note",          # 5 no comments
+        P3,                # 6 ok
+    ])
+    errs = errors_of(text, "pdq", "ncmec.txt")
+    assert [ln for ln, _ in errs] == [2, 3, 4, 5]
+    msg = dict(errs)
+    assert "expected one hash and nothing else" in msg[2]
+    assert "an md5 hash? this list is for a kind = 'pdq' bank" in msg[3]
+    assert "64 hex digits, got 63" in msg[4]
+    assert "no comments" in msg[5]
+    assert [ln for ln, _ in errors_of(f"pdq {P1}\n", "pdq", fmt="bare")] == [1]
+    assert "a bare hash" in errors_of(f"{P1}\n", "pdq", fmt="signals")[0][1]
 
 
 # ---------------------------------------------------------------------------------------------
