@@ -105,12 +105,11 @@ def pooled_statistics(model_dir: str | None = None, seed: int = 0, photos: list[
                       limit: int = 2000) -> dict[str, Any]:
     """Pooled features of real photos (``photos`` folders; fewer than 50: plus scikit-image photos
     and crops of them) and real edit displacements (shipped model)."""
-    import torch
     from PIL import Image
 
     from models.augment import apply_named, random_edit_names
     from models.card import load_model
-    from models.preprocess import resize_pair, to_batch
+    from models.preprocess import batched_features, resize_pair
     from pipeline.evaluation.samples import UNRELATED_PHOTOS, skimage_photo
 
     model, card = load_model(model_dir)
@@ -133,10 +132,7 @@ def pooled_statistics(model_dir: str | None = None, seed: int = 0, photos: list[
         lo, hi = resize_pair(e, c.low_res, c.high_res)
         lo_e.append(lo)
         hi_e.append(hi)
-    with torch.inference_mode():
-        P = torch.cat([model.pooled(to_batch(hi_o[i:i + 64])) for i in range(0, len(hi_o), 64)]).numpy()
-        Plo = torch.cat([model.pooled(to_batch(lo_e[i:i + 64])) for i in range(0, len(lo_e), 64)]).numpy()
-        Phi = torch.cat([model.pooled(to_batch(hi_e[i:i + 64])) for i in range(0, len(hi_e), 64)]).numpy()
+    P, Plo, Phi = (batched_features(model.pooled, views).numpy() for views in (hi_o, lo_e, hi_e))
     return {"model": model, "card": card, "P": P, "d_lo": Plo - P, "d_hi": Phi - P, "n_photos": len(ims)}
 
 

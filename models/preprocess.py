@@ -7,9 +7,13 @@ two inputs are the same picture at two scales, and the second resize is cheap.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from models.descriptor import MEAN, STD
 
@@ -34,8 +38,31 @@ def resize_pair(img: Image.Image, low: int, high: int) -> tuple[np.ndarray, np.n
     return np.asarray(lo, dtype=np.uint8), np.asarray(hi, dtype=np.uint8)
 
 
-def to_batch(arrays: np.ndarray | list[np.ndarray], device: str | torch.device = "cpu") -> torch.Tensor:
-    """``(B, H, W, 3)`` uint8 -> normalised ``(B, 3, H, W)`` float32 tensor on ``device``."""
-    a = np.stack(arrays) if isinstance(arrays, list) else arrays
+def to_batch(arrays: np.ndarray | Sequence[np.ndarray], device: str | torch.device = "cpu") -> torch.Tensor:
+    """``(B, H, W, 3)`` uint8 (an array, or a sequence of ``(H, W, 3)``) -> normalised ``(B, 3, H, W)``
+    float32 tensor on ``device``."""
+    a = arrays if isinstance(arrays, np.ndarray) else np.stack(arrays)
     x = (a.astype(np.float32) - _MEAN) / _STD
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+
+
+def batched_features(fn: Callable[[torch.Tensor], torch.Tensor], images: Sequence[Any] | np.ndarray, *,
+                     device: str | torch.device = "cpu", micro_batch: int = 64,
+                     prepare: Callable[[Any], np.ndarray] | None = None, dim: int = 0,
+                     desc: str | None = None) -> torch.Tensor:
+    """``fn`` over ``images`` in micro-batches of ``micro_batch`` under ``torch.inference_mode``: the
+    one way features are extracted in micro-batches (the job's extractor, training's background
+    bank, the monitors and benchmarks), so memory stays bounded whatever the number of images.
+
+    Each micro-batch is ``(B, H, W, 3)`` uint8 (each item through ``prepare`` first when given, e.g.
+    a resize of a PIL image, so only one micro-batch of arrays exists at a time), normalised by
+    :func:`to_batch` onto ``device``; ``fn``'s ``(B, ...)`` outputs are concatenated on the CPU.
+    No images: ``(0, dim)`` float32. ``desc``: a progress bar over the micro-batches."""
+    starts = range(0, len(images), micro_batch)
+    outs = []
+    with torch.inference_mode():
+        for i in tqdm(starts, desc=desc, unit="batch", leave=False) if desc else starts:
+            chunk = images[i:i + micro_batch]
+            arrays = [prepare(x) for x in chunk] if prepare is not None else chunk
+            outs.append(fn(to_batch(arrays, device)).cpu())
+    return torch.cat(outs) if outs else torch.zeros((0, dim), dtype=torch.float32)

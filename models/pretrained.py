@@ -134,26 +134,28 @@ def load_lite0_imagenet(trunk: EfficientNetLite0, path: str | Path | None = None
     return head, PretrainedInit(package=WHEEL, version=version, file=p.name, sha256=digest, licence="Apache-2.0")
 
 
-@torch.no_grad()
+def center_crop(im: Image.Image, size: int = 224) -> np.ndarray:
+    """ImageNet's evaluation crop: the short side resized to 256 (bicubic), the centre ``size`` square, uint8."""
+    im = im.convert("RGB")
+    w, h = im.size
+    s = 256 / min(w, h)
+    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)))
+
+
 def classify(trunk: EfficientNetLite0, head: dict[str, torch.Tensor], images: list[Image.Image], size: int = 224) -> torch.Tensor:
-    """ImageNet class index of each image: resize 256, centre crop ``size``, trunk, average pool, classifier."""
-    from models.preprocess import to_batch
+    """ImageNet class index of each image: :func:`center_crop`, trunk, average pool, classifier."""
+    from models.preprocess import batched_features
 
     trunk.eval()
-    arrays = []
-    for im in images:
-        im = im.convert("RGB")
-        w, h = im.size
-        s = 256 / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        arrays.append(np.asarray(im.crop((left, top, left + size, top + size))))
-    out = []
-    for i in range(0, len(arrays), 32):
-        f = trunk(to_batch(arrays[i:i + 32])).mean(dim=(-2, -1))
-        out.append((f @ head["weight"].float().t() + head["bias"].float()).argmax(1))
-    return torch.cat(out)
+
+    def top1(x: torch.Tensor) -> torch.Tensor:
+        f = trunk(x).mean(dim=(-2, -1))
+        return (f @ head["weight"].float().t() + head["bias"].float()).argmax(1)
+
+    return batched_features(top1, images, micro_batch=32, prepare=lambda im: center_crop(im, size))
 
 
 WNID = re.compile(r"n\d{8}")

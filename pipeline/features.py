@@ -19,7 +19,7 @@ import torch
 from models.card import BackgroundBank, load_background, load_model
 from models.descriptor import DescriptorConfig, pick_device
 from models.precision import Precision
-from models.preprocess import to_batch
+from models.preprocess import batched_features
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,8 @@ class FeatureExtractor:
         return self.card.config
 
     def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, dim: int) -> np.ndarray:
-        outs = []
-        with torch.inference_mode():
-            for i in range(0, len(images), self.micro_batch):
-                x = to_batch(images[i:i + self.micro_batch], self.device)
-                outs.append(fn(x).float().cpu().numpy())
-        return np.concatenate(outs) if outs else np.zeros((0, dim), np.float32)
+        return batched_features(lambda x: fn(x).float(), images, device=self.device, micro_batch=self.micro_batch,
+                                dim=dim).numpy()
 
     def query_coarse(self, low: np.ndarray) -> np.ndarray:
         """``(B, l, l, 3)`` uint8 low-res -> ``(B, coarse_dim)`` via adapter 2."""

@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from models.card import ModelCard, save_model
 from models.descriptor import DescriptorModel
-from models.preprocess import resize_square, to_batch
+from models.preprocess import batched_features, resize_square
 from models.synthetic import generate
 from models.training.adapters import split_held_out, train_adapter1, train_adapter2
 from models.training.backbone import BackboneStage, Monitor
@@ -117,13 +116,10 @@ class Trainer:
             kinds.append(kind)
             graphics.append(im)
         pics = photos + graphics
-        f512, f128 = [], []
-        for i in tqdm(range(0, len(pics), 64), desc="background bank", unit="batch", leave=False):
-            x = to_batch([resize_square(p, cfg.model.high_res) for p in pics[i:i + 64]], run.device)
-            a, r = m.gallery_features(x)
-            f128.append(a.cpu())
-            f512.append(r.cpu())
-        return {"f512": torch.cat(f512), "f128": torch.cat(f128), "kind": ["photo"] * n_photos + kinds}
+        f = batched_features(lambda x: torch.cat(m.gallery_features(x), dim=1), pics, device=run.device,
+                             prepare=lambda p: resize_square(p, cfg.model.high_res), desc="background bank")
+        cdim = cfg.model.coarse_dim
+        return {"f512": f[:, cdim:].contiguous(), "f128": f[:, :cdim].contiguous(), "kind": ["photo"] * n_photos + kinds}
 
     # -- all ---------------------------------------------------------------------------------
     def run(self) -> ModelCard:

@@ -16,20 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from models.descriptor import DescriptorModel
-from models.preprocess import to_batch
+from models.preprocess import batched_features
 from pipeline.evaluation import retrieval_metrics as M
 from pipeline.evaluation.benchmark import built_benchmark
 from pipeline.ingest.decode import DecodeConfig, Decoder
 
 
-@torch.no_grad()
-def _fine_features(model: DescriptorModel, arrays: np.ndarray, batch: int = 64) -> np.ndarray:
-    dev = next(model.parameters()).device
-    return np.concatenate([model.rerank_features(to_batch(arrays[i:i + batch], dev)).cpu().numpy()
-                           for i in range(0, len(arrays), batch)])
+def _fine_features(model: DescriptorModel, arrays: np.ndarray) -> np.ndarray:
+    return batched_features(model.rerank_features, arrays, device=next(model.parameters()).device).numpy()
 
 
 def _top1_predictions(S: np.ndarray, qids: list[str], gids: list[str]) -> tuple[list[str], list[str], np.ndarray]:
