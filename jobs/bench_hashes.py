@@ -1,9 +1,23 @@
 """``modscan bench hashes``: PDQ list indexes, flat against multi-index hashing, in one run.
 
-For each list size: memory per hash (RSS growth of this process while the index is built, and
-the bytes faiss serialises it to), build seconds, queries/s, and the recall of every other index
-against the flat one (exact) at ``max_distance``; then a table and the ratios. Benchmarks never
+For each list size, every method is measured the way a job meets it: the list's index is built
+once (``build s``: what writing a gallery version costs) and stored (``file B/hash``), then opened
+by **two fresh processes**, as two actors of a node open a version (one after the other, so that
+they do not share the cores while timed): ``load s`` is the slower of their loads (map the stored file;
+for faiss's multi-hash, the path before this index: read the codes and rebuild), ``queries/s`` the
+faster one's search speed after 10 warm-up queries, and, while both hold the index, their memory after
+loading and querying, per hash, from ``/proc/self/smaps_rollup`` less what the process held
+before loading: ``USS`` (private to the process: what a second process adds to the node),
+``PSS`` (its fair share of shared pages), ``anon`` (heap; never shareable). ``recall vs flat``
+compares every method's matches with flat's (exact) at ``max_distance``. Benchmarks never
 assert: they print what they measured and write a JSON.
+
+Methods: ``flat`` (brute force over the stored codes), ``mih`` (:mod:`pipeline.signals.multihash`,
+memory-mapped), ``mih_faiss`` (faiss ``IndexBinaryMultiHash`` 11 x 23, the index used before
+this one), ``mih16`` (faiss with ThreatExchange's 16 x 16 layout), ``hnsw`` (``IndexBinaryHNSW``,
+approximate, knn + distance filter: faiss has no binary HNSW range search; measured in this
+process up to ``hnsw_max_size``, its build is slow). faiss's indexes are private by construction,
+so ``mih_faiss`` / ``mih16`` run in one process (two would hold two copies).
 
 Data: uniformly random 256-bit hashes (PDQ bits are balanced by construction, each bit is a
 comparison with the median) of which a share are *variants* of other entries at 1-48 bits, as
@@ -11,18 +25,16 @@ lists hold edited copies of one picture; queries are half planted near-duplicate
 entries at known distances (:data:`PLANTED`, some beyond ``max_distance`` so that a miss and a
 false hit both show) and half fresh random hashes (no match). Random hashes are the easy case for
 multi-index hashing (even buckets); real lists with many near-identical entries fill some buckets
-more. ``hnsw`` (``IndexBinaryHNSW``, knn + distance filter: faiss has no binary HNSW range search)
-is measured for comparison up to ``hnsw_max_size`` entries (its build is slow), and ``mih16``
-(ThreatExchange's ``PDQMultiHashIndex`` layout, 16 tables of 16 bits) on request.
+more.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
+import multiprocessing as mp
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,34 +45,11 @@ import numpy as np
 from jobs.bench_common import host, table
 
 PLANTED = (0, 4, 8, 16, 24, 31, 32, 40)
-METHODS = ("flat", "mih", "mih16", "hnsw")
-DEFAULT_METHODS = ("flat", "mih", "hnsw")
+METHODS = ("flat", "mih", "mih_faiss", "mih16", "hnsw")
+DEFAULT_METHODS = ("flat", "mih", "mih_faiss")
+SHARED = ("flat", "mih")  # memory-mapped: opened by two processes at once
 VARIANT_SHARE = 0.05
-
-
-def _rss() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _allocated() -> int | None:
-    """Bytes malloc has handed out and not got back (glibc ``mallinfo2``: in-use heap + mmapped
-    blocks), or None off glibc. Unlike RSS it does not hide an index that reuses memory freed
-    earlier in the process."""
-    try:
-        libc = ctypes.CDLL(None)
-        f = libc.mallinfo2
-    except (OSError, AttributeError):
-        return None
-    f.restype = _MallInfo2
-    m = f()
-    return int(m.uordblks + m.hblkhd)
+WARMUP = 10
 
 
 def flip_bits(codes: np.ndarray, k: np.ndarray, rng: np.random.Generator, chunk: int = 65536) -> np.ndarray:
@@ -98,7 +87,88 @@ def _pairs(lims: np.ndarray, I: np.ndarray) -> set[tuple[int, int]]:
     return {(q, int(i)) for q in range(len(lims) - 1) for i in I[lims[q]:lims[q + 1]]}
 
 
-def _hnsw_search(codes: np.ndarray, queries: np.ndarray, max_distance: int, k: int = 16) -> tuple[Any, float, float, np.ndarray, np.ndarray]:
+def memory() -> dict[str, int]:
+    """This process's ``uss`` (private clean + dirty), ``pss`` and ``anon`` bytes
+    (``/proc/self/smaps_rollup``, Linux)."""
+    kb: dict[str, int] = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+                kb[parts[0][:-1]] = int(parts[1])
+    return {"uss": 1024 * (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)), "pss": 1024 * kb.get("Pss", 0),
+            "anon": 1024 * kb.get("Anonymous", 0)}
+
+
+def _open(method: str, path: str) -> Any:
+    """What a process does to get a searchable index of the stored list: map it, or (faiss's
+    multi-hash, the index used before) read the codes and rebuild. -> a ``search(xq, r)``."""
+    from pipeline.signals.index import PdqIndex
+
+    if method in SHARED:
+        index = PdqIndex.mapped(path, kind=method)
+        return lambda xq, r: index.search(xq, r)
+    import faiss
+
+    codes = PdqIndex.mapped(path).codes()
+    nhash, bits = (16, 16) if method == "mih16" else (11, 23)
+    mih = faiss.IndexBinaryMultiHash(256, nhash, bits)
+    mih.add(codes)
+    del codes
+
+    def search(xq: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        nflip = r // nhash
+        mih.nflip = nflip
+        index = mih if nflip <= 2 else mih.storage
+        return index.range_search(xq, r + 1)  # faiss's radius is strict
+    return search
+
+
+def _child(method: str, path: str, queries: np.ndarray, max_distance: int, threads: int, turn: Any, barrier: Any,
+           out: Any) -> None:
+    """One fresh process: open the stored index and query (one process at a time, so that they do
+    not share the cores while timed), wait until its sibling holds the index too, then measure."""
+    import faiss
+
+    import pipeline.signals.index  # noqa: F401  (imports are not the index's load or memory)
+
+    faiss.omp_set_num_threads(threads)
+    search_queries = np.ascontiguousarray(queries)
+    before = memory()
+    with turn:
+        t0 = time.perf_counter()
+        search = _open(method, path)
+        load = time.perf_counter() - t0
+        search(search_queries[:WARMUP], max_distance)
+        t0 = time.perf_counter()
+        lims, _D, I = search(search_queries, max_distance)
+        secs = time.perf_counter() - t0
+    if barrier is not None:
+        barrier.wait()  # both processes hold the index now: shared pages count once between them
+    after = memory()
+    out.put({"load": load, "secs": secs, "lims": np.asarray(lims, np.int64), "I": np.asarray(I, np.int64),
+             **{k: after[k] - before[k] for k in after}})
+
+
+def _in_processes(method: str, path: str, queries: np.ndarray, max_distance: int, threads: int) -> list[dict[str, Any]]:
+    """:func:`_child` in two processes at once (one for faiss's private indexes)."""
+    ctx = mp.get_context("forkserver")  # fresh processes, forked from one that imported the modules once
+    ctx.set_forkserver_preload(["jobs.bench_hashes", "pipeline.signals.index"])
+    n = 2 if method in SHARED else 1
+    barrier = ctx.Barrier(n) if n > 1 else None
+    out = ctx.Queue()
+    turn = ctx.Lock()
+    procs = [ctx.Process(target=_child, args=(method, path, queries, max_distance, threads, turn, barrier, out))
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    res = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return res
+
+
+def _hnsw(codes: np.ndarray, queries: np.ndarray, max_distance: int, k: int = 16) -> dict[str, Any]:
     import faiss
 
     t0 = time.perf_counter()
@@ -113,73 +183,74 @@ def _hnsw_search(codes: np.ndarray, queries: np.ndarray, max_distance: int, k: i
     keep = (D <= max_distance) & (I >= 0)
     lims = np.zeros(len(queries) + 1, np.int64)
     np.cumsum(keep.sum(1), out=lims[1:])
-    return idx, build, secs, lims, I[keep]
+    return {"build": build, "load": None, "secs": secs, "lims": lims, "I": I[keep], "uss": None, "pss": None, "anon": None}
 
 
-def bench_size(n: int, n_queries: int, max_distance: int, methods: Sequence[str], hnsw_max_size: int, seed: int = 0) -> list[dict[str, Any]]:
+def _row(n: int, m: str, build: float, file_bytes: int, runs: list[dict[str, Any]], n_queries: int) -> dict[str, Any]:
+    def per_hash(key: str) -> float | str:
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        return round(max(vals) / n, 1) if vals else "n/a"
+    loads = [r["load"] for r in runs if r.get("load") is not None]
+    return {"size": n, "method": m, "build s": round(build, 3), "file B/hash": round(file_bytes / n, 1),
+            "load s": round(max(loads), 4) if loads else "n/a", "processes": len(runs),
+            "queries/s": round(n_queries / max(min(r["secs"] for r in runs), 1e-9), 1),
+            "USS B/hash": per_hash("uss"), "PSS B/hash": per_hash("pss"), "anon B/hash": per_hash("anon")}
+
+
+def bench_size(n: int, n_queries: int, max_distance: int, methods: Sequence[str], hnsw_max_size: int,
+               workdir: str, threads: int = 1, seed: int = 0) -> list[dict[str, Any]]:
     """One size: a row per method (flat first: the reference for recall)."""
-    import faiss
-
     from pipeline.signals.index import PdqIndex
 
     codes, queries, src, dist = make_data(n, n_queries, seed)
     planted_in = (src >= 0) & (dist <= max_distance)
+    path = os.path.join(workdir, f"pdq-{n}.safetensors")
+    t0 = time.perf_counter()
+    data = PdqIndex(codes, "mih").to_bytes()  # what a gallery version stores beside the list
+    build = time.perf_counter() - t0
+    Path(path).write_bytes(data)
+    file_bytes = len(data)
+    del data
     rows: list[dict[str, Any]] = []
     ref: set[tuple[int, int]] | None = None
-    alive: list[Any] = []  # every index stays until the size is done: RSS growth is then each one's own
     for m in ["flat"] + [m for m in methods if m != "flat"]:
         if m == "hnsw" and n > hnsw_max_size:
             continue
-        gc.collect()
-        base, base_alloc = _rss(), _allocated()
-        if m == "hnsw":
-            idx, build, secs, lims, I = _hnsw_search(codes, queries, max_distance)
-            ser = int(faiss.serialize_index_binary(idx).size)
-        else:
-            t0 = time.perf_counter()
-            idx = PdqIndex(codes, "mih", 16, 16) if m == "mih16" else PdqIndex(codes, m)
-            build = time.perf_counter() - t0
-            idx.search(queries[:10], max_distance)  # warm up
-            t0 = time.perf_counter()
-            lims, _D, I = idx.search(queries, max_distance)
-            secs = time.perf_counter() - t0
-            ser = idx.memory_bytes()
-        rss = _rss() - base
-        alloc = _allocated()
-        heap = (alloc - base_alloc) if alloc is not None and base_alloc is not None else None
-        got = _pairs(lims, I)
-        if ref is None:
-            ref = got
-        found_planted = sum((q, int(src[q])) in got for q in np.flatnonzero(planted_in))
-        rows.append({"size": n, "method": m, "build s": round(build, 4), "queries/s": round(n_queries / max(secs, 1e-9), 1),
-                     "heap B/hash": round(heap / n, 1) if heap is not None else "n/a", "RSS B/hash": round(rss / n, 1),
-                     "serialised B/hash": round(ser / n, 1),
-                     "recall vs flat": round(len(got & ref) / len(ref), 4) if ref else 1.0,
-                     "extra vs flat": len(got - ref), "planted found": f"{found_planted}/{int(planted_in.sum())}"})
+        runs = [_hnsw(codes, queries, max_distance)] if m == "hnsw" else _in_processes(m, path, queries, max_distance, threads)
+        b = runs[0]["build"] if m == "hnsw" else {"flat": 0.0, "mih": build}.get(m, max(r["load"] for r in runs))
+        row = _row(n, m, b, file_bytes if m in SHARED else 32 * n, runs, n_queries)
+        got = _pairs(runs[0]["lims"], runs[0]["I"])
+        ref = got if ref is None else ref
+        found = sum((int(q), int(src[q])) in got for q in np.flatnonzero(planted_in))
+        row.update({"recall vs flat": round(len(got & ref) / len(ref), 4) if ref else 1.0, "extra vs flat": len(got - ref),
+                    "planted found": f"{found}/{int(planted_in.sum())}"})
+        rows.append(row)
         print(rows[-1], flush=True)
-        alive.append(idx)
-    del alive
-    gc.collect()
+    os.unlink(path)
     return rows
 
 
 def _ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for n in sorted({r["size"] for r in rows}):
-        flat = next(r for r in rows if r["size"] == n and r["method"] == "flat")
-        for r in rows:
-            if r["size"] == n and r["method"] != "flat":
-                out[f"{r['method']}/flat queries/s @{n:,}"] = round(r["queries/s"] / flat["queries/s"], 2)
-                out[f"{r['method']}/flat serialised bytes @{n:,}"] = round(r["serialised B/hash"] / flat["serialised B/hash"], 2)
-                if isinstance(r["heap B/hash"], float) and isinstance(flat["heap B/hash"], float) and flat["heap B/hash"] > 0:
-                    out[f"{r['method']}/flat heap bytes @{n:,}"] = round(r["heap B/hash"] / flat["heap B/hash"], 2)
+        at = {r["method"]: r for r in rows if r["size"] == n}
+        for m, r in at.items():
+            if m != "flat":
+                out[f"{m}/flat queries/s @{n:,}"] = round(r["queries/s"] / at["flat"]["queries/s"], 2)
+        if "mih" in at and "mih_faiss" in at:
+            old, new = at["mih_faiss"], at["mih"]
+            out[f"mih_faiss/mih load time @{n:,}"] = round(old["load s"] / max(new["load s"], 1e-6), 1)
+            if isinstance(old["USS B/hash"], float) and isinstance(new["USS B/hash"], float):
+                out[f"mih_faiss/mih USS @{n:,}"] = round(old["USS B/hash"] / max(new["USS B/hash"], 0.1), 1)
     return out
 
 
 def bench_hashes(sizes: Sequence[int] = (1_000_000, 10_000_000), queries: int = 2000, max_distance: int = 31,
                  out: str | os.PathLike[str] = "bench-out/hashes.json", methods: Sequence[str] = DEFAULT_METHODS,
-                 threads: int = 1, hnsw_max_size: int = 1_000_000, seed: int = 0) -> dict[str, Any]:
-    """Measure every method at every size in one run; print the table and ratios; write ``out``."""
+                 threads: int = 1, hnsw_max_size: int = 1_000_000, seed: int = 0,
+                 workdir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Measure every method at every size in one run; print the table and ratios; write ``out``.
+    ``workdir``: where the stored indexes are written (a temporary folder by default)."""
     import faiss
 
     bad = [m for m in methods if m not in METHODS]
@@ -188,12 +259,14 @@ def bench_hashes(sizes: Sequence[int] = (1_000_000, 10_000_000), queries: int = 
     old = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(int(threads))
     try:
-        rows = [r for n in sizes for r in bench_size(int(n), int(queries), int(max_distance), methods, hnsw_max_size, seed)]
+        with tempfile.TemporaryDirectory(dir=workdir) as wd:
+            rows = [r for n in sizes for r in bench_size(int(n), int(queries), int(max_distance), methods, hnsw_max_size,
+                                                         wd, int(threads), seed)]
     finally:
         faiss.omp_set_num_threads(old)
-    res = {"machine": host(), "faiss": faiss.__version__, "threads": threads, "queries": queries,
-           "max_distance": max_distance, "planted_distances": list(PLANTED), "variant_share": VARIANT_SHARE,
-           "rows": rows, "ratios": _ratios(rows)}
+    res: dict[str, Any] = {"machine": host(), "faiss": faiss.__version__, "threads": threads, "queries": queries,
+                           "max_distance": max_distance, "planted_distances": list(PLANTED), "variant_share": VARIANT_SHARE,
+                           "rows": rows, "ratios": _ratios(rows)}
     print(f"\nPDQ index benchmark on {res['machine']}, faiss {res['faiss']}, {threads} thread(s); "
           f"{queries} queries (half planted at {list(PLANTED)} bits), max distance {max_distance}\n")
     print(table(rows, list(rows[0])))
@@ -207,19 +280,21 @@ def bench_hashes(sizes: Sequence[int] = (1_000_000, 10_000_000), queries: int = 
 def cli_bench_hashes(a: argparse.Namespace) -> int:
     bench_hashes(sizes=[int(s.replace("_", "")) for s in a.sizes.split(",") if s.strip()], queries=a.queries,
                  max_distance=a.max_distance, out=a.out, methods=[m for m in a.methods.split(",") if m],
-                 threads=a.threads, hnsw_max_size=a.hnsw_max_size)
+                 threads=a.threads, hnsw_max_size=a.hnsw_max_size, workdir=a.workdir)
     return 0
 
 
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     """Register ``hashes`` under ``modscan bench`` (``jobs/cli.py``'s bench sub-parsers)."""
-    q = bench_subparsers.add_parser("hashes", help="PDQ list indexes: flat vs multi-hash (memory, build, queries/s, recall)")
+    q = bench_subparsers.add_parser("hashes", help="PDQ list indexes: flat vs multi-hash (build, load, memory, queries/s, recall)")
     q.add_argument("--sizes", default="1000000,10000000", help="comma-separated list sizes")
     q.add_argument("--queries", type=int, default=2000)
     q.add_argument("--max-distance", type=int, default=31)
     q.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated, of {list(METHODS)} (mih16: ThreatExchange's 16 x 16-bit layout)")
-    q.add_argument("--threads", type=int, default=1, help="faiss OpenMP threads")
+                   help=f"comma-separated, of {list(METHODS)} (mih_faiss: faiss's multi-hash, rebuilt per process; "
+                        "mih16: ThreatExchange's 16 x 16-bit layout)")
+    q.add_argument("--threads", type=int, default=1, help="search threads (faiss OpenMP)")
     q.add_argument("--hnsw-max-size", type=int, default=1_000_000, help="skip hnsw above this size (slow build)")
+    q.add_argument("--workdir", default=None, help="folder for the stored indexes (default: a temporary one)")
     q.add_argument("--out", default="bench-out/hashes.json")
     q.set_defaults(fn=cli_bench_hashes)

@@ -1,4 +1,5 @@
-"""PDQ and MD5 indexes: flat and multi-hash against brute force, edges, ties, storage; the benchmark runs."""
+"""PDQ and MD5 indexes: flat and multi-hash against brute force, edges, ties, storage (memory-mapped,
+v1 files), the multi-hash tables themselves; the benchmark runs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from jobs.bench_hashes import bench_hashes, flip_bits, make_data
 from pipeline.signals.hashes import hamming, pack_hex
 from pipeline.signals.index import HashMatch, Md5Index, PdqIndex
 from pipeline.signals.lists import HashEntry
+from pipeline.signals.multihash import MultiHashTables, directory_bits, flip_masks, substring_keys
 
 KINDS = ("flat", "mih")
 
@@ -137,6 +139,7 @@ def test_auto_kind_follows_the_measured_threshold(monkeypatch: pytest.MonkeyPatc
     assert PdqIndex(codes).kind == "mih"
     monkeypatch.setattr(ix, "FLAT_MAX", 10)
     assert PdqIndex(codes).kind == "flat"  # up to and including FLAT_MAX
+    assert PdqIndex(codes, flat_max=9).kind == "mih" and PdqIndex(codes, flat_max=10).kind == "flat"
 
 
 def test_constructor_checks() -> None:
@@ -153,6 +156,86 @@ def test_build_from_entries_keeps_their_order() -> None:
     index = PdqIndex.build([HashEntry(h, f"id{i}") for i, h in enumerate(hs)])
     assert index.query(hs, 0) == [[HashMatch(0, 0)], [HashMatch(1, 0)], [HashMatch(2, 0)]]
     assert np.array_equal(index.codes(), pack_hex(hs))
+
+
+# ---------------------------------------------------------------------------------------------
+# stored and memory-mapped; the tables
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("max_distance", [0, 8, 22, 31, 32, 33, 40])
+def test_a_stored_index_maps_and_searches_exactly(seeded: tuple[np.ndarray, np.ndarray], tmp_path: Path,
+                                                  max_distance: int) -> None:
+    """Tolerance: none. The stored tables, memory-mapped and searched as multi-hash (a threshold of
+    100 forces it on 3,000 entries), equal brute force pair for pair; 33 and 40 take the flat
+    fallback over the same mapped codes."""
+    codes, queries = seeded
+    PdqIndex(codes, "mih").save(tmp_path / "pdq.safetensors")
+    index = PdqIndex.mapped(tmp_path / "pdq.safetensors", kind="auto", flat_max=100)
+    assert index.kind == "mih" and len(index) == len(codes)
+    arrays = index.arrays()
+    assert set(arrays) == {"codes", "perm", "offsets"}
+    assert all(isinstance(a, np.memmap) and a.filename == str(tmp_path / "pdq.safetensors") for a in arrays.values())
+    want = brute_force(codes, queries, max_distance)
+    assert [[(m.distance, m.entry_idx) for m in row] for row in index.query(hexes(queries), max_distance)] == want
+    flat = PdqIndex.mapped(tmp_path / "pdq.safetensors", kind="auto")  # 3,000 <= FLAT_MAX: flat over the mapped codes
+    assert flat.kind == "flat" and isinstance(flat.arrays()["codes"], np.memmap) and set(flat.arrays()) == {"codes"}
+    for x, y in zip(flat.search(queries, max_distance), index.search(queries, max_distance)):
+        assert np.array_equal(x, y)
+
+
+def test_v1_files_load_and_bad_tables_are_refused(seeded: tuple[np.ndarray, np.ndarray]) -> None:
+    from safetensors.numpy import save
+
+    codes, queries = seeded
+    v1 = save({"codes": codes}, metadata={"format": "modscan.pdq-index", "version": "1", "kind": "mih",
+                                          "nhash": "11", "bits": "23"})
+    old = PdqIndex.from_bytes(v1)
+    assert old.kind == "mih" and set(old.arrays()) == {"codes", "perm", "offsets"}  # tables built on load
+    assert old.query(hexes(queries), 31) == PdqIndex(codes, "flat").query(hexes(queries), 31)
+    t = MultiHashTables.build(codes)
+    meta = {"format": "modscan.pdq-index", "version": "2", "kind": "mih", "nhash": "11", "bits": "23"}
+    bad_offsets = t.offsets.copy()
+    bad_offsets[3, -1] -= 1
+    for arrays in ({"codes": codes, "perm": t.perm, "offsets": bad_offsets},
+                   {"codes": codes, "perm": t.perm[:, :-1].copy(), "offsets": t.offsets},
+                   {"codes": codes, "perm": t.perm.astype(np.int32), "offsets": t.offsets}):
+        with pytest.raises(ValueError):
+            PdqIndex.from_bytes(save(arrays, metadata=meta))
+
+
+def test_substring_keys_are_the_codes_bits_in_order() -> None:
+    codes = np.random.default_rng(3).integers(0, 256, (500, 32), dtype=np.uint8)
+    bits = np.unpackbits(codes, axis=1).astype(np.int64)
+    for nhash, b in ((11, 23), (16, 16), (8, 32), (5, 7)):
+        want = np.stack([bits[:, t * b:(t + 1) * b] @ (1 << np.arange(b - 1, -1, -1)) for t in range(nhash)])
+        assert np.array_equal(substring_keys(codes, nhash, b), want), (nhash, b)
+    assert len(flip_masks(23, 2)) == 1 + 23 + 253 and len(flip_masks(16, 1)) == 17
+    assert [directory_bits(n, 23) for n in (0, 1, 2, 1000, 1 << 20, 1_000_000, 10_000_000)] == [1, 1, 2, 11, 21, 21, 23]
+
+
+@pytest.mark.parametrize(("nhash", "bits"), [(11, 23), (16, 16), (8, 32), (21, 12)])
+def test_tables_of_other_layouts_are_exact_up_to_their_pigeonhole_limit(seeded: tuple[np.ndarray, np.ndarray],
+                                                                       nhash: int, bits: int) -> None:
+    codes, queries = seeded
+    index = PdqIndex(codes, "mih", nhash, bits)
+    for r in (0, 10, 31, 3 * nhash - 1, 3 * nhash + 5):  # the last needs 3 flips a table: flat fallback
+        r = min(r, 256)
+        got = index.query(hexes(queries), r)
+        assert [[(m.distance, m.entry_idx) for m in row] for row in got] == brute_force(codes, queries, r), (nhash, bits, r)
+
+
+def test_crowded_buckets_split_the_query_batch_and_stay_exact() -> None:
+    """A list of 2,000 near-identical entries (0-6 bits from one hash) puts them all in a few buckets:
+    a candidate cap of 500 makes every query batch split down to single queries."""
+    rng = np.random.default_rng(4)
+    base = rng.integers(0, 256, (1, 32), dtype=np.uint8)
+    codes = flip_bits(np.repeat(base, 2000, axis=0), rng.integers(0, 7, 2000), rng)
+    queries = np.concatenate([flip_bits(np.repeat(base, 40, axis=0), rng.integers(0, 40, 40), rng),
+                              rng.integers(0, 256, (10, 32), dtype=np.uint8)])
+    t = MultiHashTables.build(codes)
+    lims, D, I = t.search(queries, 31, max_candidates=500)
+    got = [sorted(zip(D[lims[q]:lims[q + 1]].tolist(), I[lims[q]:lims[q + 1]].tolist())) for q in range(len(queries))]
+    assert got == brute_force(codes, queries, 31)
+    assert sum(map(len, got)) > 20_000  # the crowd is found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,13 +282,15 @@ def test_flip_bits_flips_exactly_k_bits() -> None:
 
 def test_bench_hashes_runs_and_writes_its_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "hashes.json"
-    res = bench_hashes(sizes=(2000,), queries=64, out=out, methods=("flat", "mih", "hnsw"))
+    res = bench_hashes(sizes=(2000,), queries=64, out=out, methods=("flat", "mih", "mih_faiss", "hnsw"))
     saved = json.loads(out.read_text())
-    assert saved["rows"] == res["rows"] and [r["method"] for r in res["rows"]] == ["flat", "mih", "hnsw"]
-    mih = res["rows"][1]
-    assert mih["recall vs flat"] == 1.0 and mih["extra vs flat"] == 0
-    assert res["rows"][0]["planted found"] == mih["planted found"]
-    assert "mih/flat queries/s @2,000" in res["ratios"]
+    assert saved["rows"] == res["rows"] and [r["method"] for r in res["rows"]] == ["flat", "mih", "mih_faiss", "hnsw"]
+    flat, mih, old, _hnsw = res["rows"]
+    for row in (mih, old):
+        assert row["recall vs flat"] == 1.0 and row["extra vs flat"] == 0 and row["planted found"] == flat["planted found"]
+    assert (flat["processes"], mih["processes"], old["processes"]) == (2, 2, 1)  # the mapped ones: two at once
+    assert mih["file B/hash"] > 32 and old["file B/hash"] == 32 and isinstance(mih["USS B/hash"], float)
+    assert "mih/flat queries/s @2,000" in res["ratios"] and "mih_faiss/mih load time @2,000" in res["ratios"]
     assert "| size | method |" in capsys.readouterr().out
     with pytest.raises(ValueError):
         bench_hashes(sizes=(10,), methods=("ivf",), out=tmp_path / "x.json")
