@@ -125,7 +125,13 @@ def _add_gallery_parser(sub: argparse._SubParsersAction) -> None:
     p = gs.add_parser("add", help="add images (a folder or prefix) to a bank, or a newer list file to a hash bank")
     p.add_argument("gallery")
     p.add_argument("--bank", required=True)
-    p.add_argument("--source", required=True, help="folder or s3:// prefix of images; for a pdq/md5 bank, its list file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--source", help="folder or s3:// prefix of images; for a pdq/md5 bank, its list file")
+    src.add_argument("--from-wave", metavar="CLUSTER_ID", default=None,
+                     help="the representative (first upload) of a committed wave; needs --flags and --date (docs/waves.md)")
+    p.add_argument("--flags", default=None, help="with --from-wave: the flags root the wave was committed under")
+    p.add_argument("--date", default=None, help="with --from-wave: the wave's day YYYY-MM-DD")
+    p.add_argument("--hour", type=int, default=None, help="with --from-wave: the wave's hour, for an hourly partition")
     p.add_argument("--banks", default=None, help="banks TOML (needed when the bank is new)")
     p.add_argument("--model", default=None)
     p.add_argument("--ray-address", default=None)
@@ -228,11 +234,12 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     from jobs.bench_retro import add_parser as add_bench_retro
     from jobs.bench_scale import add_parser as add_bench_scale
     from jobs.bench_search import add_parser as add_bench_search
+    from jobs.bench_waves import add_parser as add_bench_waves
 
     p = sub.add_parser("bench", help="benchmarks: search, decode, pipeline, memory, model, retro, hashes, scale, resume")
     bs = p.add_subparsers(dest="bcmd", required=True)
     for add in (add_bench_search, add_bench_decode, add_bench_pipeline, add_bench_memory, add_bench_model,
-                add_bench_retro, add_bench_hashes, add_bench_scale, add_bench_resume):
+                add_bench_retro, add_bench_hashes, add_bench_scale, add_bench_resume, add_bench_waves):
         add(bs)
 
 
@@ -244,12 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     from jobs.retro_cmd import add_parser as add_retro
     from jobs.review_cmd import add_parser as add_review
     from jobs.train_cmd import add_parser as add_train
+    from jobs.waves_cmd import add_parser as add_waves
 
     ap = argparse.ArgumentParser(prog="modscan", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     for add in (add_train, _add_card_parser, _add_gallery_parser, _add_moderate_parsers, _add_demo_parser,
                 _add_evaluate_parser, _add_bench_parser, add_lookup, add_review, add_gpu_check,
-                add_retro, add_hashes):
+                add_retro, add_hashes, add_waves):
         add(sub)
     return ap
 

@@ -66,6 +66,7 @@ class JobConfig:
     wave_coarse_threshold: float = 0.40   # waves: query-to-query 128-d cosine of a candidate pair
     wave_fine_threshold: float = 0.15     # waves: normalised fine score from which a pair is verified
     wave_sure_threshold: float | None = None  # waves: fine score needing no verification (None: sized for the partition)
+    wave_min_inliers: int = 25       # waves: RANSAC inliers that confirm a pair in the verification zone
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -96,6 +97,8 @@ class JobConfig:
         need(isinstance(self.waves, bool), f"waves must be true or false, got {self.waves!r}")
         need(is_int(self.wave_min_size) and self.wave_min_size >= 2, f"wave_min_size must be an integer >= 2, got {self.wave_min_size!r}")
         need(is_int(self.wave_k) and 1 <= self.wave_k <= 1024, f"wave_k must be an integer in 1..1024, got {self.wave_k!r}")
+        need(is_int(self.wave_min_inliers) and self.wave_min_inliers >= 3,
+             f"wave_min_inliers must be an integer >= 3, got {self.wave_min_inliers!r}")
         for name in ("wave_coarse_threshold", "wave_fine_threshold", "wave_sure_threshold"):
             v = getattr(self, name)
             need((v is None and name == "wave_sure_threshold") or (is_num(v) and -1.0 <= v <= 1.0),

@@ -50,6 +50,7 @@ class WavesPlan:
     model_dir: str | None
     cfg: JobConfig
     timings: dict[str, float] = field(default_factory=dict)
+    verified: dict[str, Any] = field(default_factory=dict)  # zone pairs verified (a, b, fine, inliers), edges before ("base")
     t_start: float = field(default_factory=time.time)
 
 
@@ -80,7 +81,8 @@ def _check_partition(out: Store, sig: Store, part: str, model: str) -> None:
 def wave_params(cfg: JobConfig) -> W.WaveParams:
     """The rule from ``[job] wave_*``."""
     return W.WaveParams(k=cfg.wave_k, coarse_threshold=cfg.wave_coarse_threshold, fine_threshold=cfg.wave_fine_threshold,
-                        sure_threshold=cfg.wave_sure_threshold, wave_min_size=cfg.wave_min_size)
+                        sure_threshold=cfg.wave_sure_threshold, min_inliers=cfg.wave_min_inliers,
+                        wave_min_size=cfg.wave_min_size)
 
 
 def prepare_waves(output_uri: str, part: str, cfg: JobConfig | None = None, model_dir: str | None = None,
@@ -207,6 +209,7 @@ def find_edges(plan: WavesPlan) -> tuple[list[O.Edge], dict[str, Any], dict[str,
     joins = np.asarray([uf.find(int(i)) != uf.find(int(j)) for i, j in zip(a[zone], b[zone])], bool)
     za, zb, zf = a[zone][joins], b[zone][joins], fine[zone][joins]
     inliers = verify_pairs(plan, za, zb)
+    plan.verified = {"a": za, "b": zb, "fine": zf, "inliers": inliers, "base": [(e.a, e.b) for e in edges]}
     good = inliers >= p.min_inliers
     edges += [O.Edge(int(i), int(j), float(s), W.VERIFIED) for i, j, s in zip(za[good], zb[good], zf[good])]
     counts = {"searched": len(plan.sigs.keys), "candidate_pairs": int(len(ok)), "same_bytes_pairs": len(same),
@@ -234,7 +237,8 @@ def execute_waves(plan: WavesPlan, ray_address: str | None = None, review: bool 
     t = time.time()
     info["partition_uri"] = O.commit_waves(plan.wstore, plan.part, plan.run_id, table, set(plan.flag_keys), info)
     plan.timings["commit"] = time.time() - t
-    if review and plan.flags_run.get("review"):
+    page = f"_reviews/{F.partition_key(plan.part)}/review-{plan.flags_run.get('run_id')}.html"
+    if review and plan.out.exists(page):  # the moderation run's page: re-written with its Waves section
         info["review"] = _rewrite_review(plan)
     return info
 
@@ -264,7 +268,7 @@ def _rewrite_review(plan: WavesPlan) -> str | None:
 
     r = plan.flags_run
     try:
-        return write_review(plan.out, plan.part, plan.flags_run_id, r["input"], r["gallery"],
+        return write_review(plan.out, plan.part, r["run_id"], r["input"], r["gallery"],
                             max_rows=plan.cfg.review_max_rows, gallery_version=r.get("gallery_version"))
     except Exception as e:
         return f"not re-written: {redact(plain_message(e))}"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +252,104 @@ def test_errors_name_what_is_missing(world, tmp_path) -> None:
         prepare_waves(str(world["out"]), "2026-05-04")
     with pytest.raises(ModscanError, match="not an hour"):
         prepare_waves(str(world["out"]), "2026-05-03T1")
+
+
+# ---------------------------------------------------------------------------------------------
+# the review page's Waves section (re-written by the waves pass), rendered by headless Chromium
+# ---------------------------------------------------------------------------------------------
+def _review_page(world) -> str:
+    run_id = world["flags_info"]["run_id"]
+    return (world["out"] / "_reviews" / f"dt={DAY}" / f"review-{run_id}.html").read_text()
+
+
+def _wave_rows(page: str) -> dict[str, str]:
+    """wave id -> its table row in the Waves section."""
+    import re
+
+    return {m.group(1): m.group(0) for m in re.finditer(r'<tr class="wave">.*?wave <code>([0-9a-f]{16})</code>.*?</tr>', page)}
+
+
+@pytest.mark.slow
+def test_review_page_shows_each_wave_with_its_size_and_members_sensitive_ones_blurred(world, passes) -> None:
+    page, df = _review_page(world), passes["df1"]
+    assert "<h2>Waves (2 clusters of near-duplicate uploads, 14 uploads)</h2>" in page
+    rows = _wave_rows(page)
+    astronaut, rocket = (_cluster_of(df, world["planted"][n]) for n in ("astronaut", "rocket"))
+    assert set(rows) == {astronaut, rocket}
+    assert "<b>8</b> uploads" in rows[astronaut] and "<b>6</b> uploads" in rows[rocket]
+    assert "first: <code>astronaut-00.jpg</code>" in rows[astronaut]  # the first upload represents the wave
+    assert rows[astronaut].count('src="data:image/jpeg;base64,') == 7  # the first + a sample of 6
+    assert f"--from-wave {astronaut} --flags OUTPUT --date {DAY}" in rows[astronaut]
+    # the rocket wave matched the sensitive bank: every thumbnail of it blurred; the astronaut wave's not
+    assert rows[rocket].count('class="sens"') == rows[rocket].count("<img") == 6 and 'class="sens"' not in rows[astronaut]
+    assert "filter 6" in rows[rocket] and "none 8" in rows[astronaut]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def _screenshot(html_path: Path, png: Path) -> np.ndarray:
+    """Render a local HTML file with headless Chromium (a dead proxy: nothing could load from the network)."""
+    profile = png.parent / f".profile-{png.stem}"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+                    f"--user-data-dir={profile}", "--proxy-server=http://127.0.0.1:9", "--window-size=1280,900",
+                    f"--screenshot={png}", html_path.as_uri()], check=True, capture_output=True, timeout=120)
+    shutil.rmtree(profile, ignore_errors=True)
+    return np.asarray(Image.open(png).convert("RGB"), np.int16)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (Debian: apt-get install chromium)")
+def test_waves_section_in_headless_chromium(world, passes, tmp_path) -> None:
+    from pipeline.ops.review_page import CSS
+
+    page = _review_page(world)
+    start = page.index("<h2>Waves")
+    section = page[start:page.index("</table>", start) + len("</table>")]
+    doc = f'<!doctype html><html><head><meta charset="utf-8"><style>{CSS}</style></head><body>{section}</body></html>'
+    (tmp_path / "waves.html").write_text(doc)
+    (tmp_path / "revealed.html").write_text(doc.replace('<input type="checkbox">', '<input type="checkbox" checked>'))
+    blurred = _screenshot(tmp_path / "waves.html", tmp_path / "blurred.png")
+    revealed = _screenshot(tmp_path / "revealed.html", tmp_path / "revealed.png")
+    # the section is drawn: thumbnails in colour (the astronaut wave is not sensitive)
+    spread = blurred.max(axis=2) - blurred.min(axis=2)
+    assert (spread > 40).mean() > 0.02
+    # clicking reveals the sensitive wave's thumbnails: grey when blurred, in colour when revealed
+    diff = np.abs(blurred - revealed).max(axis=2) > 16
+    assert diff.mean() > 0.02
+    grey = lambda a: float((a.max(axis=2) - a.min(axis=2))[diff].mean())
+    assert grey(blurred) < 2 and grey(revealed) > 5
+
+
+# ---------------------------------------------------------------------------------------------
+# gallery add --from-wave, then retro (last: it re-commits the day's flags)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_gallery_add_from_wave_then_retro_flags_the_waves_members(world, passes, capsys) -> None:
+    from jobs.cli import main
+    from pipeline.gallery.audit import read_log
+    from pipeline.ingest.storage import open_store
+
+    df, planted = passes["df1"], world["planted"]
+    cid = _cluster_of(df, planted["astronaut"])
+    before = F.read_flags(str(world["out"]), DAY).set_index("image_key")
+    assert (before.loc[planted["astronaut"], "action"] == "none").all()  # nothing in the gallery matched them
+    gal, out = str(world["gallery"]), str(world["out"])
+    assert main(["gallery", "add", gal, "--bank", "spam", "--from-wave", "0123456789abcdef", "--flags", out,
+                 "--date", DAY]) == 2
+    assert "no cluster '0123456789abcdef' in the committed waves of dt=2026-05-03" in capsys.readouterr().err
+    assert main(["gallery", "add", gal, "--bank", "spam", "--from-wave", cid]) == 2
+    assert "--from-wave needs --flags" in capsys.readouterr().err
+    assert main(["gallery", "add", gal, "--bank", "spam", "--from-wave", cid, "--flags", out, "--date", DAY,
+                 "--who", "ops-anna", "--note", "campaign seen on the review page"]) == 0
+    rec = read_log(open_store(gal))[-1]
+    assert rec.action == "add" and rec.who == "ops-anna" and rec.version == "v000002"
+    assert f"from wave {cid} of {DAY} (8 uploads; representative astronaut-00.jpg" in rec.note
+    assert rec.note.startswith("campaign seen on the review page; ") and rec.details["added"] == 1
+    capsys.readouterr()
+    assert main(["retro", "--gallery", gal, "--since", "v000001", "--from", DAY, "--to", DAY, "--output", out]) == 0
+    after = F.read_flags(out, DAY).set_index("image_key")
+    members = after.loc[planted["astronaut"]]
+    assert (members["action"] == "downrank").mean() >= 0.75 and (members.loc[members["action"] != "none", "bank"] == "spam").all()
+    others = [k for k in after.index if k not in planted["astronaut"]]
+    assert after.loc[others, "action"].equals(before.loc[others, "action"])  # nothing else changed

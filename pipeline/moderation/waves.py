@@ -53,7 +53,9 @@ class WaveParams:
     ``k``: neighbours searched per upload; ``coarse_threshold``: the query-to-query 128-d cosine
     of a candidate pair; ``fine_threshold``: the normalised fine score from which a pair is
     verified; ``sure_threshold``: the fine score that needs no verification (None: sized for the
-    partition's size, :func:`sure_for_size`); ``min_inliers``: RANSAC inliers that confirm a pair;
+    partition's size, :func:`sure_for_size`); ``min_inliers``: RANSAC inliers that confirm a pair
+    (more than the gallery's 12: a day's own uploads hold pictures made from one template, charts
+    and captions in one font, that reach 12 to 45 inliers against each other; docs/waves.md);
     ``wave_min_size``: uploads that make a cluster a wave; ``false_merge_budget``: unrelated
     uploads per upload allowed a false sure edge, what ``sure_threshold`` is sized for."""
 
@@ -61,13 +63,15 @@ class WaveParams:
     coarse_threshold: float = 0.40
     fine_threshold: float = 0.15
     sure_threshold: float | None = None
-    min_inliers: int = 12
+    min_inliers: int = 25
     wave_min_size: int = 5
     false_merge_budget: float = 0.0005
 
     def __post_init__(self) -> None:
         if not (isinstance(self.k, int) and 1 <= self.k <= 1024):
             raise UsageError(f"[job] wave_k must be an integer in 1..1024, got {self.k!r}")
+        if not (isinstance(self.min_inliers, int) and self.min_inliers >= 3):
+            raise UsageError(f"[job] wave_min_inliers must be an integer >= 3, got {self.min_inliers!r}")
         if not (isinstance(self.wave_min_size, int) and self.wave_min_size >= 2):
             raise UsageError(f"[job] wave_min_size must be an integer >= 2, got {self.wave_min_size!r}")
         for name in ("coarse_threshold", "fine_threshold", "sure_threshold"):

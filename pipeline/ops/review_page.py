@@ -136,6 +136,43 @@ def _groups_html(matched: pd.DataFrame, src: dict, input_uri: str, max_groups: i
     return "\n".join(out_rows)
 
 
+def _waves_html(out: Store, dt: str, df: pd.DataFrame, max_waves: int) -> str:
+    """The Waves section, when the partition's waves are committed (``modscan waves``,
+    docs/waves.md): one row per wave, biggest first: its first upload, its size, how its members
+    were flagged, a sample of them and the command that banks it. A wave with a member matched in
+    a sensitive bank has every thumbnail blurred."""
+    from pipeline.moderation.wave_output import read_run_info, read_waves, waves_root
+
+    root = waves_root(out.uri)
+    if read_run_info(root, dt) is None:
+        return ""
+    w = read_waves(root, dt)
+    w = w[w["wave"]]
+    sens_keys = set(df.loc[df["category"].map(is_sensitive), "image_key"])
+    action = df.set_index("image_key")["action"]
+    groups = sorted(w.groupby("dup_cluster_id"), key=lambda kv: (-len(kv[1]), kv[0]))
+    rows = []
+    for cid, g in groups[:max_waves]:
+        g = g.sort_values("dup_rank")
+        sens = bool(sens_keys & set(g["image_key"]))
+        thumb = lambda r, sens=sens: (_thumb(b, sens) if (b := _read(str(r["image_uri"])))
+                                      else "<span class=err>unreadable</span>")
+        acts = ", ".join(f"{a} {n}" for a, n in action.reindex(g["image_key"]).value_counts().items())
+        ex = "".join(f'<span class="ex">{thumb(r)}<br><code>{html.escape(str(r["image_key"]))}</code></span>'
+                     for _, r in g.iloc[1:1 + GROUP_EXAMPLES].iterrows())
+        first = g.iloc[0]
+        rows.append(f'<tr class="wave"><td>{thumb(first)}<br><small>first: <code>{html.escape(str(first["image_key"]))}'
+                    f'</code></small></td><td><b>{len(g)}</b> uploads<br><small>wave <code>{html.escape(str(cid))}</code>'
+                    f'<br>{html.escape(acts)}</small></td><td>{ex}{"<br>&hellip;" if len(g) > GROUP_EXAMPLES + 1 else ""}'
+                    f'</td><td><small><code>modscan gallery add GALLERY --bank BANK --from-wave {html.escape(str(cid))} '
+                    f'--flags OUTPUT --date {html.escape(dt.split("T")[0])}</code></small></td></tr>')
+    if len(groups) > max_waves:
+        rows.append(f"<tr><td colspan=4>{len(groups) - max_waves} more waves not shown</td></tr>")
+    return (f'<h2>Waves ({len(groups)} clusters of near-duplicate uploads, {len(w)} uploads)</h2>'
+            f'<table><tr><th>first upload</th><th>size</th><th>other members</th><th>bank it</th></tr>'
+            f'{"".join(rows) or "<tr><td colspan=4>none</td></tr>"}</table>')
+
+
 def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: str, max_rows: int = 200,
                  gallery_version: str | None = None) -> str:
     """Write ``_reviews/dt=D/review-<run_id>.html``; returns its URI. ``gallery_version`` is the
@@ -182,6 +219,7 @@ def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: 
 <p>run <code>{html.escape(run_id)}</code>; model <code>{html.escape(str(df['model_version'].iloc[0]) if len(df) else '-')}</code>;
 gallery <code>{html.escape(m.version)}</code>; rows: {html.escape(str(counts))}</p>
 {_held_banner(matched)}
+{_waves_html(out, dt, df, max(1, max_rows // 4))}
 <h2>Matches by reference ({matched['reference_id'].nunique()} references, {len(matched)} uploads)</h2>
 <table><tr><th>reference</th><th>bank</th><th>uploads</th><th>best matches (fine score)</th></tr>
 {_groups_html(matched, src, input_uri, max(1, max_rows // 4))}</table>
