@@ -1,16 +1,25 @@
-"""Hash banks in bank files, manifests and the decision rule (issue 20), without Ray."""
+"""Hash banks in bank files, manifests and the decision rule (issue 20), the PDQ index stored in a
+version and memory-mapped by readers (issue 27), without Ray."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
+from pipeline import gallery as G
 from pipeline.gallery.banks import Bank, BankFileError, parse_banks
 from pipeline.gallery.hashlists import HashBanks, HashHit, HashQuery
 from pipeline.gallery.manifest import Manifest
 from pipeline.gallery.query import GalleryIndex, Match
-from pipeline.signals.lists import HashEntry
+from pipeline.gallery.store import GalleryIntegrityError, read_lists
+from pipeline.ingest.storage import Store, open_store
+from pipeline.signals.index import PdqIndex
+from pipeline.signals.lists import HashEntry, read_list
 
 PDQ_A = "f" * 64
 PDQ_B = "f" * 60 + "0000"  # 16 bits from PDQ_A
@@ -106,3 +115,101 @@ def test_decision_rule_strongest_wins_allow_at_least_as_strong_wins_ties_by_bank
     # the descriptor alone: unchanged, labelled
     assert GalleryIndex.decide_signals(desc, HashQuery()).signal == "descriptor"
     assert GalleryIndex.decide_signals(None, HashQuery()) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the stored PDQ index: written once with the version, mapped by readers; old versions
+# ---------------------------------------------------------------------------------------------
+def _version_with_lists(tmp_path: Path, n_pdq: int = 3000) -> tuple[Store, np.ndarray]:
+    """A version with 3 images, a pdq bank whose list file repeats 40 lines, and an md5 bank."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (n_pdq, 32), dtype=np.uint8)
+    lines = [f"pdq {c.tobytes().hex()}" for c in codes] + [f"pdq {c.tobytes().hex()}" for c in codes[:40]]
+    (tmp_path / "ncmec.pdq.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "m.txt").write_text(f"{'a' * 32}\n{'b' * 32}\n")  # a bare-hash file
+    banks = {"imgs": Bank("imgs", "-", "c/i", "filter"),
+             "p": Bank("p", str(tmp_path / "ncmec.pdq.txt"), "c/p", "filter", kind="pdq"),
+             "m": Bank("m", str(tmp_path / "m.txt"), "c/m", "downrank", kind="md5")}
+    ids = np.array([3, 5, 8], np.int64)
+    coarse, rerank = rng.standard_normal((3, 128)).astype(np.float32), rng.standard_normal((3, 512)).astype(np.float32)
+    entries = pd.DataFrame({"id": ids, "bank": "imgs", "category": "c/i", "action": "filter", "source_uri": ["x"] * 3,
+                            "sha256": ["a", "b", "c"], "added_at": pd.Timestamp.now(tz="UTC")})
+    lists = {n: read_list(banks[n].source, banks[n].kind) for n in ("p", "m")}
+    store = open_store(str(tmp_path / "g"), create=True)
+    G.write_version(store, G.GalleryContent(ids, coarse, rerank, entries, banks, lists=lists),
+                    G.VersionModel("m", 128, 512, 0.1, 0.5), n_shards=1)
+    return store, codes
+
+
+def _near(codes: np.ndarray, seed: int = 1) -> list[str]:
+    """Queries: entries with 0-40 bits flipped, and unrelated hashes."""
+    rng = np.random.default_rng(seed)
+    from jobs.bench_hashes import flip_bits
+
+    q = flip_bits(codes[rng.integers(0, len(codes), 200)], rng.integers(0, 41, 200), rng)
+    return [c.tobytes().hex() for c in np.concatenate([q, rng.integers(0, 256, (50, 32), dtype=np.uint8)])]
+
+
+def test_a_version_stores_the_pdq_index_and_readers_map_it(tmp_path: Path) -> None:
+    store, codes = _version_with_lists(tmp_path)
+    m = G.read_manifest(store)
+    p, md5 = (next(h for h in m.hash_lists if h.bank == b) for b in ("p", "m"))
+    assert (p.count, p.duplicates, p.index) == (3000, 40, "list-p.pdq-index.safetensors")
+    assert (md5.count, md5.duplicates, md5.index) == (2, 0, None)  # md5 lists have no stored index
+    assert (p.index, p.index_sha256) in m.files()
+    vdir = tmp_path / "g" / "versions" / m.version
+    assert hashlib.sha256((vdir / p.index).read_bytes()).hexdigest() == p.index_sha256
+    info = G.info(store)["hash_lists"]
+    assert info["p"]["duplicates_dropped"] == 40 and info["p"]["stored_index"] == p.index
+    lists = read_lists(store, m)
+    index = lists["p"].index
+    assert isinstance(index, PdqIndex) and index.kind == "flat"  # 3,000 <= FLAT_MAX: flat over the mapped codes
+    assert isinstance(index.arrays()["codes"], np.memmap) and index.arrays()["codes"].filename == str(vdir / p.index)
+    # the loaded version queries through the mapped index, not a rebuilt one
+    g = G.open_gallery(store, None)
+    assert isinstance(g.hash_banks.index["p"], PdqIndex) and isinstance(g.hash_banks.index["p"].arrays()["codes"], np.memmap)
+    # the same file searched as multi-hash (forced at this size) gives flat's matches at 0-40 bits
+    mapped = PdqIndex.mapped(vdir / p.index, kind="auto", flat_max=100)
+    assert mapped.kind == "mih" and all(isinstance(a, np.memmap) for a in mapped.arrays().values())
+    queries = _near(codes)
+    for r in (0, 12, 31, 32, 40):
+        assert mapped.query(queries, r) == PdqIndex(codes, "flat").query(queries, r), r
+    # the list round-trips for the next version without opening the index
+    assert read_lists(store, m, indexes=False)["p"].index is None and read_lists(store, m, indexes=False)["p"] == lists["p"]
+
+
+def test_a_corrupt_stored_index_is_refused(tmp_path: Path) -> None:
+    store, _ = _version_with_lists(tmp_path, 500)
+    m = G.read_manifest(store)
+    path = tmp_path / "g" / "versions" / m.version / "list-p.pdq-index.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(GalleryIntegrityError, match="checksum mismatch"):
+        read_lists(store, m)
+
+
+def test_versions_without_a_stored_index_still_load_and_build_it(tmp_path: Path) -> None:
+    """A version written before the stored index existed: the manifest has no index keys, the
+    folder no index file; the list loads, the index is built on load and answers the same."""
+    store, codes = _version_with_lists(tmp_path, 800)
+    m = G.read_manifest(store)
+    vdir = tmp_path / "g" / "versions" / m.version
+    d = json.loads((vdir / "manifest.json").read_text())
+    for h in d["hash_lists"]:
+        (vdir / h.pop("index")).unlink() if "index" in h else None
+        h.pop("index_sha256", None)
+        h.pop("duplicates", None)
+    (vdir / "manifest.json").write_text(json.dumps(d, indent=2) + "\n")
+    old = G.read_manifest(store)
+    assert all(h.index is None and h.duplicates == 0 for h in old.hash_lists)
+    assert not any("pdq-index" in f for f, _ in old.files())
+    lists = read_lists(store, old)
+    assert lists["p"].index is None and len(lists["p"]) == 800
+    banks = HashBanks({"p": Bank("p", "-", "c", "filter", kind="pdq")}, lists)
+    assert not isinstance(banks.index["p"].arrays()["codes"], np.memmap)  # built here
+    queries = _near(codes)
+    got = banks.query([None] * len(queries), queries, [100] * len(queries))
+    want = PdqIndex(codes, "flat").query(queries, 31)
+    assert [[h.entry_idx for h in q.hits] for q in got] == [[x.entry_idx for x in row] for row in want]
+    assert sum(map(len, want)) > 10

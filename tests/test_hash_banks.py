@@ -103,7 +103,7 @@ def run(world):
 
     store = open_store("s3://gallery-hb/main")
     v1, stats = G.build(store, load_banks(world["banks"]), read_card(None), ray_extractor(None), n_shards=2)
-    assert stats["md5_list"] == {"list_entries": 1} and stats["refs"]["added"] == 2
+    assert stats["md5_list"] == {"list_entries": 1, "duplicates_dropped": 0} and stats["refs"]["added"] == 2
     exported = world["tmp"] / "exported.pdq.txt"
     entries = G.export_hashes(store, "refs", "pdq")
     write_list(str(exported), entries, "pdq")

@@ -5,9 +5,19 @@ A hash bank (``kind = "pdq"`` or ``"md5"``, :mod:`pipeline.gallery.banks`) holds
 keeps it the way it keeps shards: one ``list-<bank>.parquet`` per hash bank
 (:data:`~pipeline.schemas.HASH_LIST_SCHEMA`: ``hash``, ``entry_id``, ``metadata``, in list order),
 recorded in :attr:`Manifest.hash_lists <pipeline.gallery.manifest.Manifest.hash_lists>` with its
-sha256 and checked on every load. :class:`HashBanks` is what a loaded version queries: one
-:class:`~pipeline.signals.index.PdqIndex` or :class:`~pipeline.signals.index.Md5Index` per
-enabled hash bank.
+sha256 and checked on every load, with the exact duplicate lines ingestion dropped.
+
+**The PDQ index is built once, when the version is written**, and stored beside a pdq bank's list
+as ``list-<bank>.pdq-index.safetensors`` (:func:`index_bytes`: the codes and the multi-hash tables
+of :class:`~pipeline.signals.index.PdqIndex`, ~110-230 B/hash), listed in the manifest with its
+sha256 (``HashListFile.index``). A process that opens the version maps that file
+(:meth:`PdqIndex.mapped <pipeline.signals.index.PdqIndex.mapped>`, from a local gallery or a
+node's cache; read into memory from S3) instead of rebuilding the index, and searches it flat up
+to :data:`~pipeline.signals.index.FLAT_MAX` entries, multi-hash beyond. A version written before
+the stored index existed has none: its index is built on load, as then.
+
+:class:`HashBanks` is what a loaded version queries: one :class:`~pipeline.signals.index.PdqIndex`
+or :class:`~pipeline.signals.index.Md5Index` per enabled hash bank.
 
 Imports: ``manifest``, ``schemas`` and :mod:`pipeline.signals` only (``store`` and ``query`` use it).
 """
@@ -25,11 +35,30 @@ import pyarrow.parquet as pq
 from pipeline.gallery.banks import Bank
 from pipeline.schemas import HASH_LIST_SCHEMA
 from pipeline.signals.index import Md5Index, PdqIndex
-from pipeline.signals.lists import HashEntry
+from pipeline.signals.lists import HashEntry, HashList
 
 
 def list_file_name(bank: str) -> str:
     return f"list-{bank}.parquet"
+
+
+def index_file_name(bank: str) -> str:
+    return f"list-{bank}.pdq-index.safetensors"
+
+
+def index_bytes(entries: Sequence[HashEntry]) -> bytes:
+    """The stored PDQ index of a pdq list: codes and multi-hash tables, whatever the list's size
+    (the reader picks flat or multi-hash by size; the tables cost ~1 s per million entries here)."""
+    return PdqIndex.build(entries, "mih").to_bytes()
+
+
+class StoredList(HashList):
+    """A hash bank's list as a version holds it: the entries, the duplicates its ingestion dropped,
+    and ``index``, the PDQ index stored beside it (None: an md5 list, or a version without one)."""
+
+    def __init__(self, entries: Sequence[HashEntry] = (), duplicates: int = 0, index: PdqIndex | None = None) -> None:
+        super().__init__(entries, duplicates, "stored")
+        self.index = index
 
 
 def list_bytes(entries: Sequence[HashEntry]) -> bytes:
@@ -73,14 +102,21 @@ class HashQuery:
     below_quality: tuple[str, ...] = ()
 
 
+def _stored_index(entries: Sequence[HashEntry]) -> PdqIndex | None:
+    index = getattr(entries, "index", None)
+    return index if isinstance(index, PdqIndex) and len(index) == len(entries) else None
+
+
 class HashBanks:
-    """The enabled hash banks of a loaded version, each with its list and index."""
+    """The enabled hash banks of a loaded version, each with its list and index: the index stored
+    in the version where the list carries one (:class:`StoredList`), else built here."""
 
     def __init__(self, banks: Mapping[str, Bank], lists: Mapping[str, list[HashEntry]]) -> None:
         self.banks = {n: b for n, b in banks.items() if b.is_hash and b.enabled and n in lists}
-        self.lists = {n: list(lists[n]) for n in self.banks}
+        self.lists = {n: lists[n] for n in self.banks}
         self.index: dict[str, Any] = {
-            n: (PdqIndex.build(self.lists[n]) if b.kind == "pdq" else Md5Index.build(self.lists[n]))
+            n: ((_stored_index(self.lists[n]) or PdqIndex.build(self.lists[n])) if b.kind == "pdq"
+                else Md5Index.build(self.lists[n]))
             for n, b in self.banks.items()}
 
     def __len__(self) -> int:

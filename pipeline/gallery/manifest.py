@@ -160,7 +160,9 @@ class BankRecord:
 class HashListFile:
     """One hash bank's list as a version holds it: a Parquet file (``hash``, ``entry_id``,
     ``metadata``; :data:`~pipeline.schemas.HASH_LIST_SCHEMA`), its checksum, and the list file it
-    was read from."""
+    was read from; ``duplicates``: the exact duplicate lines its ingestion dropped; ``index`` /
+    ``index_sha256``: a pdq list's stored PDQ index (:mod:`pipeline.gallery.hashlists`), absent in
+    versions written before it existed. The optional keys are written only when set."""
 
     bank: str
     kind: str               # pdq | md5
@@ -168,10 +170,18 @@ class HashListFile:
     sha256: str
     count: int
     source: str
+    duplicates: int = 0
+    index: str | None = None          # e.g. list-ncmec_pdq.pdq-index.safetensors
+    index_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bank": self.bank, "kind": self.kind, "file": self.file, "sha256": self.sha256, "count": self.count,
-                "source": self.source}
+        d: dict[str, Any] = {"bank": self.bank, "kind": self.kind, "file": self.file, "sha256": self.sha256,
+                             "count": self.count, "source": self.source}
+        if self.duplicates:
+            d["duplicates"] = self.duplicates
+        if self.index is not None:
+            d.update(index=self.index, index_sha256=self.index_sha256)
+        return d
 
 
 @dataclass(frozen=True)
@@ -265,7 +275,9 @@ class Manifest:
         """(file name, sha256) of every data file of the version."""
         shard_files = [f for s in self.shards for f in ((s.index, s.index_sha256), (s.rerank, s.rerank_sha256))]
         kp = [(self.keypoints.file, self.keypoints.sha256)] if self.keypoints is not None else []
-        return shard_files + [(self.entries.file, self.entries.sha256)] + [(h.file, h.sha256) for h in self.hash_lists] + kp
+        lists = [f for h in self.hash_lists
+                 for f in [(h.file, h.sha256)] + ([(h.index, h.index_sha256 or "")] if h.index else [])]
+        return shard_files + [(self.entries.file, self.entries.sha256)] + lists + kp
 
     def disabled_in_force(self, at: _dt.datetime | None = None) -> dict[int, DisabledReference]:
         """References disabled at ``at`` (default: now): id -> record. A record with ``until =

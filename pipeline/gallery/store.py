@@ -12,6 +12,7 @@ Layout under a gallery root (local folder or ``s3://bucket/prefix``)::
     versions/v000003/entries.parquet     # id, bank, category, action, source_uri, sha256, added_at,
                                          # the reference's pdq_hash, pdq_quality, md5
     versions/v000003/list-<bank>.parquet # a hash bank's list: hash, entry_id, metadata (pipeline.gallery.hashlists)
+    versions/v000003/list-<bank>.pdq-index.safetensors  # a pdq list's PDQ index, built once, memory-mapped
     versions/v000003/keypoints.safetensors  # the references' ORB keypoints (pipeline.gallery.verify)
 
 A version is immutable. Writers put every file of a new version under its own prefix, the
@@ -62,6 +63,7 @@ from pipeline.gallery.manifest import (
 from pipeline.gallery.verify import KeypointTable, VerifyParams
 from pipeline.ingest.storage import Store, open_store
 from pipeline.schemas import ENTRY_SCHEMA
+from pipeline.signals.index import PdqIndex
 from pipeline.signals.lists import HashEntry
 
 KEYPOINTS_FILE = "keypoints.safetensors"
@@ -217,7 +219,13 @@ def _write_lists(vstore: Store, content: GalleryContent) -> tuple[HashListFile, 
         b, entries = content.banks[name], content.lists[name]
         data = H.list_bytes(entries)
         vstore.write_bytes(H.list_file_name(name), data)
-        out.append(HashListFile(name, b.kind, H.list_file_name(name), sha256_hex(data), len(entries), b.source))
+        index, index_sha = None, None
+        if b.kind == "pdq":  # built once here, mapped by every reader (pipeline.gallery.hashlists)
+            ib = H.index_bytes(entries)
+            index, index_sha = H.index_file_name(name), sha256_hex(ib)
+            vstore.write_bytes(index, ib)
+        out.append(HashListFile(name, b.kind, H.list_file_name(name), sha256_hex(data), len(entries), b.source,
+                                int(getattr(entries, "duplicates", 0)), index, index_sha))
     return tuple(out)
 
 
@@ -313,10 +321,35 @@ def load_verified(store: Store, m: Manifest) -> tuple[list[Shard], pd.DataFrame]
     return shards, entries
 
 
-def read_lists(store: Store, m: Manifest) -> dict[str, list[HashEntry]]:
-    """The hash lists of manifest ``m``, by bank, every file checked against its sha256."""
+def read_lists(store: Store, m: Manifest, checked: bool = False, indexes: bool = True) -> dict[str, list[HashEntry]]:
+    """The hash lists of manifest ``m``, by bank (:class:`~pipeline.gallery.hashlists.StoredList`),
+    every file checked against its sha256. ``indexes``: open each stored PDQ index too (memory-mapped
+    from a local gallery, read into memory from S3); ``checked``: the local files' checksums were
+    verified already (a node cache's copy), so an index is mapped without reading it through again."""
     vstore = store.child(f"versions/{m.version}")
-    return {h.bank: H.entries_from_bytes(read_verified(vstore, h.file, h.sha256)) for h in m.hash_lists}
+    return {h.bank: H.StoredList(H.entries_from_bytes(read_verified(vstore, h.file, h.sha256)), h.duplicates,
+                                 _read_list_index(store, vstore, h, checked) if indexes and h.index else None)
+            for h in m.hash_lists}
+
+
+def _read_list_index(store: Store, vstore: Store, h: HashListFile, checked: bool) -> PdqIndex:
+    """A stored PDQ index, checked against its sha256, opened to search flat or multi-hash by size."""
+    assert h.index is not None and h.index_sha256 is not None
+    try:
+        if store.is_local:  # checked in chunks, then memory-mapped: its pages are the node's page cache
+            from pipeline.gallery.loader import stream_sha256
+
+            actual = h.index_sha256 if checked else stream_sha256(vstore, h.index)
+            if actual != h.index_sha256:
+                raise checksum_mismatch(vstore, h.index, h.index_sha256, actual)
+            index = PdqIndex.mapped(vstore.path(h.index), kind="auto")
+        else:
+            index = PdqIndex.from_bytes(read_verified(vstore, h.index, h.index_sha256), kind="auto")
+    except ValueError as e:
+        raise GalleryIntegrityError(f"{vstore.full_uri(h.index)}: {e}") from None
+    if len(index) != h.count:
+        raise GalleryIntegrityError(f"{vstore.full_uri(h.index)} holds {len(index)} hashes, the manifest says {h.count}")
+    return index
 
 
 def _coarse_vectors(sh: Shard) -> np.ndarray:
@@ -358,7 +391,7 @@ def read_content(store: Store, version: str | None = None) -> StoredVersion:
         coarse=np.concatenate(coarse) if coarse else np.zeros((0, cd), np.float32),
         rerank=np.concatenate(rerank) if rerank else np.zeros((0, rd), np.float32),
         entries=entries, banks={n: b.bank for n, b in m.banks.items()}, rejected=list(m.rejected),
-        disabled={d.id: d for d in m.disabled_references}, lists=read_lists(store, m))
+        disabled={d.id: d for d in m.disabled_references}, lists=read_lists(store, m, indexes=False))
     table = read_keypoints(store, m)
     if table is not None and m.keypoints is not None:
         content.keypoints, content.verify_params = table.to_packed(), m.keypoints.params

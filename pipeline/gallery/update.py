@@ -128,7 +128,8 @@ def build(store: Store, banks: list[Bank], card: ModelCard, extract: Extractor, 
             stats[b.name] = {"skipped": "disabled"}
         elif b.is_hash:
             content.lists[b.name] = read_list(b.source, b.kind)
-            stats[b.name] = {"list_entries": len(content.lists[b.name])}
+            stats[b.name] = {"list_entries": len(content.lists[b.name]),
+                             "duplicates_dropped": getattr(content.lists[b.name], "duplicates", 0)}
         else:
             stats[b.name] = add_images(content, b, list_source(b.source), extract)
     parent = current_version(store)
@@ -230,7 +231,7 @@ def replace_list(store: Store, bank_name: str, list_uri: str, new_bank: Bank | N
     content.banks[bank_name] = Bank(**{**b.__dict__, "source": list_uri})
     content.lists[bank_name] = entries
     stats = {"added": len(after - before), "removed": len(before - after), "kept": len(after & before),
-             "list_entries": len(entries)}
+             "list_entries": len(entries), "duplicates_dropped": entries.duplicates}
     version = write_derived(store, m, content, "add", who, note=note, details={"bank": bank_name, **stats})
     return Update(version, stats)
 
@@ -261,7 +262,8 @@ def info(store: Store) -> dict[str, Any]:
                           **({"pdq_max_distance": b.bank.pdq_max_distance, "pdq_min_quality": b.bank.pdq_min_quality}
                              if b.bank.kind == "pdq" else {})}
                       for n, b in m.banks.items()},
-            "hash_lists": {h.bank: {"kind": h.kind, "entries": h.count, "source": h.source} for h in m.hash_lists},
+            "hash_lists": {h.bank: {"kind": h.kind, "entries": h.count, "source": h.source, "duplicates_dropped": h.duplicates,
+                                    "stored_index": h.index} for h in m.hash_lists},
             "shards": len(m.shards), "rerank_dtype": m.rerank_dtype,
             "thresholds": {k: v for k, v in m.model.thresholds().items() if k != "calibration"},
             "per_unrelated_upload": _expected(m), "verification": _verification(store, m),
