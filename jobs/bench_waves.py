@@ -131,7 +131,7 @@ def sweep(plan: Any, planted: dict[str, Any]) -> list[dict[str, Any]]:
         for a, b in zip(v["a"][ok], v["b"][ok]) if len(ok) else []:
             uf.union(int(a), int(b))
         lab = uf.labels()
-        df = pd.DataFrame({"image_key": keys, "dup_cluster_id": lab,
+        df = pd.DataFrame({"image_key": keys, "dup_cluster_id": lab.astype(str),
                            "dup_cluster_size": np.bincount(lab, minlength=len(keys))[lab]})
         r = score(df, planted, plan.params.wave_min_size)
         rows.append({"min_inliers": m, **{k: r[k] for k in ("wave_recall", "unrelated_in_waves", "distinct_waves_merged",

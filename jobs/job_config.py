@@ -17,6 +17,7 @@ from pipeline.errors import ConfigFileError, UsageError, plain_message, toml_err
 from pipeline.ingest.decode import DecodeConfig
 from pipeline.ingest.storage import KeyPolicy
 from pipeline.moderation.resume import DEFAULT_CHUNK_SIZE
+from pipeline.moderation.waves import WaveParams
 
 if TYPE_CHECKING:
     from pipeline.gallery.query import QueryOverrides
@@ -95,14 +96,7 @@ class JobConfig:
         need(is_int(self.retro_days) and self.retro_days >= 0, f"retro_days must be an integer >= 0, got {self.retro_days!r}")
         need(is_int(self.chunk_size) and self.chunk_size >= 1, f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
         need(isinstance(self.waves, bool), f"waves must be true or false, got {self.waves!r}")
-        need(is_int(self.wave_min_size) and self.wave_min_size >= 2, f"wave_min_size must be an integer >= 2, got {self.wave_min_size!r}")
-        need(is_int(self.wave_k) and 1 <= self.wave_k <= 1024, f"wave_k must be an integer in 1..1024, got {self.wave_k!r}")
-        need(is_int(self.wave_min_inliers) and self.wave_min_inliers >= 3,
-             f"wave_min_inliers must be an integer >= 3, got {self.wave_min_inliers!r}")
-        for name in ("wave_coarse_threshold", "wave_fine_threshold", "wave_sure_threshold"):
-            v = getattr(self, name)
-            need((v is None and name == "wave_sure_threshold") or (is_num(v) and -1.0 <= v <= 1.0),
-                 f"{name} must be a score in [-1, 1], got {v!r}")
+        self.wave_params()  # the wave rule checks its own [job] wave_* keys
         for name in ("image_extensions_only", "allow_empty_input", "verify_gallery", "write_signatures"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("coarse_threshold", "fine_threshold", "sure_threshold"):
@@ -134,6 +128,12 @@ class JobConfig:
         d = read_job_table(path) if path else {}
         d.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**d)
+
+    def wave_params(self) -> WaveParams:
+        """The waves pass's rule from ``[job] wave_*`` (docs/waves.md)."""
+        return WaveParams(k=self.wave_k, coarse_threshold=self.wave_coarse_threshold,
+                          fine_threshold=self.wave_fine_threshold, sure_threshold=self.wave_sure_threshold,
+                          min_inliers=self.wave_min_inliers, wave_min_size=self.wave_min_size)
 
     def threshold_overrides(self) -> dict[str, float]:
         """The thresholds this config sets over the gallery manifest's (job and ``lookup`` alike)."""

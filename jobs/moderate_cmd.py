@@ -37,11 +37,29 @@ def _from_template(template: str, part: str) -> str:
 
 
 def _run(a: argparse.Namespace, input_uri: str, part: str, cfg: JobConfig | None = None) -> dict:
-    """One partition with the job flags of ``a``; prints the summary."""
-    info = moderate(input_uri, a.gallery, a.output, part, a.model, cfg or _cfg(a), a.ray_address,
+    """One partition with the job flags of ``a``; prints the summary. With ``[job] waves``, the
+    committed partition's waves next (:func:`_waves_after`)."""
+    cfg = cfg or _cfg(a)
+    info = moderate(input_uri, a.gallery, a.output, part, a.model, cfg, a.ray_address,
                     signatures_uri=a.signatures, restart=a.restart, allow_mixed_day=a.allow_mixed_day)
     print(summary(info))
+    if cfg.waves:
+        _waves_after(a, part, cfg)
     return info
+
+
+def _waves_after(a: argparse.Namespace, part: str, cfg: JobConfig) -> None:
+    """``modscan waves`` on the partition just committed (docs/waves.md). The flags are published
+    whatever happens here; a failure says so and how to rerun only the waves."""
+    from jobs.waves import summary_lines, waves
+
+    try:
+        print(summary_lines(waves(a.output, part, cfg, a.model, a.signatures, None, a.ray_address)))
+    except Exception as e:
+        day, hour = F.split_partition(part)
+        again = f"modscan waves --output {a.output} --date {day}" + ("" if hour is None else f" --hour {hour}")
+        raise ModscanError(f"flags of {F.partition_key(part)} are committed, but its waves failed "
+                           f"({plain_message(str(e) if isinstance(e, ModscanError) else e)}): rerun `{again}`") from e
 
 
 def cli_moderate(a: argparse.Namespace) -> int:

@@ -78,13 +78,6 @@ def _check_partition(out: Store, sig: Store, part: str, model: str) -> None:
                            f"{model}: pass that model with --model")
 
 
-def wave_params(cfg: JobConfig) -> W.WaveParams:
-    """The rule from ``[job] wave_*``."""
-    return W.WaveParams(k=cfg.wave_k, coarse_threshold=cfg.wave_coarse_threshold, fine_threshold=cfg.wave_fine_threshold,
-                        sure_threshold=cfg.wave_sure_threshold, min_inliers=cfg.wave_min_inliers,
-                        wave_min_size=cfg.wave_min_size)
-
-
 def prepare_waves(output_uri: str, part: str, cfg: JobConfig | None = None, model_dir: str | None = None,
                   signatures_uri: str | None = None, waves_uri: str | None = None) -> WavesPlan:
     """Every check before Ray starts; a one-line ModscanError otherwise."""
@@ -100,7 +93,7 @@ def prepare_waves(output_uri: str, part: str, cfg: JobConfig | None = None, mode
     _check_partition(out, sig, part, card.version_id)
     t = time.time()
     sigs = O.read_signatures(sig, part)
-    params = wave_params(cfg)
+    params = cfg.wave_params()
     if params.sure_threshold is None:
         sure = W.sure_for_size(ScoreTails.from_dict(card.scale_tails), len(sigs.keys), float(card.thresholds["fine"]),
                                params.false_merge_budget)

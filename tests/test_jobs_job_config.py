@@ -62,7 +62,9 @@ def test_bad_job_keys_and_values_are_reported_at_their_lines(tmp_path) -> None:
         f"{path}:5: [job] unknown key 'torch_thread' (known: actor_num_cpus, actors, allow_empty_input, "
         "allowed_input_prefixes, batch_size, chunk_size, coarse_ef_search, coarse_nprobe, coarse_threshold, decode_num_cpus, "
         "fine_threshold, image_extensions_only, max_matches_per_reference, metrics_pushgateway, metrics_textfile, "
-        "precision, rerank_k, retro_days, review_max_rows, sure_threshold, torch_threads, verify_gallery, write_signatures, "
+        "precision, rerank_k, retro_days, review_max_rows, sure_threshold, torch_threads, verify_gallery, "
+            "wave_coarse_threshold, wave_fine_threshold, wave_k, wave_min_inliers, wave_min_size, wave_sure_threshold, waves, "
+            "write_signatures, "
         "[job.decode])",
         f"{path}:6: [job] single_stage was removed: the single-stage baseline is benchmark-only "
         "(`modscan bench pipeline` runs it)",
@@ -73,7 +75,9 @@ def test_bad_job_keys_and_values_are_reported_at_their_lines(tmp_path) -> None:
         f"{path}:13: [job] unknown key 'test_fail_keys' (known: actor_num_cpus, actors, allow_empty_input, "
         "allowed_input_prefixes, batch_size, chunk_size, coarse_ef_search, coarse_nprobe, coarse_threshold, decode_num_cpus, "
         "fine_threshold, image_extensions_only, max_matches_per_reference, metrics_pushgateway, metrics_textfile, "
-        "precision, rerank_k, retro_days, review_max_rows, sure_threshold, torch_threads, verify_gallery, write_signatures, "
+        "precision, rerank_k, retro_days, review_max_rows, sure_threshold, torch_threads, verify_gallery, "
+            "wave_coarse_threshold, wave_fine_threshold, wave_k, wave_min_inliers, wave_min_size, wave_sure_threshold, waves, "
+            "write_signatures, "
         "[job.decode])",
         f"{path}:15: unknown top-level key 'jobs' (expected a [job] table)",
     ]

@@ -136,8 +136,8 @@ def _make_day(root: Path) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, shipped_model_dir, ray_cluster):
+    from jobs.cli import main
     from jobs.job_config import JobConfig
-    from jobs.run import moderate
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.gallery.banks import Bank
@@ -152,11 +152,18 @@ def world(tmp_path_factory, shipped_model_dir, ray_cluster):
              Bank("spam", str(root / "refs" / "spam"), "low_quality/spam", "downrank")]
     gal = root / "gallery"
     G.build(open_store(str(gal), create=True), banks, read_card(None), local_extractor(None), n_shards=1)
-    cfg = JobConfig(actors=1, batch_size=16, verify_gallery=False)
+    # `modscan moderate` with [job] waves = true: the day's waves are committed right after its flags
+    toml = root / "job.toml"
+    toml.write_text("[job]\nactors = 1\nbatch_size = 16\nverify_gallery = false\nwaves = true\n")
     out = root / "flags"
-    info = moderate(str(root / "uploads"), str(gal), str(out), DAY, cfg=cfg)
+    assert main(["moderate", "--input", str(root / "uploads"), "--gallery", str(gal), "--output", str(out),
+                 "--date", DAY, "--config", str(toml)]) == 0
+    info = F.read_run(open_store(str(out)), DAY)
     assert info["inputs"] == sum(len(v) for v in planted.values()) + 2
-    return {"root": root, "planted": planted, "gallery": gal, "out": out, "cfg": cfg, "flags_info": info}
+    waves_run = F.read_run(open_store(O.waves_root(str(out))), DAY)
+    assert waves_run["flags_run_id"] == info["run_id"] and waves_run["waves"] == 2
+    return {"root": root, "planted": planted, "gallery": gal, "out": out, "cfg": JobConfig.from_toml(str(toml)),
+            "flags_info": info}
 
 
 @pytest.fixture(scope="module")

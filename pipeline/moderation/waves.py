@@ -68,16 +68,19 @@ class WaveParams:
     false_merge_budget: float = 0.0005
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.k, int) and 1 <= self.k <= 1024):
-            raise UsageError(f"[job] wave_k must be an integer in 1..1024, got {self.k!r}")
-        if not (isinstance(self.min_inliers, int) and self.min_inliers >= 3):
-            raise UsageError(f"[job] wave_min_inliers must be an integer >= 3, got {self.min_inliers!r}")
-        if not (isinstance(self.wave_min_size, int) and self.wave_min_size >= 2):
-            raise UsageError(f"[job] wave_min_size must be an integer >= 2, got {self.wave_min_size!r}")
-        for name in ("coarse_threshold", "fine_threshold", "sure_threshold"):
-            v = getattr(self, name)
-            if v is not None and not -1.0 <= float(v) <= 1.0:
-                raise UsageError(f"[job] wave_{name} must be a score in [-1, 1], got {v!r}")
+        """The checks of ``[job] wave_*`` (``JobConfig`` builds one to check them; the one home of these rules)."""
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        is_score = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and -1.0 <= v <= 1.0
+        checks = [(is_int(self.k) and 1 <= self.k <= 1024, "wave_k", "an integer in 1..1024", self.k),
+                  (is_int(self.min_inliers) and self.min_inliers >= 3, "wave_min_inliers", "an integer >= 3", self.min_inliers),
+                  (is_int(self.wave_min_size) and self.wave_min_size >= 2, "wave_min_size", "an integer >= 2", self.wave_min_size),
+                  (is_score(self.coarse_threshold), "wave_coarse_threshold", "a score in [-1, 1]", self.coarse_threshold),
+                  (is_score(self.fine_threshold), "wave_fine_threshold", "a score in [-1, 1]", self.fine_threshold),
+                  (self.sure_threshold is None or is_score(self.sure_threshold), "wave_sure_threshold", "a score in [-1, 1]",
+                   self.sure_threshold)]
+        for ok, name, what, v in checks:
+            if not ok:
+                raise UsageError(f"[job] {name} must be {what}, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -247,14 +250,16 @@ class EdgeVerifier:
         self.params = params or VerifyParams()
         self.cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.size = cache
+        from pipeline.ingest.fetch import Fetcher
+
+        self.fetch = Fetcher()
 
     def _keypoints(self, uri: str, kind: str) -> Any:
         from pipeline.gallery.verify import grey_from_bytes, orb_keypoints, query_keypoints
-        from pipeline.ingest.fetch import Fetcher
 
         key = (uri, kind)
         if key not in self.cache:
-            data = Fetcher()({"image_key": np.asarray([uri], object), "uri": np.asarray([uri], object)})["bytes"][0]
+            data = self.fetch({"image_key": np.asarray([uri], object), "uri": np.asarray([uri], object)})["bytes"][0]
             g = grey_from_bytes(data, self.params.side) if data else None
             self.cache[key] = None if g is None else (
                 query_keypoints(g, self.params) if kind == "q" else orb_keypoints(g, self.params.ref_features))
