@@ -77,6 +77,33 @@ def save_jpeg(im: Image.Image | np.ndarray, path: Path, quality: int = 92) -> Pa
     return path
 
 
+def procedural_jpeg(path: Path, seed: int = 0, size: tuple[int, int] = (160, 120)) -> Path:
+    """A generated everyday picture (seeded) written as a JPEG at ``path`` (parents created). -> ``path``."""
+    import random
+
+    from pipeline.evaluation.samples import procedural
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    procedural(random.Random(seed), size).save(path, format="JPEG", quality=85)
+    return path
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """``modscan ARGV`` in-process -> (exit code, stdout, stderr)."""
+    from jobs.cli import main
+
+    rc = main(list(argv))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def one_line(err: str) -> str:
+    """The one line an operator sees on stderr (asserted: one line, no traceback)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
 def photo(name: str) -> np.ndarray:
     """A photo scikit-image ships, as RGB uint8."""
     from pipeline.evaluation.samples import skimage_photo
@@ -151,6 +178,37 @@ def built(tmp_path, tiny_model_dir):
     extract = local_extractor(str(tiny_model_dir))
     v, stats = G.build(store, banks, card, extract, n_shards=3)
     return store, card, extract, v, stats, tmp_path
+
+
+def rocket_gallery(root: Path) -> str:
+    """A gallery under ``root`` of one bank (``v``, sensitive, filter) holding the rocket photo
+    (entry id 0), built with the shipped model. -> its folder."""
+    from models.card import read_card
+    from pipeline import gallery as G
+    from pipeline.gallery.banks import Bank
+    from pipeline.gallery.extract import local_extractor
+    from pipeline.ingest.storage import open_store
+
+    save_jpeg(photo("rocket"), root / "refs" / "rocket.jpg", quality=90)
+    G.build(open_store(str(root / "gal"), create=True), [Bank("v", str(root / "refs"), "sensitive/x", "filter")],
+            read_card(None), local_extractor(None), n_shards=2)
+    return str(root / "gal")
+
+
+def tiny_trainer(out: Path, images_dir: Path, **overrides):
+    """A :class:`~models.training.Trainer` of a tiny ResNet-18 (64/48 px) for a few seconds of real
+    training: one backbone epoch, two epochs per adapter, one cached view, no held-out split (tests
+    that follow every epoch; early stopping is tested in test_train.py). ``overrides``: TrainConfig fields."""
+    from models.descriptor import Backbone, DescriptorConfig
+    from models.training import TrainConfig, Trainer
+
+    overrides.setdefault("cache_views", 1)
+    overrides.setdefault("epochs_backbone", 1)
+    overrides.setdefault("model", DescriptorConfig(backbone=Backbone.RESNET18, high_res=64, low_res=48))
+    overrides.setdefault("adapter_val_every", 0)
+    cfg = TrainConfig(batch_size=8, synthetic_images=4, epochs_adapter1=2, epochs_adapter2=2, batch_size_adapters=16,
+                      queue_size=16, distill_bank=32, background_photos=4, background_graphics=3, **overrides)
+    return Trainer(images_dir, out, cfg, command="test")
 
 
 @pytest.fixture()

@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_trainer
 
 from models.card import ModelIntegrityError, load_model
-from models.descriptor import Backbone, DescriptorConfig
-from models.training import TrainConfig, Trainer
-
-
-def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:
-    kw.setdefault("cache_views", 1)
-    kw.setdefault("epochs_backbone", 1)
-    kw.setdefault("model", DescriptorConfig(backbone=Backbone.RESNET18, high_res=64, low_res=48))
-    cfg = TrainConfig(batch_size=8, synthetic_images=4,
-                      epochs_adapter1=2, epochs_adapter2=2, batch_size_adapters=16,
-                      queue_size=16, distill_bank=32, background_photos=4, background_graphics=3, **kw)
-    return Trainer(images_dir, tmp_path, cfg, command="test")
-
-
 
 
 def test_tampered_background_bank_fails_with_a_clear_message(tmp_path, gen_images) -> None:
     from models.card import load_background
 
-    tr = _tiny_trainer(tmp_path / "run", gen_images)
+    tr = tiny_trainer(tmp_path / "run", gen_images)
     tr.run()
     p = tmp_path / "run" / "background.safetensors"
     raw = bytearray(p.read_bytes())

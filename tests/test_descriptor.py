@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import shared_dir
+from conftest import shared_dir, tiny_trainer
 
 from models.card import load_model, resize_square, to_batch
 from models.descriptor import Backbone, DescriptorConfig, DescriptorModel, GeM
@@ -47,22 +47,9 @@ def test_gem_p1_is_average_pooling_and_large_p_approaches_max() -> None:
     assert GeM(p=3.0).p.requires_grad
 
 
-def _tiny_trainer(tmp_path, images_dir, **kw) -> Trainer:
-    kw.setdefault("cache_views", 1)
-    kw.setdefault("epochs_backbone", 1)
-    kw.setdefault("model", DescriptorConfig(backbone=Backbone.RESNET18, high_res=64, low_res=48))
-    kw.setdefault("adapter_val_every", 0)  # these tests follow every epoch; held-out early stopping: tests/test_train.py
-    cfg = TrainConfig(batch_size=8, synthetic_images=4,
-                      epochs_adapter1=2, epochs_adapter2=2, batch_size_adapters=16,
-                      queue_size=16, distill_bank=32, background_photos=4, background_graphics=3, **kw)
-    return Trainer(images_dir, tmp_path, cfg, command="test")
-
-
-
-
 @pytest.mark.parametrize("views", [1, 2])
 def test_stage2_freezes_backbone_and_stage3_freezes_adapter1(tmp_path, gen_images, views) -> None:
-    tr = _tiny_trainer(tmp_path / "run", gen_images, cache_views=views)
+    tr = tiny_trainer(tmp_path / "run", gen_images, cache_views=views)
     tr.stage_backbone()
     snap = {k: v.clone() for k, v in tr.model.state_dict().items()}
     tr.stage_adapter1()
@@ -83,10 +70,10 @@ def test_stage2_freezes_backbone_and_stage3_freezes_adapter1(tmp_path, gen_image
 
 
 def test_the_feature_cache_is_keyed_to_the_settings_that_shape_it(tmp_path, gen_images) -> None:
-    tr = _tiny_trainer(tmp_path / "run", gen_images, cache_views=1)
+    tr = tiny_trainer(tmp_path / "run", gen_images, cache_views=1)
     tr.stage_backbone()
     tr.pooled_cache()
-    tr2 = _tiny_trainer(tmp_path / "run", gen_images, cache_views=2)
+    tr2 = tiny_trainer(tmp_path / "run", gen_images, cache_views=2)
     tr2.stage_backbone()  # resumes the same stage-1 weights
     c2 = tr2.pooled_cache()
     assert c2["gallery"].shape[0] == 2 * 20, "a changed cache_views reused a stale cache"
@@ -112,7 +99,7 @@ def test_query_grayscale_turns_that_share_of_query_views_gray_and_keys_the_cache
     every, g1 = gray_share(1.0)
     assert every > 0.7 and every > none + 0.5
     assert all(np.array_equal(a, b) for a, b in zip(g0, g1)), "the gallery view must not depend on query_grayscale"
-    keys = {_tiny_trainer(tmp_path / "k", gen_images, query_grayscale=p).cache_key() for p in (0.25, 0.45)}
+    keys = {tiny_trainer(tmp_path / "k", gen_images, query_grayscale=p).cache_key() for p in (0.25, 0.45)}
     assert len(keys) == 2, "a changed query_grayscale must build a new feature cache"
 
 
@@ -121,7 +108,7 @@ def test_full_run_ships_fp16_weights_a_background_bank_and_a_card(tmp_path, gen_
 
     from models.card import load_background
 
-    tr = _tiny_trainer(tmp_path / "run", gen_images)
+    tr = tiny_trainer(tmp_path / "run", gen_images)
     card = tr.run()
     out = tmp_path / "run"
     stored = load_file(str(out / "model.safetensors"))
@@ -144,10 +131,10 @@ def test_stages_2_3_on_a_committed_backbone_reproduce_the_same_bytes(tmp_path, g
     bank byte for byte (weights, bank and so the card's sha256 and version id)."""
     from models.card import sha256_file
 
-    first = _tiny_trainer(tmp_path / "base", gen_images).run()
+    first = tiny_trainer(tmp_path / "base", gen_images).run()
     runs = []
     for name in ("a", "b", "c"):
-        tr = _tiny_trainer(tmp_path / name, gen_images, init_from=str(tmp_path / "base"), epochs_backbone=0,
+        tr = tiny_trainer(tmp_path / name, gen_images, init_from=str(tmp_path / "base"), epochs_backbone=0,
                            threads=2)
         card = tr.run()
         runs.append((card.version_id, sha256_file(tmp_path / name / "model.safetensors"),
@@ -178,10 +165,10 @@ def test_pca_init_makes_adapter1_the_top_principal_directions_of_the_512d_head()
 
 
 def test_training_resumes_from_checkpoint(tmp_path, gen_images) -> None:
-    tr = _tiny_trainer(tmp_path / "run", gen_images)
+    tr = tiny_trainer(tmp_path / "run", gen_images)
     tr.stage_backbone(epochs=1)
     w1 = tr.model.state_dict()["backbone.0.weight"].clone()
-    tr2 = _tiny_trainer(tmp_path / "run", gen_images)
+    tr2 = tiny_trainer(tmp_path / "run", gen_images)
     hist = tr2.stage_backbone(epochs=1)  # already done: loads, trains nothing
     assert len(hist) == 1 and torch.equal(tr2.model.state_dict()["backbone.0.weight"], w1)
     log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]

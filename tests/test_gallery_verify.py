@@ -3,13 +3,12 @@ verification stage of the decision (pipeline/gallery/query.py)."""
 
 from __future__ import annotations
 
-import io
 import random
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import photo, shared_dir
+from conftest import jpeg_bytes, photo, shared_dir
 from PIL import Image
 
 from models.augment import apply_named
@@ -31,14 +30,8 @@ from pipeline.gallery.verify import (
 P = VerifyParams()
 
 
-def _jpeg(im: Image.Image, quality: int = 85) -> bytes:
-    buf = io.BytesIO()
-    im.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def _inliers(query: Image.Image, reference: Image.Image) -> int:
-    return count_inliers(query_keypoints(grey(query, P.side), P), reference_keypoints(_jpeg(reference), P), P)
+    return count_inliers(query_keypoints(grey(query, P.side), P), reference_keypoints(jpeg_bytes(reference, 85), P), P)
 
 
 @pytest.mark.parametrize("edits", [["crop"], ["flip"], ["rescale_jpeg", "text"], ["rotate"], ["frame_caption", "color"],
@@ -76,13 +69,13 @@ def test_verification_tells_a_copy_from_a_semantic_neighbour() -> None:
 
 def test_a_flat_picture_has_no_keypoints_and_verifies_nothing() -> None:
     flat = Image.new("RGB", (400, 300), (120, 130, 140))
-    kp = reference_keypoints(_jpeg(flat), P)
+    kp = reference_keypoints(jpeg_bytes(flat, 85), P)
     assert len(kp) < P.min_ref_keypoints
     assert count_inliers(query_keypoints(grey(flat, P.side), P), kp, P) == 0
 
 
 def test_pack_round_trip_and_a_malformed_pack_is_refused() -> None:
-    kp = reference_keypoints(_jpeg(Image.fromarray(photo("coffee"))), P)
+    kp = reference_keypoints(jpeg_bytes(Image.fromarray(photo("coffee")), 85), P)
     back = unpack(pack(kp))
     assert len(back) == len(kp) > 50
     np.testing.assert_array_equal(back.desc, kp.desc)
@@ -92,7 +85,7 @@ def test_pack_round_trip_and_a_malformed_pack_is_refused() -> None:
 
 
 def test_keypoint_table_round_trips_and_refuses_malformed_files() -> None:
-    kps = {5: pack(reference_keypoints(_jpeg(Image.fromarray(photo("rocket"))), P)), 2: pack(Keypoints.empty())}
+    kps = {5: pack(reference_keypoints(jpeg_bytes(Image.fromarray(photo("rocket")), 85), P)), 2: pack(Keypoints.empty())}
     t = KeypointTable.from_bytes(KeypointTable.from_packed(kps).to_bytes())
     assert list(t.ids) == [2, 5] and t.count(2) == 0 and t.count(5) == len(unpack(kps[5])) and t.count(7) == 0
     np.testing.assert_array_equal(t.get(5).desc, unpack(kps[5]).desc)
@@ -111,7 +104,7 @@ def test_keypoint_table_round_trips_and_refuses_malformed_files() -> None:
 def _verifying_gallery(sure: float | None) -> tuple[G.GalleryIndex, dict[int, bytes]]:
     """Three references (astronaut #0, coffee #1, a flat picture #2) with keypoints and unit vectors."""
     ims = [Image.fromarray(photo("astronaut")), Image.fromarray(photo("coffee")), Image.new("RGB", (300, 200), "grey")]
-    datas = {i: _jpeg(im) for i, im in enumerate(ims)}
+    datas = {i: jpeg_bytes(im, 85) for i, im in enumerate(ims)}
     kps = KeypointTable.from_packed({i: pack(reference_keypoints(d, P)) for i, d in datas.items()})
     v = np.eye(3, 128, dtype=np.float32)
     r = np.eye(3, 512, dtype=np.float32)
@@ -127,8 +120,8 @@ def _verifying_gallery(sure: float | None) -> tuple[G.GalleryIndex, dict[int, by
 
 def test_the_rule_sure_verified_unverifiable_and_rejected() -> None:
     gal, datas = _verifying_gallery(sure=0.9)
-    copy = _jpeg(apply_named(Image.fromarray(photo("astronaut")), ["crop", "text"], random.Random(1)))
-    other = _jpeg(Image.fromarray(photo("camera")))
+    copy = jpeg_bytes(apply_named(Image.fromarray(photo("astronaut")), ["crop", "text"], random.Random(1)), 85)
+    other = jpeg_bytes(Image.fromarray(photo("camera")), 85)
     queries = [copy, other, other, other]
     I = np.array([[0], [0], [0], [2]])
     D = np.full((4, 1), 0.8, np.float32)

@@ -3,7 +3,6 @@ uploads through the real job on local Ray, the committed Parquet partition read 
 
 from __future__ import annotations
 
-import io
 import json
 import random
 
@@ -11,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import photo
+from conftest import jpeg_bytes, photo
 from PIL import Image
 from s3server import moto_server
 
@@ -22,12 +21,6 @@ pytestmark = pytest.mark.slow
 DAY = "2026-04-02"
 
 
-def _jpeg(im: Image.Image, q: int = 90) -> bytes:
-    b = io.BytesIO()
-    im.save(b, format="JPEG", quality=q)
-    return b.getvalue()
-
-
 def _img(name: str) -> Image.Image:
     return Image.fromarray(photo(name))
 
@@ -35,13 +28,13 @@ def _img(name: str) -> Image.Image:
 def _uploads() -> dict[str, bytes]:
     rng = random.Random(3)
     return {
-        "md5/coffee.jpg": _jpeg(_img("coffee")),                                       # the listed file itself
-        "pdq/chelsea-color.jpg": _jpeg(apply_named(_img("chelsea"), ["color"], rng)),  # a light edit of a listed picture
-        "allow/camera.jpg": _jpeg(_img("camera")),                                     # in a pdq block AND a pdq allow bank
-        "strict/moon.jpg": _jpeg(_img("moon")),                                        # listed, but below the bank's floor
-        "export/astronaut.jpg": _jpeg(_img("astronaut"), 95),                          # exact copy of an image reference
-        "export/rocket-rescale.jpg": _jpeg(apply_named(_img("rocket"), ["rescale_jpeg"], rng)),  # lightly edited
-        "clean/brick.jpg": _jpeg(_img("brick")),
+        "md5/coffee.jpg": jpeg_bytes(_img("coffee")),                                       # the listed file itself
+        "pdq/chelsea-color.jpg": jpeg_bytes(apply_named(_img("chelsea"), ["color"], rng)),  # a light edit of a listed picture
+        "allow/camera.jpg": jpeg_bytes(_img("camera")),                                     # in a pdq block AND a pdq allow bank
+        "strict/moon.jpg": jpeg_bytes(_img("moon")),                                        # listed, but below the bank's floor
+        "export/astronaut.jpg": jpeg_bytes(_img("astronaut"), 95),                          # exact copy of an image reference
+        "export/rocket-rescale.jpg": jpeg_bytes(apply_named(_img("rocket"), ["rescale_jpeg"], rng)),  # lightly edited
+        "clean/brick.jpg": jpeg_bytes(_img("brick")),
     }
 
 
@@ -62,12 +55,12 @@ def world(tmp_path_factory, shipped_model_dir):
         for b in ("refs-hb", "uploads-hb", "gallery-hb", "flags-hb"):
             s3.create_bucket(Bucket=b)
         for n in ("astronaut", "rocket"):
-            s3.put_object(Bucket="refs-hb", Key=f"images/{n}.jpg", Body=_jpeg(_img(n), 95))
+            s3.put_object(Bucket="refs-hb", Key=f"images/{n}.jpg", Body=jpeg_bytes(_img(n), 95))
         for k, data in up.items():
             s3.put_object(Bucket="uploads-hb", Key=f"{DAY}/{k}", Body=data)
         md5_list = format_csv([HashEntry(md5_hex(up["md5/coffee.jpg"]), "N-1", json.dumps({"ncmec_id": "N-1"}))], "md5")
         s3.put_object(Bucket="refs-hb", Key="lists/md5.csv", Body=md5_list.encode())
-        chelsea = pdq_from_bytes(_jpeg(_img("chelsea"), 95), min_side=None)[0]
+        chelsea = pdq_from_bytes(jpeg_bytes(_img("chelsea"), 95), min_side=None)[0]
         pdq_list = format_csv([HashEntry(chelsea, "TE-7", json.dumps({"program": "te", "label": "x"}))], "pdq")
         s3.put_object(Bucket="refs-hb", Key="lists/pdq.csv", Body=pdq_list.encode())
         clock = pdq_from_bytes(up["allow/camera.jpg"])[0]

@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import photo, shared_dir
+from conftest import photo, png_bytes, shared_dir
 from PIL import Image
 
 from models.synthetic import generate
@@ -184,12 +184,6 @@ def test_decode_all_stacks_good_files_and_names_bad_ones() -> None:
 
 
 # -- low-content guard ----------------------------------------------------------------------
-def _png(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("kind,expected", [("flat", True), ("transparent", True), ("gradient", False),
                                            ("noise", False), ("text_screenshot", False)])
 def test_low_content_is_decided_by_the_decoder(kind: str, expected: bool) -> None:
@@ -198,7 +192,7 @@ def test_low_content_is_decided_by_the_decoder(kind: str, expected: bool) -> Non
         k, im = generate("low-content-test", i, (kind,))
         if kind == "gradient" and is_low_content(np.asarray(im.convert("RGB").resize((64, 64)))):
             continue  # a gradient between two near-identical colours is a flat picture
-        r = dec.decode_one(_png(im))
+        r = dec.decode_one(png_bytes(im))
         assert r["ok"] and r["low_content"] is expected, (kind, i)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import SHARED, photo, restart_ray
+from conftest import SHARED, jpeg_bytes, photo, png_bytes, restart_ray
 from PIL import Image
 from s3server import moto_server
 
@@ -32,12 +32,6 @@ UNRELATED = ["hubble_deep_field", "immunohistochemistry", "moon", "coins", "cloc
 DAY = "2026-03-01"
 
 
-def _jpeg(im: Image.Image, q: int = 90) -> bytes:
-    b = io.BytesIO()
-    im.save(b, format="JPEG", quality=q)
-    return b.getvalue()
-
-
 def _uploads() -> dict[str, tuple[bytes, str]]:
     """key -> (bytes, expectation) with expectation 'bank:<name>', 'clean', 'allow', 'ok' or an error code."""
     rng = random.Random(7)
@@ -47,21 +41,21 @@ def _uploads() -> dict[str, tuple[bytes, str]]:
             for j, edits in enumerate(COPY_EDITS):
                 im = apply_named(Image.fromarray(photo(n)), edits, rng)
                 exp = "allow" if bank == "fp" else f"bank:{bank}"
-                up[f"copies/{n}-{j}-{'+'.join(edits)}.jpg"] = (_jpeg(im), exp)
+                up[f"copies/{n}-{j}-{'+'.join(edits)}.jpg"] = (jpeg_bytes(im), exp)
     for n in UNRELATED:
-        up[f"other/{n}.jpg"] = (_jpeg(Image.fromarray(photo(n))), "clean")
-    good = _jpeg(Image.fromarray(photo("astronaut")))
+        up[f"other/{n}.jpg"] = (jpeg_bytes(Image.fromarray(photo(n))), "clean")
+    good = jpeg_bytes(Image.fromarray(photo("astronaut")))
     up["broken/truncated.jpg"] = (good[: len(good) // 3], "truncated")
     up["broken/zero.jpg"] = (b"", "empty_file")
     up["broken/not-an-image.jpg"] = (b"%PDF-1.4 not really", "not_an_image")
     up["broken/random.jpg"] = (np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(), "not_an_image")
-    up["broken/one-pixel.png"] = (_png(Image.new("RGB", (1, 1))), "image_too_small")
+    up["broken/one-pixel.png"] = (png_bytes(Image.new("RGB", (1, 1))), "image_too_small")
     frames = [Image.fromarray(photo("horse")), Image.new("RGB", (400, 328), (0, 0, 0))]
     b = io.BytesIO()
     frames[0].save(b, format="GIF", save_all=True, append_images=frames[1:], duration=100)
     up["odd/animated.gif"] = (b.getvalue(), "ok")
-    up["odd/with space ü 图片.jpg"] = (_jpeg(Image.fromarray(photo("moon"))), "clean")
-    up["odd/<img src=x onerror=alert(1)>.jpg"] = (_jpeg(apply_named(Image.fromarray(photo("rocket")), ["color"], rng)),
+    up["odd/with space ü 图片.jpg"] = (jpeg_bytes(Image.fromarray(photo("moon"))), "clean")
+    up["odd/<img src=x onerror=alert(1)>.jpg"] = (jpeg_bytes(apply_named(Image.fromarray(photo("rocket")), ["color"], rng)),
                                                  "bank:violence")
     import struct
     import zlib
@@ -78,12 +72,6 @@ def _uploads() -> dict[str, tuple[bytes, str]]:
     return up
 
 
-def _png(im: Image.Image) -> bytes:
-    b = io.BytesIO()
-    im.save(b, format="PNG")
-    return b.getvalue()
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, shipped_model_dir):
     import boto3
@@ -97,9 +85,9 @@ def world(tmp_path_factory, shipped_model_dir):
             s3.create_bucket(Bucket=b)
         for bank, names in GALLERY.items():
             for n in names:
-                s3.put_object(Bucket="refs-e2e", Key=f"{bank}/{n}.jpg", Body=_jpeg(Image.fromarray(photo(n)), 95))
+                s3.put_object(Bucket="refs-e2e", Key=f"{bank}/{n}.jpg", Body=jpeg_bytes(Image.fromarray(photo(n)), 95))
         for n, bank in ALSO_BLOCKED.items():
-            s3.put_object(Bucket="refs-e2e", Key=f"{bank}/{n}.jpg", Body=_jpeg(Image.fromarray(photo(n)), 95))
+            s3.put_object(Bucket="refs-e2e", Key=f"{bank}/{n}.jpg", Body=jpeg_bytes(Image.fromarray(photo(n)), 95))
         up = _uploads()
         # include_paths keys are listed by the job: put objects with keys that need no escaping tricks
         for k, (data, _) in up.items():
@@ -271,8 +259,8 @@ def test_backfill_three_days_and_resume_after_a_deleted_partition(world, gallery
     for i, d in enumerate(("2026-04-01", "2026-04-02", "2026-04-03")):
         (src / d).mkdir(parents=True)
         for n in UNRELATED[i * 3:(i + 1) * 3]:
-            (src / d / f"{n}.jpg").write_bytes(_jpeg(Image.fromarray(photo(n))))
-        (src / d / "copy.jpg").write_bytes(_jpeg(apply_named(Image.fromarray(photo("rocket")), ["flip"], random.Random(i))))
+            (src / d / f"{n}.jpg").write_bytes(jpeg_bytes(Image.fromarray(photo(n))))
+        (src / d / "copy.jpg").write_bytes(jpeg_bytes(apply_named(Image.fromarray(photo("rocket")), ["flip"], random.Random(i))))
     out = str(tmp / "flags")
     cfg = JobConfig(batch_size=16)
     res = backfill(str(src) + "/{date}", gallery, out, "2026-04-01", "2026-04-03", cfg=cfg)

@@ -14,7 +14,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
-from conftest import photo
+from conftest import photo, run_cli
 from PIL import Image
 
 from pipeline.evaluation.samples import procedural
@@ -54,27 +54,19 @@ def world(tmp_path_factory, shipped_model_dir, ray_cluster):
     return {"tmp": tmp, "gal": str(tmp / "gal"), "out": tmp / "flags", "up": tmp / "up"}
 
 
-def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    from jobs.cli import main
-
-    rc = main(list(args))
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
 def _job(w: dict) -> list[str]:
     return ["--gallery", w["gal"], "--output", str(w["out"]), "--batch-size", "4"]
 
 
 def test_moderate_hour_and_hourly_write_hour_partitions_next_to_a_day(world, capsys) -> None:
     w, out = world, world["out"]
-    rc, stdout, err = _cli(capsys, "moderate", "--input", str(w["up"] / OTHER), "--date", OTHER, *_job(w))
+    rc, stdout, err = run_cli(capsys, "moderate", "--input", str(w["up"] / OTHER), "--date", OTHER, *_job(w))
     assert rc == 0, err
-    rc, stdout, err = _cli(capsys, "moderate", "--input", str(w["up"] / DAY / "05"), "--date", DAY, "--hour", "5",
+    rc, stdout, err = run_cli(capsys, "moderate", "--input", str(w["up"] / DAY / "05"), "--date", DAY, "--hour", "5",
                            *_job(w))
     assert rc == 0, err
     assert stdout.startswith(f"modscan: dt={DAY}/hour=05 run=")
-    rc, stdout, err = _cli(capsys, "hourly", "--input-template", str(w["up"]) + "/{date}/{hour}", "--at", f"{DAY}T06",
+    rc, stdout, err = run_cli(capsys, "hourly", "--input-template", str(w["up"]) + "/{date}/{hour}", "--at", f"{DAY}T06",
                            *_job(w))
     assert rc == 0, err
     for hour, n in (("05", 5), ("06", 2)):
@@ -116,7 +108,7 @@ def test_read_flags_pandas_and_duckdb_read_hours_and_days(world) -> None:
 def test_backfill_over_hours_and_a_missing_hour(world, capsys) -> None:
     w = world
     template = str(w["up"]) + "/{date}/{hour}"
-    rc, stdout, err = _cli(capsys, "backfill", "--input-template", template, "--from", f"{DAY}T06", "--to",
+    rc, stdout, err = run_cli(capsys, "backfill", "--input-template", template, "--from", f"{DAY}T06", "--to",
                            f"{DAY}T09", *_job(w))
     assert rc == 1 and "1 hour(s) with missing input" in err
     assert f"{DAY}T06: skipped (committed)" in stdout and f"{DAY}T07: done" in stdout and f"{DAY}T08: done" in stdout
@@ -124,7 +116,7 @@ def test_backfill_over_hours_and_a_missing_hour(world, capsys) -> None:
     from pipeline.moderation.flags import read_flags
 
     assert sorted(read_flags(str(w["out"]), DAY)["hour"].unique()) == [5, 6, 7, 8]
-    rc, _, err = _cli(capsys, "backfill", "--input-template", template, "--from", f"{DAY}T06", "--to", DAY, *_job(w))
+    rc, _, err = run_cli(capsys, "backfill", "--input-template", template, "--from", f"{DAY}T06", "--to", DAY, *_job(w))
     assert rc == 2 and "give two days (YYYY-MM-DD) or two hours (YYYY-MM-DDTHH)" in err
 
 
@@ -133,10 +125,10 @@ def test_hourly_defaults_to_the_last_full_hour(world, capsys, monkeypatch) -> No
 
     w = world
     monkeypatch.setattr(M.F, "previous_hour", lambda: f"{DAY}T08")
-    rc, stdout, err = _cli(capsys, "hourly", "--input-template", str(w["up"]) + "/{date}/{hour}", *_job(w))
+    rc, stdout, err = run_cli(capsys, "hourly", "--input-template", str(w["up"]) + "/{date}/{hour}", *_job(w))
     assert rc == 0, err
     assert stdout.startswith(f"modscan: dt={DAY}/hour=08 ")  # the last full hour, replaced
-    rc, _, err = _cli(capsys, "hourly", "--input-template", str(w["up"]) + "/{date}", "--at", DAY, *_job(w))
+    rc, _, err = run_cli(capsys, "hourly", "--input-template", str(w["up"]) + "/{date}", "--at", DAY, *_job(w))
     assert rc == 2 and "--at '2026-09-02' is not an hour" in err
     assert Path(w["out"] / f"dt={DAY}" / "hour=08" / "_run.json").exists()
 
@@ -146,14 +138,14 @@ def test_a_day_next_to_its_hours_is_refused_unless_asked(world, capsys) -> None:
 
     w, out, root = world, world["out"], str(world["out"])
     day_input = str(w["up"] / OTHER)  # any folder: the refusal comes before anything is read
-    rc, _, err = _cli(capsys, "moderate", "--input", day_input, "--date", DAY, *_job(w))
+    rc, _, err = run_cli(capsys, "moderate", "--input", day_input, "--date", DAY, *_job(w))
     assert rc == 2 and f"dt={DAY} already holds hourly partitions" in err and "--allow-mixed-day" in err
-    rc, _, err = _cli(capsys, "moderate", "--input", str(w["up"] / DAY / "07"), "--date", OTHER, "--hour", "7", *_job(w))
+    rc, _, err = run_cli(capsys, "moderate", "--input", str(w["up"] / DAY / "07"), "--date", OTHER, "--hour", "7", *_job(w))
     assert rc == 2 and f"dt={OTHER} already holds a day partition" in err
     assert not (out / f"dt={OTHER}" / "hour=07").exists() and not (out / f"dt={DAY}" / "_SUCCESS").exists()
     # asked: the day partition is written next to the hours, which stay as they were
     before = read_flags(root, DAY)
-    rc, _, err = _cli(capsys, "moderate", "--input", day_input, "--date", DAY, "--allow-mixed-day", *_job(w))
+    rc, _, err = run_cli(capsys, "moderate", "--input", day_input, "--date", DAY, "--allow-mixed-day", *_job(w))
     assert rc == 0, err
     assert (out / f"dt={DAY}" / "_SUCCESS").exists() and (out / f"dt={DAY}" / "hour=05" / "_SUCCESS").exists()
     # what a day-level reader of a mixed day sees: the rows of both forms (hour null on the day's)
@@ -161,6 +153,6 @@ def test_a_day_next_to_its_hours_is_refused_unless_asked(world, capsys) -> None:
     assert len(mixed) == len(before) + 3 and mixed["hour"].isna().sum() == 3
     assert len(pd.read_parquet(root, filters=[("dt", "=", DAY)])) == len(before) + 3
     # rerunning the day replaces only the day's own files
-    rc, _, err = _cli(capsys, "moderate", "--input", day_input, "--date", DAY, "--allow-mixed-day", *_job(w))
+    rc, _, err = run_cli(capsys, "moderate", "--input", day_input, "--date", DAY, "--allow-mixed-day", *_job(w))
     assert rc == 0, err
     assert len(read_flags(root, DAY)) == len(before) + 3 and len(read_flags(root, f"{DAY}T05")) == 5

@@ -1,81 +1,33 @@
-"""jobs/run.py and the CLI on their inputs (with pipeline/ingest/plan.py): nothing silently lost,
-nothing read that shouldn't be: inputs, dates, manifests,
-pinned gallery versions and operator errors.
+"""jobs/run.py and the CLI on their inputs, before Ray starts (with pipeline/ingest/plan.py): nothing
+silently lost, nothing read that shouldn't be: dates, missing and empty inputs, manifests and the key
+policy, and operator errors (config values, a corrupted gallery, an output that is a file, --debug).
 
-Checks that need no cluster call the CLI in-process (or as a subprocess, where the exact output
-an operator sees matters) and must fail before Ray starts. The rest run the real job on a local
-Ray cluster and read the committed Parquet back with pandas.
+The CLI runs in-process (or as a subprocess, where the exact output an operator sees matters); every
+case must fail before Ray starts. The same inputs on a real Ray cluster: test_jobs_run_rows.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
-import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import ROOT, photo
-from PIL import Image
+from conftest import ROOT, one_line, procedural_jpeg, rocket_gallery, run_cli
 from s3server import moto_server
-
-from pipeline.evaluation.samples import procedural
-from pipeline.moderation.moderator import Moderator
 
 pytestmark = pytest.mark.slow
 
 DAY = "2026-02-05"
 
 
-def _jpeg(path: Path, seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    procedural(random.Random(seed), (160, 120)).save(path, format="JPEG", quality=85)
-    return path
-
-
-def _rocket(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(photo("rocket")).save(path, format="JPEG", quality=90)
-    return path
-
-
-def _cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    """``modscan ARGV`` in-process -> (exit code, stdout, stderr)."""
-    from jobs.cli import main
-
-    rc = main(list(argv))
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A gallery of one bank holding the rocket photo (entry id 0)."""
-    from models.card import read_card
-    from pipeline import gallery as G
-    from pipeline.gallery.banks import Bank
-    from pipeline.gallery.extract import local_extractor
-    from pipeline.ingest.storage import open_store
-
-    tmp = tmp_path_factory.mktemp("inputs-gallery")
-    _rocket(tmp / "refs" / "rocket.jpg")
-    G.build(open_store(str(tmp / "gal"), create=True), [Bank("v", str(tmp / "refs"), "sensitive/x", "filter")],
-            read_card(None), local_extractor(None), n_shards=2)
-    return str(tmp / "gal")
-
-
+    return rocket_gallery(tmp_path_factory.mktemp("inputs-gallery"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +43,7 @@ def test_one_strict_date_validator_names_the_flag(capsys, tmp_path, gallery) -> 
         with pytest.raises(UsageError, match="--date"):
             valid_date(bad, "--date")
     up = tmp_path / "up"
-    _jpeg(up / "a.jpg")
+    procedural_jpeg(up / "a.jpg")
     out = tmp_path / "flags"
     common = ["--gallery", gallery, "--output", str(out)]
     for argv, flag in ((["moderate", "--input", str(up), "--date", "20260205"], "--date"),
@@ -100,8 +52,8 @@ def test_one_strict_date_validator_names_the_flag(capsys, tmp_path, gallery) -> 
                          "--to", "2026-02-30"], "--to"),
                        (["backfill", "--input-template", str(up) + "/{date}", "--from", "2026-02-1",
                          "--to", "2026-02-03"], "--from")):
-        rc, _, err = _cli(capsys, *argv, *common)
-        line = _one_line(err)
+        rc, _, err = run_cli(capsys, *argv, *common)
+        line = one_line(err)
         assert rc == 2 and flag in line and ("YYYY-MM-DD" in line or "calendar date" in line), line
     assert not out.exists()  # no dt=20260205 partition beside dt=2026-02-05, not even the root
 
@@ -118,7 +70,7 @@ def test_missing_input_exits_1_with_one_line_and_no_partition(tmp_path, gallery)
                         "--gallery", gallery, "--output", str(out), "--date", DAY],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stderr[-2000:]
-    assert "does not exist" in _one_line(r.stderr) and r.stdout == ""
+    assert "does not exist" in one_line(r.stderr) and r.stdout == ""
     assert not out.exists()
 
 
@@ -132,12 +84,12 @@ def test_missing_s3_bucket_or_prefix_fails_before_ray(capsys, tmp_path, gallery)
         s3.put_object(Bucket="up-in", Key="2026-02-04/a.jpg", Body=b"x")
         for inp, want in (("s3://no-such-bucket/2026-02-05/", "bucket s3://no-such-bucket does not exist"),
                           (f"s3://up-in/{DAY}/", "does not exist")):
-            rc, _, err = _cli(capsys, "moderate", "--input", inp, "--gallery", gallery, "--output", "s3://flags-out/f",
+            rc, _, err = run_cli(capsys, "moderate", "--input", inp, "--gallery", gallery, "--output", "s3://flags-out/f",
                               "--date", DAY)
-            assert rc == 1 and want in _one_line(err), err
-        rc, _, err = _cli(capsys, "moderate", "--input", "s3://up-in/2026-02-04/", "--gallery", gallery,
+            assert rc == 1 and want in one_line(err), err
+        rc, _, err = run_cli(capsys, "moderate", "--input", "s3://up-in/2026-02-04/", "--gallery", gallery,
                           "--output", "s3://no-out-bucket/f", "--date", DAY)
-        assert rc == 1 and "output bucket s3://no-out-bucket does not exist" in _one_line(err)
+        assert rc == 1 and "output bucket s3://no-out-bucket does not exist" in one_line(err)
         assert "Contents" not in s3.list_objects_v2(Bucket="flags-out")
 
 
@@ -147,12 +99,12 @@ def test_empty_input_fails_unless_allowed_and_the_readme_reader_works(capsys, tm
     (up / "_SUCCESS").write_text("")  # an upstream job's marker: listed, but nothing to moderate
     out = tmp_path / "flags"
     args = ["moderate", "--input", str(up), "--gallery", gallery, "--output", str(out), "--date", DAY]
-    rc, _, err = _cli(capsys, *args)
-    line = _one_line(err)
+    rc, _, err = run_cli(capsys, *args)
+    line = one_line(err)
     assert rc == 1 and "nothing to moderate" in line and "--allow-empty" in line and '"marker": 1' in line
     assert not (out / f"dt={DAY}").exists()
 
-    rc, stdout, err = _cli(capsys, *args, "--allow-empty")
+    rc, stdout, err = run_cli(capsys, *args, "--allow-empty")
     assert rc == 0, err
     assert (out / f"dt={DAY}" / "_SUCCESS").exists() and "listed but given no row" in stdout
     run = json.loads((out / f"dt={DAY}" / "_run.json").read_text())
@@ -165,7 +117,7 @@ def test_empty_input_fails_unless_allowed_and_the_readme_reader_works(capsys, tm
 
     cfg = tmp_path / "job.toml"
     cfg.write_text("[job]\nallow_empty_input = true\n")
-    rc, _, err = _cli(capsys, *args, "--config", str(cfg))
+    rc, _, err = run_cli(capsys, *args, "--config", str(cfg))
     assert rc == 0, err
 
 
@@ -196,8 +148,8 @@ def test_manifest_keys_are_strings_and_bad_lines_are_numbered(capsys, tmp_path, 
         read_manifest_keys(str(nulls))
 
     out = tmp_path / "flags"
-    rc, _, err = _cli(capsys, "moderate", "--input", str(bad), "--gallery", gallery, "--output", str(out), "--date", DAY)
-    assert rc == 1 and "blank key at lines 3, 4, 7" in _one_line(err) and not out.exists()
+    rc, _, err = run_cli(capsys, "moderate", "--input", str(bad), "--gallery", gallery, "--output", str(out), "--date", DAY)
+    assert rc == 1 and "blank key at lines 3, 4, 7" in one_line(err) and not out.exists()
 
 
 def test_key_policy(tmp_path) -> None:
@@ -240,7 +192,7 @@ def test_key_policy(tmp_path) -> None:
 # --------------------------------------------------------------------------------------------
 def test_config_values_are_checked_before_ray(capsys, tmp_path, gallery) -> None:
     up = tmp_path / "up"
-    _jpeg(up / "a.jpg")
+    procedural_jpeg(up / "a.jpg")
     out = tmp_path / "flags"
     for text, want in (('[job]\nbatch_size = "64"\n', "job.toml:2: [job] batch_size must be an integer"),
                        ("[job]\nactors = -1\n", "job.toml:2: [job] actors must be an integer >= 0"),
@@ -252,12 +204,12 @@ def test_config_values_are_checked_before_ray(capsys, tmp_path, gallery) -> None
                        ("[job\n", "job.toml:1: TOML syntax")):
         cfg = tmp_path / "job.toml"
         cfg.write_text(text)
-        rc, _, err = _cli(capsys, "moderate", "--input", str(up), "--gallery", gallery, "--output", str(out),
+        rc, _, err = run_cli(capsys, "moderate", "--input", str(up), "--gallery", gallery, "--output", str(out),
                           "--date", DAY, "--config", str(cfg))
-        assert rc == 2 and want in _one_line(err), (text, err)
-    rc, _, err = _cli(capsys, "moderate", "--input", str(up), "--gallery", gallery, "--output", str(out),
+        assert rc == 2 and want in one_line(err), (text, err)
+    rc, _, err = run_cli(capsys, "moderate", "--input", str(up), "--gallery", gallery, "--output", str(out),
                       "--date", DAY, "--config", str(tmp_path / "missing.toml"))
-    assert rc == 2 and "no such file" in _one_line(err)
+    assert rc == 2 and "no such file" in one_line(err)
     assert not out.exists()
 
 
@@ -266,35 +218,35 @@ def test_corrupted_gallery_output_file_and_debug(capsys, tmp_path, gallery) -> N
 
     gal = tmp_path / "gal"
     shutil.copytree(gallery, gal)
-    rc, stdout, err = _cli(capsys, "gallery", "info", str(gal), "--verify")
+    rc, stdout, err = run_cli(capsys, "gallery", "info", str(gal), "--verify")
     assert rc == 0 and json.loads(stdout)["verify"]["problems"] == [], err
     shard = next((gal / "versions" / "v000001").glob("shard-001.rerank.safetensors"))
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0xFF
     shard.write_bytes(bytes(data))
-    rc, stdout, err = _cli(capsys, "gallery", "info", str(gal))
+    rc, stdout, err = run_cli(capsys, "gallery", "info", str(gal))
     assert rc == 0  # plain info reads the manifest only
-    rc, stdout, err = _cli(capsys, "gallery", "info", str(gal), "--verify")
-    line = _one_line(err)
+    rc, stdout, err = run_cli(capsys, "gallery", "info", str(gal), "--verify")
+    line = one_line(err)
     assert rc == 1 and "shard-001.rerank.safetensors" in line and "1 of 6 files fail verification" in line
     assert [p["file"] for p in json.loads(stdout)["verify"]["problems"]] == ["shard-001.rerank.safetensors"]
 
     up = tmp_path / "up"
-    _jpeg(up / "a.jpg")
+    procedural_jpeg(up / "a.jpg")
     out = tmp_path / "flags"
     args = ["moderate", "--input", str(up), "--output", str(out), "--date", DAY]
-    rc, _, err = _cli(capsys, *args, "--gallery", str(gal))
-    assert rc == 1 and "fail verification" in _one_line(err) and not out.exists()
+    rc, _, err = run_cli(capsys, *args, "--gallery", str(gal))
+    assert rc == 1 and "fail verification" in one_line(err) and not out.exists()
     with pytest.raises(ModscanError, match="fail verification"):
-        _cli(capsys, *args, "--gallery", str(gal), "--debug")  # --debug: the exception, traceback and all
+        run_cli(capsys, *args, "--gallery", str(gal), "--debug")  # --debug: the exception, traceback and all
 
     afile = tmp_path / "a-file"
     afile.write_text("")
-    rc, _, err = _cli(capsys, "moderate", "--input", str(up), "--gallery", gallery, "--output", str(afile), "--date", DAY)
-    assert rc == 1 and "is a file, not a folder" in _one_line(err)
+    rc, _, err = run_cli(capsys, "moderate", "--input", str(up), "--gallery", gallery, "--output", str(afile), "--date", DAY)
+    assert rc == 1 and "is a file, not a folder" in one_line(err)
     # a model folder without a card is the user's mistake: one line, exit 2
-    rc, _, err = _cli(capsys, "card", "--model", str(tmp_path / "no-model"))
-    assert rc == 2 and "no model card" in _one_line(err)
+    rc, _, err = run_cli(capsys, "card", "--model", str(tmp_path / "no-model"))
+    assert rc == 2 and "no model card" in one_line(err)
 
 
 def test_bomb_message_names_the_configured_max_pixels() -> None:
@@ -312,163 +264,3 @@ def test_bomb_message_names_the_configured_max_pixels() -> None:
     for max_pixels in (1_000_000, 64_000_000):
         row = Decoder(DecodeConfig(max_pixels=max_pixels)).decode_one(bomb)
         assert row["error_code"] == "decompression_bomb" and f"max_pixels={max_pixels}" in row["error_message"]
-
-
-# --------------------------------------------------------------------------------------------
-# On a real Ray cluster: every object a row, pinned version, internal errors (3, 6, 8)
-# --------------------------------------------------------------------------------------------
-class FailingModerator(Moderator):
-    """The job's Moderator, failing inside its search on a batch that holds ``boom.jpg``: fault
-    injection through ``execute_run(moderator=...)``."""
-
-    def search_rows(self, batch: dict[str, Any], rows: Any) -> Any:
-        if "boom.jpg" in {str(k) for k in batch["image_key"]}:
-            raise RuntimeError(f"fault injected for a key of this batch in {self!r}")
-        return super().search_rows(batch, rows)
-
-
-DAY_KEYS = ["_DSC0001.JPG", ".hidden.jpg", "sub/_x.jpg", "100075.jpg", "boom.jpg", "rocket.jpg",
-            "img-0.jpg", "img-1.jpg", "img-2.jpg"]
-
-
-@pytest.fixture(scope="module")
-def day_run(gallery, ray_cluster, tmp_path_factory):
-    """One day with camera names, hidden names and markers; a new gallery version is published
-    between the driver's resolve and the actors' start; one batch fails inside the Moderator."""
-    from ray import cloudpickle
-
-    from jobs.job_config import JobConfig
-    from jobs.run import execute_run, prepare_run
-    from models.card import read_card
-    from pipeline import gallery as G
-    from pipeline.ingest.storage import open_store
-
-    tmp = tmp_path_factory.mktemp("day")
-    gal = tmp / "gal"
-    shutil.copytree(gallery, gal)
-    up = tmp / "up"
-    for i, k in enumerate(DAY_KEYS):
-        if k == "rocket.jpg":
-            _rocket(up / k)
-        else:
-            _jpeg(up / k, i)
-    (up / "_SUCCESS").write_text("")
-    (up / "_run.json").write_text("{}")
-    out = tmp / "flags"
-    plan = prepare_run(str(up), str(gal), str(out), DAY, cfg=JobConfig(batch_size=1))
-    assert plan.gallery_version == "v000001"
-    # publish v2 without the rocket: actors starting now must still load v1
-    v2, _ = G.remove(open_store(str(gal)), read_card(None), ids=[0])
-    assert v2 == "v000002" == G.current_version(open_store(str(gal)))
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import the tests
-    try:
-        info = execute_run(plan, review=True, moderator=FailingModerator)
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    return {"info": info, "out": out, "gal": gal,
-            "df": pd.read_parquet(out / f"dt={DAY}").set_index("image_key")}
-
-
-def test_every_listed_object_gets_a_row_except_markers(day_run) -> None:
-    from jobs.run import summary
-
-    df, info = day_run["df"], day_run["info"]
-    assert sorted(df.index) == sorted(DAY_KEYS) and df.index.is_unique
-    for k in ("_DSC0001.JPG", ".hidden.jpg", "sub/_x.jpg", "100075.jpg"):
-        assert df.loc[k, "status"] == "clean", (k, df.loc[k].to_dict())
-    run = json.loads((day_run["out"] / f"dt={DAY}" / "_run.json").read_text())
-    assert run["inputs"] == len(DAY_KEYS) == run["counts"]["rows"]
-    assert run["skipped"] == {"marker": 2} and sorted(run["skipped_examples"]["marker"]) == ["_SUCCESS", "_run.json"]
-    assert '{"marker": 2}' in summary(info)
-
-
-def test_gallery_version_is_pinned_for_actors_and_review(day_run) -> None:
-    df, info = day_run["df"], day_run["info"]
-    assert info["gallery_version"] == "v000001"
-    assert set(df["gallery_version"]) == {"v000001"}  # although CURRENT was v000002 before any actor started
-    assert (df.loc["rocket.jpg", "status"], df.loc["rocket.jpg", "reference_id"]) == ("matched", 0)  # v2 has no rocket
-    page = Path(info["review"]).read_text()
-    assert "gallery <code>v000001</code>" in page
-    assert "ref #0<" in page and not re.search(r"ref #\d+\.\d", page)  # integer reference ids
-
-
-def test_a_moderator_exception_becomes_internal_error_rows(day_run) -> None:
-    df, info = day_run["df"], day_run["info"]
-    row = df.loc["boom.jpg"]
-    assert (row["status"], row["error_code"], row["action"]) == ("error", "internal_error", "none")
-    assert "fault injected" in row["error_message"] and "object at 0x" not in row["error_message"]
-    assert re.search(r" in <\w+>$", row["error_message"])  # the object repr the injected fault carries, cleaned
-    assert info["counts"]["by_error_code"] == {"internal_error": 1}  # batch_size 1: only that upload
-    assert (day_run["out"] / f"dt={DAY}" / "_SUCCESS").exists()
-    page = Path(info["review"]).read_text()
-    assert "fault injected" in page and "object at 0x" not in page
-
-
-def test_a_modscan_error_raised_in_an_actor_reaches_the_cli_as_its_own_line(capsys, ray_cluster, gallery,
-                                                                             tmp_path) -> None:
-    """Without ``verify_gallery`` the driver reads the manifest only, so a corrupted shard is found
-    by the Moderator actors while they load it (in ``__init__``). The operator reads that error
-    (recovered from Ray's exception, not its traceback text), on one line, exit 1; nothing is
-    committed."""
-    gal = tmp_path / "gal"
-    shutil.copytree(gallery, gal)
-    shard = gal / "versions" / "v000001" / "shard-001.rerank.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-3] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    (tmp_path / "job.toml").write_text("[job]\nverify_gallery = false\n")
-    up, out = tmp_path / "up", tmp_path / "flags"
-    _jpeg(up / "a.jpg")
-    rc, _, err = _cli(capsys, "moderate", "--input", str(up), "--gallery", str(gal), "--output", str(out),
-                      "--date", DAY, "--config", str(tmp_path / "job.toml"))
-    (line,) = [ln for ln in err.splitlines() if ln.startswith("modscan moderate:")]  # Ray may log above it
-    assert rc == 1, err[-3000:]
-    assert line.startswith("modscan moderate: error: checksum mismatch for ") and "shard-001.rerank.safetensors" in line
-    assert line.endswith("refusing to load)"), line  # the error's own message: no Ray traceback or retry advice
-    assert not (out / f"dt={DAY}").exists() and not list((out / "_staging").glob("**/data/*"))
-
-
-def test_manifest_rows_forbidden_keys_are_never_read(ray_cluster, gallery, tmp_path) -> None:
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate
-
-    m, allowed, other = tmp_path / "m", tmp_path / "allowed", tmp_path / "other"
-    for p, seed in ((m / "007.jpg", 1), (m / "sub" / "a.jpg", 2), (m / "100075", 3), (allowed / "b.jpg", 4),
-                    (other / "c.jpg", 5), (tmp_path / "outside.jpg", 6)):
-        _jpeg(p, seed)
-    (m / "link.jpg").symlink_to(tmp_path / "outside.jpg")
-    readable = ["007.jpg", "sub/a.jpg", "100075", str(allowed / "b.jpg")]
-    forbidden = ["../outside.jpg", str(tmp_path / "outside.jpg"), str(other / "c.jpg"), "link.jpg", "/etc/hostname",
-                 "s3://elsewhere/x.jpg"]
-    keys = readable + forbidden + ["sub/missing.jpg"]
-    (m / "manifest.csv").write_text("key\n" + "\n".join(keys) + "\n")
-    out = tmp_path / "flags"
-    info = moderate(str(m / "manifest.csv"), gallery, str(out), DAY,
-                    cfg=JobConfig(batch_size=8, allowed_input_prefixes=(str(allowed),)), review=False)
-    df = pd.read_parquet(out / f"dt={DAY}").set_index("image_key")
-    assert sorted(df.index) == sorted(keys) and info["inputs"] == len(keys)
-    for k in readable:
-        assert df.loc[k, "status"] == "clean", (k, df.loc[k].to_dict())
-    for k in forbidden:
-        r = df.loc[k]
-        assert (r["status"], r["error_code"]) == ("error", "forbidden_key"), (k, r.to_dict())
-        assert pd.isna(r["image_sha256"]) and r["gallery_version"] == "v000001"  # never read
-    assert df.loc["sub/missing.jpg", "error_code"] == "read_error"
-    assert info["counts"]["by_error_code"] == {"forbidden_key": len(forbidden), "read_error": 1}
-
-
-def test_backfill_never_commits_a_missing_day_and_exits_non_zero(capsys, ray_cluster, gallery, tmp_path) -> None:
-    src, out = tmp_path / "uploads", tmp_path / "flags"
-    _jpeg(src / "2026-02-01" / "a.jpg", 1)
-    args = ["backfill", "--input-template", str(src) + "/{date}", "--gallery", gallery, "--output", str(out),
-            "--from", "2026-02-01", "--to", "2026-02-02", "--batch-size", "8"]
-    rc, stdout, err = _cli(capsys, *args)
-    assert rc == 1 and "2026-02-02: missing: input folder" in stdout and "2026-02-01: done" in stdout
-    assert "1 day(s) with missing input (2026-02-02)" in _one_line(err)
-    assert (out / "dt=2026-02-01" / "_SUCCESS").exists() and not (out / "dt=2026-02-02").exists()
-    _jpeg(src / "2026-02-02" / "b.jpg", 2)  # the uploads land late: the rerun moderates them
-    rc, stdout, err = _cli(capsys, *args)
-    assert rc == 0, err
-    assert "2026-02-01: skipped (committed)" in stdout and "2026-02-02: done" in stdout
-    df = pd.read_parquet(out)
-    assert sorted(df["image_key"]) == ["a.jpg", "b.jpg"]

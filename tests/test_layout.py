@@ -4,7 +4,9 @@
   ``obj._x`` where ``_x`` is defined in another of the project's files (the standard library's and
   third-party privates, such as ``argparse._SubParsersAction``, are not the project's);
 * no module of ``models/``, ``pipeline/`` or ``jobs/`` over :data:`MAX_MODULE_LINES` lines, no
-  function there over :data:`MAX_FUNCTION_LINES`.
+  function there over :data:`MAX_FUNCTION_LINES`;
+* no file of ``tests/`` over :data:`MAX_MODULE_LINES` lines either (a test file mirrors one module;
+  one that outgrows the limit is split by what it tests).
 
 ``python tests/test_layout.py`` prints every finding (and the third-party privates used) and exits 1
 if there is one.
@@ -117,6 +119,12 @@ def private_crossings(root: Path = ROOT) -> tuple[list[str], list[str]]:
     return findings, external
 
 
+def oversize_tests(root: Path = ROOT) -> list[str]:
+    """Files of ``tests/`` over :data:`MAX_MODULE_LINES` lines."""
+    sizes = {p.relative_to(root): len(p.read_text().splitlines()) for p in sorted((root / "tests").rglob("*.py"))}
+    return [f"{rel}: {n} lines" for rel, n in sizes.items() if n > MAX_MODULE_LINES]
+
+
 def oversize(root: Path = ROOT) -> list[str]:
     """Modules of :data:`SIZED` over :data:`MAX_MODULE_LINES` lines, functions over :data:`MAX_FUNCTION_LINES`."""
     out = []
@@ -144,13 +152,22 @@ def test_modules_and_functions_keep_their_size() -> None:
     assert not found, "\n".join(found)
 
 
+def test_test_files_keep_their_size(tmp_path: Path) -> None:
+    assert not (found := oversize_tests()), "\n".join(found)
+    (tmp_path / "tests").mkdir()  # the check itself: a file one line over the limit is found
+    (tmp_path / "tests" / "test_big.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    (tmp_path / "tests" / "test_ok.py").write_text("x = 1\n" * MAX_MODULE_LINES)
+    assert oversize_tests(tmp_path) == [f"tests/test_big.py: {MAX_MODULE_LINES + 1} lines"]
+
+
 if __name__ == "__main__":
     findings, external = private_crossings()
-    sizes = oversize()
+    sizes = oversize() + oversize_tests()
     print(f"private names used across the project's modules: {len(findings)}")
     print("".join(f"  {f}\n" for f in findings), end="")
     print(f"third-party/stdlib privates used (allowed): {len(external)}")
     print("".join(f"  {f}\n" for f in external), end="")
-    print(f"modules over {MAX_MODULE_LINES} lines / functions over {MAX_FUNCTION_LINES} in {', '.join(SIZED)}: {len(sizes)}")
+    print(f"modules over {MAX_MODULE_LINES} lines / functions over {MAX_FUNCTION_LINES} in {', '.join(SIZED)}, "
+          f"test files over {MAX_MODULE_LINES} lines: {len(sizes)}")
     print("".join(f"  {f}\n" for f in sizes), end="")
     sys.exit(1 if findings or sizes else 0)

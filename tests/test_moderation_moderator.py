@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pandas as pd
+from conftest import png_bytes
 from PIL import Image
 
 from models.synthetic import generate
@@ -14,12 +13,6 @@ from pipeline.ingest.decode import DecodeConfig, Decoder
 
 
 # -- low-content guard ----------------------------------------------------------------------
-def _png(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_moderator_rows_say_low_content_and_never_match(tmp_path, tiny_model_dir) -> None:
     from models.card import read_card
     from pipeline import gallery as G
@@ -41,7 +34,7 @@ def test_moderator_rows_say_low_content_and_never_match(tmp_path, tiny_model_dir
     mod = Moderator(str(tmp_path / "g"), RunContext("2026-01-01", "r1"), model_dir=str(tiny_model_dir),
                     overrides=QueryOverrides(coarse_threshold=-1.0, fine_threshold=-1.0))
     dec = Decoder(DecodeConfig(low_res=48, high_res=64))
-    datas = [_png(Image.new("RGB", (90, 70), (10, 200, 30))), (refs / "0.png").read_bytes()]
+    datas = [png_bytes(Image.new("RGB", (90, 70), (10, 200, 30))), (refs / "0.png").read_bytes()]
     batch = dec({"image_key": np.asarray(["flat.png", "copy.png"], object), "bytes": np.asarray(datas, object)})
     rows = mod(batch).to_pandas()
     assert rows["status"].tolist() == ["low_content", "matched"]

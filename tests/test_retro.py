@@ -9,7 +9,6 @@ a reference clears its past flags. A model change is refused.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, photo
+from conftest import ROOT, jpeg_bytes, photo
 from PIL import Image
 from s3server import moto_server
 
@@ -36,12 +35,6 @@ BASE = {"coffee": "filter", "chelsea": "filter"}
 ADDED = "astronaut"
 FLAGS, FRESH, GAL = "s3://flags-retro/flags", "s3://flags-retro/fresh", "s3://gallery-retro/main"
 KEY_COLS = ["image_key", "status", "action", "bank", "reference_id"]
-
-
-def _jpeg(im: Image.Image, q: int = 85) -> bytes:
-    b = io.BytesIO()
-    im.convert("RGB").save(b, format="JPEG", quality=q)
-    return b.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +60,17 @@ def world(tmp_path_factory, shipped_model_dir):
             s3.create_bucket(Bucket=b)
         for n in [*BASE, ADDED]:
             s3.put_object(Bucket="refs-retro", Key=f"{'added' if n == ADDED else 'base'}/{n}.jpg",
-                          Body=_jpeg(Image.fromarray(photo(n)), 95))
+                          Body=jpeg_bytes(Image.fromarray(photo(n)), 95))
         import random
 
         rng = random.Random(3)
         for i in range(12):
-            s3.put_object(Bucket="uploads-retro", Key=f"{DAY}/other-{i}.jpg", Body=_jpeg(procedural(rng, (240, 180))))
+            s3.put_object(Bucket="uploads-retro", Key=f"{DAY}/other-{i}.jpg", Body=jpeg_bytes(procedural(rng, (240, 180)), 85))
         for n in [*BASE, ADDED]:
             im = Image.fromarray(photo(n))
-            s3.put_object(Bucket="uploads-retro", Key=f"{DAY}/copy-{n}.jpg", Body=_jpeg(im))
+            s3.put_object(Bucket="uploads-retro", Key=f"{DAY}/copy-{n}.jpg", Body=jpeg_bytes(im, 85))
             s3.put_object(Bucket="uploads-retro", Key=f"{DAY}/small-{n}.jpg",
-                          Body=_jpeg(im.resize((im.width // 2, im.height // 2)), 75))
+                          Body=jpeg_bytes(im.resize((im.width // 2, im.height // 2)), 75))
         card, extract = read_card(None), local_extractor(None)
         gal = open_store(GAL)
         G.build(gal, [Bank("banned", "s3://refs-retro/base/", "sensitive/x", "filter")], card, extract, n_shards=2)
@@ -253,11 +246,11 @@ def test_retro_re_decides_each_hour_of_an_hourly_day(world) -> None:
     rng = random.Random(9)
     for h in ("10", "11"):
         for i in range(3):
-            s3.put_object(Bucket="uploads-retro", Key=f"{day}/{h}/other-{h}-{i}.jpg", Body=_jpeg(procedural(rng, (240, 180))))
-    s3.put_object(Bucket="uploads-retro", Key=f"{day}/10/copy-rocket.jpg", Body=_jpeg(Image.fromarray(photo("rocket"))))
+            s3.put_object(Bucket="uploads-retro", Key=f"{day}/{h}/other-{h}-{i}.jpg", Body=jpeg_bytes(procedural(rng, (240, 180)), 85))
+    s3.put_object(Bucket="uploads-retro", Key=f"{day}/10/copy-rocket.jpg", Body=jpeg_bytes(Image.fromarray(photo("rocket")), 85))
     since = [moderate(f"s3://uploads-retro/{day}/{h}/", GAL, out, f"{day}T{h}", cfg=world["cfg"], review=False)
              for h in ("10", "11")][0]["gallery_version"]
-    s3.put_object(Bucket="refs-retro", Key="hourly/rocket.jpg", Body=_jpeg(Image.fromarray(photo("rocket")), 95))
+    s3.put_object(Bucket="refs-retro", Key="hourly/rocket.jpg", Body=jpeg_bytes(Image.fromarray(photo("rocket")), 95))
     G.add(world["gal"], "banned", ["s3://refs-retro/hourly/rocket.jpg"], world["card"], world["extract"])
     rep = retro(GAL, since, day, day, out, cfg=world["cfg"])
     assert rep["days"] == [f"{day}T10", f"{day}T11"]

@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pdqhash
 import pytest
-from conftest import photo, shared_dir
+from conftest import jpeg_bytes, photo, png_bytes, shared_dir
 from PIL import Image
 
 from pipeline.ingest.decode import DecodeConfig, Decoder, open_image
@@ -72,18 +72,6 @@ def _bits(h: str) -> np.ndarray:
     return np.unpackbits(np.frombuffer(bytes.fromhex(h), np.uint8))
 
 
-def _jpeg(a: np.ndarray, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 PICTURES = ["astronaut", "coffee", "chelsea", "rocket"]
 
 
@@ -135,7 +123,7 @@ def test_threatexchange_library_itself_when_installed() -> None:
     te = pytest.importorskip("threatexchange.signal_type.pdq.pdq_hasher", reason="needs the exchange extra (threatexchange)")
     for name in PICTURES:
         rgb = photo(name)
-        data = _png(rgb)
+        data = png_bytes(rgb)
         assert te.pdq_from_bytes(data) == pdq_from_bytes(data, min_side=None)
         assert te.pdq_from_bytes(data) == pdq_hex(rgb)
 
@@ -241,9 +229,9 @@ def test_pdq_input_reduces_by_an_integer_factor_keeping_min_side() -> None:
 
 
 def test_signal_decoder_adds_md5_and_pdq_rows_in_rows_out_and_never_raises_for_a_bad_row() -> None:
-    good = _jpeg(photo("astronaut"))
-    png = _png(photo("coffee"))
-    flat = _png(np.full((200, 200, 3), 128, np.uint8))
+    good = jpeg_bytes(photo("astronaut"))
+    png = png_bytes(photo("coffee"))
+    flat = png_bytes(np.full((200, 200, 3), 128, np.uint8))
     corrupt = good[: len(good) // 3]
     batch = {"image_key": np.asarray(["a", "b", "c", "d", "e", "f", "g"], dtype=object),
              "bytes": np.asarray([good, png, corrupt, b"", b"not an image", flat, good], dtype=object),
@@ -264,7 +252,7 @@ def test_signal_decoder_adds_md5_and_pdq_rows_in_rows_out_and_never_raises_for_a
 
 
 def test_signal_decoder_hashes_only_what_its_bounds_let_it_decode() -> None:
-    good = _jpeg(photo("astronaut"))
+    good = jpeg_bytes(photo("astronaut"))
     tight = SignalDecoder(DecodeConfig(max_pixels=1000))({"image_key": np.asarray(["k"], dtype=object),
                                                           "bytes": np.asarray([good], dtype=object)})
     assert not tight["ok"][0] and tight["pdq_hash"][0] is None and tight["md5"][0] == md5_hex(good)  # MD5 lists match files
