@@ -101,6 +101,21 @@ def test_wave_keys_in_a_job_config_file_are_checked_at_their_line(tmp_path) -> N
     assert JobConfig.from_toml(str(p)).wave_min_size == 3
 
 
+def test_hourly_partitions_are_clustered_hour_by_hour_and_missing_parts_are_named(tmp_path) -> None:
+    from jobs.waves import prepare_waves
+    from jobs.waves_cmd import partition_arg
+    from pipeline.errors import ModscanError
+
+    out = tmp_path / "flags"
+    (out / "dt=2026-05-05" / "hour=05").mkdir(parents=True)
+    (out / "dt=2026-05-05" / "hour=05" / "_SUCCESS").write_text("r\n")
+    with pytest.raises(ModscanError, match=r"dt=2026-05-05 is written in hours \(1 committed\).*--hour HH"):
+        prepare_waves(str(out), "2026-05-05")
+    assert partition_arg("2026-05-05", 5) == "2026-05-05T05" and partition_arg("2026-05-05", None) == "2026-05-05"
+    with pytest.raises(ModscanError, match="dt=2026-05-05/hour=05 has no committed signatures.*write_signatures"):
+        prepare_waves(str(out), partition_arg("2026-05-05", 5))
+
+
 # ---------------------------------------------------------------------------------------------
 # a moderated day on a real local Ray cluster
 # ---------------------------------------------------------------------------------------------
