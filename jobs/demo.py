@@ -107,6 +107,15 @@ def _make_sample(workdir: Path, n_uploads: int, seed: int = 0) -> dict[str, int]
 
 
 def run_demo(a: argparse.Namespace) -> int:
+    """The demo, its output kept to what a new user needs: the summary, progress and real warnings
+    (Ray's harmless #53727 line is dropped: :mod:`jobs.ray_notices`)."""
+    from jobs.ray_notices import dropping_lines
+
+    with dropping_lines():
+        return _run_demo(a)
+
+
+def _run_demo(a: argparse.Namespace) -> int:
     from jobs.gallery_cmd import ray_extractor
     from jobs.run import moderate, summary
     from models.card import read_card
