@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import pyarrow as pa
 import pytest
 from conftest import photo, save_jpeg
 from PIL import Image
+from test_ops_review_page import CHROMIUM, screenshot  # the review page's own Chromium helper
 
 from models.augment import apply_named
 from pipeline.moderation import flags as F
@@ -183,12 +182,20 @@ def world(tmp_path_factory, shipped_model_dir, ray_cluster):
 
 @pytest.fixture(scope="module")
 def passes(world):
-    """The waves pass run twice on the committed day."""
+    """The waves pass run twice more on the committed day: by the library, then by ``modscan waves``."""
+    import contextlib
+    import io
+    import json
+
+    from jobs.cli import main
     from jobs.waves import waves
 
     first = waves(str(world["out"]), DAY, world["cfg"])
     df1 = O.read_waves(O.waves_root(str(world["out"])), DAY)
-    second = waves(str(world["out"]), DAY, world["cfg"])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["waves", "--output", str(world["out"]), "--date", DAY, "--actors", "1", "--json"]) == 0
+    second = json.loads(buf.getvalue())
     df2 = O.read_waves(O.waves_root(str(world["out"])), DAY)
     return {"first": first, "second": second, "df1": df1, "df2": df2}
 
@@ -307,19 +314,6 @@ def test_review_page_shows_each_wave_with_its_size_and_members_sensitive_ones_bl
     assert "filter 6" in rows[rocket] and "none 8" in rows[astronaut]
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-def _screenshot(html_path: Path, png: Path) -> np.ndarray:
-    """Render a local HTML file with headless Chromium (a dead proxy: nothing could load from the network)."""
-    profile = png.parent / f".profile-{png.stem}"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-                    f"--user-data-dir={profile}", "--proxy-server=http://127.0.0.1:9", "--window-size=1280,900",
-                    f"--screenshot={png}", html_path.as_uri()], check=True, capture_output=True, timeout=120)
-    shutil.rmtree(profile, ignore_errors=True)
-    return np.asarray(Image.open(png).convert("RGB"), np.int16)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (Debian: apt-get install chromium)")
 def test_waves_section_in_headless_chromium(world, passes, tmp_path) -> None:
@@ -331,8 +325,8 @@ def test_waves_section_in_headless_chromium(world, passes, tmp_path) -> None:
     doc = f'<!doctype html><html><head><meta charset="utf-8"><style>{CSS}</style></head><body>{section}</body></html>'
     (tmp_path / "waves.html").write_text(doc)
     (tmp_path / "revealed.html").write_text(doc.replace('<input type="checkbox">', '<input type="checkbox" checked>'))
-    blurred = _screenshot(tmp_path / "waves.html", tmp_path / "blurred.png")
-    revealed = _screenshot(tmp_path / "revealed.html", tmp_path / "revealed.png")
+    blurred = np.asarray(screenshot(tmp_path / "waves.html", tmp_path / "blurred.png", (1280, 900)), np.int16)
+    revealed = np.asarray(screenshot(tmp_path / "revealed.html", tmp_path / "revealed.png", (1280, 900)), np.int16)
     # the section is drawn: thumbnails in colour (the astronaut wave is not sensitive)
     spread = blurred.max(axis=2) - blurred.min(axis=2)
     assert (spread > 40).mean() > 0.02
