@@ -69,6 +69,27 @@ def test_neighbour_search_finds_what_exhaustive_search_finds() -> None:
     assert st({"id": np.zeros(0, np.int64)})["a"].shape == (0,)
 
 
+def test_the_ivf_index_of_big_partitions_finds_the_families_exact_search_finds_and_reruns_alike() -> None:
+    import faiss
+
+    g = np.random.default_rng(1)
+    x = g.normal(size=(6000, 128)).astype(np.float32)
+    for f in range(20):  # 20 families of 8 near-duplicates
+        x[f * 8:(f + 1) * 8] = x[f * 8] + 0.25 * g.normal(size=(8, 128))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+
+    def pairs(flat_max: int) -> set[tuple[int, int]]:
+        st = W.NeighbourSearch(faiss.serialize_index(W.feature_index(x, flat_max=flat_max)), k=16, threshold=0.6)
+        out = st({"id": np.arange(len(x))})
+        a, b, _ = W.unique_pairs(out["a"], out["b"], out["coarse"])
+        return set(zip(a.tolist(), b.tolist()))
+
+    exact, ivf = pairs(10_000), pairs(1_000)  # 6,000 uploads: exact, then IVF (309 lists, nprobe 16)
+    assert len(exact) == 20 * 28 and exact <= {(i, j) for i in range(160) for j in range(i + 1, 160)}
+    assert len(ivf & exact) >= 0.95 * len(exact) and not ivf - exact   # approximate: finds, never invents
+    assert pairs(1_000) == ivf                                           # the same on a rerun
+
+
 def test_sure_threshold_is_sized_for_the_partition_and_params_are_checked() -> None:
     from models.card import read_card
     from pipeline.errors import UsageError

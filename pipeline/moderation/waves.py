@@ -106,14 +106,15 @@ def cluster_id(part: str, smallest_key: str) -> str:
 # --------------------------------------------------------------------------------------------
 # 1. Candidates: the partition's features in one index, top-k per upload
 # --------------------------------------------------------------------------------------------
-def feature_index(x: np.ndarray, nprobe: int = 16) -> Any:
+def feature_index(x: np.ndarray, nprobe: int = 16, flat_max: int = FLAT_MAX) -> Any:
     """``(n, d)`` unit features -> a faiss inner-product index over them (row = id). Exact up to
-    :data:`FLAT_MAX`; IVF (``4 sqrt(n)`` lists, trained on a fixed sample, ``nprobe``) beyond."""
+    ``flat_max`` uploads; IVF (``4 sqrt(n)`` lists, trained on a fixed sample with faiss's fixed
+    k-means seed, ``nprobe``) beyond."""
     import faiss
 
     x = np.ascontiguousarray(x, np.float32)
     d = x.shape[1]
-    if len(x) <= FLAT_MAX:
+    if len(x) <= flat_max:
         index = faiss.IndexFlatIP(d)
     else:
         nlist = int(4 * math.sqrt(len(x)))
