@@ -39,7 +39,7 @@ UNRELATED_PHOTOS = ["camera", "coins", "horse", "moon", "page", "coffee", "brick
 def test_clusters_are_components_with_stable_ids_and_ranks_by_upload_time() -> None:
     keys = ["a", "b", "c", "d", "e"]
     edges = [O.Edge(0, 2, 0.4, W.SURE), O.Edge(2, 4, 0.2, W.VERIFIED), O.Edge(1, 3, None, W.SAME_BYTES)]
-    t = {0: 30.0, 2: 10.0, 4: 20.0, 1: float("nan")}  # "d" (row 3) has no time: ranked after "b"? no: b unknown too
+    t = {0: 30.0, 2: 10.0, 4: 20.0, 1: float("nan")}  # "b" (NaN) and "d" (absent) have no known time
     c = O.assign("2026-01-01", keys, edges, t)
     assert list(c["size"]) == [3, 2, 3, 2, 3]
     assert c["cluster_id"][0] == c["cluster_id"][2] == c["cluster_id"][4] == W.cluster_id("2026-01-01", "a")
@@ -50,6 +50,14 @@ def test_clusters_are_components_with_stable_ids_and_ranks_by_upload_time() -> N
     again = O.assign("2026-01-01", keys, list(reversed(edges)), t)  # order of edges does not matter
     assert list(again["cluster_id"]) == list(c["cluster_id"]) and list(again["rank"]) == list(c["rank"])
     assert W.cluster_id("2026-01-02", "a") != W.cluster_id("2026-01-01", "a")  # ids are per partition
+    # a partition where nothing was searched (every upload an error or low content): one row each, on its own
+    nothing = O.PartitionSignatures([], [], [], np.zeros((0, 128), np.float32))
+    t = O.wave_table("2026-01-01", ["b.jpg", "a.jpg"], nothing, O.assign("2026-01-01", [], [], {}), {}, set(), 5, "r", "f")
+    assert t.column("image_key").to_pylist() == ["a.jpg", "b.jpg"] and t.column("dup_basis").to_pylist() == [W.NOT_SEARCHED] * 2
+    assert t.column("dup_cluster_size").to_pylist() == [1, 1] and not any(t.column("wave").to_pylist())
+    O.verify_rows(t, {"a.jpg", "b.jpg"}, "r")
+    with pytest.raises(F.CommitError, match="1 unknown"):
+        O.verify_rows(t, {"a.jpg"}, "r")
 
 
 def test_neighbour_search_finds_what_exhaustive_search_finds() -> None:
