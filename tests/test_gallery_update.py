@@ -72,17 +72,34 @@ def test_add_and_remove_make_new_versions_without_reextracting(built) -> None:
 
 
 # -- approximate coarse indexes ---------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
-def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_path, shipped_model_dir, kind) -> None:
+def _extracted_once(extract: G.Extractor) -> G.Extractor:
+    """``extract`` with each upload's features computed once: the flat and the approximate builds
+    read the same files, so they get the same features either way, at a third of the cost."""
+    seen: dict[str, dict] = {}
+
+    def once(uris: list[str]) -> list[dict]:
+        todo = [u for u in dict.fromkeys(uris) if u not in seen]
+        if todo:
+            got = extract(todo)
+            assert len(got) == len(todo)
+            seen.update(zip(todo, got))
+        return [seen[u] for u in uris]
+
+    return once
+
+
+@pytest.fixture(scope="module")
+def coarse_world(tmp_path_factory, shipped_model_dir) -> dict:
+    """80 generated references and 10 to add, the shipped model's features of each computed once,
+    a flat gallery of the 80, and the queries (20 lightly edited copies and pictures): shared by
+    both approximate index types."""
     import random as _random
 
     from models.augment import apply_named
-    from pipeline import gallery as G
-    from pipeline.gallery import QueryOverrides
     from pipeline.gallery.extract import local_extractor
-    from pipeline.moderation.moderator import Moderator, RunContext
 
-    refs, extra = tmp_path / "refs", tmp_path / "extra"
+    tmp = tmp_path_factory.mktemp("coarse-idx")
+    refs, extra = tmp / "refs", tmp / "extra"
     refs.mkdir()
     extra.mkdir()
     pics = [generate("coarse-idx", i)[1] for i in range(90)]
@@ -90,14 +107,9 @@ def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_pa
         im.save(refs / f"{i:03d}.png")
     for i, im in enumerate(pics[80:]):
         im.save(extra / f"{i:03d}.png")
-    card, ex = read_card(shipped_model_dir), local_extractor(str(shipped_model_dir))
+    card, ex = read_card(shipped_model_dir), _extracted_once(local_extractor(str(shipped_model_dir)))
     bank = [Bank("b", str(refs), "s/x", "filter")]
-    flat_store, apx_store = open_store(str(tmp_path / "flat"), create=True), open_store(str(tmp_path / kind), create=True)
-    G.build(flat_store, bank, card, ex, n_shards=2)
-    spec = CoarseIndexSpec(kind, ivf_nlist=4, nprobe=4, ef_search=256)
-    G.build(apx_store, bank, card, ex, 2, "float16", spec)
-    m = G.read_manifest(apx_store)
-    assert m.coarse_index.type == kind and m.coarse_index.nprobe == 4
+    G.build(open_store(str(tmp / "flat"), create=True), bank, card, ex, n_shards=2)
     rng = _random.Random(0)
     datas = []
     for im in pics[:40:4] + pics[80:]:
@@ -106,26 +118,45 @@ def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(tmp_pa
         datas.append(buf.getvalue())
     dec = Decoder(DecodeConfig(low_res=card.config.low_res, high_res=card.config.high_res))
     keys = np.asarray([f"q{i}" for i in range(len(datas))], object)
+    queries = dec({"image_key": keys, "bytes": np.asarray(datas, object)})
+    return {"tmp": tmp, "refs": refs, "extra": extra, "card": card, "extract": ex, "bank": bank, "queries": queries,
+            "flat": _flags(str(tmp / "flat"), queries, shipped_model_dir)}
 
-    def flags(uri: str) -> list:
-        # rerank_k 3: the coarse index's top-3 decides what gets reranked, so its order matters
-        mod = Moderator(uri, RunContext("2026-01-01", "r"), model_dir=str(shipped_model_dir),
-                        overrides=QueryOverrides(coarse_threshold=0.0, rerank_k=3))
-        t = mod(dec({"image_key": keys, "bytes": np.asarray(datas, object)})).to_pandas()
-        return list(zip(t["status"], t["reference_id"].fillna(-1).astype(int)))
 
-    want = flags(str(tmp_path / "flat"))
+def _flags(uri: str, queries: dict, model_dir) -> list:
+    """The job's Moderator on ``queries`` against gallery ``uri`` -> (status, reference id) per query."""
+    from pipeline.gallery import QueryOverrides
+    from pipeline.moderation.moderator import Moderator, RunContext
+
+    # rerank_k 3: the coarse index's top-3 decides what gets reranked, so its order matters
+    mod = Moderator(uri, RunContext("2026-01-01", "r"), model_dir=str(model_dir),
+                    overrides=QueryOverrides(coarse_threshold=0.0, rerank_k=3))
+    t = mod(dict(queries)).to_pandas()
+    return list(zip(t["status"], t["reference_id"].fillna(-1).astype(int)))
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_coarse_index_flags_like_flat_and_supports_add_remove(coarse_world, shipped_model_dir, kind) -> None:
+    from pipeline.moderation.moderator import Moderator, RunContext
+
+    w = coarse_world
+    card, ex = w["card"], w["extract"]
+    apx_store = open_store(str(w["tmp"] / kind), create=True)
+    spec = CoarseIndexSpec(kind, ivf_nlist=4, nprobe=4, ef_search=256)
+    G.build(apx_store, w["bank"], card, ex, 2, "float16", spec)
+    m = G.read_manifest(apx_store)
+    assert m.coarse_index.type == kind and m.coarse_index.nprobe == 4
+    want = w["flat"]
     assert sum(s == "matched" for s, _ in want) >= 5  # the comparison says something
-    assert flags(str(tmp_path / kind)) == want
+    assert _flags(str(w["tmp"] / kind), w["queries"], shipped_model_dir) == want
     # add and remove keep the index type and its parameters
     n0 = m.counts.images
-    v2, st = G.add(apx_store, "b", G.list_source(str(extra)), card, ex)
+    v2, st = G.add(apx_store, "b", G.list_source(str(w["extra"])), card, ex)
     v3, _ = G.remove(apx_store, card, ids=[0, 1])
     m3 = G.read_manifest(apx_store)
     assert st["added"] >= 8 and m3.coarse_index == m.coarse_index
     assert m3.counts.images == n0 + st["added"] - 2
-    bank_f512 = Moderator(str(tmp_path / kind), RunContext("2026-01-01", "r"), model_dir=str(shipped_model_dir)).gallery
-    gal = bank_f512
+    gal = Moderator(str(w["tmp"] / kind), RunContext("2026-01-01", "r"), model_dir=str(shipped_model_dir)).gallery
     assert gal.cascade.ntotal == n0 + st["added"] - 2 and not {0, 1} & set(gal.entries["id"].tolist())
 
 
