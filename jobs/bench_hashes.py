@@ -119,7 +119,7 @@ def _open(method: str, path: str) -> Any:
     def search(xq: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         nflip = r // nhash
         mih.nflip = nflip
-        index = mih if nflip <= 2 else mih.storage
+        index = mih if nflip <= 2 else mih.storage  # type: ignore[attr-defined]  # not in faiss's stubs
         return index.range_search(xq, r + 1)  # faiss's radius is strict
     return search
 

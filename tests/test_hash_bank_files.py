@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import gallery as G
 from pipeline.gallery.banks import Bank, BankFileError, parse_banks
-from pipeline.gallery.hashlists import HashBanks, HashHit, HashQuery
+from pipeline.gallery.hashlists import HashBanks, HashHit, HashQuery, IndexedEntries
 from pipeline.gallery.manifest import Manifest
 from pipeline.gallery.query import GalleryIndex, Match
 from pipeline.gallery.store import GalleryIntegrityError, read_lists
@@ -127,14 +127,18 @@ def _version_with_lists(tmp_path: Path, n_pdq: int = 3000) -> tuple[Store, np.nd
     lines = [f"pdq {c.tobytes().hex()}" for c in codes] + [f"pdq {c.tobytes().hex()}" for c in codes[:40]]
     (tmp_path / "ncmec.pdq.txt").write_text("\n".join(lines) + "\n")
     (tmp_path / "m.txt").write_text(f"{'a' * 32}\n{'b' * 32}\n")  # a bare-hash file
+    (tmp_path / "q.csv").write_text("hash,entry_id,metadata\n" + "".join(
+        f'{c.tobytes().hex()},q-{i},"{{""n"": {i}}}"\n' if i % 2 else f"{c.tobytes().hex()},,\n"
+        for i, c in enumerate(codes[:6])))
     banks = {"imgs": Bank("imgs", "-", "c/i", "filter"),
              "p": Bank("p", str(tmp_path / "ncmec.pdq.txt"), "c/p", "filter", kind="pdq"),
+             "q": Bank("q", str(tmp_path / "q.csv"), "c/q", "filter", kind="pdq"),
              "m": Bank("m", str(tmp_path / "m.txt"), "c/m", "downrank", kind="md5")}
     ids = np.array([3, 5, 8], np.int64)
     coarse, rerank = rng.standard_normal((3, 128)).astype(np.float32), rng.standard_normal((3, 512)).astype(np.float32)
     entries = pd.DataFrame({"id": ids, "bank": "imgs", "category": "c/i", "action": "filter", "source_uri": ["x"] * 3,
                             "sha256": ["a", "b", "c"], "added_at": pd.Timestamp.now(tz="UTC")})
-    lists = {n: read_list(banks[n].source, banks[n].kind) for n in ("p", "m")}
+    lists = {n: read_list(banks[n].source, banks[n].kind) for n in ("p", "q", "m")}
     store = open_store(str(tmp_path / "g"), create=True)
     G.write_version(store, G.GalleryContent(ids, coarse, rerank, entries, banks, lists=lists),
                     G.VersionModel("m", 128, 512, 0.1, 0.5), n_shards=1)
@@ -162,7 +166,7 @@ def test_a_version_stores_the_pdq_index_and_readers_map_it(tmp_path: Path) -> No
     info = G.info(store)["hash_lists"]
     assert info["p"]["duplicates_dropped"] == 40 and info["p"]["stored_index"] == p.index
     lists = read_lists(store, m)
-    index = lists["p"].index
+    index = lists["p"].pdq_index
     assert isinstance(index, PdqIndex) and index.kind == "flat"  # 3,000 <= FLAT_MAX: flat over the mapped codes
     assert isinstance(index.arrays()["codes"], np.memmap) and index.arrays()["codes"].filename == str(vdir / p.index)
     # the loaded version queries through the mapped index, not a rebuilt one
@@ -175,7 +179,27 @@ def test_a_version_stores_the_pdq_index_and_readers_map_it(tmp_path: Path) -> No
     for r in (0, 12, 31, 32, 40):
         assert mapped.query(queries, r) == PdqIndex(codes, "flat").query(queries, r), r
     # the list round-trips for the next version without opening the index
-    assert read_lists(store, m, indexes=False)["p"].index is None and read_lists(store, m, indexes=False)["p"] == lists["p"]
+    assert read_lists(store, m, indexes=False)["p"].pdq_index is None and read_lists(store, m, indexes=False)["p"] == lists["p"]
+
+
+def test_lazy_lists_make_entries_on_access_from_the_mapped_codes(tmp_path: Path) -> None:
+    store, codes = _version_with_lists(tmp_path)
+    m = G.read_manifest(store)
+    eager, lazy = read_lists(store, m), read_lists(store, m, lazy=True)
+    assert isinstance(lazy["p"], IndexedEntries) and isinstance(lazy["q"], IndexedEntries)
+    assert not isinstance(lazy["m"], IndexedEntries)  # md5: no stored index, a plain list
+    for b in ("p", "q", "m"):
+        assert len(lazy[b]) == len(eager[b]) and lazy[b] == eager[b] and list(lazy[b]) == list(eager[b])
+    q = lazy["q"]
+    assert q[1] == HashEntry(codes[1].tobytes().hex(), "q-1", '{"n":1}') and q[0] == HashEntry(codes[0].tobytes().hex())
+    assert q[-1] == eager["q"][-1] and q[1:3] == eager["q"][1:3]
+    with pytest.raises(IndexError):
+        q[6]
+    assert isinstance(lazy["p"], IndexedEntries) and lazy["p"].duplicates == 40
+    banks = {b: Bank(b, "-", "c", "filter", kind="pdq") for b in ("p", "q")}
+    queries = _near(codes)
+    n = len(queries)
+    assert HashBanks(banks, lazy).query([None] * n, queries, [100] * n) == HashBanks(banks, eager).query([None] * n, queries, [100] * n)
 
 
 def test_a_corrupt_stored_index_is_refused(tmp_path: Path) -> None:
@@ -205,7 +229,7 @@ def test_versions_without_a_stored_index_still_load_and_build_it(tmp_path: Path)
     assert all(h.index is None and h.duplicates == 0 for h in old.hash_lists)
     assert not any("pdq-index" in f for f, _ in old.files())
     lists = read_lists(store, old)
-    assert lists["p"].index is None and len(lists["p"]) == 800
+    assert lists["p"].pdq_index is None and len(lists["p"]) == 800
     banks = HashBanks({"p": Bank("p", "-", "c", "filter", kind="pdq")}, lists)
     assert not isinstance(banks.index["p"].arrays()["codes"], np.memmap)  # built here
     queries = _near(codes)

@@ -9,7 +9,7 @@ sha256 and checked on every load, with the exact duplicate lines ingestion dropp
 
 **The PDQ index is built once, when the version is written**, and stored beside a pdq bank's list
 as ``list-<bank>.pdq-index.safetensors`` (:func:`index_bytes`: the codes and the multi-hash tables
-of :class:`~pipeline.signals.index.PdqIndex`, ~110-230 B/hash), listed in the manifest with its
+of :class:`~pipeline.signals.index.PdqIndex`, 110-230 B/hash), listed in the manifest with its
 sha256 (``HashListFile.index``). A process that opens the version maps that file
 (:meth:`PdqIndex.mapped <pipeline.signals.index.PdqIndex.mapped>`, from a local gallery or a
 node's cache; read into memory from S3) instead of rebuilding the index, and searches it flat up
@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,11 +54,11 @@ def index_bytes(entries: Sequence[HashEntry]) -> bytes:
 
 class StoredList(HashList):
     """A hash bank's list as a version holds it: the entries, the duplicates its ingestion dropped,
-    and ``index``, the PDQ index stored beside it (None: an md5 list, or a version without one)."""
+    and ``pdq_index``, the PDQ index stored beside it (None: an md5 list, or a version without one)."""
 
-    def __init__(self, entries: Sequence[HashEntry] = (), duplicates: int = 0, index: PdqIndex | None = None) -> None:
+    def __init__(self, entries: Sequence[HashEntry] = (), duplicates: int = 0, pdq_index: PdqIndex | None = None) -> None:
         super().__init__(entries, duplicates, "stored")
-        self.index = index
+        self.pdq_index = pdq_index
 
 
 def list_bytes(entries: Sequence[HashEntry]) -> bytes:
@@ -73,6 +73,43 @@ def list_bytes(entries: Sequence[HashEntry]) -> bytes:
 def entries_from_bytes(data: bytes) -> list[HashEntry]:
     t = pq.read_table(io.BytesIO(data)).to_pydict()
     return [HashEntry(h, i, m) for h, i, m in zip(t["hash"], t["entry_id"], t["metadata"])]
+
+
+class IndexedEntries(Sequence[HashEntry]):
+    """A pdq list's entries made on access, for a process that only queries the list: each hash is
+    the hex of the stored index's codes (memory-mapped), the entry ids and metadata are two Arrow
+    columns of the list file (nulls cost nothing in a signal file's list). A 10M-entry list as
+    :class:`HashEntry` objects is ~330 bytes an entry of private memory and ~6 s a million to make
+    (measured); here it is the ids and metadata the list has, and a hit builds one entry.
+    Read-only; equal to any sequence of the same entries."""
+
+    def __init__(self, data: bytes, pdq_index: PdqIndex, duplicates: int = 0) -> None:
+        t = pq.read_table(io.BytesIO(data), columns=["entry_id", "metadata"])
+        if t.num_rows != len(pdq_index):
+            raise ValueError(f"the list holds {t.num_rows} entries, its stored index {len(pdq_index)}")
+        # a column of nulls only (a signal file's list) is not kept at all
+        self._ids, self._meta = (None if t.column(c).null_count == t.num_rows else t.column(c).combine_chunks()
+                                 for c in ("entry_id", "metadata"))
+        self._codes = pdq_index.arrays()["codes"]
+        self.pdq_index, self.duplicates = pdq_index, int(duplicates)
+
+    def __len__(self) -> int:
+        return len(self._codes)
+
+    @overload
+    def __getitem__(self, i: int) -> HashEntry: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[HashEntry]: ...
+
+    def __getitem__(self, i: int | slice) -> HashEntry | list[HashEntry]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        j = range(len(self))[i]  # IndexError out of range; negative indexes from the end
+        return HashEntry(self._codes[j].tobytes().hex(), self._ids[j].as_py() if self._ids is not None else None,
+                         self._meta[j].as_py() if self._meta is not None else None)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
 
 
 @dataclass(frozen=True)
@@ -103,7 +140,7 @@ class HashQuery:
 
 
 def _stored_index(entries: Sequence[HashEntry]) -> PdqIndex | None:
-    index = getattr(entries, "index", None)
+    index = getattr(entries, "pdq_index", None)
     return index if isinstance(index, PdqIndex) and len(index) == len(entries) else None
 
 
@@ -111,7 +148,7 @@ class HashBanks:
     """The enabled hash banks of a loaded version, each with its list and index: the index stored
     in the version where the list carries one (:class:`StoredList`), else built here."""
 
-    def __init__(self, banks: Mapping[str, Bank], lists: Mapping[str, list[HashEntry]]) -> None:
+    def __init__(self, banks: Mapping[str, Bank], lists: Mapping[str, Sequence[HashEntry]]) -> None:
         self.banks = {n: b for n, b in banks.items() if b.is_hash and b.enabled and n in lists}
         self.lists = {n: lists[n] for n in self.banks}
         self.index: dict[str, Any] = {

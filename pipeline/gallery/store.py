@@ -34,8 +34,9 @@ import datetime as _dt
 import hashlib
 import io
 import posixpath
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import numpy as np
 import pandas as pd
@@ -321,15 +322,35 @@ def load_verified(store: Store, m: Manifest) -> tuple[list[Shard], pd.DataFrame]
     return shards, entries
 
 
-def read_lists(store: Store, m: Manifest, checked: bool = False, indexes: bool = True) -> dict[str, list[HashEntry]]:
+@overload
+def read_lists(store: Store, m: Manifest, checked: bool = ..., indexes: bool = ...,
+               lazy: Literal[False] = ...) -> dict[str, list[HashEntry]]: ...
+@overload
+def read_lists(store: Store, m: Manifest, checked: bool = ..., indexes: bool = ...,
+               *, lazy: Literal[True]) -> dict[str, Sequence[HashEntry]]: ...
+
+
+def read_lists(store: Store, m: Manifest, checked: bool = False, indexes: bool = True,
+               lazy: bool = False) -> dict[str, list[HashEntry]] | dict[str, Sequence[HashEntry]]:
     """The hash lists of manifest ``m``, by bank (:class:`~pipeline.gallery.hashlists.StoredList`),
     every file checked against its sha256. ``indexes``: open each stored PDQ index too (memory-mapped
     from a local gallery, read into memory from S3); ``checked``: the local files' checksums were
-    verified already (a node cache's copy), so an index is mapped without reading it through again."""
+    verified already (a node cache's copy), so an index is mapped without reading it through again.
+    ``lazy``: a list with a stored index as :class:`~pipeline.gallery.hashlists.IndexedEntries`
+    (entries made on access, for processes that only query)."""
     vstore = store.child(f"versions/{m.version}")
-    return {h.bank: H.StoredList(H.entries_from_bytes(read_verified(vstore, h.file, h.sha256)), h.duplicates,
-                                 _read_list_index(store, vstore, h, checked) if indexes and h.index else None)
-            for h in m.hash_lists}
+    out: dict[str, Sequence[HashEntry]] = {}
+    for h in m.hash_lists:
+        data = read_verified(vstore, h.file, h.sha256)
+        index = _read_list_index(store, vstore, h, checked) if indexes and h.index else None
+        if lazy and index is not None:
+            try:
+                out[h.bank] = H.IndexedEntries(data, index, h.duplicates)
+            except ValueError as e:
+                raise GalleryIntegrityError(f"{vstore.full_uri(h.file)}: {e}") from None
+        else:
+            out[h.bank] = H.StoredList(H.entries_from_bytes(data), h.duplicates, index)
+    return out
 
 
 def _read_list_index(store: Store, vstore: Store, h: HashListFile, checked: bool) -> PdqIndex:

@@ -10,15 +10,18 @@ matches uploads against such lists, beside the copy-detection descriptor:
   indexes take, and the stage the job runs, :class:`~pipeline.signals.hashes.SignalDecoder` (the
   job's :class:`~pipeline.ingest.decode.Decoder` with MD5 and PDQ added, in the same decode);
 - :mod:`pipeline.signals.lists`: reading and writing hash lists (ThreatExchange's plain signal
-  file, ``<signal_type> <hash>`` per line, and a CSV with ``hash[,entry_id][,metadata]``), every
-  problem reported at its line, all at once (exit 2, like bank files);
-- :mod:`pipeline.signals.index`: :class:`~pipeline.signals.index.PdqIndex` (faiss binary: flat up
-  to a measured size, multi-index hashing beyond; exact either way at distances up to 32) and
-  :class:`~pipeline.signals.index.Md5Index` (exact).
+  file, ``<signal_type> <hash>`` per line, bare-hash files, and a CSV with
+  ``hash[,entry_id][,metadata]``), exact duplicate lines dropped and counted, every other problem
+  reported at its line, all at once (exit 2, like bank files);
+- :mod:`pipeline.signals.index`: :class:`~pipeline.signals.index.PdqIndex` (flat up to a measured
+  size, multi-index hashing beyond; exact at every distance; stored and memory-mapped) and
+  :class:`~pipeline.signals.index.Md5Index` (exact); :mod:`pipeline.signals.multihash`: the
+  multi-hash tables as plain numpy arrays.
 
 Imports run one way: ``signals`` uses :mod:`pipeline.ingest` (decoding bounds, storage) and
 :mod:`pipeline.errors` only; nothing in ``signals`` imports the gallery, the moderator or the
-flags, which use it. Within the package: ``lists`` uses ``hashes``; ``index`` uses both.
+flags, which use it. Within the package: ``lists`` uses ``hashes``; ``index`` uses both and
+``multihash``.
 """
 
 from __future__ import annotations

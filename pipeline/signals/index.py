@@ -18,12 +18,26 @@ numpy arrays, so an index stored in a gallery version is memory-mapped rather th
 
 Measured with ``modscan bench hashes`` (:mod:`jobs.bench_hashes`) on uniformly random PDQ-like
 hashes (5% near-duplicate variants) with planted near-duplicate queries at distance 31, 1 thread,
-2 CPU cores shared with other work (``AMD EPYC`` in ``/proc/cpuinfo``), faiss 1.15.1; "load s" is
-opening the stored index in a fresh process, "USS" that process's private memory after loading
-and querying (``docs/benchmarks.md`` has the full tables and the commands)::
+2 CPU cores shared with other work (``AMD EPYC`` in ``/proc/cpuinfo``), faiss 1.15.1. Each index
+is built once and stored; "load s" is a fresh process opening it (mapping the file; for faiss's
+multi-hash, the old path: reading the codes and rebuilding), "anon" the heap that process holds
+after loading and querying (``docs/benchmarks.md`` has every column and the commands)::
 
-    size  method     build s  load s  queries/s  USS B/hash  recall vs flat
-    SEE docs/benchmarks.md (filled in by the run below)
+    size  method     build s  load s  queries/s  anon B/hash  stored B/hash  recall vs flat
+    100k  flat        0       0.001     10,793        1           191          1.0
+    100k  mih         0.08    0.001      6,703       58           191          1.0
+    300k  flat        0       0.001      3,610        0.3         230          1.0
+    300k  mih         0.27    0.001      5,334       27           230          1.0
+    1M    flat        0       0.001        931        0.1         168          1.0
+    1M    mih         1.1     0.001      3,272        9           168          1.0
+    1M    mih_faiss  10.5    10.5        2,773      982            32          1.0
+    10M   flat        0       0.002         88        0.0         113          1.0
+    10M   mih        13.4     0.001      1,469        1.4         113          1.0
+    10M   mih_faiss 221.6   221.6          273      616            32          1.0
+
+Flat is faster up to ~200k entries, multi-hash beyond (3.5x flat at 1M, 17x at 10M), hence
+:data:`FLAT_MAX` = 200,000; both search the same stored file, so the choice is made on load.
+(queries/s vary up to 3x between runs on this shared machine.)
 
 Queries run in batches; a query's matches are sorted by distance, then entry index, so ties are
 deterministic. Entry indexes are positions in the list the index was built from.
@@ -58,13 +72,13 @@ __all__ = ["FLAT_MAX", "INDEX_KINDS", "MAX_NFLIP", "MIH_BITS", "MIH_NHASH", "Has
 
 INDEX_KINDS = ("auto", "flat", "mih")
 # entries up to which `auto` searches flat (the measurement is in the module docstring)
-FLAT_MAX = 1_000_000
+FLAT_MAX = 200_000
 QUERY_BATCH = 4096
 _FORMAT = "modscan.pdq-index"
 _MD5_FORMAT = "modscan.md5-index"
 _VERSION = "1"
 _PDQ_VERSIONS = ("1", "2")  # 1: codes only; 2: codes + the multi-hash tables
-_ST_DTYPES = {"U8": np.uint8, "U32": np.uint32}
+_ST_DTYPES: dict[str, type[np.unsignedinteger[Any]]] = {"U8": np.uint8, "U32": np.uint32}
 
 
 @dataclass(frozen=True)
@@ -271,9 +285,9 @@ def _read_safetensors(raw: bytes | None, path: str | None) -> tuple[dict[str, np
                 raise ValueError(f"{name}: {b - a} bytes for shape {shape}")
             if count == 0:
                 arrays[name] = np.zeros(shape, dt)
-            elif raw is None:
-                arrays[name] = np.memmap(path, dtype=dt, mode="r", offset=8 + n + a, shape=shape)  # type: ignore[arg-type]
-            else:
+            elif path is not None:
+                arrays[name] = np.memmap(path, dtype=dt, mode="r", offset=8 + n + a, shape=shape)
+            elif raw is not None:
                 arrays[name] = np.frombuffer(raw, dt, count, 8 + n + a).reshape(shape)
         return arrays, meta
     except (KeyError, ValueError, TypeError, OSError, struct.error, json.JSONDecodeError, AttributeError) as e:
@@ -347,7 +361,7 @@ class Md5Index:
         out: list[list[HashMatch]] = [[] for _ in hs]
         if not pos or not len(self):
             return out
-        keys = self._pack([hs[i] for i in pos]).view("S16").ravel()
+        keys = self._pack([h for h in hs if h is not None]).view("S16").ravel()
         lo = np.searchsorted(self._sorted, keys, side="left")
         hi = np.searchsorted(self._sorted, keys, side="right")
         for i, a, b in zip(pos, lo, hi):

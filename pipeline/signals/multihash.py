@@ -25,9 +25,10 @@ falls in (the distinct ``(mask >> (bits - dbits))`` for every mask of at most ``
 bits. Past :data:`MAX_NFLIP` the probes grow as ``C(bits, nflip)`` and the caller falls back to a
 brute-force scan of the same codes (:func:`range_search_codes`, still exact).
 
-Why not faiss's ``IndexBinaryMultiHash``: it deserialises into private hash maps (~1 KB/hash in
-every process, ~171 s to build 10M); these arrays are ~110-170 B/hash, built once when a gallery
-version is written, and a process maps them without reading them (``docs/benchmarks.md``).
+Why not faiss's ``IndexBinaryMultiHash``: it deserialises into private hash maps (616-982 B/hash
+in every process, 171-256 s to build at 10M here); these arrays are 110-230 B/hash, built once
+when a gallery version is written (13 s at 10M), and a process maps them in a millisecond without
+reading them (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ def range_search_codes(xb: np.ndarray, xq: np.ndarray, max_distance: int) -> tup
     if not xb.flags.c_contiguous:
         xb = np.ascontiguousarray(xb)
     res = faiss.RangeSearchResult(nq)
-    faiss.hamming_range_search(faiss.swig_ptr(xq), faiss.swig_ptr(xb), nq, len(xb), int(max_distance) + 1,
-                               PDQ_BYTES, res)  # faiss's radius is strict
+    # faiss's radius is strict; its stubs lack the function
+    faiss.hamming_range_search(faiss.swig_ptr(xq), faiss.swig_ptr(xb), nq, len(xb),  # type: ignore[attr-defined]
+                               int(max_distance) + 1, PDQ_BYTES, res)
     lims = faiss.rev_swig_ptr(res.lims, nq + 1).astype(np.int64)
     nd = int(lims[-1])
     D = faiss.rev_swig_ptr(res.distances, nd).astype(np.int32) if nd else np.zeros(0, np.int32)
