@@ -175,7 +175,7 @@ class MultiHashTables:
                  for s in range(0, len(xq), MIH_BATCH)]
         counts = np.zeros(len(xq), np.int64)
         for q, _d, _e in parts:
-            np.add.at(counts, q, 1)
+            counts += np.bincount(q, minlength=len(xq))
         lims = np.zeros(len(xq) + 1, np.int64)
         np.cumsum(counts, out=lims[1:])
         D = np.concatenate([d for _q, d, _e in parts]) if parts else np.zeros(0, np.int32)
