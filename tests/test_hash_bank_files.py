@@ -186,6 +186,7 @@ def test_lazy_lists_make_entries_on_access_from_the_mapped_codes(tmp_path: Path)
     store, codes = _version_with_lists(tmp_path)
     m = G.read_manifest(store)
     eager, lazy = read_lists(store, m), read_lists(store, m, lazy=True)
+    assert read_lists(store, m, checked=True, lazy=True) == lazy  # a node cache's verified copy: not hashed again
     assert isinstance(lazy["p"], IndexedEntries) and isinstance(lazy["q"], IndexedEntries)
     assert not isinstance(lazy["m"], IndexedEntries)  # md5: no stored index, a plain list
     for b in ("p", "q", "m"):

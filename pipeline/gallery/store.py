@@ -335,13 +335,13 @@ def read_lists(store: Store, m: Manifest, checked: bool = False, indexes: bool =
     """The hash lists of manifest ``m``, by bank (:class:`~pipeline.gallery.hashlists.StoredList`),
     every file checked against its sha256. ``indexes``: open each stored PDQ index too (memory-mapped
     from a local gallery, read into memory from S3); ``checked``: the local files' checksums were
-    verified already (a node cache's copy), so an index is mapped without reading it through again.
+    verified already (a node cache's copy), so they are read and mapped without being hashed again.
     ``lazy``: a list with a stored index as :class:`~pipeline.gallery.hashlists.IndexedEntries`
     (entries made on access, for processes that only query)."""
     vstore = store.child(f"versions/{m.version}")
     out: dict[str, Sequence[HashEntry]] = {}
     for h in m.hash_lists:
-        data = read_verified(vstore, h.file, h.sha256)
+        data = vstore.read_bytes(h.file) if checked and store.is_local else read_verified(vstore, h.file, h.sha256)
         index = _read_list_index(store, vstore, h, checked) if indexes and h.index else None
         if lazy and index is not None:
             try:
