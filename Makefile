@@ -20,10 +20,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# ruff, then mypy on models/, pipeline/ and jobs/ ([tool.mypy] in pyproject.toml)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
@@ -53,4 +56,4 @@ docs-transcripts: $(STAMP)
 	$(PY) docs/make_transcripts.py
 
 clean:
-	rm -rf demo-out bench-out eval-out .pytest_cache
+	rm -rf demo-out bench-out eval-out .pytest_cache .mypy_cache

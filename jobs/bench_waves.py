@@ -69,7 +69,8 @@ def score(df: Any, planted: dict[str, Any], wave_min_size: int) -> dict[str, Any
     cid = df.set_index("image_key")["dup_cluster_id"].reindex(sorted(set(df["image_key"]) | {
         k for keys in planted["waves"].values() for k in keys}))
     unrelated = set(planted["unrelated"])
-    rows, owner = [], {}
+    rows: list[dict[str, Any]] = []
+    owner: dict[str, list[str]] = {}
     for name, keys in planted["waves"].items():
         main = cid.loc[keys].value_counts()
         top = str(main.index[0])

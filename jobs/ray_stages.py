@@ -217,7 +217,7 @@ class StageError(Exception):
         return (StageError, (self.error,))
 
 
-def _reporting_errors(stage: type) -> type:
+def _reporting_errors(stage: type[Any]) -> type:
     """``stage`` (same name, so Ray's process titles keep it) whose ModscanErrors leave as a
     :class:`StageError`. One raised in ``__init__`` is raised by the first call instead: Ray keeps
     only the text of an actor's failed ``__init__`` (its ActorDiedError has no cause), while a

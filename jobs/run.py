@@ -364,7 +364,7 @@ def execute_run(plan: RunPlan, ray_address: str | None = None, review: bool = Tr
     run_info = _run_info(plan, moderator, t_pipeline, resources, counts, flood)
     try:
         if plan.signatures is not None:  # first: a committed flags partition always has its signatures
-            run_info["signatures"] = {"uri": redact(plan.signatures.uri), **sig_counts}
+            run_info["signatures"] = {"uri": redact(plan.signatures.uri), **(sig_counts or {})}
             F.commit_partition(plan.signatures, dt, run_id, _signature_info(run_info), schema=SIGNATURE_SCHEMA,
                                folder=plan.folder, files=sig_files, clean_up=False)
         F.commit_partition(out, dt, run_id, run_info, folder=plan.folder, files=files, stage=stage)

@@ -138,14 +138,14 @@ def describe_nodes(plan: WavesPlan, nodes: np.ndarray) -> dict[str, Any]:
     from jobs.ray_stages import actor_resources
 
     n, dim = len(plan.sigs.keys), 512
-    got = {"ok": np.zeros(n, bool), "fine": np.zeros((n, dim), np.float32), "bg": np.zeros(n, np.float32),
+    got: dict[str, Any] = {"ok": np.zeros(n, bool), "fine": np.zeros((n, dim), np.float32), "bg": np.zeros(n, np.float32),
            "uploaded_at": np.full(n, np.nan), "errors": {}}
     if not len(nodes):
         return got
     t = time.time()
     res = actor_resources(plan.cfg)
     items = [{"node": int(i), "image_uri": str(plan.sigs.uris[int(i)])} for i in nodes]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(200, -(-len(items) // plan.cfg.batch_size))))
+    ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=max(1, min(200, -(-len(items) // plan.cfg.batch_size))))
     ds = ds.map_batches(W.NodeDescriber, fn_constructor_kwargs={"model_dir": plan.model_dir, "threads": res.torch_threads,
                                                                 "precision": plan.cfg.precision},
                         batch_size=plan.cfg.batch_size, batch_format="numpy", num_cpus=res.num_cpus,
@@ -170,7 +170,7 @@ def verify_pairs(plan: WavesPlan, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     t = time.time()
     u = plan.sigs.uris
     items = [{"a": int(i), "b": int(j), "uri_a": str(u[int(i)]), "uri_b": str(u[int(j)])} for i, j in zip(a, b)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(64, len(items) // 32 or 1)))
+    ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=max(1, min(64, len(items) // 32 or 1)))
     ds = ds.map_batches(W.EdgeVerifier, batch_size=32, batch_format="numpy", num_cpus=0.5,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, plan.cfg.actors or 2)))
     inliers = {}
@@ -193,6 +193,7 @@ def find_edges(plan: WavesPlan) -> tuple[list[O.Edge], dict[str, Any], dict[str,
     a, b, coarse = a[ok], b[ok], coarse[ok]
     fine = W.pair_scores(got["fine"], got["bg"], a, b)
     edges = [O.Edge(i, j, None, W.SAME_BYTES) for i, j in same]
+    assert p.sure_threshold is not None  # prepare_waves sized it for the partition
     sure = fine >= float(p.sure_threshold)
     edges += [O.Edge(int(i), int(j), float(s), W.SURE) for i, j, s in zip(a[sure], b[sure], fine[sure])]
     uf = W.UnionFind(len(plan.sigs.keys))

@@ -65,7 +65,7 @@ class ModelCard:
     version_id: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
-    thresholds: dict[str, float] = field(default_factory=lambda: dict(UNCALIBRATED_THRESHOLDS))
+    thresholds: dict[str, Any] = field(default_factory=lambda: dict(UNCALIBRATED_THRESHOLDS))  # floats, and the score norm (a table)
     background: dict[str, Any] = field(default_factory=dict)  # file, sha256, count, kinds
     # per-pair score tails of unrelated real pictures and the verifier's pass rate (`modscan bench
     # scale --write-card`): what `gallery build` sizes each version's thresholds with; {} = none

@@ -264,7 +264,7 @@ class CascadeIndex:
         if ef_search is not None and inner is not None and hasattr(inner, "hnsw"):
             inner.hnsw.efSearch = ef_search
         want_gpu = gpu_available() if use_gpu is None else use_gpu
-        if want_gpu and inner is not None and isinstance(inner, faiss.IndexFlat) and s.ntotal:
+        if want_gpu and isinstance(idx, faiss.IndexIDMap2) and isinstance(inner, faiss.IndexFlat) and s.ntotal:
             res = faiss.StandardGpuResources()
             return faiss.index_cpu_to_gpu(res, 0, inner), faiss.vector_to_array(idx.id_map).astype(np.int64), res
         return idx, None, None

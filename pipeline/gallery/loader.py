@@ -78,7 +78,7 @@ def _read_index_streaming(vstore: Store, name: str, sha: str) -> Any:
     with vstore.fs.open_input_stream(vstore.path(name)) as f:
         r = _HashingReader(f)
         try:
-            index = faiss.read_index(faiss.PyCallbackIOReader(r.read, 1 << 20))
+            index = faiss.read_index(faiss.PyCallbackIOReader(r.read, 1 << 20))  # type: ignore[attr-defined]  # faiss's stub omits it
         except Exception:
             actual = r.finish()
             if actual != sha:

@@ -80,7 +80,8 @@ class QueryOverrides:
         """From a job's threshold overrides dict (keys ``coarse``, ``fine``, ``sure``, ``rerank_k``,
         each optional: ``JobConfig.threshold_overrides()``) and its coarse search settings."""
         t = thresholds or {}
-        return cls(t.get("coarse"), t.get("fine"), t.get("rerank_k"), nprobe, ef_search, t.get("sure"))
+        rerank_k = t.get("rerank_k")
+        return cls(t.get("coarse"), t.get("fine"), None if rerank_k is None else int(rerank_k), nprobe, ef_search, t.get("sure"))
 
 
 def open_gallery(gallery: str | Store, model: QueryModel | None, *, version: str | None = None,

@@ -161,7 +161,7 @@ class Moderator:
         if not len(self.gallery.hash_banks) or not len(rows) or "pdq_hash" not in batch:
             return matches
         col = lambda c: [batch[c][r] if c in batch else None for r in rows]
-        quals = [int(q) if h is not None else None for h, q in zip(col("pdq_hash"), col("pdq_quality"))]
+        quals = [int(q) if h is not None and q is not None else None for h, q in zip(col("pdq_hash"), col("pdq_quality"))]
         out = dict(matches)
         for r, q in zip(rows, self.gallery.query_hashes(col("md5"), col("pdq_hash"), quals)):
             m = self.gallery.decide_signals(matches.get(int(r)), q)
@@ -213,6 +213,8 @@ class Moderator:
         return pa.Table.from_pydict(cols, schema=FILE_SCHEMA)
 
     def _write_timing(self, rec: dict[str, Any]) -> None:
+        if self._timings is None:
+            return
         try:
             self._timings.write_text(f"{uuid.uuid4().hex}.json", json.dumps(rec))
         except Exception as e:

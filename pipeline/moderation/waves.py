@@ -114,14 +114,16 @@ def feature_index(x: np.ndarray, nprobe: int = 16, flat_max: int = FLAT_MAX) -> 
 
     x = np.ascontiguousarray(x, np.float32)
     d = x.shape[1]
+    index: faiss.Index
     if len(x) <= flat_max:
         index = faiss.IndexFlatIP(d)
     else:
         nlist = int(4 * math.sqrt(len(x)))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         sample = x[np.random.default_rng(0).choice(len(x), min(len(x), 64 * nlist), replace=False)]
-        index.train(sample)
-        index.nprobe = nprobe
+        ivf.train(sample)
+        ivf.nprobe = nprobe
+        index = ivf
     index.add(x)
     return index
 

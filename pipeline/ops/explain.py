@@ -171,7 +171,7 @@ def _memberships(gal: GalleryIndex, gid: int, fine: float, scored: bool) -> tupl
     return tuple(out)
 
 
-def _rule(gal: GalleryIndex, m: Any, job_D: np.ndarray, job_I: np.ndarray, job_F: np.ndarray) -> tuple[Rule, str]:
+def _rule(gal: GalleryIndex, m: Any, job_D: np.ndarray | None, job_I: np.ndarray, job_F: np.ndarray) -> tuple[Rule, str]:
     """The rule behind ``m`` (a :class:`~pipeline.gallery.Match`) from the job's own D, I, F row."""
     valid = job_I >= 0
     if m.status == Status.MATCHED.value:

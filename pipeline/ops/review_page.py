@@ -54,7 +54,7 @@ def _thumb(data: bytes, sensitive: bool = False) -> str:
         im = open_image(data, DecodeConfig(high_res=THUMB))
     except DecodeError as e:
         return f"<span class=err>{html.escape(e.code.value)}</span>"
-    im.thumbnail((THUMB, THUMB), Image.BILINEAR)
+    im.thumbnail((THUMB, THUMB), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=80)
     img = f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
