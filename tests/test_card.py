@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_trainer
 
 from models.card import ModelIntegrityError, load_model
 
 
-def test_tampered_background_bank_fails_with_a_clear_message(tmp_path, gen_images) -> None:
-    from models.card import load_background
+def test_tampered_background_bank_fails_with_a_clear_message(tmp_path, tiny_model_dir) -> None:
+    """A model saved with a background bank (as training saves it: save_model) loads it; one byte
+    changed in the bank is refused. (A bank made by real training: test_descriptor.py's full run.)"""
+    from models.card import load_background, save_model
 
-    tr = tiny_trainer(tmp_path / "run", gen_images)
-    tr.run()
+    model, card = load_model(tiny_model_dir)
+    unit = lambda n, d: torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(d)), dim=1)
+    save_model(model, tmp_path / "run", card, background={"f512": unit(7, 512), "f128": unit(7, 128),
+                                                           "kind": ["photo"] * 4 + ["chart"] * 3})
+    bank = load_background(tmp_path / "run")
+    assert bank is not None and bank.f512.shape == (7, 512) and bank.kind.count("chart") == 3
     p = tmp_path / "run" / "background.safetensors"
     raw = bytearray(p.read_bytes())
     raw[-3] ^= 0xFF
