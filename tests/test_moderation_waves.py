@@ -211,15 +211,15 @@ def world(tmp_path_factory, shipped_model_dir, ray_cluster):
 
 @pytest.fixture(scope="module")
 def passes(world):
-    """The waves pass run twice more on the committed day: by the library, then by ``modscan waves``."""
+    """The day's waves as `modscan moderate` committed them ([job] waves), then a rerun by `modscan waves`."""
     import contextlib
     import io
     import json
 
     from jobs.cli import main
-    from jobs.waves import waves
+    from pipeline.ingest.storage import open_store
 
-    first = waves(str(world["out"]), DAY, world["cfg"])
+    first = F.read_run(open_store(O.waves_root(str(world["out"]))), DAY)
     df1 = O.read_waves(O.waves_root(str(world["out"])), DAY)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
