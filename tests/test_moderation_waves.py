@@ -116,6 +116,18 @@ def test_sure_threshold_is_sized_for_the_partition_and_params_are_checked() -> N
         W.WaveParams(k=0)
 
 
+def test_an_upload_that_cannot_be_read_again_is_a_row_with_its_error_not_a_failure(tmp_path, shipped_model_dir) -> None:
+    good = save_jpeg(Image.fromarray(photo("astronaut")), tmp_path / "a.jpg")
+    flip = save_jpeg(Image.fromarray(photo("astronaut")[:, ::-1]), tmp_path / "b.jpg")
+    gone = str(tmp_path / "deleted-since.jpg")
+    out = W.NodeDescriber()({"node": np.asarray([3, 7]), "image_uri": np.asarray([str(good), gone], object)})
+    assert out["ok"].tolist() == [True, False] and out["error"].tolist() == ["", "read_error"]
+    assert np.linalg.norm(out["fine"][0]) == pytest.approx(1.0, abs=1e-3) and not out["fine"][1].any()
+    assert out["uploaded_at"][0] == pytest.approx(good.stat().st_mtime) and np.isnan(out["uploaded_at"][1])
+    inl = W.EdgeVerifier()({"a": [0, 0], "b": [1, 2], "uri_a": [str(good)] * 2, "uri_b": [str(flip), gone]})["inliers"]
+    assert inl[0] >= 25 and inl[1] == 0  # a mirrored copy is confirmed; a picture that is gone has no keypoints
+
+
 def test_wave_keys_in_a_job_config_file_are_checked_at_their_line(tmp_path) -> None:
     from jobs.job_config import JobConfig, JobConfigError
 
