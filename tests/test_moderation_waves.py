@@ -407,6 +407,7 @@ def test_gallery_add_from_wave_then_retro_flags_the_waves_members(world, passes,
     assert main(["retro", "--gallery", gal, "--since", "v000001", "--from", DAY, "--to", DAY, "--output", out]) == 0
     after = F.read_flags(out, DAY).set_index("image_key")
     members = after.loc[planted["astronaut"]]
-    assert (members["action"] == "downrank").mean() >= 0.75 and (members.loc[members["action"] != "none", "bank"] == "spam").all()
+    assert (members["action"] == "downrank").all() and (members["bank"] == "spam").all()
+    assert members["decided_by_run"].notna().all() and (members["previous_action"] == "none").all()
     others = [k for k in after.index if k not in planted["astronaut"]]
     assert after.loc[others, "action"].equals(before.loc[others, "action"])  # nothing else changed
