@@ -147,7 +147,7 @@ def describe_nodes(plan: WavesPlan, nodes: np.ndarray) -> dict[str, Any]:
     items = [{"node": int(i), "image_uri": str(plan.sigs.uris[int(i)])} for i in nodes]
     ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=max(1, min(200, -(-len(items) // plan.cfg.batch_size))))
     ds = ds.map_batches(W.NodeDescriber, fn_constructor_kwargs={"model_dir": plan.model_dir, "threads": res.torch_threads,
-                                                                "precision": plan.cfg.precision},
+                                                                "precision": plan.cfg.precision, "decode": plan.cfg.decode},
                         batch_size=plan.cfg.batch_size, batch_format="numpy", num_cpus=res.num_cpus,
                         num_gpus=res.num_gpus or None, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=res.actors))
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):

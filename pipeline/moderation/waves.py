@@ -201,13 +201,16 @@ class NodeDescriber:
     modification time. One output row per input row; a picture that cannot be read or decoded
     again is a row with ``ok`` false and its error code in ``error`` ("" otherwise; its upload stays a cluster of its own)."""
 
-    def __init__(self, model_dir: str | None = None, threads: int | None = None, precision: str = "auto") -> None:
+    def __init__(self, model_dir: str | None = None, threads: int | None = None, precision: str = "auto",
+                 decode: Any = None) -> None:
+        """``decode``: the job's ``[job.decode]`` bounds (a ``DecodeConfig``; None: the defaults); the
+        sizes always come from the model card, as in the job."""
         from pipeline.features import FeatureExtractor
         from pipeline.ingest.decode import DecodeConfig, Decoder
         from pipeline.ingest.fetch import Fetcher
 
         self.fx = FeatureExtractor(model_dir, threads=threads, precision=precision)
-        self.fetch, self.decode = Fetcher(), Decoder(DecodeConfig.for_model(self.fx.config))
+        self.fetch, self.decode = Fetcher(), Decoder(DecodeConfig.for_model(self.fx.config, base=decode))
         norm = dict(self.fx.card.thresholds.get("norm") or {})  # the card's score normalisation
         self.beta, self.k = float(norm.get("beta", 0.0)), int(norm.get("k", 1))
 
