@@ -411,3 +411,45 @@ def test_gallery_add_from_wave_then_retro_flags_the_waves_members(world, passes,
     assert members["decided_by_run"].notna().all() and (members["previous_action"] == "none").all()
     others = [k for k in after.index if k not in planted["astronaut"]]
     assert after.loc[others, "action"].equals(before.loc[others, "action"])  # nothing else changed
+
+
+# ---------------------------------------------------------------------------------------------
+# the same on a real S3 endpoint (moto server): last, it restarts Ray inside the server's environment
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_waves_on_s3_committed_read_back_and_banked(tmp_path, s3_server, capsys) -> None:
+    import boto3
+    from conftest import jpeg_bytes, restart_ray, rocket_gallery
+
+    from jobs.cli import main
+    from pipeline.gallery.audit import read_log
+    from pipeline.ingest.storage import open_store
+
+    restart_ray()
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for b in ("up-waves", "flags-waves"):
+        s3.create_bucket(Bucket=b)
+    im = Image.fromarray(photo("astronaut"))
+    for i, e in enumerate(EDITS[:6]):
+        s3.put_object(Bucket="up-waves", Key=f"d/astro-{i}.jpg", Body=jpeg_bytes(apply_named(im, e, random.Random(i))))
+    for n in UNRELATED_PHOTOS[:4]:
+        s3.put_object(Bucket="up-waves", Key=f"d/{n}.jpg", Body=jpeg_bytes(photo(n)))
+    gal = rocket_gallery(tmp_path)
+    toml = tmp_path / "job.toml"
+    toml.write_text("[job]\nactors = 1\nbatch_size = 16\nverify_gallery = false\nwaves = true\n")
+    out = "s3://flags-waves/f"
+    assert main(["moderate", "--input", "s3://up-waves/d/", "--gallery", gal, "--output", out, "--date", DAY,
+                 "--config", str(toml)]) == 0
+    assert "1 waves of 5+ (6 uploads)" in capsys.readouterr().out
+    df = O.read_waves(O.waves_root(out), DAY).set_index("image_key")
+    assert len(df) == 10 and df.index.is_unique
+    astro = df.loc[[f"astro-{i}.jpg" for i in range(6)]]
+    assert astro["uploaded_at"].notna().all() and astro["wave"].all()  # upload times: S3's LastModified and astro["dup_cluster_id"].nunique() == 1 and sorted(astro["dup_rank"]) == [1, 2, 3, 4, 5, 6]
+    assert not df.drop(astro.index)["wave"].any()
+    flags_run = F.read_run(open_store(out), DAY)["run_id"]
+    page = open_store(out).read_text(f"_reviews/dt={DAY}/review-{flags_run}.html")
+    assert "<h2>Waves (1 clusters of near-duplicate uploads, 6 uploads)</h2>" in page
+    cid = str(astro["dup_cluster_id"].iloc[0])
+    assert main(["gallery", "add", gal, "--bank", "v", "--from-wave", cid, "--flags", out, "--date", DAY]) == 0
+    first = astro.index[astro["dup_rank"] == 1][0]
+    assert f"representative {first}" in read_log(open_store(gal))[-1].note
