@@ -417,7 +417,7 @@ def test_gallery_add_from_wave_then_retro_flags_the_waves_members(world, passes,
 # the same on a real S3 endpoint (moto server): last, it restarts Ray inside the server's environment
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_waves_on_s3_committed_read_back_and_banked(tmp_path, s3_server, capsys) -> None:
+def test_waves_of_an_hour_on_s3_committed_read_back_and_banked(tmp_path, s3_server, capsys) -> None:
     import boto3
     from conftest import jpeg_bytes, restart_ray, rocket_gallery
 
@@ -438,18 +438,22 @@ def test_waves_on_s3_committed_read_back_and_banked(tmp_path, s3_server, capsys)
     toml = tmp_path / "job.toml"
     toml.write_text("[job]\nactors = 1\nbatch_size = 16\nverify_gallery = false\nwaves = true\n")
     out = "s3://flags-waves/f"
+    hour = f"{DAY}T13"  # an hourly partition: dt=D/hour=13
     assert main(["moderate", "--input", "s3://up-waves/d/", "--gallery", gal, "--output", out, "--date", DAY,
-                 "--config", str(toml)]) == 0
+                 "--hour", "13", "--config", str(toml)]) == 0
     assert "1 waves of 5+ (6 uploads)" in capsys.readouterr().out
-    df = O.read_waves(O.waves_root(out), DAY).set_index("image_key")
+    assert O.read_waves(O.waves_root(out), DAY).empty  # the day has no day partition: its hour has the rows
+    df = O.read_waves(O.waves_root(out), hour).set_index("image_key")
     assert len(df) == 10 and df.index.is_unique
     astro = df.loc[[f"astro-{i}.jpg" for i in range(6)]]
-    assert astro["uploaded_at"].notna().all() and astro["wave"].all()  # upload times: S3's LastModified and astro["dup_cluster_id"].nunique() == 1 and sorted(astro["dup_rank"]) == [1, 2, 3, 4, 5, 6]
+    assert astro["uploaded_at"].notna().all()  # upload times: S3's LastModified
+    assert astro["wave"].all() and astro["dup_cluster_id"].nunique() == 1 and sorted(astro["dup_rank"]) == [1, 2, 3, 4, 5, 6]
     assert not df.drop(astro.index)["wave"].any()
-    flags_run = F.read_run(open_store(out), DAY)["run_id"]
-    page = open_store(out).read_text(f"_reviews/dt={DAY}/review-{flags_run}.html")
+    flags_run = F.read_run(open_store(out), hour)["run_id"]
+    page = open_store(out).read_text(f"_reviews/dt={DAY}/hour=13/review-{flags_run}.html")
     assert "<h2>Waves (1 clusters of near-duplicate uploads, 6 uploads)</h2>" in page
     cid = str(astro["dup_cluster_id"].iloc[0])
-    assert main(["gallery", "add", gal, "--bank", "v", "--from-wave", cid, "--flags", out, "--date", DAY]) == 0
+    assert main(["gallery", "add", gal, "--bank", "v", "--from-wave", cid, "--flags", out, "--date", DAY,
+                 "--hour", "13"]) == 0
     first = astro.index[astro["dup_rank"] == 1][0]
     assert f"representative {first}" in read_log(open_store(gal))[-1].note
