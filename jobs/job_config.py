@@ -68,6 +68,8 @@ class JobConfig:
     wave_fine_threshold: float = 0.15     # waves: normalised fine score from which a pair is verified
     wave_sure_threshold: float | None = None  # waves: fine score needing no verification (None: sized for the partition)
     wave_min_inliers: int = 25       # waves: RANSAC inliers that confirm a pair in the verification zone
+    gallery_cache: str = "node"      # node: one verified, memory-mapped copy per node (docs/clusters.md); off: one per actor
+    gallery_cache_dir: str | None = None  # the node cache (None: $MODSCAN_GALLERY_CACHE, else <tmp>/modscan-gallery-cache)
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -109,6 +111,9 @@ class JobConfig:
         for name in ("metrics_textfile", "metrics_pushgateway"):
             v = getattr(self, name)
             need(v is None or (isinstance(v, str) and v != ""), f"{name} must be a non-empty string, got {v!r}")
+        need(self.gallery_cache in ("node", "off"), f"gallery_cache must be node or off, got {self.gallery_cache!r}")
+        need(self.gallery_cache_dir is None or (isinstance(self.gallery_cache_dir, str) and self.gallery_cache_dir != ""),
+             f"gallery_cache_dir must be a non-empty string, got {self.gallery_cache_dir!r}")
         need(isinstance(self.decode, DecodeConfig), f"decode must be a [job.decode] table, got {self.decode!r}")
         prefixes = self.allowed_input_prefixes
         need(isinstance(prefixes, (list, tuple)) and all(isinstance(x, str) for x in prefixes),
@@ -139,6 +144,13 @@ class JobConfig:
         """The thresholds this config sets over the gallery manifest's (job and ``lookup`` alike)."""
         return {k: v for k, v in {"coarse": self.coarse_threshold, "fine": self.fine_threshold,
                                   "sure": self.sure_threshold, "rerank_k": self.rerank_k}.items() if v is not None}
+
+    def node_cache(self) -> str | None:
+        """What the Moderator's ``gallery_cache`` takes: None (each actor loads its own copy),
+        ``"node"`` (the node's default cache folder, resolved on each node) or a folder."""
+        if self.gallery_cache == "off":
+            return None
+        return self.gallery_cache_dir or "node"
 
     def query_overrides(self) -> QueryOverrides:
         """What this config sets over a gallery version's own query settings (thresholds,

@@ -179,7 +179,8 @@ def redecide(plan: RetroPlan, survivors: list[dict[str, Any]]) -> dict[str, dict
     cfg = plan.cfg
     res = actor_resources(cfg)
     kwargs = {"gallery_uri": plan.gallery_uri, "model_dir": plan.model_dir, "ctx": RunContext("retro", plan.retro_id),
-              "overrides": cfg.query_overrides(), "gallery_version": plan.diff.current, "precision": cfg.precision}
+              "overrides": cfg.query_overrides(), "gallery_version": plan.diff.current, "precision": cfg.precision,
+              "gallery_cache": cfg.node_cache()}
     ds = fetch_by_uri([f"{s['dt']}/{s['image_key']}" for s in survivors], [str(s["image_uri"]) for s in survivors], cfg)
     rows = decode_and_apply(ds, Moderator, kwargs, cfg, res, plan.decode).take_all()
     out: dict[str, dict[str, dict[str, Any]]] = {}

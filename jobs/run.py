@@ -112,15 +112,25 @@ class RunPlan:
         return attempt_key(self.resume.stage, self.run_id)
 
 
-def _check_gallery(gallery_uri: str, model_version: str, verify: bool) -> str:
+def _check_gallery(gallery_uri: str, model_version: str, verify: bool, cache: str | None = None) -> str:
     """Resolve ``CURRENT`` once, from the manifest only, and check it before Ray starts: the
-    model it was built with and (``verify``) every file's checksum, streamed. -> pinned version."""
+    model it was built with and (``verify``) every file's checksum, streamed. With a node cache
+    (``cache``, :meth:`JobConfig.node_cache`), verifying is filling this node's cache, which
+    streams every file through sha256 once; the actors on this node then attach to it. -> pinned version."""
     from pipeline import gallery as G
 
     try:
         store = open_store(gallery_uri)
         m = G.resolve_version(store, model_id=model_version)
-        if verify:
+        if verify and cache is not None:
+            from pipeline.gallery.nodecache import NodeCache
+
+            try:
+                NodeCache(None if cache == "node" else cache).attach(store, m.version)
+            except G.GalleryIntegrityError as e:
+                raise G.GalleryIntegrityError(f"gallery {redact(gallery_uri)} version {m.version}: its files fail "
+                                              f"verification ({plain_message(e, 300)}); refusing to run") from None
+        elif verify:
             res = G.verify(store, m.version)
             if res["problems"]:
                 detail = "; ".join(f"{p['file']}: {p['problem']}" for p in res["problems"][:5])
@@ -194,7 +204,7 @@ def prepare_run(input_uri: str, gallery_uri: str, output_uri: str, dt: str, mode
         card = read_card(model_dir)
     except (OSError, ValueError, KeyError) as e:
         raise ModscanError(f"model {model_dir or '(shipped)'} cannot be read: {plain_message(e, 300)}") from None
-    version = _check_gallery(gallery_uri, card.version_id, cfg.verify_gallery)
+    version = _check_gallery(gallery_uri, card.version_id, cfg.verify_gallery, cfg.node_cache())
     out = check_output(output_uri)
     check_mixed_day(out, dt, allow_mixed_day)
     sig = check_output(signatures_root(output_uri, signatures_uri)) if cfg.write_signatures else None
@@ -225,7 +235,8 @@ def _run_chunks(plan: RunPlan, progress: ChunkProgress, ray_address: str | None,
         staging_data_uri(plan.signatures, plan.run_id, plan.folder) if plan.signatures else None))
     actor_kwargs = {"gallery_uri": plan.gallery_uri, "model_dir": plan.model_dir, "ctx": ctx,
                     "overrides": cfg.query_overrides(), "gallery_version": plan.gallery_version,
-                    "precision": cfg.precision, "chunk_data_uri": out.full_uri(f"{plan.folder}/data")}
+                    "precision": cfg.precision, "chunk_data_uri": out.full_uri(f"{plan.folder}/data"),
+                    "gallery_cache": cfg.node_cache()}
     todo_input = plan.input.readable(lambda k: plan.chunks.of(k) in todo)
 
     def consume(batch: dict[str, Any]) -> None:

@@ -11,6 +11,15 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# the node cache of gallery versions (pipeline.gallery.nodecache): one per test session, removed at
+# exit; set before any Ray cluster starts, so the actors inherit it
+if "MODSCAN_GALLERY_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["MODSCAN_GALLERY_CACHE"] = _cache = tempfile.mkdtemp(prefix="modscan-test-gallery-cache-")
+    atexit.register(shutil.rmtree, _cache, True)
 
 # the operator's world (a gallery built with the shipped model, a day of uploads, its committed flags),
 # built once per session for the files that use it: see operator_world.py

@@ -61,7 +61,7 @@ def test_bad_job_keys_and_values_are_reported_at_their_lines(tmp_path) -> None:
         f"{path}:4: [job] actors must be an integer >= 0, got '2'",
         f"{path}:5: [job] unknown key 'torch_thread' (known: actor_num_cpus, actors, allow_empty_input, "
         "allowed_input_prefixes, batch_size, chunk_size, coarse_ef_search, coarse_nprobe, coarse_threshold, decode_num_cpus, "
-        "fine_threshold, image_extensions_only, max_matches_per_reference, metrics_pushgateway, metrics_textfile, "
+        "fine_threshold, gallery_cache, gallery_cache_dir, image_extensions_only, max_matches_per_reference, metrics_pushgateway, metrics_textfile, "
         "precision, rerank_k, retro_days, review_max_rows, sure_threshold, torch_threads, verify_gallery, "
             "wave_coarse_threshold, wave_fine_threshold, wave_k, wave_min_inliers, wave_min_size, wave_sure_threshold, waves, "
             "write_signatures, "
@@ -74,7 +74,7 @@ def test_bad_job_keys_and_values_are_reported_at_their_lines(tmp_path) -> None:
         f"{path}:12: [job] verify_gallery must be true or false, got 'yes'",
         f"{path}:13: [job] unknown key 'test_fail_keys' (known: actor_num_cpus, actors, allow_empty_input, "
         "allowed_input_prefixes, batch_size, chunk_size, coarse_ef_search, coarse_nprobe, coarse_threshold, decode_num_cpus, "
-        "fine_threshold, image_extensions_only, max_matches_per_reference, metrics_pushgateway, metrics_textfile, "
+        "fine_threshold, gallery_cache, gallery_cache_dir, image_extensions_only, max_matches_per_reference, metrics_pushgateway, metrics_textfile, "
         "precision, rerank_k, retro_days, review_max_rows, sure_threshold, torch_threads, verify_gallery, "
             "wave_coarse_threshold, wave_fine_threshold, wave_k, wave_min_inliers, wave_min_size, wave_sure_threshold, waves, "
             "write_signatures, "

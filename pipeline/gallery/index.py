@@ -113,6 +113,9 @@ class Shard:
     index: faiss.Index
     ids: np.ndarray        # (n,) int64, order of ``rerank`` rows
     rerank: np.ndarray     # (n, rerank_dim) stored dtype
+    # the index returns row positions, and ``ids[row]`` is the id: a node-cache shard, whose bare
+    # index is memory-mapped without the IDMap wrapper (and its private reverse map)
+    positional: bool = False
 
     @property
     def ntotal(self) -> int:
@@ -132,16 +135,22 @@ class Shard:
 
 
 COARSE_INDEX_TYPES = ("flat", "hnsw", "ivf")
+COARSE_CODES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
 class CoarseIndexSpec:
-    """The coarse (128-d) index of every shard: ``flat`` (exact), ``hnsw`` or ``ivf``.
+    """The coarse (128-d) index of every shard: ``flat`` (exact), ``hnsw`` or ``ivf``, its vectors
+    stored as ``float16`` (faiss ``SQfp16``: 256 B a reference, default) or ``float32`` (512 B).
 
     Stored in the gallery manifest; ``nprobe`` / ``ef_search`` are the query-time defaults, which
     ``[job] coarse_nprobe`` / ``coarse_ef_search`` override. IVF's ``nlist`` defaults to
     ``4 * sqrt(n)`` per shard (faiss' rule of thumb), capped so each list trains on >= 39 points.
     Add and remove rebuild every shard from the stored vectors, so every type supports both.
+
+    float16 codes change a coarse cosine by at most ~1e-3 (the stage only picks the ``rerank_k``
+    candidates the fine scores decide on); they halve the bytes a node keeps per reference and
+    search faster than float32 on CPU (``docs/benchmarks.md``). Older versions read back float32.
     """
 
     type: str = "flat"
@@ -149,27 +158,35 @@ class CoarseIndexSpec:
     ivf_nlist: int | None = None
     nprobe: int = 32
     ef_search: int = 128
+    codes: str = "float16"
 
     def __post_init__(self) -> None:
         if self.type not in COARSE_INDEX_TYPES:
             raise ValueError(f"coarse index must be one of {COARSE_INDEX_TYPES}, got {self.type!r}")
+        if self.codes not in COARSE_CODES:
+            raise ValueError(f"coarse index codes must be one of {COARSE_CODES}, got {self.codes!r}")
 
     def factory(self, n: int) -> str:
         """faiss factory string for a shard of ``n`` vectors."""
+        storage = "SQfp16" if self.codes == "float16" else "Flat"
         if self.type == "hnsw":
-            return f"HNSW{self.hnsw_m}"
+            return f"HNSW{self.hnsw_m}" + (",SQfp16" if self.codes == "float16" else "")
         if self.type == "ivf":
             nlist = self.ivf_nlist or int(4 * np.sqrt(max(1, n)))
-            return f"IVF{max(1, min(nlist, n // 39 or 1))},Flat"
-        return "Flat"
+            return f"IVF{max(1, min(nlist, n // 39 or 1))},{storage}"
+        return storage
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "hnsw_m": self.hnsw_m, "ivf_nlist": self.ivf_nlist, "nprobe": self.nprobe,
-                "ef_search": self.ef_search}
+        d = {"type": self.type, "hnsw_m": self.hnsw_m, "ivf_nlist": self.ivf_nlist, "nprobe": self.nprobe,
+             "ef_search": self.ef_search}
+        if self.codes != "float32":  # float32 versions keep the bytes they had before codes existed
+            d["codes"] = self.codes
+        return d
 
     @classmethod
     def parse(cls, value: str | dict | CoarseIndexSpec | None) -> CoarseIndexSpec:
-        """From a manifest entry: a dict, or a factory string of older galleries (``Flat``, ``HNSW32``)."""
+        """A spec for a new version: a dict, a spec, or a faiss factory string (``Flat``, ``HNSW32``,
+        ``IVF1024,Flat``: float32 codes; ``SQfp16``, ``HNSW32,SQfp16``: float16); None is the default."""
         if isinstance(value, CoarseIndexSpec):
             return value
         if value is None:
@@ -177,11 +194,20 @@ class CoarseIndexSpec:
         if isinstance(value, dict):
             return cls(**{k: v for k, v in value.items() if k in cls.__dataclass_fields__})
         v = str(value)
+        codes = "float16" if "SQFP16" in v.upper() else "float32"
         if v.upper().startswith("HNSW"):
-            return cls("hnsw", hnsw_m=int(v[4:] or 32))
+            return cls("hnsw", hnsw_m=int(v[4:].split(",")[0] or 32), codes=codes)
         if v.upper().startswith("IVF"):
-            return cls("ivf", ivf_nlist=int(v[3:].split(",")[0]))
-        return cls()
+            return cls("ivf", ivf_nlist=int(v[3:].split(",")[0]), codes=codes)
+        return cls(codes=codes)
+
+    @classmethod
+    def from_manifest(cls, value: str | dict | None) -> CoarseIndexSpec:
+        """What a manifest's ``coarse_index`` says; an entry without ``codes`` (or no entry) is
+        float32, which every version written before the field held."""
+        if isinstance(value, dict):
+            return cls.parse({"codes": "float32", **value})
+        return cls.parse(value if value is not None else "Flat")
 
 
 def _new_coarse_index(dim: int, spec: str, train_x: np.ndarray | None) -> faiss.Index:
@@ -197,28 +223,55 @@ def _new_coarse_index(dim: int, spec: str, train_x: np.ndarray | None) -> faiss.
     return faiss.IndexIDMap2(base)
 
 
+def dense_rows(sorted_ids: np.ndarray) -> np.ndarray | None:
+    """The id -> row table of ascending ``sorted_ids`` when the ids are compact (at most about
+    twice as many slots as ids), else None (rows are then found by binary search)."""
+    if not len(sorted_ids) or sorted_ids[0] < 0 or sorted_ids[-1] >= 2 * len(sorted_ids) + 1024:
+        return None
+    row_of = np.full(int(sorted_ids[-1]) + 1, -1, np.int64)
+    row_of[sorted_ids] = np.arange(len(sorted_ids))
+    return row_of
+
+
 class CascadeIndex:
     """All shards of one gallery version, ready to query."""
 
     def __init__(self, shards: list[Shard], coarse_dim: int, rerank_dim: int, use_gpu: bool | None = None,
                  nprobe: int | None = None, ef_search: int | None = None) -> None:
-        self.shards = shards
-        self.coarse_dim, self.rerank_dim = coarse_dim, rerank_dim
         ids = [s.ids for s in shards if len(s.ids)]
         vecs = [s.rerank for s in shards if len(s.ids)]
         all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         order = np.argsort(all_ids, kind="stable")
-        self._sorted_ids = all_ids[order]
-        if len(self._sorted_ids) > 1 and np.any(np.diff(self._sorted_ids) == 0):
+        sorted_ids = all_ids[order]
+        if len(sorted_ids) > 1 and np.any(np.diff(sorted_ids) == 0):
             raise ValueError("duplicate gallery ids across shards")
-        self._rerank = (np.concatenate(vecs) if vecs else np.zeros((0, rerank_dim), np.float16))[order]
+        rerank = (np.concatenate(vecs) if vecs else np.zeros((0, rerank_dim), np.float16))[order]
+        self._setup(shards, coarse_dim, rerank_dim, sorted_ids, rerank, dense_rows(sorted_ids), use_gpu, nprobe,
+                    ef_search)
+
+    def _setup(self, shards: list[Shard], coarse_dim: int, rerank_dim: int, sorted_ids: np.ndarray,
+               rerank: np.ndarray, row_of: np.ndarray | None, use_gpu: bool | None, nprobe: int | None,
+               ef_search: int | None) -> None:
+        self.shards = shards
+        self.coarse_dim, self.rerank_dim = coarse_dim, rerank_dim
+        self._sorted_ids, self._rerank = sorted_ids, rerank
         # Dense id -> row table when ids are compact (the usual case: ids are assigned in order and
         # only removals leave holes): one gather per lookup instead of a binary search.
-        self._row_of: np.ndarray | None = None
-        if len(self._sorted_ids) and 0 <= self._sorted_ids[0] and self._sorted_ids[-1] < 2 * len(self._sorted_ids) + 1024:
-            self._row_of = np.full(int(self._sorted_ids[-1]) + 1, -1, np.int64)
-            self._row_of[self._sorted_ids] = np.arange(len(self._sorted_ids))
+        self._row_of = row_of
         self._search = [self._searchable(s, use_gpu, nprobe, ef_search) for s in shards]
+
+    @classmethod
+    def attached(cls, shards: list[Shard], coarse_dim: int, rerank_dim: int, sorted_ids: np.ndarray,
+                 rerank: np.ndarray, row_of: np.ndarray | None, use_gpu: bool | None = None,
+                 nprobe: int | None = None, ef_search: int | None = None) -> CascadeIndex:
+        """An index over arrays prepared once per node (:mod:`pipeline.gallery.nodecache`, memory-
+        mapped): ``sorted_ids`` ascending, ``rerank`` their vectors in that order, ``row_of`` the
+        dense id -> row table (:func:`dense_rows`) or None. Nothing is copied or re-sorted."""
+        if len(rerank) != len(sorted_ids) or sum(s.ntotal for s in shards) != len(sorted_ids):
+            raise ValueError("attached index: shard sizes, ids and rerank rows disagree")
+        self = cls.__new__(cls)
+        self._setup(shards, coarse_dim, rerank_dim, sorted_ids, rerank, row_of, use_gpu, nprobe, ef_search)
+        return self
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -260,14 +313,33 @@ class CascadeIndex:
                 faiss.extract_index_ivf(idx).nprobe = nprobe
             except RuntimeError:  # not an IVF index (flat, hnsw): nprobe does not apply
                 pass
-        inner = faiss.downcast_index(idx.index) if isinstance(idx, faiss.IndexIDMap2) else None
+        inner: faiss.Index | None
+        id_table: np.ndarray | None
+        if s.positional:
+            inner = faiss.downcast_index(idx)
+            id_table = s.ids
+        elif isinstance(idx, faiss.IndexIDMap2):
+            inner = faiss.downcast_index(idx.index)
+            id_table = None
+        else:
+            inner = id_table = None
         if ef_search is not None and inner is not None and hasattr(inner, "hnsw"):
             inner.hnsw.efSearch = ef_search
         want_gpu = gpu_available() if use_gpu is None else use_gpu
-        if want_gpu and isinstance(idx, faiss.IndexIDMap2) and isinstance(inner, faiss.IndexFlat) and s.ntotal:
+        if want_gpu and inner is not None and s.ntotal and isinstance(inner, (faiss.IndexFlat, faiss.IndexScalarQuantizer)):
+            # exact search on the device: float32 codes as they are, float16 codes kept float16 there
             res = faiss.StandardGpuResources()
-            return faiss.index_cpu_to_gpu(res, 0, inner), faiss.vector_to_array(idx.id_map).astype(np.int64), res
-        return idx, None, None
+            co = faiss.GpuClonerOptions()
+            flat = inner
+            if isinstance(inner, faiss.IndexScalarQuantizer):
+                flat = faiss.IndexFlatIP(inner.d)
+                flat.add(inner.reconstruct_n(0, inner.ntotal))
+                co.useFloat16 = True
+            if id_table is None:  # not positional and an inner index: an IndexIDMap2
+                assert isinstance(idx, faiss.IndexIDMap2)
+                id_table = faiss.vector_to_array(idx.id_map).astype(np.int64)
+            return faiss.index_cpu_to_gpu(res, 0, flat, co), np.asarray(id_table, np.int64), res
+        return idx, id_table, None
 
     # -- queries ---------------------------------------------------------------------------
     @property

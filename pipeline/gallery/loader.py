@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -147,6 +148,43 @@ def _fill_rerank(vstore: Store, name: str, sha: str, header: dict[str, Any], ids
         raise checksum_mismatch(vstore, name, sha, actual)
 
 
+class RerankLayout(NamedTuple):
+    """Where every stored rerank vector of a version goes in its one id-sorted matrix."""
+
+    shards: list[tuple[np.ndarray, dict[str, Any]]]  # per shard: its ids (file order), its header
+    sorted_ids: np.ndarray                            # every id, ascending
+    row_of: np.ndarray                                # row in the matrix of each stored row, shards in order
+    dtype: Any                                        # the vectors' stored dtype
+
+
+def rerank_layout(vstore: Store, m: Manifest) -> RerankLayout:
+    """Pass 1 over a version's rerank files: ids and headers only (random access)."""
+    layouts = []
+    for s in m.shards:
+        try:
+            layouts.append(_rerank_ids(vstore, s.rerank))
+        except (ValueError, KeyError) as e:  # unreadable header: report it as what it is
+            raise checksum_mismatch(vstore, s.rerank, s.rerank_sha256, stream_sha256(vstore, s.rerank)) from e
+    all_ids = np.concatenate([ids for ids, _ in layouts]) if layouts else np.zeros(0, np.int64)
+    order = np.argsort(all_ids, kind="stable")
+    row_of = np.empty(len(all_ids), np.int64)
+    row_of[order] = np.arange(len(all_ids))
+    dtypes = {_ST_DTYPES[h["vectors"]["dtype"]] for _, h in layouts} or {np.float16}
+    if len(dtypes) != 1:
+        raise GalleryIntegrityError(f"gallery {m.version}: shards store rerank vectors in different dtypes")
+    return RerankLayout(layouts, all_ids[order], row_of, dtypes.pop())
+
+
+def read_shards(vstore: Store, m: Manifest, layout: RerankLayout, out: np.ndarray) -> Iterator[Any]:
+    """Pass 2, shard by shard: stream the shard's rerank vectors into their rows of ``out`` (the
+    id-sorted matrix, in memory or a memory-mapped file) and yield its faiss index, both verified."""
+    off = 0
+    for s, (ids, header) in zip(m.shards, layout.shards):
+        _fill_rerank(vstore, s.rerank, s.rerank_sha256, header, ids, layout.row_of[off:off + len(ids)], out)
+        off += len(ids)
+        yield _read_index_streaming(vstore, s.index, s.index_sha256)
+
+
 class LoadedVersion(NamedTuple):
     """A version ready to query: its cascade and its entries (one row per id and bank)."""
 
@@ -167,30 +205,15 @@ def load_streaming(store: Store, m: Manifest, use_gpu: bool | None = None, nprob
     del entries_bytes
     entries = table.to_pandas()
     del table
-    layouts = []
-    for s in m.shards:
-        try:
-            layouts.append(_rerank_ids(vstore, s.rerank))
-        except (ValueError, KeyError) as e:  # unreadable header: report it as what it is
-            raise checksum_mismatch(vstore, s.rerank, s.rerank_sha256, stream_sha256(vstore, s.rerank)) from e
-    all_ids = np.concatenate([ids for ids, _ in layouts]) if layouts else np.zeros(0, np.int64)
-    order = np.argsort(all_ids, kind="stable")
-    row_of = np.empty(len(all_ids), np.int64)
-    row_of[order] = np.arange(len(all_ids))
-    dtypes = {_ST_DTYPES[h["vectors"]["dtype"]] for _, h in layouts} or {np.float16}
-    if len(dtypes) != 1:
-        raise GalleryIntegrityError(f"gallery {m.version}: shards store rerank vectors in different dtypes")
-    rerank = np.empty((len(all_ids), m.model.rerank_dim), dtypes.pop())
-    shards, off = [], 0
-    for s, (ids, header) in zip(m.shards, layouts):
-        _fill_rerank(vstore, s.rerank, s.rerank_sha256, header, ids, row_of[off:off + len(ids)], rerank)
-        index = _read_index_streaming(vstore, s.index, s.index_sha256)
+    layout = rerank_layout(vstore, m)
+    rerank = np.empty((len(layout.sorted_ids), m.model.rerank_dim), layout.dtype)
+    shards = []
+    for (ids, _), index in zip(layout.shards, read_shards(vstore, m, layout, rerank)):
         # zero-width rerank placeholders: the cascade gets the id-sorted matrix below instead of
         # concatenating and re-sorting per-shard copies
         shards.append(Shard(index, ids, np.empty((len(ids), 0), rerank.dtype)))
-        off += len(ids)
     spec = m.coarse_index
     cascade = CascadeIndex(shards, m.model.coarse_dim, m.model.rerank_dim, use_gpu=use_gpu,
                            nprobe=nprobe or spec.nprobe, ef_search=ef_search or spec.ef_search)
-    cascade.adopt_rerank_matrix(rerank, all_ids[order])
+    cascade.adopt_rerank_matrix(rerank, layout.sorted_ids)
     return LoadedVersion(cascade, entries)

@@ -336,7 +336,7 @@ class Manifest:
         return cls(
             version=d["version"], parent=d.get("parent"), created_at=d["created_at"],
             model=VersionModel.from_thresholds(d["model_id"], d["dims"]["coarse"], d["dims"]["rerank"], d["thresholds"]),
-            rerank_dtype=d["rerank_dtype"], coarse_index=CoarseIndexSpec.parse(d.get("coarse_index")),
+            rerank_dtype=d["rerank_dtype"], coarse_index=CoarseIndexSpec.from_manifest(d.get("coarse_index")),
             shards=tuple(ShardFiles(**s) for s in d["shards"]), entries=EntriesFile(**d["entries"]),
             banks=banks, counts=Counts(**d["counts"]),
             rejected=tuple(Rejected(r["bank"], r["uri"], r.get("error_code"), r.get("error_message"))

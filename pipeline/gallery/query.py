@@ -9,17 +9,19 @@ nothing of how they are built or updated.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pipeline.gallery.hashlists import HashBanks, HashHit, HashQuery
 from pipeline.gallery.index import CascadeIndex, CascadeParams, background_term
 from pipeline.gallery.loader import load_streaming
 from pipeline.gallery.manifest import DisabledReference, Manifest
+from pipeline.gallery.members import Memberships
 from pipeline.gallery.store import GalleryIntegrityError, read_keypoints, read_lists, read_manifest
 from pipeline.gallery.verify import (
     CandidateVerifier,
@@ -35,6 +37,7 @@ from pipeline.signals.lists import HashEntry
 
 if TYPE_CHECKING:
     from models.card import BackgroundBank
+    from pipeline.gallery.nodecache import NodeCache
 
 
 class QueryModel(Protocol):
@@ -85,24 +88,39 @@ class QueryOverrides:
 
 
 def open_gallery(gallery: str | Store, model: QueryModel | None, *, version: str | None = None,
-                 overrides: QueryOverrides = QueryOverrides()) -> GalleryIndex:
+                 overrides: QueryOverrides = QueryOverrides(), cache: NodeCache | None = None) -> GalleryIndex:
     """Open a gallery version (default: ``CURRENT``) for querying, every file verified.
 
     ``model`` is the query model (:class:`QueryModel`): a version built with another model is
     refused (:class:`~pipeline.gallery.manifest.GalleryModelMismatch`) and its background bank
     normalises fine scores. ``None`` opens a version to inspect it: no model check and no bank, so
     a version whose ``norm.beta > 0`` refuses to score (its thresholds were calibrated on
-    normalised scores). ``overrides`` are the job config's (:class:`QueryOverrides`)."""
+    normalised scores). ``overrides`` are the job config's (:class:`QueryOverrides`).
+
+    ``cache``: map the version from the node's cache (:mod:`pipeline.gallery.nodecache`: filled
+    and verified once per node, shared by every process on it) instead of loading a private,
+    verified copy into this process. The decisions are the same either way."""
     store = open_store(gallery) if isinstance(gallery, str) else gallery
-    m = read_manifest(store, version)
-    if model is not None:
-        m.check_model(model.version_id)
-    cascade, entries = load_streaming(store, m, nprobe=overrides.nprobe, ef_search=overrides.ef_search)
+    if cache is not None:
+        att = cache.attach(store, version)
+        m = att.manifest
+        if model is not None:
+            m.check_model(model.version_id)
+        cascade = att.cascade(nprobe=overrides.nprobe, ef_search=overrides.ef_search)
+        entries: pd.DataFrame | pa.Table = att.entries()
+        lists: Mapping[str, Sequence[HashEntry]] = read_lists(att.store, m, checked=True, lazy=True)
+        keypoints = read_keypoints(att.store, m, checked=True)
+    else:
+        m = read_manifest(store, version)
+        if model is not None:
+            m.check_model(model.version_id)
+        cascade, entries = load_streaming(store, m, nprobe=overrides.nprobe, ef_search=overrides.ef_search)
+        lists, keypoints = read_lists(store, m), read_keypoints(store, m)
     params = m.model.params(overrides.coarse_threshold, overrides.fine_threshold, overrides.rerank_k,
                             overrides.sure_threshold)
     bank = model.background if model is not None else None
     return GalleryIndex(m, cascade, entries, params, bank.f512 if bank is not None else None,
-                        lists=read_lists(store, m), keypoints=read_keypoints(store, m))
+                        lists=lists, keypoints=keypoints)
 
 
 @dataclass
@@ -188,9 +206,9 @@ class GalleryIndex:
     """A loaded, verified gallery version: cascade search plus the bank rules. Open one with
     :func:`open_gallery`; the constructor is for versions assembled in memory (tests)."""
 
-    def __init__(self, manifest: Manifest, cascade: CascadeIndex, entries: pd.DataFrame,
+    def __init__(self, manifest: Manifest, cascade: CascadeIndex, entries: pd.DataFrame | pa.Table,
                  params: CascadeParams, background: np.ndarray | None = None,
-                 lists: Mapping[str, list[HashEntry]] | None = None,
+                 lists: Mapping[str, Sequence[HashEntry]] | None = None,
                  keypoints: KeypointTable | None = None) -> None:
         self.manifest, self.cascade, self.params = manifest, cascade, params
         # the references' local features; without them every candidate below the sure threshold
@@ -202,17 +220,21 @@ class GalleryIndex:
         # (N, rerank_dim) background features of the query model, for score normalisation
         self.background = background if params.norm.beta else None
         self.banks = {n: b.bank for n, b in manifest.banks.items()}
-        self.entries = entries
+        self._entries = entries
+        self._entries_frame: pd.DataFrame | None = entries if isinstance(entries, pd.DataFrame) else None
         self.hash_banks = HashBanks(self.banks, lists or {})  # the enabled pdq/md5 banks, indexed
         # References disabled by review decisions, as of load time: a job keeps one view for its
         # whole run, like it keeps one gallery version.
         self.disabled: dict[int, DisabledReference] = manifest.disabled_in_force()
-        self._members: dict[int, list[tuple[str, str, str, float]]] = {}
-        for gid, bank in zip(entries["id"].tolist(), entries["bank"].tolist()):
-            b = self.banks[bank]  # (image banks only: hash banks have no entries rows)
-            if not b.enabled or int(gid) in self.disabled:
-                continue
-            self._members.setdefault(int(gid), []).append((bank, b.category, b.action, self.bank_threshold(bank)))
+        self._members = Memberships.of(entries, self.banks, self.bank_threshold, self.disabled)
+
+    @property
+    def entries(self) -> pd.DataFrame:
+        """The entries (one row per id and bank) as a DataFrame, for tools (``lookup``, review):
+        made on first use from a node-cache version's mapped table, which the job never needs."""
+        if self._entries_frame is None:
+            self._entries_frame = self._entries.to_pandas() if isinstance(self._entries, pa.Table) else self._entries
+        return self._entries_frame
 
     def bank_threshold(self, bank: str) -> float:
         """The fine threshold in force for ``bank``: its own, else the gallery's (or override)."""
@@ -258,9 +280,10 @@ class GalleryIndex:
         ver = CandidateVerifier(self.keypoints, self.verify_params, self.params.sure_threshold,
                                 self.verify_stats, q, kp_fn)
         valid = np.nonzero(I >= 0)[0]
+        valid = valid[F[valid] >= self._members.lowest]  # no bank's threshold is lower
         for j in valid[np.argsort(-F[valid], kind="stable")]:  # best fine first: verification is capped
             gid, fine, crs = int(I[j]), float(F[j]), float(D[j])
-            for bank, category, action, thr in self._members.get(gid, ()):
+            for bank, category, action, thr in self._members.of_id(gid):
                 if fine < thr:
                     continue
                 rule, inl = ver.confirm(gid, fine, thr)
@@ -284,7 +307,7 @@ class GalleryIndex:
             a = best_allow
             return Match(Status.CLEAN.value, Action.NONE.value, a.bank, a.category, a.gid, a.coarse, a.fine, raw(a.fine),
                          inliers=a.inliers, rule=a.rule, verified=ver.record())
-        best_fine = float(F[valid].max())
+        best_fine = float(F[I >= 0].max())
         if rejected is not None:
             return Match(Status.CLEAN.value, Action.NONE.value, coarse_score=best_coarse, fine_score=rejected[0],
                          fine_score_raw=raw(rejected[0]), inliers=rejected[1],

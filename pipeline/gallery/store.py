@@ -160,11 +160,12 @@ def _write_keypoints(vstore: Store, content: GalleryContent) -> KeypointsFile | 
                          content.verify_params or VerifyParams())
 
 
-def read_keypoints(store: Store, m: Manifest) -> KeypointTable | None:
+def read_keypoints(store: Store, m: Manifest, checked: bool = False) -> KeypointTable | None:
     """The references' keypoints of manifest ``m`` (checked against its sha256), or None for a
     version without them: memory-mapped from a local gallery (18 KB a reference stays on disk and
     in the shared page cache), read into memory from S3. A file that is not a keypoint table is a
-    :class:`GalleryIntegrityError`."""
+    :class:`GalleryIntegrityError`. ``checked``: the local file's checksum was verified already
+    (a node cache's copy), so it is mapped without reading it through again."""
     if m.keypoints is None:
         return None
     vstore = store.child(f"versions/{m.version}")
@@ -172,7 +173,7 @@ def read_keypoints(store: Store, m: Manifest) -> KeypointTable | None:
         if store.is_local:  # checked in chunks, then memory-mapped: nothing of it stays in the process
             from pipeline.gallery.loader import stream_sha256
 
-            actual = stream_sha256(vstore, m.keypoints.file)
+            actual = m.keypoints.sha256 if checked else stream_sha256(vstore, m.keypoints.file)
             if actual != m.keypoints.sha256:
                 raise checksum_mismatch(vstore, m.keypoints.file, m.keypoints.sha256, actual)
             table = KeypointTable.mapped(vstore.path(m.keypoints.file))

@@ -49,17 +49,22 @@ class Moderator:
     def __init__(self, gallery_uri: str, ctx: RunContext, model_dir: str | None = None,
                  device: str | None = None, threads: int | None = None,
                  overrides: QueryOverrides | None = None,
-                 gallery_version: str | None = None, precision: str = "auto") -> None:
+                 gallery_version: str | None = None, precision: str = "auto",
+                 gallery_cache: str | None = None) -> None:
         """``overrides``: the job config's over the gallery version's query settings
-        (``JobConfig.query_overrides()``; None: the version's own)."""
+        (``JobConfig.query_overrides()``; None: the version's own). ``gallery_cache``
+        (``JobConfig.node_cache()``): None loads a private copy of the gallery; ``"node"`` or a
+        folder maps the node's shared copy (:mod:`pipeline.gallery.nodecache`)."""
         from pipeline.features import FeatureExtractor
         from pipeline.gallery import QueryOverrides, open_gallery
+        from pipeline.gallery.nodecache import NodeCache
 
         self.fx = FeatureExtractor(model_dir, device=device, threads=threads, precision=precision)
+        cache = None if gallery_cache is None else NodeCache(None if gallery_cache == "node" else gallery_cache)
         # gallery_version: the job's pinned version (never CURRENT at actor start: a version
         # published during the run must not mix into its partition)
         self.gallery = open_gallery(gallery_uri, self.fx, version=gallery_version,
-                                    overrides=overrides or QueryOverrides())
+                                    overrides=overrides or QueryOverrides(), cache=cache)
         self.ctx = ctx
         self._timings = open_store(ctx.timings_uri) if ctx.timings_uri else None
         self._signatures = None
