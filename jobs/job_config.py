@@ -70,6 +70,7 @@ class JobConfig:
     wave_min_inliers: int = 25       # waves: RANSAC inliers that confirm a pair in the verification zone
     gallery_cache: str = "node"      # node: one verified, memory-mapped copy per node (docs/clusters.md); off: one per actor
     gallery_cache_dir: str | None = None  # the node cache (None: $MODSCAN_GALLERY_CACHE, else <tmp>/modscan-gallery-cache)
+    gallery_shard_servers: int = 0   # N >= 1: N actors hold the version's shards, the Moderators no vectors (docs/clusters.md)
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -114,6 +115,10 @@ class JobConfig:
         need(self.gallery_cache in ("node", "off"), f"gallery_cache must be node or off, got {self.gallery_cache!r}")
         need(self.gallery_cache_dir is None or (isinstance(self.gallery_cache_dir, str) and self.gallery_cache_dir != ""),
              f"gallery_cache_dir must be a non-empty string, got {self.gallery_cache_dir!r}")
+        need(is_int(self.gallery_shard_servers) and self.gallery_shard_servers >= 0,
+             f"gallery_shard_servers must be an integer >= 0, got {self.gallery_shard_servers!r}")
+        need(not self.gallery_shard_servers or self.gallery_cache == "node",
+             "gallery_shard_servers needs gallery_cache = \"node\" (the servers map their shards from the node cache)")
         need(isinstance(self.decode, DecodeConfig), f"decode must be a [job.decode] table, got {self.decode!r}")
         prefixes = self.allowed_input_prefixes
         need(isinstance(prefixes, (list, tuple)) and all(isinstance(x, str) for x in prefixes),

@@ -23,7 +23,8 @@ import os
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -182,6 +183,66 @@ def decode_and_apply(ds: Any, stage: type, stage_kwargs: dict[str, Any], cfg: Jo
     return ds.map_batches(_reporting_errors(stage), fn_constructor_kwargs={**stage_kwargs, "threads": res.torch_threads},
                           batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=res.actors),
                           num_cpus=res.num_cpus, num_gpus=res.num_gpus, batch_format="numpy")
+
+
+# CPUs each shard server claims: fractional, like the stage actors, so that on a small machine the
+# servers never starve the read/decode tasks (their work is a faiss search and a gather per batch)
+SHARD_SERVER_NUM_CPUS = 0.25
+
+
+@dataclass(frozen=True)
+class RayShardServers:
+    """:class:`~pipeline.gallery.sharded.ShardServers` over Ray actor handles of
+    :class:`~pipeline.gallery.sharded.GalleryShardServer` (picklable: the Moderators get it in
+    their constructor kwargs). An array passed to several servers in one :meth:`call` is put in
+    the object store once."""
+
+    handles: tuple[Any, ...]
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def call(self, method: str, calls: Any) -> list[Any]:
+        import ray
+
+        put: dict[int, Any] = {}
+
+        def ref(x: Any) -> Any:
+            if not isinstance(x, np.ndarray) or x.nbytes < 1 << 16:
+                return x
+            if id(x) not in put:
+                put[id(x)] = ray.put(x)
+            return put[id(x)]
+
+        return list(ray.get([getattr(self.handles[j], method).remote(*map(ref, args)) for j, args in calls]))
+
+
+@contextmanager
+def shard_servers(cfg: JobConfig, gallery_uri: str, version: str) -> Iterator[RayShardServers | None]:
+    """The run's ``[job] gallery_shard_servers`` :class:`~pipeline.gallery.sharded.GalleryShardServer`
+    actors (None when 0), each loaded (its shards mapped from its node's cache) before this yields,
+    and killed when the block ends. Ray places them with the ``SPREAD`` strategy: over the nodes of
+    a cluster, one after the other (docs/clusters.md). Ray restarts one that dies and retries the
+    calls it had in flight; a restarted server re-attaches its node's cache."""
+    if not cfg.gallery_shard_servers:
+        yield None
+        return
+    import ray
+
+    from pipeline.gallery.sharded import GalleryShardServer
+
+    n = cfg.gallery_shard_servers
+    actor = ray.remote(GalleryShardServer).options(num_cpus=SHARD_SERVER_NUM_CPUS, scheduling_strategy="SPREAD",
+                                                   max_restarts=3, max_task_retries=3)
+    servers = RayShardServers(tuple(actor.remote(gallery_uri, version, j, n, cache_dir=cfg.gallery_cache_dir,
+                                                 nprobe=cfg.coarse_nprobe, ef_search=cfg.coarse_ef_search)
+                                    for j in range(n)))
+    try:
+        servers.call("info", [(j, ()) for j in range(n)])  # loaded before the first batch: errors surface here
+        yield servers
+    finally:
+        for h in servers.handles:
+            ray.kill(h)
 
 
 def stream_batches(ds: Any, consume: Callable[[dict[str, Any]], None]) -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pyarrow.fs as pafs
 
 from jobs.job_config import JobConfig
-from jobs.ray_stages import actor_resources, build_input, decode_and_apply, init_ray, raise_worker_error, stream_batches
+from jobs.ray_stages import actor_resources, build_input, decode_and_apply, init_ray, raise_worker_error, shard_servers, stream_batches
 from pipeline.errors import ModscanError, UsageError, plain_message
 from pipeline.ingest.decode import DecodeConfig
 from pipeline.ingest.plan import InputPlan, check_input
@@ -243,8 +243,10 @@ def _run_chunks(plan: RunPlan, progress: ChunkProgress, ray_address: str | None,
         for c, f, n in zip(batch["chunk"], batch["file"], batch["rows"]):
             progress.add(int(c), str(f), int(n))
 
-    stream_batches(decode_and_apply(build_input(todo_input, cfg, len(todo)), chunked(moderator), actor_kwargs, cfg,
-                                    res, plan.decode, timings_uri, chunks=plan.chunks), consume)
+    with shard_servers(cfg, plan.gallery_uri, plan.gallery_version) as servers:  # [job] gallery_shard_servers
+        stream_batches(decode_and_apply(build_input(todo_input, cfg, len(todo)), chunked(moderator),
+                                        {**actor_kwargs, "gallery_servers": servers}, cfg, res, plan.decode,
+                                        timings_uri, chunks=plan.chunks), consume)
     if progress.unfinished():
         raise F.CommitError(f"run {plan.run_id}: chunks {progress.unfinished()[:5]} did not get a row for every key")
     return res.to_dict()

@@ -61,7 +61,8 @@ def test_bad_job_keys_and_values_are_reported_at_their_lines(tmp_path) -> None:
         f"{path}:4: [job] actors must be an integer >= 0, got '2'",
         f"{path}:5: [job] unknown key 'torch_thread' (known: actor_num_cpus, actors, allow_empty_input, "
         "allowed_input_prefixes, batch_size, chunk_size, coarse_ef_search, coarse_nprobe, coarse_threshold, decode_num_cpus, "
-        "fine_threshold, gallery_cache, gallery_cache_dir, image_extensions_only, max_matches_per_reference, metrics_pushgateway, metrics_textfile, "
+        "fine_threshold, gallery_cache, gallery_cache_dir, gallery_shard_servers, image_extensions_only, "
+        "max_matches_per_reference, metrics_pushgateway, metrics_textfile, "
         "precision, rerank_k, retro_days, review_max_rows, sure_threshold, torch_threads, verify_gallery, "
             "wave_coarse_threshold, wave_fine_threshold, wave_k, wave_min_inliers, wave_min_size, wave_sure_threshold, waves, "
             "write_signatures, "
@@ -74,7 +75,8 @@ def test_bad_job_keys_and_values_are_reported_at_their_lines(tmp_path) -> None:
         f"{path}:12: [job] verify_gallery must be true or false, got 'yes'",
         f"{path}:13: [job] unknown key 'test_fail_keys' (known: actor_num_cpus, actors, allow_empty_input, "
         "allowed_input_prefixes, batch_size, chunk_size, coarse_ef_search, coarse_nprobe, coarse_threshold, decode_num_cpus, "
-        "fine_threshold, gallery_cache, gallery_cache_dir, image_extensions_only, max_matches_per_reference, metrics_pushgateway, metrics_textfile, "
+        "fine_threshold, gallery_cache, gallery_cache_dir, gallery_shard_servers, image_extensions_only, "
+        "max_matches_per_reference, metrics_pushgateway, metrics_textfile, "
         "precision, rerank_k, retro_days, review_max_rows, sure_threshold, torch_threads, verify_gallery, "
             "wave_coarse_threshold, wave_fine_threshold, wave_k, wave_min_inliers, wave_min_size, wave_sure_threshold, waves, "
             "write_signatures, "
@@ -172,3 +174,18 @@ def test_toml_key_lines() -> None:
     assert (where["bank[0]"], where["bank[0].name"], where["bank[1]"], where["bank[1].name"]) == (1, 2, 4, 5)
     assert (where["bank[1].source"], where["bank[1].source.x"], where["other.kind"]) == (6, 6, 8)
     assert "bank[0].source" not in where and "bank[1].kind" not in where
+
+
+def test_gallery_shard_servers_is_a_count_and_needs_the_node_cache(tmp_path) -> None:
+    assert JobConfig().gallery_shard_servers == 0  # off: every Moderator maps the whole version
+    assert JobConfig(gallery_shard_servers=3).gallery_shard_servers == 3
+    for bad in (-1, 1.5, "2", True):
+        with pytest.raises(UsageError, match=r"\[job\] gallery_shard_servers must be an integer >= 0"):
+            JobConfig(gallery_shard_servers=bad)
+    with pytest.raises(UsageError, match=r'gallery_shard_servers needs gallery_cache = "node"'):
+        JobConfig(gallery_shard_servers=2, gallery_cache="off")
+    path = _write(tmp_path, """
+        [job]
+        gallery_shard_servers = -2
+        """)
+    assert _errors(path) == [f"{path}:2: [job] gallery_shard_servers must be an integer >= 0, got -2"]

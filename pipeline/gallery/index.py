@@ -1,11 +1,10 @@
 """The sharded two-stage index: coarse 128-d faiss shards + 512-d rerank vectors, ids everywhere.
 
 One interface (like ThreatExchange's ``SignalTypeIndex``): :meth:`CascadeIndex.build`,
-:meth:`CascadeIndex.search_coarse` (batch of 128-d queries -> top-K ids above the coarse
-threshold, merged across shards by global id) and :meth:`CascadeIndex.score_fine` (512-d queries
-x candidate ids -> fine scores). For storage, :attr:`CascadeIndex.shards` holds one
-:class:`Shard` per file pair (:meth:`Shard.index_bytes` / :meth:`Shard.rerank_bytes`, read back
-with :meth:`Shard.from_bytes`), and ``CascadeIndex(shards, ...)`` rebuilds the index from them.
+:meth:`CascadeIndex.search_coarse` (128-d queries -> top-K ids above the coarse threshold, each
+shard's top-K merged by :func:`merge_coarse`) and :meth:`CascadeIndex.score_fine` (512-d queries x
+candidate ids -> fine scores). :attr:`CascadeIndex.shards` holds one :class:`Shard` per file pair
+(:meth:`Shard.index_bytes` / :meth:`Shard.rerank_bytes`, :meth:`Shard.from_bytes`).
 
 Ids are explicit int64 (``IndexIDMap2``); an entry lives in shard ``id % n_shards``. Row position
 is never identity: rerank vectors are looked up by id through a sorted id table.
@@ -233,6 +232,22 @@ def dense_rows(sorted_ids: np.ndarray) -> np.ndarray | None:
     return row_of
 
 
+def merge_coarse(parts: list[tuple[np.ndarray, np.ndarray]], B: int, k: int,
+                 threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-shard ``(D, I)`` results, in shard order -> the global ``(B, k)`` top ``k`` above
+    ``threshold``: concatenated in that order, then a stable sort by score (ties: shard order)."""
+    if not parts:
+        return np.full((B, k), -np.inf, np.float32), np.full((B, k), -1, np.int64)
+    D = np.concatenate([d for d, _ in parts], axis=1)
+    I = np.concatenate([i for _, i in parts], axis=1).astype(np.int64)
+    D = np.where((I >= 0) & (D >= threshold), D, -np.inf).astype(np.float32)
+    I = np.where(np.isfinite(D), I, -1)
+    order = np.argsort(-D, axis=1, kind="stable")[:, :k]
+    D, I = np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
+    pad = ((0, 0), (0, k - D.shape[1]))  # fewer than k candidates in every shard together
+    return np.pad(D, pad, constant_values=-np.inf), np.pad(I, pad, constant_values=-1)
+
+
 class CascadeIndex:
     """All shards of one gallery version, ready to query."""
 
@@ -252,12 +267,10 @@ class CascadeIndex:
     def _setup(self, shards: list[Shard], coarse_dim: int, rerank_dim: int, sorted_ids: np.ndarray,
                rerank: np.ndarray, row_of: np.ndarray | None, use_gpu: bool | None, nprobe: int | None,
                ef_search: int | None) -> None:
-        self.shards = shards
-        self.coarse_dim, self.rerank_dim = coarse_dim, rerank_dim
-        self._sorted_ids, self._rerank = sorted_ids, rerank
+        self.shards, self.coarse_dim, self.rerank_dim = shards, coarse_dim, rerank_dim
         # Dense id -> row table when ids are compact (the usual case: ids are assigned in order and
         # only removals leave holes): one gather per lookup instead of a binary search.
-        self._row_of = row_of
+        self._sorted_ids, self._rerank, self._row_of = sorted_ids, rerank, row_of
         self._search = [self._searchable(s, use_gpu, nprobe, ef_search) for s in shards]
 
     @classmethod
@@ -371,32 +384,18 @@ class CascadeIndex:
     def search_coarse(self, xq: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
         """``(B, coarse_dim)`` unit queries -> ``D, I`` of shape ``(B, k)``: the best ``k`` gallery
         ids with cosine >= ``threshold``, best first; padding is ``I = -1``, ``D = -inf``."""
+        return merge_coarse([p for p in self.search_shards(xq, k) if p is not None], len(xq), k, threshold)
+
+    def search_shards(self, xq: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Each shard's own top ``min(k, shard size)``: ``(D, I)`` with gallery ids, or None for an
+        empty shard (or no query), in shard order: what :func:`merge_coarse` merges."""
         xq = np.ascontiguousarray(xq, np.float32)
-        B = len(xq)
-        Ds, Is = [], []
-        for (index, id_table, _res), shard in zip(self._search, self.shards):
-            if shard.ntotal == 0 or B == 0:
-                continue
-            kk = min(k, shard.ntotal)
-            D, I = index.search(xq, kk)
-            if id_table is not None:
-                I = np.where(I >= 0, id_table[np.clip(I, 0, None)], -1)
-            Ds.append(D)
-            Is.append(I)
-        if not Ds:
-            return np.full((B, k), -np.inf, np.float32), np.full((B, k), -1, np.int64)
-        D = np.concatenate(Ds, axis=1)
-        I = np.concatenate(Is, axis=1).astype(np.int64)
-        D = np.where((I >= 0) & (D >= threshold), D, -np.inf).astype(np.float32)
-        I = np.where(np.isfinite(D), I, -1)
-        order = np.argsort(-D, axis=1, kind="stable")[:, :k]
-        D = np.take_along_axis(D, order, axis=1)
-        I = np.take_along_axis(I, order, axis=1)
-        if D.shape[1] < k:
-            pad = k - D.shape[1]
-            D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
-            I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
-        return D, I
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(self.shards)
+        for s, ((index, id_table, _res), shard) in enumerate(zip(self._search, self.shards)):
+            if shard.ntotal and len(xq):
+                D, I = index.search(xq, min(k, shard.ntotal))
+                out[s] = (D, I if id_table is None else np.where(I >= 0, id_table[np.clip(I, 0, None)], -1))
+        return out
 
     def adopt_rerank_matrix(self, rerank: np.ndarray, sorted_ids: np.ndarray) -> None:
         """Score with ``rerank``, whose rows are the vectors of ``sorted_ids`` (ascending): the

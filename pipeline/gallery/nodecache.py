@@ -43,6 +43,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,28 +91,39 @@ class Attached:
         return open_store(str(self.path.parent.parent))
 
     def cascade(self, use_gpu: bool | None = None, nprobe: int | None = None,
-                ef_search: int | None = None) -> CascadeIndex:
+                ef_search: int | None = None, shards: Sequence[int] | None = None) -> CascadeIndex:
         """The version's cascade over the mapped files (no copy; HNSW graphs and IVF lists, which
-        faiss cannot map, are read into the process)."""
+        faiss cannot map, are read into the process). ``shards``: only those shards (a shard
+        server's, :mod:`pipeline.gallery.sharded`): their coarse indexes mapped, and their rerank
+        vectors copied out of the shared matrix into this process (the rows of one shard are spread
+        over the whole file, so mapping it would touch every page)."""
+        m = self.manifest
+        picked = [self._shard(i) for i in (range(len(m.shards)) if shards is None else sorted(set(shards)))]
+        ids, rerank = np.load(self.path / "ids.npy", mmap_mode="r"), np.load(self.path / "rerank.npy", mmap_mode="r")
+        if shards is not None:
+            own = np.sort(np.concatenate([np.asarray(s.ids, np.int64) for s in picked] or [np.zeros(0, np.int64)]))
+            rows = np.searchsorted(ids, own)
+            vecs = np.empty((len(own), m.model.rerank_dim), rerank.dtype)
+            for b in range(0, len(own), 1 << 16):  # in blocks: no temporary as large as the result
+                vecs[b:b + (1 << 16)] = rerank[rows[b:b + (1 << 16)]]
+            return CascadeIndex.attached(picked, m.model.coarse_dim, m.model.rerank_dim, own, vecs, dense_rows(own),
+                                         use_gpu=use_gpu, nprobe=nprobe, ef_search=ef_search)
+        rows_path = self.path / "rows.npy"
+        return CascadeIndex.attached(picked, m.model.coarse_dim, m.model.rerank_dim, ids, rerank,
+                                     np.load(rows_path, mmap_mode="r") if rows_path.exists() else None,
+                                     use_gpu=use_gpu, nprobe=nprobe, ef_search=ef_search)
+
+    def _shard(self, i: int) -> Shard:
+        """Shard ``i``: its bare coarse index mapped, with its row -> id table (or an IVF index that
+        carries its ids, with its ids)."""
         import faiss
 
-        m = self.manifest
-        shards = []
-        for i in range(len(m.shards)):
-            index = faiss.read_index(str(self.path / f"shard-{i:03d}.coarse.faiss"),
-                                     faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
-            labels_path = self.path / f"shard-{i:03d}.labels.npy"
-            if labels_path.exists():
-                shards.append(Shard(index, np.load(labels_path, mmap_mode="r"), np.empty((0, 0)), positional=True))
-            else:  # an index that carries its ids (IVF)
-                shards.append(Shard(index, np.load(self.path / f"shard-{i:03d}.ids.npy", mmap_mode="r"),
-                                    np.empty((0, 0))))
-        rows = self.path / "rows.npy"
-        return CascadeIndex.attached(shards, m.model.coarse_dim, m.model.rerank_dim,
-                                     np.load(self.path / "ids.npy", mmap_mode="r"),
-                                     np.load(self.path / "rerank.npy", mmap_mode="r"),
-                                     np.load(rows, mmap_mode="r") if rows.exists() else None,
-                                     use_gpu=use_gpu, nprobe=nprobe, ef_search=ef_search)
+        index = faiss.read_index(str(self.path / f"shard-{i:03d}.coarse.faiss"),
+                                 faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        labels_path = self.path / f"shard-{i:03d}.labels.npy"
+        if labels_path.exists():
+            return Shard(index, np.load(labels_path, mmap_mode="r"), np.empty((0, 0)), positional=True)
+        return Shard(index, np.load(self.path / f"shard-{i:03d}.ids.npy", mmap_mode="r"), np.empty((0, 0)))
 
     def entries(self) -> pa.Table:
         """The entries table, memory-mapped (zero-copy column buffers)."""

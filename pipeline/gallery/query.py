@@ -22,6 +22,7 @@ from pipeline.gallery.index import CascadeIndex, CascadeParams, background_term
 from pipeline.gallery.loader import load_streaming
 from pipeline.gallery.manifest import DisabledReference, Manifest
 from pipeline.gallery.members import Memberships
+from pipeline.gallery.sharded import RemoteCascade, ShardServers
 from pipeline.gallery.store import GalleryIntegrityError, read_keypoints, read_lists, read_manifest
 from pipeline.gallery.verify import (
     CandidateVerifier,
@@ -88,7 +89,8 @@ class QueryOverrides:
 
 
 def open_gallery(gallery: str | Store, model: QueryModel | None, *, version: str | None = None,
-                 overrides: QueryOverrides = QueryOverrides(), cache: NodeCache | None = None) -> GalleryIndex:
+                 overrides: QueryOverrides = QueryOverrides(), cache: NodeCache | None = None,
+                 servers: ShardServers | None = None) -> GalleryIndex:
     """Open a gallery version (default: ``CURRENT``) for querying, every file verified.
 
     ``model`` is the query model (:class:`QueryModel`): a version built with another model is
@@ -99,14 +101,21 @@ def open_gallery(gallery: str | Store, model: QueryModel | None, *, version: str
 
     ``cache``: map the version from the node's cache (:mod:`pipeline.gallery.nodecache`: filled
     and verified once per node, shared by every process on it) instead of loading a private,
-    verified copy into this process. The decisions are the same either way."""
+    verified copy into this process. The decisions are the same either way. ``servers``: the
+    job's shard servers (:class:`~pipeline.gallery.sharded.ShardServers`) search and rerank,
+    and this process holds no vectors; the rest comes from the node cache (``cache``, else the
+    default one). The decisions are the same again."""
     store = open_store(gallery) if isinstance(gallery, str) else gallery
-    if cache is not None:
+    if cache is not None or servers:
+        if cache is None:
+            from pipeline.gallery.nodecache import NodeCache
+            cache = NodeCache()
         att = cache.attach(store, version)
         m = att.manifest
         if model is not None:
             m.check_model(model.version_id)
-        cascade = att.cascade(nprobe=overrides.nprobe, ef_search=overrides.ef_search)
+        cascade: CascadeIndex | RemoteCascade = RemoteCascade(servers, m) if servers else att.cascade(
+            nprobe=overrides.nprobe, ef_search=overrides.ef_search)
         entries: pd.DataFrame | pa.Table = att.entries()
         lists: Mapping[str, Sequence[HashEntry]] = read_lists(att.store, m, checked=True, lazy=True)
         keypoints = read_keypoints(att.store, m, checked=True)
@@ -206,7 +215,7 @@ class GalleryIndex:
     """A loaded, verified gallery version: cascade search plus the bank rules. Open one with
     :func:`open_gallery`; the constructor is for versions assembled in memory (tests)."""
 
-    def __init__(self, manifest: Manifest, cascade: CascadeIndex, entries: pd.DataFrame | pa.Table,
+    def __init__(self, manifest: Manifest, cascade: CascadeIndex | RemoteCascade, entries: pd.DataFrame | pa.Table,
                  params: CascadeParams, background: np.ndarray | None = None,
                  lists: Mapping[str, Sequence[HashEntry]] | None = None,
                  keypoints: KeypointTable | None = None) -> None:

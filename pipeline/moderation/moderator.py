@@ -24,6 +24,7 @@ from pipeline.schemas import FILE_SCHEMA, Action, ErrorCode, Status, check_colum
 
 if TYPE_CHECKING:
     from pipeline.gallery.query import QueryOverrides
+    from pipeline.gallery.sharded import ShardServers
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,14 @@ class Moderator:
                  device: str | None = None, threads: int | None = None,
                  overrides: QueryOverrides | None = None,
                  gallery_version: str | None = None, precision: str = "auto",
-                 gallery_cache: str | None = None) -> None:
+                 gallery_cache: str | None = None, gallery_servers: ShardServers | None = None) -> None:
         """``overrides``: the job config's over the gallery version's query settings
         (``JobConfig.query_overrides()``; None: the version's own). ``gallery_cache``
         (``JobConfig.node_cache()``): None loads a private copy of the gallery; ``"node"`` or a
-        folder maps the node's shared copy (:mod:`pipeline.gallery.nodecache`)."""
+        folder maps the node's shared copy (:mod:`pipeline.gallery.nodecache`).
+        ``gallery_servers``: the job's shard servers (``[job] gallery_shard_servers``, Ray actors
+        behind :class:`~pipeline.gallery.sharded.ShardServers`): they hold the vectors and this actor none
+        (:mod:`pipeline.gallery.sharded`); the entries come from the node cache."""
         from pipeline.features import FeatureExtractor
         from pipeline.gallery import QueryOverrides, open_gallery
         from pipeline.gallery.nodecache import NodeCache
@@ -64,7 +68,7 @@ class Moderator:
         # gallery_version: the job's pinned version (never CURRENT at actor start: a version
         # published during the run must not mix into its partition)
         self.gallery = open_gallery(gallery_uri, self.fx, version=gallery_version,
-                                    overrides=overrides or QueryOverrides(), cache=cache)
+                                    overrides=overrides or QueryOverrides(), cache=cache, servers=gallery_servers)
         self.ctx = ctx
         self._timings = open_store(ctx.timings_uri) if ctx.timings_uri else None
         self._signatures = None
@@ -145,6 +149,10 @@ class Moderator:
         if "bytes" in batch:  # the decoder passes the encoded upload on for verification
             kp_fn = self.gallery.keypoints_from_bytes([batch["bytes"][r] for r in rows])
         v0 = dict(self.gallery.verify_stats)
+        from pipeline.gallery.sharded import RemoteCascade
+
+        remote = self.gallery.cascade if isinstance(self.gallery.cascade, RemoteCascade) else None
+        served0 = remote.seconds if remote is not None else 0.0  # shard servers: time waiting for them
         t = time.perf_counter()
         xq = self.fx.query_coarse(low)
         self._coarse = xq  # kept for the batch's signature side file
@@ -155,6 +163,8 @@ class Moderator:
         timing["verified_uploads"] = self.gallery.verify_stats["queries"] - v0["queries"]
         timing["search"] = time.perf_counter() - t - timing["model_coarse"] - timing["model_rerank"] - timing["verify"]
         timing["survivors"] = int(survivors.sum())
+        if remote is not None:
+            timing["shard_servers"] = remote.seconds - served0
         return {int(r): d for r, d in zip(rows, decisions)}, timing
 
     def with_hash_signals(self, batch: dict[str, Any], ok: np.ndarray, matches: dict[int, Any]) -> dict[int, Any]:
