@@ -232,8 +232,8 @@ def shard_servers(cfg: JobConfig, gallery_uri: str, version: str) -> Iterator[Ra
     from pipeline.gallery.sharded import GalleryShardServer
 
     n = cfg.gallery_shard_servers
-    actor = ray.remote(GalleryShardServer).options(num_cpus=SHARD_SERVER_NUM_CPUS, scheduling_strategy="SPREAD",
-                                                   max_restarts=3, max_task_retries=3)
+    actor: Any = ray.remote(_reporting_init_errors(GalleryShardServer, "info")).options(
+        num_cpus=SHARD_SERVER_NUM_CPUS, scheduling_strategy="SPREAD", max_restarts=3, max_task_retries=3)
     servers = RayShardServers(tuple(actor.remote(gallery_uri, version, j, n, cache_dir=cfg.gallery_cache_dir,
                                                  nprobe=cfg.coarse_nprobe, ef_search=cfg.coarse_ef_search)
                                     for j in range(n)))
@@ -301,6 +301,27 @@ def _reporting_errors(stage: type[Any]) -> type:
 
     return type(stage.__name__, (stage,), {"__init__": __init__, "__call__": __call__, "__doc__": stage.__doc__,
                                           "__module__": stage.__module__, "__qualname__": stage.__qualname__})
+
+
+def _reporting_init_errors(cls: type[Any], first_call: str) -> type:
+    """``cls`` (same name, so Ray's process titles keep it) whose ``__init__``'s ModscanError is
+    raised, as a :class:`StageError`, by its ``first_call`` method instead: Ray keeps only the text
+    of an actor's failed ``__init__``, a call's exception reaches the caller whole."""
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        self.init_error = None
+        try:
+            cls.__init__(self, *args, **kwargs)
+        except ModscanError as e:
+            self.init_error = e
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.init_error is not None:
+            raise StageError(self.init_error)
+        return getattr(cls, first_call)(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, first_call: call, "__doc__": cls.__doc__,
+                                        "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 def worker_error(e: BaseException) -> ModscanError | None:

@@ -101,6 +101,20 @@ def test_shard_servers_decide_like_the_single_copy_index(tmp_path: Path, ray_clu
         np.testing.assert_array_equal(sharded.cascade.score_fine(q512[:2], I), single.cascade.score_fine(q512[:2], I))
 
 
+def test_a_server_that_cannot_load_its_version_says_why(tmp_path: Path, ray_cluster) -> None:
+    from jobs.ray_stages import raise_worker_error
+    from pipeline.gallery.store import GalleryNotFound
+
+    _version(tmp_path / "g", CoarseIndexSpec("flat"), n=200)
+    cfg = JobConfig(gallery_shard_servers=2, gallery_cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(GalleryNotFound, match="gallery version v000009 has no manifest"):
+        try:
+            with shard_servers(cfg, str(tmp_path / "g"), "v000009"):
+                pass
+        except Exception as e:
+            raise_worker_error(e)  # what the job's _fail does with it
+
+
 def test_a_server_holds_only_its_shards(tmp_path: Path) -> None:
     coarse, _ = _version(tmp_path / "g", CoarseIndexSpec("flat"), n=500)
     version = G.open_gallery(str(tmp_path / "g"), None).version
