@@ -56,7 +56,8 @@ class GalleryShardServer:
         att = NodeCache(cache_dir).attach(gallery_uri, version)
         self.version, self.n_shards = att.manifest.version, len(att.manifest.shards)
         self.shard_numbers = server_shards(self.n_shards, server, n_servers)
-        self.index = att.cascade(nprobe=nprobe, ef_search=ef_search, shards=self.shard_numbers)
+        # on the CPU: a server claims no GPU (its point is memory; the Moderators' GPUs run the model)
+        self.index = att.cascade(use_gpu=False, nprobe=nprobe, ef_search=ef_search, shards=self.shard_numbers)
         for s, shard in zip(self.shard_numbers, self.index.shards):
             ids = np.asarray(shard.ids, np.int64)
             if len(ids) and np.any(ids % self.n_shards != s):  # the client routes each id to shard id % n
