@@ -16,10 +16,10 @@ vectors of their ids, copied into its memory. The Moderator actors hold no vecto
   scattered back.
 
 The decisions are the single-copy index's. Ray stays in ``jobs/``: the client calls the servers
-through :class:`ShardServers`, which the job implements over Ray actor handles. Entries, memberships, hash lists and keypoints still
-come from the node cache in each Moderator (small per entry, or read from disk when used). Each
-batch costs one round-trip per server for the coarse stage and one per server holding a
-candidate for the rerank (docs/clusters.md, "When to shard").
+through :class:`ShardServers`, which the job implements over Ray actor handles. Entries,
+memberships, hash lists and keypoints still come from the node cache in each Moderator (small per
+entry, or read from disk when used). Each batch costs one round-trip per server for the coarse
+stage and one per server holding a candidate for the rerank (docs/clusters.md, "When to shard").
 """
 
 from __future__ import annotations
