@@ -227,6 +227,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """``modscan bench ...``: each benchmark module registers its own sub-command (``add_parser``)."""
     from jobs.bench_decode import add_parser as add_bench_decode
     from jobs.bench_hashes import add_parser as add_bench_hashes
+    from jobs.bench_job import add_parser as add_bench_job
     from jobs.bench_memory import add_parser as add_bench_memory
     from jobs.bench_model import add_parser as add_bench_model
     from jobs.bench_pipeline import add_parser as add_bench_pipeline
@@ -236,10 +237,10 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     from jobs.bench_search import add_parser as add_bench_search
     from jobs.bench_waves import add_parser as add_bench_waves
 
-    p = sub.add_parser("bench", help="benchmarks: search, decode, pipeline, memory, model, retro, hashes, scale, resume")
+    p = sub.add_parser("bench", help="benchmarks: search, decode, pipeline, memory, job, model, retro, hashes, scale, resume, waves")
     bs = p.add_subparsers(dest="bcmd", required=True)
     for add in (add_bench_search, add_bench_decode, add_bench_pipeline, add_bench_memory, add_bench_model,
-                add_bench_retro, add_bench_hashes, add_bench_scale, add_bench_resume, add_bench_waves):
+                add_bench_retro, add_bench_hashes, add_bench_scale, add_bench_resume, add_bench_waves, add_bench_job):
         add(bs)
 
 
