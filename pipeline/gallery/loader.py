@@ -27,12 +27,15 @@ _CHUNK = 8 << 20
 _ST_DTYPES = {"F16": np.float16, "F32": np.float32, "I8": np.int8, "I64": np.int64}
 
 
-def stream_sha256(vstore: Store, name: str) -> str:
-    """sha256 of a file read in chunks (memory stays at one chunk whatever the file size)."""
+def stream_sha256(vstore: Store, name: str, sink: Any = None) -> str:
+    """sha256 of a file read in chunks (memory stays at one chunk whatever the file size); each
+    chunk is also written to ``sink`` (a binary file) when one is given."""
     h = hashlib.sha256()
     with vstore.fs.open_input_stream(vstore.path(name)) as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
+            if sink is not None:
+                sink.write(chunk)
     return h.hexdigest()
 
 

@@ -219,13 +219,12 @@ class NodeCache:
 
 def _copy_verified(vstore: Store, name: str, sha: str, dest: Path) -> None:
     """Stream a file to ``dest`` through sha256."""
-    h = hashlib.sha256()
-    with vstore.fs.open_input_stream(vstore.path(name)) as f, open(dest, "wb") as out:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            out.write(chunk)
-    if h.hexdigest() != sha:
-        raise checksum_mismatch(vstore, name, sha, h.hexdigest())
+    from pipeline.gallery.loader import stream_sha256
+
+    with open(dest, "wb") as out:
+        actual = stream_sha256(vstore, name, sink=out)
+    if actual != sha:
+        raise checksum_mismatch(vstore, name, sha, actual)
 
 
 def _write_entries(vstore: Store, m: Manifest, dest: Path) -> None:
