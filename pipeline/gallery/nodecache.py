@@ -61,7 +61,6 @@ from pipeline.ingest.storage import Store, open_store
 CACHE_FORMAT = 1
 KEEP_VERSIONS = 2
 ENV_VAR = "MODSCAN_GALLERY_CACHE"
-_CHUNK = 8 << 20
 _DICT_COLUMNS = ("bank", "category", "action")
 # the version locks this process holds (shared, for its lifetime): path -> open lock file
 _HELD: dict[str, Any] = {}
