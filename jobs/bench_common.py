@@ -204,7 +204,7 @@ class VectorFactory:
             self.last_bases[i:i + m] = idx
         return out
 
-    def _heads(self, pooled: np.ndarray, head: str) -> np.ndarray:
+    def heads(self, pooled: np.ndarray, head: str) -> np.ndarray:
         import torch
 
         m = self.s["model"]
@@ -228,7 +228,7 @@ class VectorFactory:
         P = np.concatenate([P, np.clip(self.reference_bases[:n_ref] * jitter, 1e-6, None)])
         self.reference_rows = np.arange(n - n_ref, n)
         self.gallery_base = np.concatenate([base, len(self.gallery_bases) + np.arange(n_ref)])
-        return P, self._heads(P, "a1"), self._heads(P, "red")
+        return P, self.heads(P, "a1"), self.heads(P, "red")
 
     def _displaced(self, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pooled features displaced by real edit displacements -> (low-res query, high-res query)."""
@@ -242,7 +242,7 @@ class VectorFactory:
         src = rows[self.rng.integers(0, len(rows), n_pos)]
         lo, hi = self._displaced(P_gallery[src])
         nlo, nhi = self._displaced(self.pooled(n_neg, held_out=True))
-        q128 = np.concatenate([self._heads(lo, "a2"), self._heads(nlo, "a2")])
-        q512 = np.concatenate([self._heads(hi, "red"), self._heads(nhi, "red")])
+        q128 = np.concatenate([self.heads(lo, "a2"), self.heads(nlo, "a2")])
+        q512 = np.concatenate([self.heads(hi, "red"), self.heads(nhi, "red")])
         truth = np.concatenate([src, -np.ones(n_neg, np.int64)])
         return q128, q512, truth

@@ -109,8 +109,8 @@ def write_big_version(root: Path, n: int, vf: VectorFactory, card: Any, real: di
         for a in range(0, len(syn), 200_000):
             m = min(200_000, len(syn) - a)
             P = vf.pooled(m)
-            parts128.append(vf._heads(P, "a1"))
-            parts512.append(vf._heads(P, "red").astype(np.float16))
+            parts128.append(vf.heads(P, "a1"))
+            parts512.append(vf.heads(P, "red").astype(np.float16))
         rows = ids[ids >= n_syn] - n_syn
         parts128.append(real["coarse"][rows])
         parts512.append(real["rerank"][rows].astype(np.float16))

@@ -149,7 +149,7 @@ def _object_store_arrays(gallery: str, version: str, cache_root: Path) -> Any:
     c = att.cascade()
     coarse = [faiss.downcast_index(s.index).reconstruct_n(0, s.ntotal).astype(np.float16) for s in c.shards]
     return ray.put({"coarse": coarse, "labels": [np.asarray(s.ids) for s in c.shards], "ids": np.asarray(c.sorted_ids),
-                    "rerank": np.asarray(c.rerank_matrix), "rows": None if c._row_of is None else np.asarray(c._row_of),
+                    "rerank": np.asarray(c.rerank_matrix), "rows": None if c.row_table is None else np.asarray(c.row_table),
                     "entries": att.entries()})
 
 

@@ -72,8 +72,8 @@ def test_cached_version_decides_like_a_private_copy_and_maps_its_arrays(tmp_path
     # the big arrays are views of files, not copies in this process
     assert isinstance(shared.cascade.rerank_matrix.base, np.memmap)
     assert isinstance(shared.cascade.sorted_ids.base, np.memmap)
-    ids_col = shared._entries.column("id").chunk(0)
-    assert ids_col.buffers()[1].address != 0 and not isinstance(shared._entries, pd.DataFrame)
+    ids_col = shared.entries_table.column("id").chunk(0)
+    assert ids_col.buffers()[1].address != 0 and not isinstance(shared.entries_table, pd.DataFrame)
     assert shared.entries.shape == private.entries.shape  # the DataFrame tools read is still there
     (row,) = cached_status(tmp_path / "cache")
     assert row["version"] == private.version and row["bytes"] > 0

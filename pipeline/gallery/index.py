@@ -370,10 +370,10 @@ class CascadeIndex:
         return self._read_only(self._rerank)
 
     @property
-    def dense_row_table(self) -> bool:
-        """Whether ids find their rows through a dense id -> row table (compact ids) rather than a
-        binary search (sparse ids)."""
-        return self._row_of is not None
+    def row_table(self) -> np.ndarray | None:
+        """The dense id -> row table (read-only) when ids are compact, or None when ids are sparse
+        (rows are then found by binary search)."""
+        return None if self._row_of is None else self._read_only(self._row_of)
 
     @staticmethod
     def _read_only(a: np.ndarray) -> np.ndarray:

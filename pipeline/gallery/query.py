@@ -238,6 +238,11 @@ class GalleryIndex:
         self._members = Memberships.of(entries, self.banks, self.bank_threshold, self.disabled)
 
     @property
+    def entries_table(self) -> pa.Table | pd.DataFrame:
+        """The entries as loaded: a mapped Arrow table from the node cache, else a DataFrame."""
+        return self._entries
+
+    @property
     def entries(self) -> pd.DataFrame:
         """The entries (one row per id and bank) as a DataFrame, for tools (``lookup``, review):
         made on first use from a node-cache version's mapped table, which the job never needs."""
