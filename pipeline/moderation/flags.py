@@ -164,7 +164,7 @@ def verify_staged(out: Store, run_id: str, expected_keys: int | None, input_keys
             "by_action": by("action"), "by_error_code": by("error_code"), "by_bank": by("bank")}
 
 
-def wait_for_commits(out: Store, part: str, run_id: str, stale_s: float = COMMIT_STALE_S) -> None:
+def wait_for_commits(out: Store, part: str, run_id: str, stale_s: float | None = None) -> None:
     """Return once no other run of ``part`` is committing (a retro run reads the partition it will
     replace only after this, so it never reads one half-swapped)."""
     wait_for_other_commits(out, part, run_id, time.time(), stale_s)
@@ -201,7 +201,7 @@ def _publish_in_place(out: Store, part: str, folder: str, files: list[str], name
 
 
 def commit_partition(out: Store, dt: str, run_id: str, run_info: dict[str, Any],
-                     stale_s: float = COMMIT_STALE_S, schema: pa.Schema = FILE_SCHEMA, *,
+                     stale_s: float | None = None, schema: pa.Schema = FILE_SCHEMA, *,
                      folder: str | None = None, files: list[str] | None = None, stage: str | None = None,
                      clean_up: bool = True) -> str:
     """Publish staged files of ``run_id`` as partition ``dt`` (a day or an hour), replacing any

@@ -42,7 +42,14 @@ STAGING = "_staging"
 CHUNKS = "chunks"
 VOID = "void"
 PLAN = "plan.json"
-COMMIT_STALE_S = 120.0   # a committing heartbeat older than this belongs to a dead run
+COMMIT_STALE_S = 120.0   # a committing heartbeat older than this belongs to a dead run (MODSCAN_COMMIT_STALE_S)
+
+
+def commit_stale_s(stale_s: float | None = None) -> float:
+    """``stale_s`` if given, else ``$MODSCAN_COMMIT_STALE_S``, else :data:`COMMIT_STALE_S`: the age
+    at which a committing heartbeat is taken for a dead run's. Raise it where one object-store write
+    can take longer than a minute; every run writing one output must use the same value."""
+    return stale_s if stale_s is not None else float(os.environ.get("MODSCAN_COMMIT_STALE_S", COMMIT_STALE_S))
 
 
 def staging_key(run_id: str) -> str:
@@ -135,16 +142,17 @@ def committing_heartbeat_age(out: Store, run_id: str) -> float | None:
     return hb[0] if hb else None
 
 
-def _committing(out: Store, folder: str, stale_s: float = COMMIT_STALE_S) -> bool:
+def _committing(out: Store, folder: str, stale_s: float | None = None) -> bool:
     hb = read_heartbeat(out, folder)
-    return hb is not None and hb[0] < stale_s
+    return hb is not None and hb[0] < commit_stale_s(stale_s)
 
 
-def wait_for_other_commits(out: Store, part: str, run_id: str, since: float, stale_s: float = COMMIT_STALE_S) -> None:
+def wait_for_other_commits(out: Store, part: str, run_id: str, since: float, stale_s: float | None = None) -> None:
     """Return once no run of a partition that conflicts with ``part`` (the same one, or a day and
     one of its hours) that began committing before ``since`` still commits. The earlier commit goes
     first, so two commits never wait for each other; a heartbeat older than ``stale_s`` belongs to
-    a killed run."""
+    a killed run (:func:`commit_stale_s`)."""
+    stale_s = commit_stale_s(stale_s)
     while True:
         busy = []
         for f in staged_folders(out):
