@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs.job_config import JobConfig
-from jobs.ray_stages import shard_servers
+from jobs.runtime.job_config import JobConfig
+from jobs.runtime.ray_stages import shard_servers
 from pipeline import gallery as G
 from pipeline.gallery.banks import Bank
 from pipeline.gallery.index import CoarseIndexSpec
@@ -102,7 +102,7 @@ def test_shard_servers_decide_like_the_single_copy_index(tmp_path: Path, ray_clu
 
 
 def test_a_server_that_cannot_load_its_version_says_why(tmp_path: Path, ray_cluster) -> None:
-    from jobs.ray_stages import raise_worker_error
+    from jobs.runtime.ray_stages import raise_worker_error
     from pipeline.gallery.store import GalleryNotFound
 
     _version(tmp_path / "g", CoarseIndexSpec("flat"), n=200)
@@ -159,7 +159,7 @@ def _flag_rows(out: Path, day: str) -> pd.DataFrame:
 def test_a_job_with_two_shard_servers_writes_the_rows_of_one_without(ops_world, ray_cluster, tmp_path: Path) -> None:
     from operator_world import DAY
 
-    from jobs.run import moderate
+    from jobs.runtime.run import moderate
 
     rows = {}
     for n in (0, 2):
@@ -195,7 +195,7 @@ def _kill_server_when_busy(out: Path, stop: threading.Event, killed: list[int]) 
 def test_a_shard_server_killed_mid_job_loses_no_upload(ops_world, ray_cluster, tmp_path: Path) -> None:
     from operator_world import DAY
 
-    from jobs.run import moderate
+    from jobs.runtime.run import moderate
 
     src = tmp_path / "up"
     for i in range(4):  # enough batches of 2 that the kill lands mid-job

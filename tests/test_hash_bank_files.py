@@ -148,7 +148,7 @@ def _version_with_lists(tmp_path: Path, n_pdq: int = 3000) -> tuple[Store, np.nd
 def _near(codes: np.ndarray, seed: int = 1) -> list[str]:
     """Queries: entries with 0-40 bits flipped, and unrelated hashes."""
     rng = np.random.default_rng(seed)
-    from jobs.bench_hashes import flip_bits
+    from jobs.bench.hashes import flip_bits
 
     q = flip_bits(codes[rng.integers(0, len(codes), 200)], rng.integers(0, 41, 200), rng)
     return [c.tobytes().hex() for c in np.concatenate([q, rng.integers(0, 256, (50, 32), dtype=np.uint8)])]

@@ -85,9 +85,9 @@ def world(tmp_path_factory, shipped_model_dir):
 @pytest.fixture(scope="module")
 def run(world):
     """Build (images + hash lists), export the image bank, import it as a pdq bank, moderate a day."""
-    from jobs.gallery_cmd import ray_extractor
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate
+    from jobs.commands.gallery_cmd import ray_extractor
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.gallery.banks import Bank, load_banks

@@ -1,11 +1,11 @@
-"""jobs/bench_common.py: the synthetic vector factory the search and memory benchmarks share."""
+"""jobs/bench/common.py: the synthetic vector factory the search and memory benchmarks share."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from jobs.bench_common import VectorFactory
+from jobs.bench.common import VectorFactory
 
 
 def _stats(c: int = 48) -> dict:

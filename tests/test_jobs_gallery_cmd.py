@@ -1,4 +1,4 @@
-"""jobs/gallery_cmd.py: modscan gallery build/add/remove from S3 and the command line."""
+"""jobs/commands/gallery_cmd.py: modscan gallery build/add/remove from S3 and the command line."""
 
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def test_gallery_add_and_remove_through_the_cli(tmp_path, tiny_model_dir, monkey
     thresholds kept (not the model card's), a new bank declared with --banks. Features are extracted
     without Ray (the CLI's Ray extractor is swapped for the same code run locally)."""
 
-    from jobs import gallery_cmd
     from jobs.cli import main
+    from jobs.commands import gallery_cmd
     from pipeline.gallery import audit as A
 
     monkeypatch.setattr(gallery_cmd, "ray_extractor",
@@ -104,7 +104,7 @@ def test_an_unknown_gallery_command_is_a_usage_error() -> None:
 
     import pytest
 
-    from jobs.gallery_cmd import run
+    from jobs.commands.gallery_cmd import run
     from pipeline.errors import UsageError
 
     with pytest.raises(UsageError, match="unknown gallery command 'frobnicate'"):

@@ -11,7 +11,7 @@ def test_gpu_check_without_cuda(capsys, tmp_path):
     from jobs.cli import main
 
     if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present: the full check is run by hand (see jobs/gpu_check.py)")
+        pytest.skip("a CUDA device is present: the full check is run by hand (see jobs/commands/gpu_check.py)")
     assert main(["gpu-check", "--out", str(tmp_path / "gpu_check.json")]) == 1
     assert "no CUDA device: nothing to check" in capsys.readouterr().out
     assert not (tmp_path / "gpu_check.json").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.hashes_cmd import add_parser, fetch_entries, parse_collab, write_fetched
+from jobs.commands.hashes_cmd import add_parser, fetch_entries, parse_collab, write_fetched
 from pipeline.errors import ModscanError, UsageError
 from pipeline.signals.lists import HashEntry, format_signal_file, read_list
 

@@ -1,4 +1,4 @@
-"""jobs/job_config.py: the shipped job config loads; every problem of a bad one is reported as
+"""jobs/runtime/job_config.py: the shipped job config loads; every problem of a bad one is reported as
 FILE:LINE: message; the query overrides the job and ``lookup`` share."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import textwrap
 import pytest
 from conftest import ROOT
 
-from jobs.job_config import JobConfig, JobConfigError
+from jobs.runtime.job_config import JobConfig, JobConfigError
 from pipeline.errors import UsageError
 from pipeline.ingest.decode import DecodeConfig
 

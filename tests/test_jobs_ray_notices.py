@@ -1,4 +1,4 @@
-"""jobs/ray_notices.py: Ray's #53727 line dropped from a file descriptor, everything else kept.
+"""jobs/runtime/ray_notices.py: Ray's #53727 line dropped from a file descriptor, everything else kept.
 
 A child process writes to the descriptor the way Ray's native logger does (os.write on fd 2, not
 through Python's sys.stderr), so the filter is tested where the real line comes from."""
@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from jobs.ray_notices import RAY_53727
+from jobs.runtime.ray_notices import RAY_53727
 
 RAY_LINE = ("[2026-12-05 00:56:20,171 E 16896 16896] core_worker.cc:2465: Actor with class name: "
             "'MapWorker(MapBatches(Fetcher))' and ID: 'ffd4' has constructor arguments in the object store and "
@@ -21,7 +21,7 @@ RAY_LINE = ("[2026-12-05 00:56:20,171 E 16896 16896] core_worker.cc:2465: Actor 
 def _run(body: str, tmp_path: Path) -> str:
     """``body`` run inside ``dropping_lines()`` in a fresh interpreter whose stderr is a file. -> that file."""
     script = tmp_path / "child.py"
-    script.write_text("import os, sys, time\nfrom jobs.ray_notices import dropping_lines\n"
+    script.write_text("import os, sys, time\nfrom jobs.runtime.ray_notices import dropping_lines\n"
                       "with dropping_lines():\n" + textwrap.indent(textwrap.dedent(body), "    ") + "print('after', file=sys.stderr)\n")
     err = tmp_path / "err.txt"
     with err.open("wb") as f:

@@ -1,4 +1,4 @@
-"""jobs/ray_stages.py without a cluster: what a worker's ModscanError looks like on the driver.
+"""jobs/runtime/ray_stages.py without a cluster: what a worker's ModscanError looks like on the driver.
 
 The run on a real cluster (an actor that fails in ``__init__``, read by the CLI) is
 ``test_jobs_run_inputs.py::test_a_modscan_error_raised_in_an_actor_reaches_the_cli_as_its_own_line``.
@@ -11,7 +11,7 @@ import pickle
 import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 
-from jobs.ray_stages import StageError, worker_error
+from jobs.runtime.ray_stages import StageError, worker_error
 from pipeline.errors import InputError
 
 
@@ -45,7 +45,7 @@ def test_driver_errors_pass_and_other_failures_are_not_modscan_errors() -> None:
 
 
 def test_raise_worker_error_raises_the_stage_error_chained_or_the_failure_itself() -> None:
-    from jobs.ray_stages import raise_worker_error
+    from jobs.runtime.ray_stages import raise_worker_error
 
     error = InputError("gallery g: checksum mismatch (refusing to load)")
     remote = _remote(StageError(error))

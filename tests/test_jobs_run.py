@@ -1,4 +1,4 @@
-"""jobs/run.py and jobs/moderate_cmd.py end to end on a real local Ray cluster against a real S3 endpoint (moto server).
+"""jobs/runtime/run.py and jobs/commands/moderate_cmd.py end to end on a real local Ray cluster against a real S3 endpoint (moto server).
 
 A gallery of three banks is built from S3 with Ray actors; a day of uploads (edited copies of
 gallery images, unrelated photos, every Pillow mode of the shared edge cases, broken files, odd
@@ -103,7 +103,7 @@ def world(tmp_path_factory, shipped_model_dir):
 
 @pytest.fixture(scope="module")
 def gallery(world):
-    from jobs.gallery_cmd import ray_extractor
+    from jobs.commands.gallery_cmd import ray_extractor
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.gallery.banks import load_banks
@@ -117,8 +117,8 @@ def gallery(world):
 
 @pytest.fixture(scope="module")
 def first_run(world, gallery):
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate
 
     info = moderate(f"s3://uploads-e2e/{DAY}/", gallery, "s3://flags-e2e/flags", DAY, cfg=JobConfig(batch_size=16))
     return info
@@ -211,8 +211,8 @@ def test_pandas_and_duckdb_read_the_hive_partition(world, first_run) -> None:
 
 
 def test_rerun_of_the_same_date_replaces_the_partition(world, gallery, first_run) -> None:
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate
 
     before = _read_partition(DAY).sort_values("image_key").reset_index(drop=True)
     info = moderate(f"s3://uploads-e2e/{DAY}/", gallery, "s3://flags-e2e/flags", DAY, cfg=JobConfig(batch_size=16),
@@ -225,8 +225,8 @@ def test_rerun_of_the_same_date_replaces_the_partition(world, gallery, first_run
 
 
 def test_manifest_input_with_a_missing_key(world, gallery) -> None:
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate
 
     s3 = world["s3"]
     keys = [f"s3://uploads-e2e/{DAY}/other/moon.jpg", f"s3://uploads-e2e/{DAY}/copies/astronaut-3-flip.jpg",
@@ -250,8 +250,8 @@ def test_manifest_input_with_a_missing_key(world, gallery) -> None:
 
 
 def test_backfill_three_days_and_resume_after_a_deleted_partition(world, gallery) -> None:
-    from jobs.job_config import JobConfig
-    from jobs.moderate_cmd import backfill
+    from jobs.commands.moderate_cmd import backfill
+    from jobs.runtime.job_config import JobConfig
     from pipeline.ingest.storage import open_store
 
     tmp = world["tmp"]

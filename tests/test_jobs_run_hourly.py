@@ -1,4 +1,4 @@
-"""Hourly partitions end to end (jobs/moderate_cmd.py, jobs/run.py, pipeline/moderation/flags.py) on a
+"""Hourly partitions end to end (jobs/commands/moderate_cmd.py, jobs/runtime/run.py, pipeline/moderation/flags.py) on a
 real local Ray cluster: ``modscan moderate --hour``, ``modscan hourly``, ``backfill`` over hours,
 read back by ``read_flags``, pandas and DuckDB next to a day partition of another date; a day that
 would hold both forms is refused, and with ``--allow-mixed-day`` every reader sees both.
@@ -121,7 +121,7 @@ def test_backfill_over_hours_and_a_missing_hour(world, capsys) -> None:
 
 
 def test_hourly_defaults_to_the_last_full_hour(world, capsys, monkeypatch) -> None:
-    import jobs.moderate_cmd as M
+    import jobs.commands.moderate_cmd as M
 
     w = world
     monkeypatch.setattr(M.F, "previous_hour", lambda: f"{DAY}T08")

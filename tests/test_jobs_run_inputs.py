@@ -1,4 +1,4 @@
-"""jobs/run.py and the CLI on their inputs, before Ray starts (with pipeline/ingest/plan.py): nothing
+"""jobs/runtime/run.py and the CLI on their inputs, before Ray starts (with pipeline/ingest/plan.py): nothing
 silently lost, nothing read that shouldn't be: dates, missing and empty inputs, manifests and the key
 policy, and operator errors (config values, a corrupted gallery, an output that is a file, --debug).
 
@@ -153,7 +153,7 @@ def test_manifest_keys_are_strings_and_bad_lines_are_numbered(capsys, tmp_path, 
 
 
 def test_key_policy(tmp_path) -> None:
-    from jobs.job_config import JobConfig
+    from jobs.runtime.job_config import JobConfig
     from pipeline.errors import UsageError
     from pipeline.ingest.storage import ForbiddenKey, KeyPolicy
 

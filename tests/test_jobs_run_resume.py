@@ -1,4 +1,4 @@
-"""jobs/run.py's chunked runs on real parts: a driver SIGKILLed mid-run and its rerun (local disk and
+"""jobs/runtime/run.py's chunked runs on real parts: a driver SIGKILLed mid-run and its rerun (local disk and
 a moto S3 server), a run that failed and its rerun, a rerun after a gallery change.
 
 The rerun must decode only the uploads of the chunks the killed run had not finished (counted by
@@ -91,8 +91,8 @@ def _sorted(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_driver_killed_mid_run_the_rerun_decodes_only_the_chunks_not_done(gallery, ray_cluster, tmp_path) -> None:
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate
 
     src = _folder(tmp_path / "up", 47)
     keys = sorted(p.name for p in src.iterdir())
@@ -176,8 +176,8 @@ class _FailsOnRocket:
 def test_a_failed_run_is_resumed_and_a_gallery_change_starts_over(gallery, ray_cluster, tmp_path) -> None:
     import shutil
 
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate, summary
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate, summary
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.errors import ModscanError

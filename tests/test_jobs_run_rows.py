@@ -1,4 +1,4 @@
-"""jobs/run.py on a real local Ray cluster, on its inputs: every listed object a row (markers
+"""jobs/runtime/run.py on a real local Ray cluster, on its inputs: every listed object a row (markers
 excepted), the gallery version pinned for actors and the review page, a Moderator exception as
 internal_error rows, a ModscanError from an actor as its own line, forbidden manifest keys never read,
 a backfill over a missing day (committed Parquet read back with pandas). The checks that fail before
@@ -54,8 +54,8 @@ def day_run(gallery, ray_cluster, tmp_path_factory):
     between the driver's resolve and the actors' start; one batch fails inside the Moderator."""
     from ray import cloudpickle
 
-    from jobs.job_config import JobConfig
-    from jobs.run import execute_run, prepare_run
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import execute_run, prepare_run
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.ingest.storage import open_store
@@ -87,7 +87,7 @@ def day_run(gallery, ray_cluster, tmp_path_factory):
 
 
 def test_every_listed_object_gets_a_row_except_markers(day_run) -> None:
-    from jobs.run import summary
+    from jobs.runtime.run import summary
 
     df, info = day_run["df"], day_run["info"]
     assert sorted(df.index) == sorted(DAY_KEYS) and df.index.is_unique
@@ -146,8 +146,8 @@ def test_a_modscan_error_raised_in_an_actor_reaches_the_cli_as_its_own_line(caps
 
 
 def test_manifest_rows_forbidden_keys_are_never_read(ray_cluster, gallery, tmp_path) -> None:
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate
 
     m, allowed, other = tmp_path / "m", tmp_path / "allowed", tmp_path / "other"
     for p, seed in ((m / "007.jpg", 1), (m / "sub" / "a.jpg", 2), (m / "100075", 3), (allowed / "b.jpg", 4),

@@ -1,4 +1,4 @@
-"""jobs/waves.py and jobs/waves_cmd.py on a real S3 endpoint (moto server) with an hourly partition:
+"""jobs/runtime/waves.py and jobs/commands/waves_cmd.py on a real S3 endpoint (moto server) with an hourly partition:
 ``modscan moderate --hour`` with ``[job] waves``, the hour's committed waves read back, its review
 page's Waves section, and ``gallery add --from-wave --hour``. The day-partition tests on local disk
 are in ``test_moderation_waves.py``."""

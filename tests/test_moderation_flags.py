@@ -141,15 +141,15 @@ def test_abandon_that_cannot_remove_staging_logs_a_warning(tmp_path, monkeypatch
 def test_an_unreadable_timing_record_is_left_out_with_a_warning(tmp_path, caplog) -> None:
     import json
 
-    from jobs.run import sum_timings
+    from jobs.runtime.run import sum_timings
 
     st = open_store(str(tmp_path / "timings"), create=True)
     st.write_text("a.json", json.dumps({"survivors": 3, "decoded": 5, "seconds": {"search": 0.5}}))
     st.write_text("b.json", '{"survivors": 4, "deco')  # half-written by a killed actor
-    with caplog.at_level("WARNING", logger="jobs.run"):
+    with caplog.at_level("WARNING", logger="jobs.runtime.run"):
         tot = sum_timings(st)
     assert tot == {"survivors": 3, "decoded": 5, "search": 0.5}
-    (rec,) = [r for r in caplog.records if r.name == "jobs.run"]
+    (rec,) = [r for r in caplog.records if r.name == "jobs.runtime.run"]
     assert "timing record b.json unreadable" in rec.getMessage() and rec.exc_info is not None
 
 

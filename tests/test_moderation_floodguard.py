@@ -97,8 +97,8 @@ def test_job_holds_floods_and_writes_metrics(ops_world, ray_local, tmp_path) -> 
     from prometheus_client.parser import text_string_to_metric_families
     from pushgateway_stub import pushgateway
 
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate, summary
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate, summary
     from pipeline.ingest.storage import open_store
 
     with pushgateway() as gw:

@@ -1,4 +1,4 @@
-"""pipeline/moderation/waves.py and wave_output.py, jobs/waves.py and waves_cmd.py (``modscan waves``),
+"""pipeline/moderation/waves.py and wave_output.py, jobs/runtime/waves.py and waves_cmd.py (``modscan waves``),
 the review page's Waves section and ``gallery add --from-wave``.
 
 Unit tests of the parts (no Ray), then one module-scoped world on a real local Ray cluster: a day
@@ -129,7 +129,7 @@ def test_an_upload_that_cannot_be_read_again_is_a_row_with_its_error_not_a_failu
 
 
 def test_wave_keys_in_a_job_config_file_are_checked_at_their_line(tmp_path) -> None:
-    from jobs.job_config import JobConfig, JobConfigError
+    from jobs.runtime.job_config import JobConfig, JobConfigError
 
     p = tmp_path / "job.toml"
     p.write_text("[job]\nwaves = true\nwave_min_size = 1\nwave_fine_threshold = 2.0\n")
@@ -142,8 +142,8 @@ def test_wave_keys_in_a_job_config_file_are_checked_at_their_line(tmp_path) -> N
 
 
 def test_hourly_partitions_are_clustered_hour_by_hour_and_missing_parts_are_named(tmp_path) -> None:
-    from jobs.waves import prepare_waves
-    from jobs.waves_cmd import partition_arg
+    from jobs.commands.waves_cmd import partition_arg
+    from jobs.runtime.waves import prepare_waves
     from pipeline.errors import ModscanError
 
     out = tmp_path / "flags"
@@ -192,7 +192,7 @@ def _make_day(root: Path) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, shipped_model_dir, ray_cluster):
     from jobs.cli import main
-    from jobs.job_config import JobConfig
+    from jobs.runtime.job_config import JobConfig
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.gallery.banks import Bank
@@ -315,7 +315,7 @@ def test_a_commit_that_fails_verification_publishes_nothing(world, passes) -> No
 
 @pytest.mark.slow
 def test_errors_name_what_is_missing(world, tmp_path) -> None:
-    from jobs.waves import prepare_waves
+    from jobs.runtime.waves import prepare_waves
     from pipeline.errors import ModscanError
 
     with pytest.raises(ModscanError, match="no committed flags partition.*run `modscan moderate`"):

@@ -122,7 +122,7 @@ def test_lookup_with_a_job_config_searches_an_ivf_gallery_like_the_job(ops_world
     from dataclasses import replace
 
     from jobs.cli import main
-    from jobs.job_config import JobConfig
+    from jobs.runtime.job_config import JobConfig
     from pipeline.ingest.decode import DecodeConfig, Decoder
     from pipeline.ingest.fetch import Fetcher
     from pipeline.moderation.moderator import Moderator, RunContext

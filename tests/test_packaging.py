@@ -24,7 +24,7 @@ def test_the_commands_import_no_test_helper() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, jobs.cli, jobs.run, jobs.moderate_cmd, jobs.gallery_cmd, jobs.bench_search, jobs.bench_memory, "
-            "jobs.bench_decode, jobs.bench_pipeline, jobs.bench_baseline; print('moto' in sys.modules)")
+    code = ("import sys, jobs.cli, jobs.runtime.run, jobs.commands.moderate_cmd, jobs.commands.gallery_cmd, jobs.bench.search, jobs.bench.memory, "
+            "jobs.bench.decode, jobs.bench.pipeline, jobs.bench.baseline; print('moto' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]

@@ -42,8 +42,8 @@ def world(tmp_path_factory, shipped_model_dir):
     import boto3
     import ray
 
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.evaluation.samples import procedural
@@ -116,8 +116,8 @@ def test_a_killed_retro_run_leaves_the_partition_as_it_was(world) -> None:
 
 
 def test_retro_flags_exactly_what_a_fresh_run_flags(world) -> None:
-    from jobs.retro import retro
-    from jobs.run import moderate
+    from jobs.runtime.retro import retro
+    from jobs.runtime.run import moderate
 
     before = _partition(FLAGS)
     rep = retro(GAL, world["v1"], DAY, DAY, FLAGS, cfg=world["cfg"])
@@ -158,7 +158,7 @@ def test_retro_flags_exactly_what_a_fresh_run_flags(world) -> None:
 
 
 def test_a_rerun_of_the_retro_run_changes_nothing(world) -> None:
-    from jobs.retro import retro
+    from jobs.runtime.retro import retro
 
     before = _objects(world["s3"], f"flags/dt={DAY}/")
     rep = retro(GAL, world["v1"], DAY, DAY, FLAGS, cfg=world["cfg"])
@@ -167,7 +167,7 @@ def test_a_rerun_of_the_retro_run_changes_nothing(world) -> None:
 
 
 def test_removing_a_reference_clears_its_past_flags(world) -> None:
-    from jobs.retro import retro
+    from jobs.runtime.retro import retro
     from pipeline import gallery as G
 
     before = _partition(FLAGS)
@@ -187,7 +187,7 @@ def test_removing_a_reference_clears_its_past_flags(world) -> None:
 
 
 def test_a_model_change_is_refused(world, tmp_path) -> None:
-    from jobs.retro import retro
+    from jobs.runtime.retro import retro
     from pipeline.ingest.storage import open_store
     from pipeline.schemas import SIGNATURE_SCHEMA
 
@@ -210,8 +210,8 @@ def test_nightly_with_retro_days_rechecks_days_decided_against_an_older_gallery(
     run, so ``retro_days = 1`` re-checks it; once it is at the current version nothing runs."""
     from dataclasses import replace
 
-    from jobs.retro import nightly_retro
-    from jobs.run import moderate
+    from jobs.runtime.retro import nightly_retro
+    from jobs.runtime.run import moderate
     from pipeline import gallery as G
 
     nightly_out = "s3://flags-retro/nightly"
@@ -237,8 +237,8 @@ def test_retro_re_decides_each_hour_of_an_hourly_day(world) -> None:
     committed hour of D and re-commits the hours whose decisions changed."""
     import random
 
-    from jobs.retro import retro
-    from jobs.run import moderate
+    from jobs.runtime.retro import retro
+    from jobs.runtime.run import moderate
     from pipeline import gallery as G
     from pipeline.evaluation.samples import procedural
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import pipeline.signals.index as ix
-from jobs.bench_hashes import bench_hashes, flip_bits, make_data
+from jobs.bench.hashes import bench_hashes, flip_bits, make_data
 from pipeline.signals.hashes import hamming, pack_hex
 from pipeline.signals.index import HashMatch, Md5Index, PdqIndex
 from pipeline.signals.lists import HashEntry

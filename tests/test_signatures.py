@@ -107,8 +107,8 @@ def day(tmp_path_factory, shipped_model_dir):
 
 
 def test_signatures_written_committed_and_verified(day, ray_cluster) -> None:
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate
     from pipeline.features import FeatureExtractor
     from pipeline.ingest.decode import DecodeConfig, Decoder
 
@@ -138,8 +138,8 @@ def test_signatures_written_committed_and_verified(day, ray_cluster) -> None:
 
 
 def test_write_signatures_false_writes_none(day, ray_cluster) -> None:
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate
 
     info = moderate(str(day / "up"), str(day / "gal"), str(day / "flags-off"), DAY,
                     cfg=JobConfig(batch_size=8, write_signatures=False), review=False)

@@ -1,9 +1,9 @@
-"""``modscan train --set key=value`` (jobs/train_cmd.py): values take their field's declared type,
+"""``modscan train --set key=value`` (jobs/commands/train_cmd.py): values take their field's declared type,
 old names of renamed settings are read under their new ones; bad ones are refused (exit 2)."""
 
 import pytest
 
-from jobs.train_cmd import parse_overrides
+from jobs.commands.train_cmd import parse_overrides
 from models.descriptor import Backbone
 from models.training import Adapter1Init, TrainConfig
 from pipeline.errors import UsageError

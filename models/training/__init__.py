@@ -25,7 +25,7 @@ The modules, in the order a run uses them:
 * ``backbone``: stage 1; ``cache``: the feature cache; ``adapters``: stages 2 and 3;
 * ``trainer``: :class:`Trainer` (the stages, the background bank, the card) and :func:`train`.
 
-The command line (``modscan train --set KEY=VALUE``) is ``jobs/train_cmd.py``.
+The command line (``modscan train --set KEY=VALUE``) is ``jobs/commands/train_cmd.py``.
 """
 
 from models.training.config import RENAMED, Adapter1Init, Stage, TrainConfig

@@ -3,7 +3,7 @@
 geometric verification), or a rejection with an error code.
 
 :class:`GalleryFeatureStage` is a plain stage (``__init__`` builds the model, ``__call__`` works
-on a decoded batch); ``jobs/gallery_cmd.py`` distributes it with Ray Data for ``gallery build``
+on a decoded batch); ``jobs/commands/gallery_cmd.py`` distributes it with Ray Data for ``gallery build``
 and ``add``; :func:`local_extractor` runs the same stage in-process (tests, review decisions,
 benchmarks, small galleries). Both give the :data:`~pipeline.gallery.update.Extractor` contract.
 """

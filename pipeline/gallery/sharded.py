@@ -1,7 +1,7 @@
 """Sharded serving: a gallery version too large for one node's memory, held by shard servers.
 
 With ``[job] gallery_shard_servers = N`` the job starts N :class:`GalleryShardServer` actors
-(``jobs/ray_stages.py``); server ``j`` holds the version's shards ``i`` with ``i % N == j``: their
+(``jobs/runtime/ray_stages.py``); server ``j`` holds the version's shards ``i`` with ``i % N == j``: their
 coarse indexes, mapped from its node's cache (:mod:`pipeline.gallery.nodecache`), and the rerank
 vectors of their ids, copied into its memory. The Moderator actors hold no vectors: their
 :class:`RemoteCascade` has the interface of :class:`~pipeline.gallery.index.CascadeIndex` that
@@ -81,7 +81,7 @@ class GalleryShardServer:
 
 class ShardServers(Protocol):
     """The job's shard servers as the client sees them: ``len`` of them, numbered from 0, and
-    :meth:`call`. ``jobs/ray_stages.py``'s ``RayShardServers`` calls Ray actors (``pipeline/``
+    :meth:`call`. ``jobs/runtime/ray_stages.py``'s ``RayShardServers`` calls Ray actors (``pipeline/``
     never imports Ray); :class:`LocalShardServers` calls objects in this process (tests, tools)."""
 
     def __len__(self) -> int: ...

@@ -4,7 +4,7 @@ Every listed object and every manifest row gets exactly one flag row, except the
 :data:`MARKER_NAMES` (and, when asked, names without an image extension), which are counted as
 skipped. A manifest key outside the allowed locations (:class:`~pipeline.ingest.storage.KeyPolicy`)
 is never read: it becomes a ``forbidden_key`` row. Plain domain logic, no Ray:
-``jobs/ray_stages.py`` turns an :class:`InputPlan` into a Ray dataset.
+``jobs/runtime/ray_stages.py`` turns an :class:`InputPlan` into a Ray dataset.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The moderation stage: decoded batches -> flag rows (:data:`~pipeline.schemas.FLAG_SCHEMA`).
 
 A plain class: heavy state (model, gallery) in ``__init__``, work in ``__call__(batch)``; Ray
-only distributes it (``jobs/ray_stages.py`` wires it with ``map_batches``), tests call it
+only distributes it (``jobs/runtime/ray_stages.py`` wires it with ``map_batches``), tests call it
 directly. It returns exactly one output row per input row, like every stage
 (:class:`~pipeline.ingest.fetch.Fetcher`, :class:`~pipeline.ingest.decode.Decoder`).
 """
@@ -44,7 +44,7 @@ class Moderator:
 
     Only rows with a coarse candidate get the 512-d high-res pass (the expensive part of the model
     run): that is the cascade's point, since most uploads match nothing. :meth:`search_rows` is the
-    one step a subclass replaces (the benchmark's single-stage baseline, ``jobs/bench_baseline.py``).
+    one step a subclass replaces (the benchmark's single-stage baseline, ``jobs/bench/baseline.py``).
     """
 
     def __init__(self, gallery_uri: str, ctx: RunContext, model_dir: str | None = None,

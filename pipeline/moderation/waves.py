@@ -25,7 +25,7 @@ the clustering pass over a committed partition, from the features the moderation
    every rerun. ``dup_rank`` 1 is the cluster's first upload by upload time (the object's
    modification time), then by key. A cluster of at least ``wave_min_size`` uploads is a **wave**.
 
-Every stage here is a plain class; ``jobs/waves.py`` distributes them with Ray Data.
+Every stage here is a plain class; ``jobs/runtime/waves.py`` distributes them with Ray Data.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ numpy arrays, so an index stored in a gallery version is memory-mapped rather th
   it is not used any more (``mih_faiss`` in the benchmark). ``IndexBinaryHNSW`` has no range
   search in faiss and is approximate (recall 0.72 at 100k): not used.
 
-Measured with ``modscan bench hashes`` (:mod:`jobs.bench_hashes`) on uniformly random PDQ-like
+Measured with ``modscan bench hashes`` (:mod:`jobs.bench.hashes`) on uniformly random PDQ-like
 hashes (5% near-duplicate variants) with planted near-duplicate queries at distance 31, 1 thread,
 2 CPU cores shared with other work (``AMD EPYC`` in ``/proc/cpuinfo``), faiss 1.15.1. Each index
 is built once and stored; "load s" is a fresh process opening it (mapping the file; for faiss's

@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from jobs.job_config import JobConfig
+from jobs.runtime.job_config import JobConfig
 from pipeline.errors import ModscanError
 from pipeline.ingest.decode import DecodeConfig
 from pipeline.ingest.plan import InputPlan, relative_key_rows
@@ -83,7 +83,7 @@ class ActorResources:
 def actor_resources(cfg: JobConfig) -> ActorResources:
     """The actor pool for ``cfg`` on the connected cluster: one actor per GPU (2 torch threads
     each) on a GPU cluster, else one per 2 CPUs with min(4, CPUs // actors) threads; ``cfg``'s
-    ``actors`` and ``torch_threads`` win when set (see :class:`~jobs.job_config.JobConfig`)."""
+    ``actors`` and ``torch_threads`` win when set (see :class:`~jobs.runtime.job_config.JobConfig`)."""
     import ray
 
     res = ray.cluster_resources()

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.bench_common import machine, table
+from jobs.bench.common import machine, table
 
 DAY = "2026-06-15"
 REFS = ("astronaut", "rocket", "coffee", "chelsea")
@@ -182,7 +182,7 @@ def cli_bench_resume(a: argparse.Namespace) -> int:
 
 
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
-    """Register ``resume`` under ``modscan bench`` (``jobs/cli.py``'s bench sub-parsers)."""
+    """Register ``resume`` under ``modscan bench`` (the sub-parsers of ``jobs/commands/bench_cmd.py``)."""
     q = bench_subparsers.add_parser("resume", help="a rerun after a driver killed at ~80 %% of its chunks, against a full run")
     q.add_argument("--uploads", type=int, default=400, help="generated uploads of the day (one in twenty a copy)")
     q.add_argument("--chunks", type=int, default=10, help="chunks the day is cut into ([job] chunk_size follows)")

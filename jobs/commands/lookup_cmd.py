@@ -6,7 +6,7 @@ import argparse
 
 
 def cli_lookup(a: argparse.Namespace) -> int:
-    from jobs.job_config import JobConfig
+    from jobs.runtime.job_config import JobConfig
     from pipeline.features import FeatureExtractor
     from pipeline.gallery import open_gallery
     from pipeline.ingest.decode import DecodeConfig

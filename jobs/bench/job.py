@@ -3,7 +3,7 @@ this node, with the node's peak memory.
 
 The gallery version is written shard by shard (memory stays at one shard's vectors, whatever
 ``--gallery-size``): ``--gallery-size - R`` entries from realistic vectors
-(:class:`jobs.bench_common.VectorFactory`, resampled from real photos' pooled features) plus the
+(:class:`jobs.bench.common.VectorFactory`, resampled from real photos' pooled features) plus the
 ``R`` real reference pictures of ``--references`` described by the shipped model. The uploads
 are edited copies of those references (``--copies`` of them, JPEG re-encoded, cropped, resized)
 and unrelated real photos (``--unrelated``). Then ``modscan moderate`` runs in its own process
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.bench_common import VectorFactory, bench_args, cached_pooled_statistics, machine, photo_paths, table
+from jobs.bench.common import VectorFactory, bench_args, cached_pooled_statistics, machine, photo_paths, table
 
 
 def node_used_bytes() -> int:
@@ -217,7 +217,7 @@ def bench_job(n: int, out_dir: Path, photos: list[Path], references: Path, copie
     t = time.time()
     r = subprocess.run([sys.executable, "-m", "jobs.cli", "moderate", "--input", str(up), "--gallery", str(root),
                         "--output", str(flags), "--date", "2026-12-04", "--config", str(cfg)],
-                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     run_s = time.time() - t
     stop.set()
     th.join()

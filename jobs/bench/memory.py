@@ -2,7 +2,7 @@
 
 The real job's loading path (:func:`~pipeline.gallery.query.open_gallery`, as the Moderator calls
 it) runs in ``N`` Ray actors on this node against one version of ``--gallery-size`` entries,
-written from realistic vectors (:class:`jobs.bench_common.VectorFactory`), three ways:
+written from realistic vectors (:class:`jobs.bench.common.VectorFactory`), three ways:
 
 - ``node``: the node cache (:mod:`pipeline.gallery.nodecache`, the job's default): the first actor
   fills it, every actor maps it;
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.bench_common import VectorFactory, bench_args, cached_pooled_statistics, machine, photos_help, table
+from jobs.bench.common import VectorFactory, bench_args, cached_pooled_statistics, machine, photos_help, table
 
 MECHANISMS = ("node", "objstore", "private")
 
@@ -236,7 +236,7 @@ def bench_memory(n: int, out_dir: Path, actor_counts: tuple[int, ...] = (1, 2, 4
                  mechanisms: tuple[str, ...] = MECHANISMS, photos: list[Path] | None = None) -> dict[str, Any]:
     import ray
 
-    from jobs.ray_stages import init_ray
+    from jobs.runtime.ray_stages import init_ray
 
     gallery, version, qfile = write_bench_gallery(n, out_dir, photos)
     disk = sum(f.stat().st_size for f in Path(gallery).rglob("*") if f.is_file())
@@ -280,7 +280,7 @@ def cli_bench_memory(a: argparse.Namespace) -> int:
 
 
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
-    """Register ``memory`` under ``modscan bench`` (``jobs/cli.py``'s bench sub-parsers)."""
+    """Register ``memory`` under ``modscan bench`` (the sub-parsers of ``jobs/commands/bench_cmd.py``)."""
     q = bench_subparsers.add_parser("memory")
     q.add_argument("--gallery-size", type=int, default=1_000_000)
     q.add_argument("--actors", default="1,2,4", help="actor counts on this node, comma-separated (default 1,2,4)")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.bench_common import machine, table
+from jobs.bench.common import machine, table
 
 BASE_REFS = ("coffee", "chelsea")
 ADDED_REFS = ("astronaut", "rocket", "camera")
@@ -63,9 +63,9 @@ def _flagged(root: str, days: list[str]) -> set[tuple[str, str]]:
 def bench_retro(workdir: Path, days: int = 2, uploads: int = 200) -> dict[str, Any]:
     """Moderate ``days`` days against a gallery, add a handful of references, then re-check the
     days both ways: ``modscan retro`` and a full re-moderation (what ``backfill --force`` does)."""
-    from jobs.job_config import JobConfig
-    from jobs.retro import retro
-    from jobs.run import moderate
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.retro import retro
+    from jobs.runtime.run import moderate
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.gallery.banks import Bank
@@ -119,7 +119,7 @@ def cli_bench_retro(a: argparse.Namespace) -> int:
 
 
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
-    """Register ``retro`` under ``modscan bench`` (``jobs/cli.py``'s bench sub-parsers)."""
+    """Register ``retro`` under ``modscan bench`` (the sub-parsers of ``jobs/commands/bench_cmd.py``)."""
     q = bench_subparsers.add_parser("retro", help="a retro pass against a full backfill after a gallery change")
     q.add_argument("--days", type=int, default=2)
     q.add_argument("--uploads", type=int, default=200, help="generated unrelated uploads per day (plus the copies)")

@@ -3,7 +3,7 @@
 ``moderate`` is what ``modscan moderate``, ``nightly``, ``backfill``, ``demo`` and the benchmarks
 call. It runs in two named steps: :func:`prepare_run` checks everything that needs no cluster
 (date, config, input, model, gallery, output) and pins the gallery version; :func:`execute_run`
-starts Ray, runs the pipeline (``jobs/ray_stages.py``), commits the partition and writes
+starts Ray, runs the pipeline (``jobs/runtime/ray_stages.py``), commits the partition and writes
 ``_run.json`` (its content is what both return).
 """
 
@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pyarrow.fs as pafs
 
-from jobs.job_config import JobConfig
-from jobs.ray_stages import actor_resources, build_input, decode_and_apply, init_ray, raise_worker_error, shard_servers, stream_batches
+from jobs.runtime.job_config import JobConfig
+from jobs.runtime.ray_stages import actor_resources, build_input, decode_and_apply, init_ray, raise_worker_error, shard_servers, stream_batches
 from pipeline.errors import ModscanError, UsageError, plain_message
 from pipeline.ingest.decode import DecodeConfig
 from pipeline.ingest.plan import InputPlan, check_input

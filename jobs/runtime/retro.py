@@ -9,7 +9,7 @@ gallery diff (:func:`pipeline.moderation.retro.diff_versions`). :func:`execute_r
    past flag names a removed/changed reference (:class:`~pipeline.moderation.retro.RetroMatcher`);
 2. the survivors are re-read by ``image_uri``, decoded and decided by the real
    :class:`~pipeline.moderation.moderator.Moderator` against the full CURRENT gallery: the same
-   stages as a fresh run (``jobs/ray_stages.py``), so the decision is a fresh run's;
+   stages as a fresh run (``jobs/runtime/ray_stages.py``), so the decision is a fresh run's;
 3. per day with a changed decision: the partition is claimed with the run lock, checked to be
    the one the pass read, re-staged as a whole new set of files (unchanged files copied, files
    with changed rows rewritten), flood-guarded, verified and committed by the flags protocol.
@@ -27,8 +27,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from jobs.job_config import JobConfig
-from jobs.run import check_output, new_run_id
+from jobs.runtime.job_config import JobConfig
+from jobs.runtime.run import check_output, new_run_id
 from pipeline.errors import ModscanError, UsageError
 from pipeline.ingest.decode import DecodeConfig
 from pipeline.ingest.storage import Store, open_store, redact
@@ -171,7 +171,7 @@ def coarse_pass(plan: RetroPlan) -> list[dict[str, Any]]:
 def redecide(plan: RetroPlan, survivors: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Re-read, decode and decide the survivors with the real Moderator against CURRENT.
     -> day -> image_key -> flag row."""
-    from jobs.ray_stages import actor_resources, decode_and_apply, fetch_by_uri
+    from jobs.runtime.ray_stages import actor_resources, decode_and_apply, fetch_by_uri
     from pipeline.moderation.moderator import Moderator, RunContext
 
     if not survivors:
@@ -225,7 +225,7 @@ def commit_day(plan: RetroPlan, dt: str, rows: dict[str, dict[str, Any]], summar
     out = plan.out
     run_id = new_run_id(dt)
     F.sweep_staging(out, keep=run_id)
-    F.claim_partition(out, dt, run_id)  # before its staging exists (see jobs.run's claim)
+    F.claim_partition(out, dt, run_id)  # before its staging exists (see jobs.runtime.run's claim)
     out.write_text(f"{F.staging_key(run_id)}/started", str(time.time()))
     try:
         F.wait_for_commits(out, dt, run_id)
@@ -265,7 +265,7 @@ def _summary(plan: RetroPlan) -> dict[str, Any]:
 
 def execute_retro(plan: RetroPlan, ray_address: str | None = None) -> dict[str, Any]:
     """The coarse pass, the re-decision of the survivors and the per-day commits (module doc)."""
-    from jobs.ray_stages import init_ray, raise_worker_error
+    from jobs.runtime.ray_stages import init_ray, raise_worker_error
 
     summary = _summary(plan)
     plan.out.write_text(f"{RETRO_DIR}/{plan.retro_id}.started.json", json.dumps(summary, indent=2) + "\n")

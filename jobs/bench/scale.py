@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.bench_common import cached_pooled_statistics, machine, photo_paths, table
+from jobs.bench.common import cached_pooled_statistics, machine, photo_paths, table
 from pipeline.evaluation import scale as S
 from pipeline.gallery.calibration import ScoreTails
 
@@ -190,7 +190,7 @@ def _synthetic_check(card_thr: dict[str, float], real: dict[str, Any], photos: l
     """The per-pair tails of ``bench search``'s vectors (resampled from ``photos``) at both
     thresholds, against the real photos' (``real``: the ``photos`` group's curves): unrelated
     queries (held-out photos, displaced by real edits) against a gallery."""
-    from jobs.bench_common import VectorFactory
+    from jobs.bench.common import VectorFactory
     from pipeline.gallery.index import ScoreNorm, background_term
 
     st = cached_pooled_statistics(photos, work)

@@ -1,6 +1,6 @@
 """``modscan retro``: re-decide past days after a gallery change, from their stored signatures.
 
-The command-line side of :mod:`jobs.retro` (see ``docs/operations.md``, "Retro-matching").
+The command-line side of :mod:`jobs.runtime.retro` (see ``docs/operations.md``, "Retro-matching").
 """
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.job_config import JobConfig
+from jobs.runtime.job_config import JobConfig
 
 
 def cli_retro(a: argparse.Namespace) -> int:
-    from jobs.retro import retro, summary_lines
+    from jobs.runtime.retro import retro, summary_lines
 
     cfg = JobConfig.from_toml(a.config, batch_size=a.batch_size, actors=a.actors)
     rep = retro(a.gallery, a.since, a.date_from, a.date_to, a.output, a.signatures, a.model, cfg, a.ray_address)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from jobs.job_config import JobConfig
+from jobs.runtime.job_config import JobConfig
 from pipeline.errors import ModscanError
 from pipeline.ingest.storage import Store, open_store, redact
 from pipeline.moderation import flags as F
@@ -81,7 +81,7 @@ def _check_partition(out: Store, sig: Store, part: str, model: str) -> None:
 def prepare_waves(output_uri: str, part: str, cfg: JobConfig | None = None, model_dir: str | None = None,
                   signatures_uri: str | None = None, waves_uri: str | None = None) -> WavesPlan:
     """Every check before Ray starts; a one-line ModscanError otherwise."""
-    from jobs.run import new_run_id
+    from jobs.runtime.run import new_run_id
     from models.card import read_card
     from pipeline.gallery.calibration import ScoreTails
 
@@ -135,7 +135,7 @@ def describe_nodes(plan: WavesPlan, nodes: np.ndarray) -> dict[str, Any]:
     """The uploads ``nodes`` read again and described (512-d, background term, upload time)."""
     import ray
 
-    from jobs.ray_stages import actor_resources
+    from jobs.runtime.ray_stages import actor_resources
 
     n, dim = len(plan.sigs.keys), 512
     got: dict[str, Any] = {"ok": np.zeros(n, bool), "fine": np.zeros((n, dim), np.float32), "bg": np.zeros(n, np.float32),
@@ -214,7 +214,7 @@ def find_edges(plan: WavesPlan) -> tuple[list[O.Edge], dict[str, Any], dict[str,
 
 def execute_waves(plan: WavesPlan, ray_address: str | None = None, review: bool = True) -> dict[str, Any]:
     """Find the edges with Ray, cluster, commit one row per upload; re-write the review page."""
-    from jobs.ray_stages import init_ray, raise_worker_error
+    from jobs.runtime.ray_stages import init_ray, raise_worker_error
 
     init_ray(ray_address)
     try:

@@ -1,5 +1,5 @@
 """``modscan bench pipeline``: the job end to end at the card's thresholds against the single-stage
-fp32 baseline (:mod:`jobs.bench_baseline`), in one run, with the ratios against the zero-survivor
+fp32 baseline (:mod:`jobs.bench.baseline`), in one run, with the ratios against the zero-survivor
 bound measured here too; with an S3 endpoint (``--s3-endpoint``, else a moto server when the
 ``bench`` extra is installed) the default job also reads its input from S3. Writes
 ``WORKDIR/pipeline/pipeline.json``. Benchmarks never assert: they print what they measured.
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobs.bench_common import bench_args, machine, photo_paths, photos_help, table
+from jobs.bench.common import bench_args, machine, photo_paths, photos_help, table
 
 if TYPE_CHECKING:
     from pipeline.moderation.moderator import Moderator
@@ -116,7 +116,7 @@ def _s3_uploads(images: Path, endpoint: str | None, stack: contextlib.ExitStack)
     server when moto is installed), kept up until ``stack`` closes. -> whether there is an S3 input."""
     import boto3
 
-    from jobs.bench_s3 import moto_available, s3_endpoint
+    from jobs.bench.s3 import moto_available, s3_endpoint
 
     if endpoint is None and not moto_available():
         print("S3 run skipped: no --s3-endpoint given and moto is not installed (pip install 'modscan[bench]')",
@@ -184,10 +184,10 @@ def bench_pipeline(n: int, work: Path, s3: bool = True, photos: list[Path] | Non
     its input from S3 (``s3_endpoint``, else a moto server if installed, else no S3 run)."""
     import shutil
 
-    from jobs.bench_baseline import SingleStageModerator
-    from jobs.job_config import JobConfig
-    from jobs.ray_stages import init_ray
-    from jobs.run import moderate
+    from jobs.bench.baseline import SingleStageModerator
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.ray_stages import init_ray
+    from jobs.runtime.run import moderate
 
     shutil.rmtree(work, ignore_errors=True)
     images, n_pos, gal = _pipeline_gallery(work, n, photos)
@@ -225,7 +225,7 @@ def cli_bench_pipeline(a: argparse.Namespace) -> int:
 
 
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
-    """Register ``pipeline`` under ``modscan bench`` (``jobs/cli.py``'s bench sub-parsers)."""
+    """Register ``pipeline`` under ``modscan bench`` (the sub-parsers of ``jobs/commands/bench_cmd.py``)."""
     q = bench_subparsers.add_parser("pipeline")
     q.add_argument("--images", type=int, default=2000)
     q.add_argument("--workdir", default="bench-out")

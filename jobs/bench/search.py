@@ -1,5 +1,5 @@
 """``modscan bench search``: the cascade's coarse stages (flat, IVF, HNSW) against an exhaustive
-512-d search, on realistic vectors from the shipped model (:mod:`jobs.bench_common`), in one run:
+512-d search, on realistic vectors from the shipped model (:mod:`jobs.bench.common`), in one run:
 queries/s, recall@1 and the share of the exhaustive search's flags each keeps. Writes
 ``bench-out/search.json``. Benchmarks never assert: they print what they measured.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.bench_common import VectorFactory, bench_args, cached_pooled_statistics, machine, photos_help, table, timed
+from jobs.bench.common import VectorFactory, bench_args, cached_pooled_statistics, machine, photos_help, table, timed
 
 
 @dataclass
@@ -206,7 +206,7 @@ def cli_bench_search(a: argparse.Namespace) -> int:
 
 
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
-    """Register ``search`` under ``modscan bench`` (``jobs/cli.py``'s bench sub-parsers)."""
+    """Register ``search`` under ``modscan bench`` (the sub-parsers of ``jobs/commands/bench_cmd.py``)."""
     q = bench_subparsers.add_parser("search")
     q.add_argument("--gallery-size", type=int, default=1_000_000)
     q.add_argument("--queries", type=int, default=2000)

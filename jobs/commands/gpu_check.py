@@ -1,7 +1,7 @@
 """``modscan gpu-check``: smoke check for a modscan node image; run it on one GPU node before scaling out.
 
     modscan gpu-check [--model DIR | --random-model] [--photos DIR] [--out FILE]
-    python -m jobs.gpu_check ...      (the same, without the modscan entry point)
+    python -m jobs.commands.gpu_check ...      (the same, without the modscan entry point)
 
 Checks, each reported with numbers (a JSON file and a printed summary):
 1. CUDA features equal CPU features (max |diff|, cosine) for the coarse query (adapter 2), the
@@ -261,7 +261,7 @@ def cli_gpu_check(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.gpu_check", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m jobs.commands.gpu_check", description=__doc__.splitlines()[0])
     add_arguments(ap)
     return cli_gpu_check(ap.parse_args(argv))
 

@@ -1,7 +1,7 @@
 """``modscan moderate|nightly|hourly|backfill``: one day or hour, yesterday, the last full hour, or
 a range of days or hours, one partition each.
 
-The command-line side of :mod:`jobs.run`: flags -> :class:`~jobs.job_config.JobConfig`, input
+The command-line side of :mod:`jobs.runtime.run`: flags -> :class:`~jobs.runtime.job_config.JobConfig`, input
 templates with ``{date}`` (and ``{hour}`` for hours), and the backfill loop (resumable:
 committed partitions are skipped, and an interrupted one resumes from its finished chunks).
 """
@@ -12,8 +12,8 @@ import argparse
 import datetime as _dt
 import logging
 
-from jobs.job_config import JobConfig
-from jobs.run import check_output, moderate, summary
+from jobs.runtime.job_config import JobConfig
+from jobs.runtime.run import check_output, moderate, summary
 from pipeline.errors import MissingInput, ModscanError, UsageError, plain_message
 from pipeline.moderation import flags as F
 
@@ -51,7 +51,7 @@ def _run(a: argparse.Namespace, input_uri: str, part: str, cfg: JobConfig | None
 def _waves_after(a: argparse.Namespace, part: str, cfg: JobConfig) -> None:
     """``modscan waves`` on the partition just committed (docs/waves.md). The flags are published
     whatever happens here; a failure says so and how to rerun only the waves."""
-    from jobs.waves import summary_lines, waves
+    from jobs.runtime.waves import summary_lines, waves
 
     try:
         print(summary_lines(waves(a.output, part, cfg, a.model, a.signatures, None, a.ray_address)))
@@ -87,7 +87,7 @@ def cli_nightly(a: argparse.Namespace) -> int:
     cfg = _cfg(a)
     info = _run(a, _from_template(a.input_template, dt), dt, cfg)
     if cfg.retro_days:  # the gallery changed since yesterday's run: re-check the last retro_days days
-        from jobs.retro import nightly_retro, summary_lines
+        from jobs.runtime.retro import nightly_retro, summary_lines
 
         for rep in nightly_retro(a.gallery, a.output, dt, info["gallery_version"], cfg, a.model, a.signatures,
                                  a.ray_address):
@@ -141,3 +141,53 @@ def cli_backfill(a: argparse.Namespace) -> int:
                            f"({', '.join(missing) or '-'}), {len(failed)} failed ({', '.join(failed) or '-'}); "
                            f"nothing was committed for them, rerun the same command once they are fixed")
     return 0
+
+
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gallery", required=True, help="gallery root URI (local path or s3://bucket/prefix)")
+    p.add_argument("--output", required=True, help="flags root URI; partitions go under dt=YYYY-MM-DD/ (hours: .../hour=HH/)")
+    p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
+    p.add_argument("--config", default=None, help="TOML job config (see configs/moderate.toml)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--actors", type=int, default=None, help="feature/match actors (default: config)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+    p.add_argument("--signatures", default=None, help="signatures root URI (default: OUTPUT/_signatures)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="commit an empty partition when the input holds nothing (default: fail, so a scheduler retries)")
+    p.add_argument("--restart", action="store_true",
+                   help="start the partition over: do not resume the finished chunks a killed run of it left")
+    p.add_argument("--allow-mixed-day", action="store_true",
+                   help="write a day partition next to hourly ones of that date, or an hour next to its day "
+                        "(refused by default: a day-level reader reads the rows of both)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """moderate, nightly, hourly and backfill: the job, for one day or hour, yesterday, the last hour, or a range."""
+    p = sub.add_parser("moderate", help="check one day (or hour) of uploads and write its flags partition")
+    p.add_argument("--input", required=True, help="prefix (local/s3://) or a .parquet/.csv manifest of keys")
+    p.add_argument("--date", required=True, help="partition date YYYY-MM-DD")
+    p.add_argument("--hour", default=None, help="an hour of --date (00-23, UTC): write dt=D/hour=HH instead of the day")
+    _add_job_args(p)
+    p.set_defaults(fn=cli_moderate)
+
+    p = sub.add_parser("nightly", help="moderate yesterday's uploads (idempotent)")
+    p.add_argument("--input-template", required=True,
+                   help="input URI with {date}, e.g. s3://uploads/{date}/ or manifests/{date}.parquet")
+    p.add_argument("--date", default=None, help="default: yesterday (UTC)")
+    _add_job_args(p)
+    p.set_defaults(fn=cli_nightly)
+
+    p = sub.add_parser("hourly", help="moderate the last full hour's uploads (UTC) into dt=D/hour=HH (idempotent)")
+    p.add_argument("--input-template", required=True,
+                   help="input URI with {date} and {hour}, e.g. s3://uploads/{date}/{hour}/")
+    p.add_argument("--at", default=None, help="the hour YYYY-MM-DDTHH (default: the last full hour, UTC)")
+    _add_job_args(p)
+    p.set_defaults(fn=cli_hourly)
+
+    p = sub.add_parser("backfill", help="moderate a range of days or hours, one partition each, resumable")
+    p.add_argument("--input-template", required=True, help="input URI with {date} (and {hour} for a range of hours)")
+    p.add_argument("--from", dest="date_from", required=True, help="YYYY-MM-DD, or YYYY-MM-DDTHH for hourly partitions")
+    p.add_argument("--to", dest="date_to", required=True, help="YYYY-MM-DD, or YYYY-MM-DDTHH (same form as --from)")
+    p.add_argument("--force", action="store_true", help="redo days that are already committed")
+    _add_job_args(p)
+    p.set_defaults(fn=cli_backfill)

@@ -108,16 +108,16 @@ def _make_sample(workdir: Path, n_uploads: int, seed: int = 0) -> dict[str, int]
 
 def run_demo(a: argparse.Namespace) -> int:
     """The demo, its output kept to what a new user needs: the summary, progress and real warnings
-    (Ray's harmless #53727 line is dropped: :mod:`jobs.ray_notices`)."""
-    from jobs.ray_notices import dropping_lines
+    (Ray's harmless #53727 line is dropped: :mod:`jobs.runtime.ray_notices`)."""
+    from jobs.runtime.ray_notices import dropping_lines
 
     with dropping_lines():
         return _run_demo(a)
 
 
 def _run_demo(a: argparse.Namespace) -> int:
-    from jobs.gallery_cmd import ray_extractor
-    from jobs.run import moderate, summary
+    from jobs.commands.gallery_cmd import ray_extractor
+    from jobs.runtime.run import moderate, summary
     from models.card import read_card
     from pipeline import gallery as G
     from pipeline.gallery.banks import load_banks
@@ -147,3 +147,11 @@ def _run_demo(a: argparse.Namespace) -> int:
     print(f"\nread the flags:\n  {sys.executable} -c \"import pandas as pd; print(pd.read_parquet('{work / 'flags'}')"
           f".query('status == \\\"matched\\\"')[['image_key','action','bank','signal','fine_score','pdq_distance']])\"")
     return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="embedded default: sample gallery + a day of sample uploads, end to end")
+    p.add_argument("--workdir", default="demo-out")
+    p.add_argument("--date", default="2026-01-01")
+    p.add_argument("--uploads", type=int, default=120)
+    p.set_defaults(fn=run_demo)

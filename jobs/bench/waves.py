@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.bench_common import machine, photo_paths, table
+from jobs.bench.common import machine, photo_paths, table
 
 DAY = "2026-06-01"
 DEFAULT_SIZES = (5, 10, 25, 60, 150, 500)
@@ -95,7 +95,7 @@ def score(df: Any, planted: dict[str, Any], wave_min_size: int) -> dict[str, Any
 
 def _moderate(root: Path, cfg: Any) -> dict[str, Any]:
     """A gallery of one generated reference (nothing of the day matches it), then the day moderated."""
-    from jobs.run import moderate
+    from jobs.runtime.run import moderate
     from models.card import read_card
     from models.synthetic import generate
     from pipeline import gallery as G
@@ -180,9 +180,9 @@ def search_at(n: int, k: int, threshold: float, queries: int = 20_000, seed: int
 
 def bench_waves(photos: list[Path], generated: int, sizes: tuple[int, ...], workdir: Path, seed: int = 0,
                 actors: int = 1, search_n: int = 0) -> dict[str, Any]:
-    from jobs.job_config import JobConfig
-    from jobs.ray_stages import init_ray
-    from jobs.waves import execute_waves, prepare_waves
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.ray_stages import init_ray
+    from jobs.runtime.waves import execute_waves, prepare_waves
     from pipeline.moderation.wave_output import read_waves, waves_root
 
     root = workdir / "day"
@@ -251,7 +251,7 @@ def cli_bench_waves(a: argparse.Namespace) -> int:
 
 
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
-    """Register ``waves`` under ``modscan bench`` (``jobs/cli.py``'s bench sub-parsers)."""
+    """Register ``waves`` under ``modscan bench`` (the sub-parsers of ``jobs/commands/bench_cmd.py``)."""
     q = bench_subparsers.add_parser("waves", help="planted waves among unrelated real and generated pictures: recall, "
                                                   "false merges, time per 1M uploads")
     q.add_argument("--photos", action="append", default=[], help="folder of real photos (repeat), e.g. "

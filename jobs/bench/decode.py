@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jobs.bench_common import bench_args, machine, photo_paths, photos_help, table, timed
+from jobs.bench.common import bench_args, machine, photo_paths, photos_help, table, timed
 
 DECODE_SIZES = ((640, 480), (1920, 1080), (4032, 3024))
 
@@ -77,7 +77,7 @@ def cli_bench_decode(a: argparse.Namespace) -> int:
 
 
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
-    """Register ``decode`` under ``modscan bench`` (``jobs/cli.py``'s bench sub-parsers)."""
+    """Register ``decode`` under ``modscan bench`` (the sub-parsers of ``jobs/commands/bench_cmd.py``)."""
     q = bench_subparsers.add_parser("decode", help="decode + resize per image by format and size")
     q.add_argument("--photos", action="append", metavar="DIR",
                    help=photos_help("the first photo is the picture encoded", "a generated picture"))

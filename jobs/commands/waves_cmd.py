@@ -1,7 +1,7 @@
 """``modscan waves``: near-duplicate clusters among a committed partition's own uploads.
 
-The command-line side of :mod:`jobs.waves` (see ``docs/waves.md``); ``modscan bench waves`` is
-:mod:`jobs.bench_waves`. ``modscan gallery add --from-wave`` (``jobs/gallery_cmd.py``) reads a
+The command-line side of :mod:`jobs.runtime.waves` (see ``docs/waves.md``); ``modscan bench waves`` is
+:mod:`jobs.bench.waves`. ``modscan gallery add --from-wave`` (``jobs/commands/gallery_cmd.py``) reads a
 committed wave through :func:`wave_source`.
 """
 
@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from jobs.job_config import JobConfig
+from jobs.runtime.job_config import JobConfig
 
 
 def partition_arg(date: str, hour: int | None) -> str:
@@ -20,7 +20,7 @@ def partition_arg(date: str, hour: int | None) -> str:
 
 
 def cli_waves(a: argparse.Namespace) -> int:
-    from jobs.waves import summary_lines, waves
+    from jobs.runtime.waves import summary_lines, waves
 
     cfg = JobConfig.from_toml(a.config, batch_size=a.batch_size, actors=a.actors, wave_min_size=a.wave_min_size)
     info = waves(a.output, partition_arg(a.date, a.hour), cfg, a.model, a.signatures, a.waves, a.ray_address,

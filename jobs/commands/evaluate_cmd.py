@@ -35,3 +35,26 @@ def run(a: argparse.Namespace) -> int:
         write_card(d, card)
         print(f"thresholds written to {Path(d) / 'model_card.json'}")
     return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="copy-detection metrics, cascade vs exhaustive vs PDQ")
+    p.add_argument("--photos", default=None, help="mode 2: build a benchmark from a photo folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--queries-per-image", type=int, default=4,
+                   help="mode 2: edited queries per reference and per negative photo")
+    p.add_argument("--gallery", default=None, help="mode 1: folder of reference images")
+    p.add_argument("--queries", default=None, help="mode 1: folder of query images")
+    p.add_argument("--ground-truth", default=None, help="mode 1: CSV query_id,reference_id")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--target-precision", type=float, default=0.99)
+    p.add_argument("--coarse-flag-budget", type=float, default=0.01,
+                   help="share of exhaustive search's true flags the coarse stage may lose (calibration half)")
+    p.add_argument("--everyday-uploads", type=int, default=200,
+                   help="mode 2: generated unrelated everyday uploads added as negative queries")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="model trunk precision (auto: bf16 on CUDA or a CPU with native bf16, else fp32)")
+    p.add_argument("--write-thresholds", action="store_true",
+                   help="store the calibrated thresholds in the model card")
+    p.set_defaults(fn=run)

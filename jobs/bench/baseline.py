@@ -25,7 +25,7 @@ def single_stage_search(gallery: Any, xq512: np.ndarray) -> list[Any]:
 class SingleStageModerator(Moderator):
     """The job's Moderator with the benchmark's single-stage search: the high-res 512-d pass for
     every decoded image and :func:`single_stage_search`, no low-res coarse stage (every image is a
-    "survivor"). Passed to :func:`jobs.run.moderate` as ``moderator``; the production job
+    "survivor"). Passed to :func:`jobs.runtime.run.moderate` as ``moderator``; the production job
     never runs it."""
 
     def search_rows(self, batch: dict[str, Any], rows: np.ndarray) -> tuple[dict[int, Any], dict[str, Any]]:

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.bench_common import host, table
+from jobs.bench.common import host, table
 
 PLANTED = (0, 4, 8, 16, 24, 31, 32, 40)
 METHODS = ("flat", "mih", "mih_faiss", "mih16", "hnsw")
@@ -153,7 +153,7 @@ def _child(method: str, path: str, queries: np.ndarray, max_distance: int, threa
 def _in_processes(method: str, path: str, queries: np.ndarray, max_distance: int, threads: int) -> list[dict[str, Any]]:
     """:func:`_child` in two processes at once (one for faiss's private indexes)."""
     ctx = mp.get_context("forkserver")  # fresh processes, forked from one that imported the modules once
-    ctx.set_forkserver_preload(["jobs.bench_hashes", "pipeline.signals.index"])
+    ctx.set_forkserver_preload(["jobs.bench.hashes", "pipeline.signals.index"])
     n = 2 if method in SHARED else 1
     barrier = ctx.Barrier(n) if n > 1 else None
     out = ctx.Queue()
@@ -285,7 +285,7 @@ def cli_bench_hashes(a: argparse.Namespace) -> int:
 
 
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
-    """Register ``hashes`` under ``modscan bench`` (``jobs/cli.py``'s bench sub-parsers)."""
+    """Register ``hashes`` under ``modscan bench`` (the sub-parsers of ``jobs/commands/bench_cmd.py``)."""
     q = bench_subparsers.add_parser("hashes", help="PDQ list indexes: flat vs multi-hash (build, load, memory, queries/s, recall)")
     q.add_argument("--sizes", default="1000000,10000000", help="comma-separated list sizes")
     q.add_argument("--queries", type=int, default=2000)
