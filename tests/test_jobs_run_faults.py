@@ -1,4 +1,4 @@
-"""jobs/run.py under faults on real parts: a killed actor, a flaky S3 endpoint (reads and writes), a killed driver,
+"""jobs/runtime/run.py under faults on real parts: a killed actor, a flaky S3 endpoint (reads and writes), a killed driver,
 two concurrent runs of one date, a node lost mid-job."""
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def _kill_actor_when_busy(out: Path, run_id: str, stop: threading.Event, killed:
 
 
 def test_actor_killed_mid_job_every_row_once(local_gallery, ray_cluster, tmp_path) -> None:
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate, new_run_id
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate, new_run_id
 
     gal, _ = local_gallery
     src = _folder(tmp_path / "up", 160)
@@ -201,8 +201,8 @@ def flaky_s3(local_gallery):
 
 @pytest.mark.parametrize("mode", ["503", "reset"])
 def test_s3_errors_for_a_while_are_retried(flaky_s3, local_gallery, mode: str) -> None:
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate
     from pipeline.moderation.flags import read_flags
 
     proxy, _ = flaky_s3
@@ -217,8 +217,8 @@ def test_s3_errors_for_a_while_are_retried(flaky_s3, local_gallery, mode: str) -
 
 
 def test_s3_outage_fails_cleanly_without_a_partial_partition(flaky_s3, local_gallery) -> None:
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate
 
     proxy, s3 = flaky_s3
     gal, _ = local_gallery
@@ -281,8 +281,8 @@ def _s3_keys(s3, prefix: str) -> list[str]:
 
 def test_s3_write_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> None:
     """503s and connection resets on PUT/POST/DELETE (staged writes, commit copies and deletes)."""
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate
     from pipeline.moderation.flags import read_flags
 
     proxy, s3 = flaky_s3
@@ -302,8 +302,8 @@ def test_s3_write_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> Non
 
 
 def test_s3_write_outage_mid_commit_publishes_nothing_then_a_rerun_repairs(flaky_s3, local_gallery) -> None:
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate
     from pipeline.moderation.flags import read_flags
 
     proxy, s3 = flaky_s3
@@ -343,8 +343,8 @@ def test_s3_write_outage_mid_commit_publishes_nothing_then_a_rerun_repairs(flaky
 def test_two_concurrent_runs_of_one_date_one_wins_the_other_fails(local_gallery, ray_cluster, tmp_path) -> None:
     """Both runs read, decode and stage at the same time; the later one owns the date. The older
     one fails at commit with a clear error and publishes nothing: the partition is never mixed."""
-    from jobs.job_config import JobConfig
-    from jobs.run import execute_run, prepare_run
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import execute_run, prepare_run
     from pipeline.moderation.flags import PartitionTakenError
 
     gal, _ = local_gallery
@@ -383,8 +383,8 @@ def test_node_lost_mid_job_every_upload_exactly_one_row(local_gallery, tmp_path)
     import ray
     from ray.cluster_utils import Cluster
 
-    from jobs.job_config import JobConfig
-    from jobs.run import moderate, new_run_id
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import moderate, new_run_id
 
     gal, _ = local_gallery
     src = _folder(tmp_path / "up", 23)
