@@ -78,3 +78,42 @@ def test_review_page_in_headless_chromium_is_blurred_until_clicked(committed, tm
     # by default the browser shows them grey (the blur and the grey come from the same CSS rule);
     # ticked, in colour
     assert st["spread_blurred"] < 2 and st["spread_revealed"] > 5, st
+
+
+def test_a_thumbnail_bucket_that_fails_is_tried_once_per_page(monkeypatch) -> None:
+    """References whose bucket this node cannot read (here an endpoint answering 500 to everything)
+    cost the page one bucket's retries, not one per thumbnail: the job never hangs on its page."""
+    import http.server
+    import threading
+
+    from pipeline.ops import review_page as R
+
+    hits = []
+
+    class Broken(http.server.BaseHTTPRequestHandler):
+        def _fail(self) -> None:
+            hits.append(self.path)
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = _fail
+
+        def log_message(self, *a) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{srv.server_address[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    try:
+        R._UNREACHABLE.clear()
+        assert R._read("s3://refs/synthetic/00000001.jpg") is None
+        first = len(hits)
+        assert 1 <= first <= R.THUMB_S3_RETRIES + 1 and R._UNREACHABLE == {"refs"}
+        assert all(R._read(f"s3://refs/synthetic/{i:08d}.jpg") is None for i in range(2, 20))
+        assert len(hits) == first  # the bucket was not asked again
+    finally:
+        srv.shutdown()
+        R._UNREACHABLE.clear()

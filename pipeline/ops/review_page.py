@@ -25,7 +25,7 @@ from PIL import Image
 
 from pipeline.errors import plain_message
 from pipeline.ingest.decode import DecodeConfig, DecodeError, open_image
-from pipeline.ingest.storage import Store, open_store, redact, resolve_key, split_uri
+from pipeline.ingest.storage import Store, open_store, redact, resolve_key, s3_filesystem, split_uri
 from pipeline.moderation.flags import partition_key
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,34 @@ def _thumb(data: bytes, sensitive: bool = False) -> str:
             f'<span class="veil">sensitive<br>click to reveal</span></label>')
 
 
+# S3 buckets that failed a thumbnail read with something other than "no such object" while the
+# current page is written: they are not tried again (reset by write_review)
+_UNREACHABLE: set[str] = set()
+THUMB_S3_RETRIES = 2  # a thumbnail is worth a short wait, not a job's 8 retries per object
+
+
 def _read(uri: str) -> bytes | None:
-    """The object's bytes, or None (the page says "unreadable"; the log says why)."""
+    """The object's bytes, or None (the page says "unreadable"; the log says why). A bucket that
+    fails once for another reason than a missing object (unreachable endpoint, no credentials,
+    access denied) is not tried again for the rest of the page, so a gallery whose references live
+    where this node cannot reach costs the page one timeout, not one per thumbnail."""
+    bucket = uri[len("s3://"):].split("/", 1)[0] if uri.startswith("s3://") else ""
+    if bucket in _UNREACHABLE:
+        return None
     try:
-        st, name = split_uri(uri)
+        if bucket:
+            head, _, name = uri.rstrip("/").rpartition("/")
+            st = Store(s3_filesystem(retries=THUMB_S3_RETRIES), head[len("s3://"):], head)
+        else:
+            st, name = split_uri(uri)
         return st.read_bytes(name)
     except Exception as e:
-        log.warning("review page: %s cannot be read for a thumbnail: %s", redact(uri), plain_message(e, 300))
+        if bucket and not isinstance(e, FileNotFoundError):
+            _UNREACHABLE.add(bucket)
+            log.warning("review page: s3://%s cannot be read (%s); its other thumbnails are skipped", bucket,
+                        plain_message(e, 300))
+        else:
+            log.warning("review page: %s cannot be read for a thumbnail: %s", redact(uri), plain_message(e, 300))
         return None
 
 
@@ -180,6 +201,7 @@ def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: 
     from pipeline.gallery import read_manifest
     from pipeline.moderation.flags import read_flags
 
+    _UNREACHABLE.clear()
     df = read_flags(out.uri, dt)
     matched = df[df["status"] == "matched"]
     flagged = matched.sort_values("fine_score", ascending=False).head(max_rows)
