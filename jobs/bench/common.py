@@ -184,6 +184,7 @@ class VectorFactory:
         # held-out photos: half are unrelated queries, half are references stored exactly once (the
         # true matches of the queries with a match: unique in the gallery, as a real reference is)
         self.query_bases, self.reference_bases = held[: n_held // 2], held[n_held // 2:]
+        self.query_rows = order[: n_held // 2]  # rows of stats["P"] (photos) never in the gallery
         self.gallery_bases = P[order[n_held:]]
         self.reference_rows = np.zeros(0, np.int64)
         self.sigma = float(sigma)
