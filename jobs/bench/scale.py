@@ -16,13 +16,14 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jobs.bench.common import cached_pooled_statistics, machine, photo_paths, table
-from pipeline.evaluation import scale as S
-from pipeline.gallery.calibration import ScoreTails
+
+if TYPE_CHECKING:  # the modules below load torch and faiss: `modscan --help` imports this file
+    from pipeline.evaluation import scale as S
 
 VERIFY_TOP = 1500  # highest-scoring unrelated pairs the verifier is measured on
 
@@ -69,6 +70,8 @@ def _families(files: list[Path]) -> np.ndarray:
     import pdqhash
     from PIL import Image
 
+    from pipeline.evaluation import scale as S
+
     H = []
     for p in files:
         with Image.open(p) as im:
@@ -92,6 +95,7 @@ def _families(files: list[Path]) -> np.ndarray:
 
 
 def _features(pics: list[tuple[str, str, Path]], edited: list[Path], fx: Any) -> S.ScaleSet:
+    from pipeline.evaluation import scale as S
     from pipeline.ingest.decode import DecodeConfig, Decoder
 
     dec = Decoder(DecodeConfig.for_model(fx.config))
@@ -119,6 +123,8 @@ def _cached_features(pics: list[tuple[str, str, Path]], edited: list[Path], fx: 
     """:func:`_features`, kept in ``WORKDIR/scale-features-<key>.npz`` for reruns with the same
     model, pictures and seed (the model passes are most of the bench's time)."""
     import dataclasses
+
+    from pipeline.evaluation import scale as S
 
     key = hashlib.sha256(json.dumps([fx.version_id, seed, [str(p) for _n, _g, p in pics]]).encode()).hexdigest()[:16]
     path = work / f"scale-features-{key}.npz"
@@ -235,6 +241,9 @@ def bench_scale(trained: list[Path], unseen: list[Path], generated: int, work: P
 
 
 def _measure(ss: S.ScaleSet, fx: Any, ver: _Verifier, photos: list[Path], work: Path) -> dict[str, Any]:
+    from pipeline.evaluation import scale as S
+    from pipeline.gallery.calibration import ScoreTails
+
     thr = {k: float(fx.card.thresholds[k]) for k in ("coarse", "fine")}
     by_group = S.tails_by_group(ss)
     top = S.top_unrelated(ss, VERIFY_TOP)

@@ -7,12 +7,13 @@ import argparse
 from pathlib import Path
 
 from pipeline.errors import UsageError
-from pipeline.evaluation.benchmark import built_benchmark, prepared_benchmark
-from pipeline.evaluation.evaluate import evaluate
-from pipeline.evaluation.report import card_update
 
 
 def run(a: argparse.Namespace) -> int:
+    from pipeline.evaluation.benchmark import built_benchmark, prepared_benchmark
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.evaluation.report import card_update
+
     out = Path(a.out)
     if a.photos:
         if a.gallery or a.queries or a.ground_truth:

@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.runtime.job_config import JobConfig
-
 
 def cli_retro(a: argparse.Namespace) -> int:
+    from jobs.runtime.job_config import JobConfig
     from jobs.runtime.retro import retro, summary_lines
 
     cfg = JobConfig.from_toml(a.config, batch_size=a.batch_size, actors=a.actors)

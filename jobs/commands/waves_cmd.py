@@ -11,8 +11,6 @@ import argparse
 import json
 from typing import Any
 
-from jobs.runtime.job_config import JobConfig
-
 
 def partition_arg(date: str, hour: int | None) -> str:
     """``--date D [--hour H]`` -> the partition ``D`` or ``DTHH``."""
@@ -20,6 +18,7 @@ def partition_arg(date: str, hour: int | None) -> str:
 
 
 def cli_waves(a: argparse.Namespace) -> int:
+    from jobs.runtime.job_config import JobConfig
     from jobs.runtime.waves import summary_lines, waves
 
     cfg = JobConfig.from_toml(a.config, batch_size=a.batch_size, actors=a.actors, wave_min_size=a.wave_min_size)
