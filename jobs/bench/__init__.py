@@ -11,6 +11,7 @@
 - ``model.py``: ``bench model`` (what each pass of a model costs per image)
 - ``retro.py``: ``bench retro`` (a retro pass against a full backfill)
 - ``hashes.py``: ``bench hashes`` (PDQ list indexes, flat against multi-index hashing)
+- ``pdq_input.py``: ``bench pdq-input`` (PDQ bits lost by each input size PDQ could be computed on)
 - ``scale.py``: ``bench scale`` (precision at 10K-10M references on real pictures)
 - ``resume.py``: ``bench resume`` (a rerun after a killed driver against a full run)
 - ``waves.py``: ``bench waves`` (planted waves found by the real pass)

@@ -8,32 +8,11 @@ integer (first bit most significant) and printing it as 64 lower-case, zero-padd
 byte 0 is the first two hex digits); the tests re-run that library's code path verbatim and
 compare, and check the hashes ThreatExchange publishes for its ``bridge-mods`` photos.
 
-**What PDQ is computed on** (measured on ThreatExchange's 12 ``pdq/data/bridge-mods`` photos,
-``../shared/data/edge-cases/pdq-bridge-mods``: bits off the file's own full-resolution hash, which
-is what ``threatexchange`` computes and programs' lists hold, and the largest distance of the 12
-to the original's full-resolution hash, i.e. to the list entry; 2 shared CPU cores):
-
-=============================================  ============  =====================  ==========
-input to ``pdqhash.compute``                    bits off own  max to the list entry  ms/image
-=============================================  ============  =====================  ==========
-full-resolution decode                          0             16                     27-29
-JPEG draft to >= 256 px short side (default)    0-6           16                     7-10
-JPEG draft to >= 160 px (the decoder's draft)   0-14          16                     5-6
-the decoder's 160 px square (``high``)          8-22          24                     6-8
-=============================================  ============  =====================  ==========
-
-(ms/image is decode + PDQ; for the square, the decoder's own decode + resize.) All 12 edits match
-their original within 31 in every row; the square spends the most of the budget.
-
-Downscaling by pixel resampling costs PDQ much more than the JPEG codec's DCT-domain scaling or an
-integer box reduction (a bilinear resize of the same photos to a 512 px long side lands up to 10
-bits off, to a 256 px long side up to 24), and PDQ on a full 1600 x 1000 photo costs ~29 ms,
-most of it in PDQ itself. Hence the rule of
-:func:`pdq_from_image`: use the image as decoded with the JPEG draft at :data:`PDQ_MIN_SIDE`, then
-reduce by an integer factor (``Image.reduce``, a box filter) while the short side stays >=
-:data:`PDQ_MIN_SIDE`. The decoder's 160 px square is **not** a good PDQ input: an exact copy
-already lands 8-22 bits away from its list hash, most of the 31-bit budget. Reproduce:
-``.venv/bin/python -m pipeline.signals.hashes ../shared/data/edge-cases/pdq-bridge-mods``.
+**What PDQ is computed on** (:func:`pdq_from_image`): the image as decoded with the JPEG draft at
+:data:`PDQ_MIN_SIDE`, then reduced by an integer factor (``Image.reduce``, a box filter) while the
+short side stays >= :data:`PDQ_MIN_SIDE`; never a resampled image, which costs PDQ far more bits.
+The measurement behind the rule and what each input costs in distance margin: docs/operations.md,
+"What PDQ is computed on" (``modscan bench pdq-input``).
 
 Two deliberate differences from ``threatexchange``'s ``pdq_from_bytes``: the image is made upright
 by its EXIF orientation and transparency is composited over white (the decoder's
@@ -46,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -64,7 +42,7 @@ MD5_HEX_LEN = 32
 # PDQ_CONFIDENT_MATCH_THRESHOLD (a match is distance <= 31), HMA's defaults.
 PDQ_QUALITY_FLOOR = 50
 PDQ_MATCH_DISTANCE = 31
-# Short side PDQ is computed at (see the module docstring for the measurement).
+# Short side PDQ is computed at (docs/operations.md, "What PDQ is computed on").
 PDQ_MIN_SIDE = 256
 # pdq_quality of a row without a PDQ hash (not decodable, read error): PDQ's own range is 0-100.
 NO_QUALITY = -1
@@ -118,7 +96,7 @@ def pdq_input(im: Image.Image, min_side: int | None = PDQ_MIN_SIDE) -> Image.Ima
 def pdq_from_image(im: Image.Image, min_side: int | None = PDQ_MIN_SIDE) -> tuple[str, int]:
     """PDQ (hex, quality) of a decoded image, per :func:`pdq_input`. Pass the image as decoded
     with the JPEG draft at ``min_side`` (``open_image`` with ``high_res = min_side``), not a
-    resampled one: see the module docstring for what resampling costs."""
+    resampled one: docs/operations.md says what resampling costs."""
     return pdq_hex(np.asarray(pdq_input(im, min_side)))
 
 
@@ -193,37 +171,3 @@ class SignalDecoder(Decoder):
         except Exception:  # a hashing bug must not cost the row its descriptor decision
             return {"pdq_hash": None, "pdq_quality": NO_QUALITY}
         return {"pdq_hash": h, "pdq_quality": q}
-
-
-def _measure(folder: str) -> None:  # pragma: no cover - the measurement in the module docstring
-    import time
-    from pathlib import Path
-
-    from pipeline.ingest.decode import Decoder
-
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    dec = Decoder(DecodeConfig(high_res=160, low_res=128))
-    names = ("full", "draft256", "draft160", "square160")
-    fns = {"full": lambda d: pdq_from_bytes(d, min_side=None), "draft256": lambda d: pdq_from_bytes(d),
-           "draft160": lambda d: pdq_from_bytes(d, min_side=160), "square160": lambda d: pdq_hex(dec.decode_one(d)["high"])}
-    orig = next((p for p in files if p.name.startswith("aaa-orig")), files[0])
-    ref = pdq_from_bytes(orig.read_bytes(), min_side=None)[0]
-    print(f"bits off: the file's own full-resolution hash / {orig.name}'s full-resolution hash (the list entry)")
-    print(f"{'file':24s} " + " ".join(f"{n:>10s}" for n in names))
-    t = dict.fromkeys(names, 0.0)
-    worst = dict.fromkeys(names, 0)
-    for p in files:
-        data = p.read_bytes()
-        row = {}
-        for name in names:
-            t0 = time.perf_counter()
-            row[name] = fns[name](data)[0]
-            t[name] += time.perf_counter() - t0
-            worst[name] = max(worst[name], hamming(row[name], ref))
-        print(f"{p.name:24s} " + " ".join(f"{hamming(row[k], row['full']):>4d} / {hamming(row[k], ref):>3d}" for k in names))
-    print("max distance to the list entry: " + ", ".join(f"{k} {v}" for k, v in worst.items()))
-    print("ms/image (decode + PDQ): " + ", ".join(f"{k} {1000 * v / max(1, len(files)):.1f}" for k, v in t.items()))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _measure(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/edge-cases/pdq-bridge-mods")
