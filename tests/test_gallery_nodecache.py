@@ -155,3 +155,36 @@ def test_float16_coarse_codes_are_the_default_and_old_manifests_read_as_float32(
     assert CoarseIndexSpec.parse("HNSW32,SQfp16") == CoarseIndexSpec("hnsw", hnsw_m=32, codes="float16")
     with pytest.raises(ValueError, match="codes"):
         CoarseIndexSpec(codes="int4")
+
+
+def test_rerank_rows_read_at_random_page_in_only_themselves(tmp_path) -> None:
+    """The rerank matrix is mapped with MADV_RANDOM: reading one candidate row pages in that row,
+    not the kernel's read-around (128 KB or more about it). Measured with mincore after the file's
+    pages are dropped (POSIX_FADV_DONTNEED); a plain map of the same file shows the read-around."""
+    from pipeline.gallery.nodecache import random_access, resident_bytes
+
+    path = tmp_path / "rerank.npy"
+    np.save(path, np.ones((32768, 512), np.float16))  # 32 MiB, 1 KiB rows
+
+    def dropped() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def pages_after_reading_rows(advised: bool) -> int:
+        dropped()
+        if resident_bytes(path) > 0:
+            pytest.skip("this filesystem keeps the file's pages resident (tmpfs?): read-around cannot be seen")
+        a = np.load(path, mmap_mode="r")
+        a = random_access(a) if advised else a
+        assert float(a[20000].sum()) == 512.0 and float(a[9000].sum()) == 512.0
+        n = resident_bytes(path) // 4096
+        del a
+        return n
+
+    plain, advised = pages_after_reading_rows(False), pages_after_reading_rows(True)
+    assert advised <= 8, (advised, plain)  # two rows and the header, a page or two each
+    assert plain >= 4 * advised, (plain, advised)  # the kernel read around them

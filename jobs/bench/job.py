@@ -49,7 +49,7 @@ def node_used_bytes() -> int:
 
 def cache_resident_bytes(root: Path) -> int:
     """Bytes of the files under ``root`` resident in the page cache (files that vanish meanwhile: 0)."""
-    from jobs.bench.memory import resident_bytes
+    from pipeline.gallery.nodecache import resident_bytes
 
     total = 0
     for f in root.rglob("*") if root.exists() else []:

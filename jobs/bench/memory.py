@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import mmap
 import os
 import shutil
 import time
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from jobs.bench.common import VectorFactory, bench_args, cached_pooled_statistics, machine, photos_help, table
+from pipeline.gallery.nodecache import resident_bytes
 
 MECHANISMS = ("node", "objstore", "private")
 
@@ -50,27 +50,6 @@ def memory_now() -> dict[str, int]:
             if line.startswith("Anonymous:"):
                 anon = int(line.split()[1]) * 1024
     return {"uss": int(info.uss), "pss": int(info.pss), "anon": anon}
-
-
-def resident_bytes(path: Path) -> int:
-    """Bytes of the file ``path`` resident in the page cache (``mincore``)."""
-    size = path.stat().st_size
-    if not size:
-        return 0
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    page = mmap.PAGESIZE
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
-    try:
-        buf = ctypes.c_char.from_buffer(mm)
-        vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
-        if libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), vec) != 0:
-            raise OSError(ctypes.get_errno(), "mincore failed")
-        resident = int((np.frombuffer(memoryview(vec), np.uint8) & 1).sum()) * page
-        del buf
-    finally:
-        mm.close()
-    return min(resident, size)
 
 
 class GalleryHolder:

@@ -44,7 +44,7 @@ def bench_pdq_input(folder: Path, out_dir: Path) -> dict[str, Any]:
     orig = next((p for p in files if p.name.startswith("aaa-orig")), files[0])
     ref = pdq_from_bytes(orig.read_bytes(), min_side=None)[0]
     seconds = dict.fromkeys(INPUTS, 0.0)
-    per_file = []
+    per_file: list[dict[str, Any]] = []
     for p in files:
         data = p.read_bytes()
         hashes = {}

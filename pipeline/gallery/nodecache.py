@@ -39,6 +39,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -98,7 +99,7 @@ class Attached:
         over the whole file, so mapping it would touch every page)."""
         m = self.manifest
         picked = [self._shard(i) for i in (range(len(m.shards)) if shards is None else sorted(set(shards)))]
-        ids, rerank = np.load(self.path / "ids.npy", mmap_mode="r"), np.load(self.path / "rerank.npy", mmap_mode="r")
+        ids, rerank = np.load(self.path / "ids.npy", mmap_mode="r"), random_access(np.load(self.path / "rerank.npy", mmap_mode="r"))
         if shards is not None:
             own = np.sort(np.concatenate([np.asarray(s.ids, np.int64) for s in picked] or [np.zeros(0, np.int64)]))
             rows = np.searchsorted(ids, own)
@@ -214,6 +215,40 @@ class NodeCache:
                 except OSError:
                     continue  # mapped by another process, or being filled
                 shutil.rmtree(base / old, ignore_errors=True)
+
+
+def random_access(a: np.ndarray) -> np.ndarray:
+    """``a`` (an ``np.load(mmap_mode="r")`` map) with the kernel told that its pages are read at
+    random (``MADV_RANDOM``): no read-around. The rerank matrix is read a few candidate rows at a
+    time, and read-around would page in 128 KB about each 1 KB row: at 10M references, one batch of
+    32 queries with 500 candidates each made 3 GB of the 9.5 GB matrix resident instead of 16 MB."""
+    mm = getattr(a, "_mmap", None)
+    if isinstance(mm, mmap.mmap) and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
+    return a
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of the file ``path`` resident in the page cache (``mincore``)."""
+    size = path.stat().st_size
+    if not size:
+        return 0
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        buf = ctypes.c_char.from_buffer(mm)
+        vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
+        if libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        resident = int((np.frombuffer(memoryview(vec), np.uint8) & 1).sum()) * page
+        del buf
+    finally:
+        mm.close()
+    return min(resident, size)
 
 
 def _copy_verified(vstore: Store, name: str, sha: str, dest: Path) -> None:
