@@ -108,12 +108,12 @@ def test_a_thumbnail_bucket_that_fails_is_tried_once_per_page(monkeypatch) -> No
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     try:
-        R._UNREACHABLE.clear()
-        assert R._read("s3://refs/synthetic/00000001.jpg") is None
+        R.UNREACHABLE_BUCKETS.clear()
+        assert R.read_source("s3://refs/synthetic/00000001.jpg") is None
         first = len(hits)
-        assert 1 <= first <= R.THUMB_S3_RETRIES + 1 and R._UNREACHABLE == {"refs"}
-        assert all(R._read(f"s3://refs/synthetic/{i:08d}.jpg") is None for i in range(2, 20))
+        assert 1 <= first <= R.THUMB_S3_RETRIES + 1 and R.UNREACHABLE_BUCKETS == {"refs"}
+        assert all(R.read_source(f"s3://refs/synthetic/{i:08d}.jpg") is None for i in range(2, 20))
         assert len(hits) == first  # the bucket was not asked again
     finally:
         srv.shutdown()
-        R._UNREACHABLE.clear()
+        R.UNREACHABLE_BUCKETS.clear()

@@ -66,17 +66,17 @@ def _thumb(data: bytes, sensitive: bool = False) -> str:
 
 # S3 buckets that failed a thumbnail read with something other than "no such object" while the
 # current page is written: they are not tried again (reset by write_review)
-_UNREACHABLE: set[str] = set()
+UNREACHABLE_BUCKETS: set[str] = set()
 THUMB_S3_RETRIES = 2  # a thumbnail is worth a short wait, not a job's 8 retries per object
 
 
-def _read(uri: str) -> bytes | None:
+def read_source(uri: str) -> bytes | None:
     """The object's bytes, or None (the page says "unreadable"; the log says why). A bucket that
     fails once for another reason than a missing object (unreachable endpoint, no credentials,
     access denied) is not tried again for the rest of the page, so a gallery whose references live
     where this node cannot reach costs the page one timeout, not one per thumbnail."""
     bucket = uri[len("s3://"):].split("/", 1)[0] if uri.startswith("s3://") else ""
-    if bucket in _UNREACHABLE:
+    if bucket in UNREACHABLE_BUCKETS:
         return None
     try:
         if bucket:
@@ -87,7 +87,7 @@ def _read(uri: str) -> bytes | None:
         return st.read_bytes(name)
     except Exception as e:
         if bucket and not isinstance(e, FileNotFoundError):
-            _UNREACHABLE.add(bucket)
+            UNREACHABLE_BUCKETS.add(bucket)
             log.warning("review page: s3://%s cannot be read (%s); its other thumbnails are skipped", bucket,
                         plain_message(e, 300))
         else:
@@ -140,11 +140,11 @@ def _groups_html(matched: pd.DataFrame, src: dict, input_uri: str, max_groups: i
         cat = g["category"].iloc[0]
         sens = is_sensitive(cat)
         ref_uri = src.get(int(rid))
-        ref = _read(ref_uri) if ref_uri else None
+        ref = read_source(ref_uri) if ref_uri else None
         actions = ", ".join(f"{a} {n}" for a, n in g["action"].value_counts().items())
         ex = []
         for r in g.sort_values("fine_score", ascending=False).head(GROUP_EXAMPLES).itertuples():
-            q = _read(_input_uri(input_uri, r.image_key))
+            q = read_source(_input_uri(input_uri, r.image_key))
             ex.append(f'<span class="ex">{_thumb(q, sens) if q else "<span class=err>unreadable</span>"}<br>'
                       f'{_score(r)} <code>{html.escape(str(r.image_key))}</code></span>')
         out_rows.append(
@@ -176,7 +176,7 @@ def _waves_html(out: Store, dt: str, df: pd.DataFrame, max_waves: int) -> str:
     for cid, g in groups[:max_waves]:
         g = g.sort_values("dup_rank")
         sens = bool(sens_keys & set(g["image_key"]))
-        thumb = lambda r, sens=sens: (_thumb(b, sens) if (b := _read(str(r["image_uri"])))
+        thumb = lambda r, sens=sens: (_thumb(b, sens) if (b := read_source(str(r["image_uri"])))
                                       else "<span class=err>unreadable</span>")
         acts = ", ".join(f"{a} {n}" for a, n in action.reindex(g["image_key"]).value_counts().items())
         ex = "".join(f'<span class="ex">{thumb(r)}<br><code>{html.escape(str(r["image_key"]))}</code></span>'
@@ -201,7 +201,7 @@ def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: 
     from pipeline.gallery import read_manifest
     from pipeline.moderation.flags import read_flags
 
-    _UNREACHABLE.clear()
+    UNREACHABLE_BUCKETS.clear()
     df = read_flags(out.uri, dt)
     matched = df[df["status"] == "matched"]
     flagged = matched.sort_values("fine_score", ascending=False).head(max_rows)
@@ -217,9 +217,9 @@ def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: 
     def rows(frame: pd.DataFrame) -> str:
         out_rows = []
         for r in frame.itertuples():
-            q = _read(_input_uri(input_uri, r.image_key))
+            q = read_source(_input_uri(input_uri, r.image_key))
             ref_uri = src.get(int(r.reference_id)) if pd.notna(r.reference_id) else None
-            ref = _read(ref_uri) if ref_uri else None
+            ref = read_source(ref_uri) if ref_uri else None
             sens = is_sensitive(r.category)
             out_rows.append(
                 "<tr><td>{q}</td><td>{ref}</td><td><b>{action}</b><br>{bank}<br><small>{cat}</small></td>"
