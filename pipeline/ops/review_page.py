@@ -194,6 +194,20 @@ def _waves_html(out: Store, dt: str, df: pd.DataFrame, max_waves: int) -> str:
             f'{"".join(rows) or "<tr><td colspan=4>none</td></tr>"}</table>')
 
 
+def _reference_uris(gstore: Store, m: Any, reference_ids: pd.Series) -> dict[int, str]:
+    """id -> source URI of the references the page shows, read from the version's entries with
+    only those ids (row groups pruned by their statistics): a page never loads a gallery of
+    millions to show a few hundred thumbnails."""
+    import pyarrow.parquet as pq
+
+    ids = sorted({int(x) for x in reference_ids.dropna()})
+    if not ids:
+        return {}
+    t = pq.read_table(gstore.path(f"versions/{m.version}/{m.entries.file}"), filesystem=gstore.fs,
+                      columns=["id", "source_uri"], filters=[("id", "in", ids)])
+    return dict(zip(t.column("id").to_pylist(), t.column("source_uri").to_pylist()))
+
+
 def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: str, max_rows: int = 200,
                  gallery_version: str | None = None) -> str:
     """Write ``_reviews/dt=D/review-<run_id>.html``; returns its URI. ``gallery_version`` is the
@@ -209,10 +223,7 @@ def write_review(out: Store, dt: str, run_id: str, input_uri: str, gallery_uri: 
     errors = df[df["status"] == "error"]
     gstore = open_store(gallery_uri)
     m = read_manifest(gstore, gallery_version)
-    import pyarrow.parquet as pq
-
-    entries = pq.read_table(gstore.path(f"versions/{m.version}/{m.entries.file}"), filesystem=gstore.fs).to_pandas()
-    src = entries.drop_duplicates("id").set_index("id")["source_uri"].to_dict()
+    src = _reference_uris(gstore, m, df["reference_id"])
 
     def rows(frame: pd.DataFrame) -> str:
         out_rows = []
