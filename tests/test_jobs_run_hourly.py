@@ -121,10 +121,10 @@ def test_backfill_over_hours_and_a_missing_hour(world, capsys) -> None:
 
 
 def test_hourly_defaults_to_the_last_full_hour(world, capsys, monkeypatch) -> None:
-    import jobs.commands.moderate_cmd as M
+    from pipeline.moderation import flags as F  # what moderate_cmd.cli_hourly calls when it runs
 
     w = world
-    monkeypatch.setattr(M.F, "previous_hour", lambda: f"{DAY}T08")
+    monkeypatch.setattr(F, "previous_hour", lambda: f"{DAY}T08")
     rc, stdout, err = run_cli(capsys, "hourly", "--input-template", str(w["up"]) + "/{date}/{hour}", *_job(w))
     assert rc == 0, err
     assert stdout.startswith(f"modscan: dt={DAY}/hour=08 ")  # the last full hour, replaced

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from jobs.bench.common import VectorFactory, bench_args, cached_pooled_statistics, machine, photos_help, table
-from pipeline.gallery.nodecache import resident_bytes
 
 MECHANISMS = ("node", "objstore", "private")
 
@@ -145,6 +144,8 @@ def _object_store_bytes() -> int:
 def measure(gallery: str, version: str, n: int, mechanism: str, actors: int, work: Path, queries: Path) -> dict[str, Any]:
     """One row: ``actors`` holders of ``mechanism`` on this node, then one of them restarted."""
     import ray
+
+    from pipeline.gallery.nodecache import resident_bytes
 
     cache_root = work / "node-cache"
     shutil.rmtree(cache_root, ignore_errors=True)  # a cold node: the first actor fills

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline import gallery as G
 from pipeline.errors import UsageError
-from pipeline.gallery.banks import load_banks
-from pipeline.gallery.extract import GalleryFeatureStage, stage_rows
-from pipeline.ingest.storage import open_store
+
+if TYPE_CHECKING:  # the gallery, its extractor and storage pull torch, faiss, pandas and pyarrow: imported when run
+    from pipeline import gallery as G
 
 
 def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_size: int = 32,
@@ -22,6 +21,7 @@ def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_s
         from jobs.runtime.job_config import JobConfig
         from jobs.runtime.ray_stages import actor_resources, decode_and_apply, fetch_by_uri, init_ray, raise_worker_error
         from models.card import read_card
+        from pipeline.gallery.extract import GalleryFeatureStage, stage_rows
         from pipeline.ingest.decode import DecodeConfig
 
         if not uris:
@@ -47,6 +47,10 @@ def ray_extractor(model_dir: str | None, ray_address: str | None = None, batch_s
 
 def _is_hash_bank(a: argparse.Namespace) -> bool:
     """``gallery add``'s bank is a pdq/md5 bank: in the gallery already, or declared in ``--banks``."""
+    from pipeline import gallery as G
+    from pipeline.gallery.banks import load_banks
+    from pipeline.ingest.storage import open_store
+
     m = G.read_manifest(open_store(a.gallery))
     if a.bank in m.banks:
         if m.banks[a.bank].bank.is_hash and getattr(a, "from_wave", None) is not None:
@@ -60,6 +64,8 @@ def _add_source(a: argparse.Namespace) -> tuple[list[str], str | None]:
     """``gallery add``'s pictures and audit note: ``--source``'s, or a committed wave's representative
     (``--from-wave``, with ``--flags`` and ``--date``; the note names the wave)."""
     if getattr(a, "from_wave", None) is None:
+        from pipeline import gallery as G
+
         return G.list_source(a.source), a.note
     if not a.flags or not a.date:
         raise UsageError("--from-wave needs --flags (the flags root) and --date (the wave's day)")
@@ -69,22 +75,33 @@ def _add_source(a: argparse.Namespace) -> tuple[list[str], str | None]:
     return uris, f"{a.note}; {note}" if a.note else note
 
 
+def _info(a: argparse.Namespace) -> int:
+    """``gallery info`` (``--verify``: exit 1 on a file that fails its manifest checksum)."""
+    from pipeline import gallery as G
+    from pipeline.ingest.storage import open_store
+
+    store = open_store(a.gallery)
+    out = G.info(store)
+    if getattr(a, "verify", False):
+        out["verify"] = G.verify(store, a.version)
+    print(json.dumps(out, indent=2, default=str))
+    problems = out.get("verify", {}).get("problems")
+    if problems:
+        v = out["verify"]
+        raise G.GalleryIntegrityError(
+            f"gallery {v['version']}: {len(problems)} of {v['files']} files fail verification: "
+            + "; ".join(f"{p['file']}: {p['problem']}" for p in problems))
+    return 0
+
+
 def run(a: argparse.Namespace) -> int:
     from models.card import read_card
+    from pipeline import gallery as G
+    from pipeline.gallery.banks import load_banks
+    from pipeline.ingest.storage import open_store
 
     if a.gcmd == "info":
-        store = open_store(a.gallery)
-        out = G.info(store)
-        if getattr(a, "verify", False):
-            out["verify"] = G.verify(store, a.version)
-        print(json.dumps(out, indent=2, default=str))
-        problems = out.get("verify", {}).get("problems")
-        if problems:
-            v = out["verify"]
-            raise G.GalleryIntegrityError(
-                f"gallery {v['version']}: {len(problems)} of {v['files']} files fail verification: "
-                + "; ".join(f"{p['file']}: {p['problem']}" for p in problems))
-        return 0
+        return _info(a)
     if a.gcmd == "remove":  # extracts nothing, so no model: the new version keeps the gallery's own
         v, stats = G.remove(open_store(a.gallery), None, a.bank, a.ids, a.sha256, who=a.who, note=a.note,
                             hashes=getattr(a, "hash", []), entry_ids=getattr(a, "entry_id", []))

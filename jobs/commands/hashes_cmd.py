@@ -30,10 +30,16 @@ import dataclasses
 import enum
 import importlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ModscanError, UsageError
-from pipeline.signals.lists import KINDS, HashEntry, canonical_metadata, format_csv, format_signal_file, parse_list
+
+if TYPE_CHECKING:  # pipeline.signals.lists pulls torch and pyarrow: imported when a command runs
+    from pipeline.signals.lists import HashEntry
+
+# pipeline.signals.lists.KINDS, the bank kinds (``--kind``'s choices), kept here so that building the
+# parser imports no list reader; tests/test_jobs_cli.py checks that the two agree
+KINDS: tuple[str, ...] = ("pdq", "md5")
 
 # get_name() -> (module, class) of the exchanges threatexchange ships
 EXCHANGES = {
@@ -105,6 +111,8 @@ def _collab(api_cls: Any, name: str, fields: dict[str, Any]) -> Any:
 
 
 def _metadata(meta: Any) -> str | None:
+    from pipeline.signals.lists import canonical_metadata
+
     if meta is None or not dataclasses.is_dataclass(meta) or isinstance(meta, type):
         return None
     d = dataclasses.asdict(meta)
@@ -114,6 +122,8 @@ def _metadata(meta: Any) -> str | None:
 def fetch_entries(exchange: str, kind: str, collab: dict[str, Any] | None = None, name: str | None = None) -> list[HashEntry]:
     """Fetch every signal of ``kind`` from ``exchange`` (a full fetch, no checkpoint), sorted by hash,
     each with its fetched metadata. ModscanError for missing credentials or a failed fetch."""
+    from pipeline.signals.lists import HashEntry
+
     api_cls = exchange_class(exchange)
     st = signal_type(kind)
     cfg = _collab(api_cls, name or exchange, collab or {})
@@ -140,6 +150,7 @@ def fetch_entries(exchange: str, kind: str, collab: dict[str, Any] | None = None
 def write_fetched(entries: list[HashEntry], kind: str, out: str, fmt: str = "signals") -> int:
     """Validate ``entries`` with the job's own list reader, then write them to ``out``; the count."""
     from pipeline.ingest.storage import split_uri
+    from pipeline.signals.lists import format_csv, format_signal_file, parse_list
 
     text = format_signal_file(entries, kind) if fmt == "signals" else format_csv(entries, kind)
     parse_list(text, kind, f"<{out}>", fmt="csv" if fmt == "csv" else "signals", allow_empty=True)

@@ -11,22 +11,27 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import logging
+from typing import TYPE_CHECKING
 
-from jobs.runtime.job_config import JobConfig
-from jobs.runtime.run import check_output, moderate, summary
 from pipeline.errors import MissingInput, ModscanError, UsageError, plain_message
-from pipeline.moderation import flags as F
+
+if TYPE_CHECKING:  # the job's config, the job and the flags pull torch, pandas and pyarrow: imported when run
+    from jobs.runtime.job_config import JobConfig
 
 log = logging.getLogger(__name__)
 
 
 def _cfg(a: argparse.Namespace) -> JobConfig:
+    from jobs.runtime.job_config import JobConfig
+
     return JobConfig.from_toml(a.config, batch_size=a.batch_size, actors=a.actors,
                                allow_empty_input=True if getattr(a, "allow_empty", False) else None)
 
 
 def _from_template(template: str, part: str) -> str:
     """The input of partition ``part``: ``{date}`` filled in, and ``{hour}`` (``00``-``23``) for an hour."""
+    from pipeline.moderation import flags as F
+
     dt, hour = F.split_partition(part)
     fields = {"date": dt} if hour is None else {"date": dt, "hour": f"{hour:02d}"}
     try:
@@ -39,6 +44,8 @@ def _from_template(template: str, part: str) -> str:
 def _run(a: argparse.Namespace, input_uri: str, part: str, cfg: JobConfig | None = None) -> dict:
     """One partition with the job flags of ``a``; prints the summary. With ``[job] waves``, the
     committed partition's waves next (:func:`_waves_after`)."""
+    from jobs.runtime.run import moderate, summary
+
     cfg = cfg or _cfg(a)
     info = moderate(input_uri, a.gallery, a.output, part, a.model, cfg, a.ray_address,
                     signatures_uri=a.signatures, restart=a.restart, allow_mixed_day=a.allow_mixed_day)
@@ -52,6 +59,7 @@ def _waves_after(a: argparse.Namespace, part: str, cfg: JobConfig) -> None:
     """``modscan waves`` on the partition just committed (docs/waves.md). The flags are published
     whatever happens here; a failure says so and how to rerun only the waves."""
     from jobs.runtime.waves import summary_lines, waves
+    from pipeline.moderation import flags as F
 
     try:
         print(summary_lines(waves(a.output, part, cfg, a.model, a.signatures, None, a.ray_address)))
@@ -63,6 +71,8 @@ def _waves_after(a: argparse.Namespace, part: str, cfg: JobConfig) -> None:
 
 
 def cli_moderate(a: argparse.Namespace) -> int:
+    from pipeline.moderation import flags as F
+
     dt = F.valid_date(a.date, "--date")
     _run(a, a.input, F.hour_partition(dt, a.hour) if a.hour is not None else dt)
     return 0
@@ -70,6 +80,8 @@ def cli_moderate(a: argparse.Namespace) -> int:
 
 def cli_hourly(a: argparse.Namespace) -> int:
     """The last full hour (UTC), or ``--at``: one ``dt=D/hour=HH`` partition."""
+    from pipeline.moderation import flags as F
+
     part = F.valid_partition(a.at, "--at") if a.at is not None else F.previous_hour()
     if not F.is_hourly(part):
         raise UsageError(f"--at {a.at!r} is not an hour in the form YYYY-MM-DDTHH (e.g. 2026-02-05T13)")
@@ -83,6 +95,8 @@ def yesterday() -> str:
 
 
 def cli_nightly(a: argparse.Namespace) -> int:
+    from pipeline.moderation import flags as F
+
     dt = F.valid_date(a.date, "--date") if a.date is not None else yesterday()
     cfg = _cfg(a)
     info = _run(a, _from_template(a.input_template, dt), dt, cfg)
@@ -106,6 +120,10 @@ def backfill(input_template: str, gallery: str, output: str, date_from: str, dat
     A partition whose input is missing is never committed (``"missing: ..."``); one that fails
     (``"failed: ..."``) does not stop the others. The caller reports both and exits non-zero.
     """
+    from jobs.runtime.job_config import JobConfig
+    from jobs.runtime.run import check_output, moderate, summary
+    from pipeline.moderation import flags as F
+
     days = F.partition_range(date_from, date_to)
     _from_template(input_template, days[0])
     cfg = cfg or JobConfig()
@@ -129,6 +147,8 @@ def backfill(input_template: str, gallery: str, output: str, date_from: str, dat
 
 
 def cli_backfill(a: argparse.Namespace) -> int:
+    from pipeline.moderation import flags as F
+
     res = backfill(a.input_template, a.gallery, a.output, a.date_from, a.date_to, a.model, _cfg(a), a.force,
                    a.ray_address, a.signatures, a.restart, a.allow_mixed_day)
     for dt, s in res.items():
