@@ -189,6 +189,7 @@ def test_rerank_rows_read_at_random_page_in_only_themselves(tmp_path) -> None:
     def pages_after_reading_rows(advised: bool) -> int:
         fd = os.open(path, os.O_RDONLY)
         try:
+            os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
