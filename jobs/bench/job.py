@@ -199,7 +199,7 @@ def _results(n: int, n_shards: int, actors: int, disk: int, write_s: float, run_
 
 
 def bench_job(n: int, out_dir: Path, photos: list[Path], references: Path, copies: int, unrelated: int,
-              actors: int, n_shards: int) -> dict[str, Any]:
+              actors: int, n_shards: int, reuse: bool = False) -> dict[str, Any]:
 
     from pipeline.gallery.extract import local_extractor
 
@@ -215,10 +215,13 @@ def bench_job(n: int, out_dir: Path, photos: list[Path], references: Path, copie
     real = {"coarse": np.stack([r["coarse"] for r in rows]).astype(np.float32),
             "rerank": np.stack([r["rerank"] for r in rows]).astype(np.float32)}
     root = out_dir / f"job-gallery-{n}"
-    shutil.rmtree(root, ignore_errors=True)
-    t = time.time()
-    write_big_version(root, n, vf, st["card"], real, [str(p) for p in refs], n_shards)
-    write_s = time.time() - t
+    manifest = root / "versions/v000001/manifest.json"
+    write_s = 0.0
+    if not (reuse and manifest.exists() and json.loads(manifest.read_text())["counts"]["images"] == n):
+        shutil.rmtree(root, ignore_errors=True)
+        t = time.time()
+        write_big_version(root, n, vf, st["card"], real, [str(p) for p in refs], n_shards)
+        write_s = time.time() - t
     del st, vf
     disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     up, flags = out_dir / "job-uploads", out_dir / "job-flags"
@@ -262,7 +265,8 @@ def bench_job(n: int, out_dir: Path, photos: list[Path], references: Path, copie
 
 def cli_bench_job(a: argparse.Namespace) -> int:
     out, photos = bench_args(a)
-    bench_job(a.gallery_size, out, photos or [], Path(a.references), a.copies, a.unrelated, a.actors, a.shards)
+    bench_job(a.gallery_size, out, photos or [], Path(a.references), a.copies, a.unrelated, a.actors, a.shards,
+              a.reuse_gallery)
     return 0
 
 
@@ -278,4 +282,7 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--photos", action="append", metavar="DIR", required=True,
                    help="real photos: the vectors' statistics and the unrelated uploads")
     q.add_argument("--workdir", default=None, help="output folder (default bench-out)")
+    q.add_argument("--reuse-gallery", action="store_true",
+                   help="keep the version a previous run wrote in the work folder (same --gallery-size, references "
+                        "and photos); the node cache is filled again either way")
     q.set_defaults(fn=cli_bench_job)
