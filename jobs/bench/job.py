@@ -10,8 +10,9 @@ and unrelated real photos (``--unrelated``: the photos held out of the vectors' 
 never in the gallery, then the pictures of ``--references`` beyond the copies'). Then ``modscan
 moderate`` runs in its own process with ``--actors`` actors and the node cache, while this process
 samples the node's used memory (``MemTotal - MemAvailable``) every 0.5 s and, every 5 s, the
-node-cache pages resident in the page cache (``mincore``: mapped file pages count as "available"
-in ``/proc/meminfo``, so they are added). Reported: the peaks over the run and over the idle
+node-cache pages resident in the page cache (``mincore`` over the filled version's files: mapped
+file pages count as "available" in ``/proc/meminfo``, so they are added; a fill's own write-back
+cache is not). Reported: the peaks over the run and over the idle
 baseline, the flags' rows (one per upload), the copies flagged (and to the right reference) and
 the unrelated uploads flagged.
 Writes ``bench-out/job.json``. Benchmarks never assert.
@@ -48,11 +49,15 @@ def node_used_bytes() -> int:
 
 
 def cache_resident_bytes(root: Path) -> int:
-    """Bytes of the files under ``root`` resident in the page cache (files that vanish meanwhile: 0)."""
+    """Bytes of the node cache's filled files under ``root`` resident in the page cache (files that
+    vanish meanwhile: 0). A fill's partial folder is not counted: what it writes is write-back
+    cache that the kernel reclaims (and the fill drops when done), not pages the job reads."""
     from pipeline.gallery.nodecache import resident_bytes
 
     total = 0
     for f in root.rglob("*") if root.exists() else []:
+        if ".partial-" in str(f):
+            continue
         try:
             total += resident_bytes(f) if f.is_file() else 0
         except (OSError, ValueError):
