@@ -199,20 +199,20 @@ def flaky_s3(local_gallery):
         ray.shutdown()
 
 
-@pytest.mark.parametrize("mode", ["503", "reset"])
-def test_s3_errors_for_a_while_are_retried(flaky_s3, local_gallery, mode: str) -> None:
+def test_s3_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> None:
     from jobs.runtime.job_config import JobConfig
     from jobs.runtime.run import moderate
     from pipeline.moderation.flags import read_flags
 
     proxy, _ = flaky_s3
     gal, _ = local_gallery
-    proxy.mode, proxy.failed = mode, 0
-    proxy.fail = 5  # the next 5 requests fail, then the endpoint recovers (10 attempts allowed)
-    info = moderate("s3://flaky-up/d/", gal, f"s3://flaky-out/ok-{mode}", "2026-05-02", cfg=JobConfig(batch_size=8),
+    # the next 2 requests fail (a 503, then a connection reset), then the endpoint recovers
+    proxy.mode, proxy.failed = "mixed", 0
+    proxy.fail = 2
+    info = moderate("s3://flaky-up/d/", gal, "s3://flaky-out/ok-mixed", "2026-05-02", cfg=JobConfig(batch_size=8),
                     review=False)
-    assert proxy.failed == 5
-    df = read_flags(f"s3://flaky-out/ok-{mode}")
+    assert proxy.failed == 2
+    df = read_flags("s3://flaky-out/ok-mixed")
     assert len(df) == 20 == info["inputs"] and (df["status"] == "clean").all()
 
 
@@ -242,7 +242,7 @@ def test_s3_outage_fails_cleanly_without_a_partial_partition(flaky_s3, local_gal
 
 def test_driver_killed_during_the_write_then_rerun(local_gallery, tmp_path) -> None:
     gal, _ = local_gallery
-    src = _folder(tmp_path / "up", 120)
+    src = _folder(tmp_path / "up", 47)
     out = tmp_path / "flags"
     cmd = [sys.executable, "-m", "jobs.cli", "moderate", "--input", str(src), "--gallery", gal, "--output", str(out),
            "--date", "2026-05-04", "--batch-size", "8"]
@@ -265,7 +265,7 @@ def test_driver_killed_during_the_write_then_rerun(local_gallery, tmp_path) -> N
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     df = pd.read_parquet(out)
-    assert len(df) == 121 and df["image_key"].is_unique
+    assert len(df) == 48 and df["image_key"].is_unique
     assert (out / "dt=2026-05-04" / "_SUCCESS").exists()
     assert not (out / "_staging").exists()  # the rerun's commit removed the killed run's staging too
 
@@ -301,7 +301,7 @@ def test_s3_write_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> Non
     assert "w-ok/dt=2026-05-05/_SUCCESS" in _s3_keys(s3, "w-ok/") and not _s3_keys(s3, "w-ok/_staging/")
 
 
-def test_s3_write_outage_mid_commit_publishes_nothing_then_a_rerun_repairs(flaky_s3, local_gallery) -> None:
+def test_s3_write_outage_mid_commit_publishes_nothing_then_a_rerun_repairs(flaky_s3, local_gallery, monkeypatch) -> None:
     from jobs.runtime.job_config import JobConfig
     from jobs.runtime.run import moderate
     from pipeline.moderation.flags import read_flags
@@ -327,6 +327,9 @@ def test_s3_write_outage_mid_commit_publishes_nothing_then_a_rerun_repairs(flaky
     assert any(k.endswith(".parquet") for k in keys), keys  # the fault hit the commit, not an earlier step
     assert f"w-outage/dt={day}/_SUCCESS" not in keys  # half a partition is never a published one
     assert read_flags(out, day).empty
+    # the outage also kept the failed run from clearing its committing heartbeat: the rerun cannot
+    # tell it from a live commit and waits until the heartbeat is stale (short here)
+    monkeypatch.setenv("MODSCAN_COMMIT_STALE_S", "4")
     rerun = moderate("s3://flaky-up/small/", gal, out, day, cfg=cfg, review=False)
     df = read_flags(out, day)
     # every chunk was staged and recorded before the commit failed: the rerun decodes nothing and
