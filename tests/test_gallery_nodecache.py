@@ -14,7 +14,7 @@ import pytest
 from pipeline import gallery as G
 from pipeline.gallery.banks import Bank
 from pipeline.gallery.index import CoarseIndexSpec
-from pipeline.gallery.nodecache import NodeCache, cached_status, resident_bytes
+from pipeline.gallery.nodecache import NodeCache, cached_status, drop_from_page_cache, resident_bytes
 from pipeline.ingest.storage import open_store
 
 
@@ -83,12 +83,7 @@ def _page_cache_can_drop(folder: Path) -> bool:
     """Whether this filesystem lets a written file's pages leave the page cache (not tmpfs)."""
     probe = folder / "probe.bin"
     probe.write_bytes(b"x" * (1 << 20))
-    fd = os.open(probe, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    drop_from_page_cache(probe)
     return resident_bytes(probe) == 0
 
 
@@ -187,12 +182,7 @@ def test_rerank_rows_read_at_random_page_in_only_themselves(tmp_path) -> None:
         pytest.skip("this filesystem keeps written pages resident (tmpfs?): read-around cannot be seen")
 
     def pages_after_reading_rows(advised: bool) -> int:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        drop_from_page_cache(path)
         a = np.load(path, mmap_mode="r")
         a = random_access(a) if advised else a
         assert float(a[20000].sum()) == 512.0 and float(a[9000].sum()) == 512.0

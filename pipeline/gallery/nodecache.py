@@ -179,7 +179,7 @@ class NodeCache:
                     _copy_verified(vstore, name, sha, tmp / name)
             (tmp / "manifest.json").write_text(m.to_json())
             for f in sorted(tmp.iterdir()):
-                _written_out(f)
+                drop_from_page_cache(f)
             sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
             (tmp / "cache.json").write_text(json.dumps(
                 {"format": CACHE_FORMAT, "source": store.uri, "version": m.version, "sizes": sizes,
@@ -219,7 +219,7 @@ class NodeCache:
                 shutil.rmtree(base / old, ignore_errors=True)
 
 
-def _written_out(path: Path) -> None:
+def drop_from_page_cache(path: Path) -> None:
     """Flush a filled file to disk and drop its pages from the page cache (``POSIX_FADV_DONTNEED``):
     a fill writes the whole version (13 GB at 10M references) and would otherwise leave all of it
     cached, pushing out other pages, although the job then touches only the coarse codes and its
