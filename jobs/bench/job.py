@@ -203,6 +203,17 @@ def _results(n: int, n_shards: int, actors: int, disk: int, write_s: float, run_
     return res
 
 
+def _written(root: Path, n: int, reuse: bool, write: Any) -> float:
+    """Seconds ``write()`` took to write the version, or 0 when ``reuse`` keeps the one there."""
+    manifest = root / "versions/v000001/manifest.json"
+    if reuse and manifest.exists() and json.loads(manifest.read_text())["counts"]["images"] == n:
+        return 0.0
+    shutil.rmtree(root, ignore_errors=True)
+    t = time.time()
+    write()
+    return time.time() - t
+
+
 def bench_job(n: int, out_dir: Path, photos: list[Path], references: Path, copies: int, unrelated: int,
               actors: int, n_shards: int, reuse: bool = False) -> dict[str, Any]:
 
@@ -220,14 +231,7 @@ def bench_job(n: int, out_dir: Path, photos: list[Path], references: Path, copie
     real = {"coarse": np.stack([r["coarse"] for r in rows]).astype(np.float32),
             "rerank": np.stack([r["rerank"] for r in rows]).astype(np.float32)}
     root = out_dir / f"job-gallery-{n}"
-    manifest = root / "versions/v000001/manifest.json"
-    write_s = 0.0
-    if not (reuse and manifest.exists() and json.loads(manifest.read_text())["counts"]["images"] == n):
-        shutil.rmtree(root, ignore_errors=True)
-        t = time.time()
-        write_big_version(root, n, vf, st["card"], real, [str(p) for p in refs], n_shards)
-        write_s = time.time() - t
-    del st, vf
+    write_s = _written(root, n, reuse, lambda: write_big_version(root, n, vf, st["card"], real, [str(p) for p in refs], n_shards))
     disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     up, flags = out_dir / "job-uploads", out_dir / "job-flags"
     shutil.rmtree(up, ignore_errors=True)
