@@ -164,10 +164,11 @@ class Store:
             self.fs.delete_file(self.path(src))
 
 
-def open_store(uri: str, *, create: bool = False) -> Store:
-    """``/abs/or/relative``, ``file://...`` or ``s3://bucket/prefix`` -> :class:`Store`."""
+def open_store(uri: str, *, create: bool = False, retries: int | None = None) -> Store:
+    """``/abs/or/relative``, ``file://...`` or ``s3://bucket/prefix`` -> :class:`Store`
+    (``retries``: S3 attempts per request, default ``$MODSCAN_S3_RETRIES`` or 8)."""
     if uri.startswith("s3://"):
-        fs = s3_filesystem()
+        fs = s3_filesystem(retries)
         root = uri[len("s3://"):].rstrip("/")
         if not root:
             raise ValueError(f"S3 URI needs a bucket: {uri!r}")
@@ -179,11 +180,11 @@ def open_store(uri: str, *, create: bool = False) -> Store:
     return Store(pafs.LocalFileSystem(), path, path)
 
 
-def split_uri(uri: str) -> tuple[Store, str]:
-    """A URI of one object -> (store of its folder, its name)."""
+def split_uri(uri: str, retries: int | None = None) -> tuple[Store, str]:
+    """A URI of one object -> (store of its folder, its name); ``retries`` as for :func:`open_store`."""
     if uri.startswith("s3://"):
         head, _, name = uri.rstrip("/").rpartition("/")
-        return open_store(head), name
+        return open_store(head, retries=retries), name
     p = os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
     return open_store(os.path.dirname(p)), os.path.basename(p)
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from pipeline.errors import plain_message
 from pipeline.ingest.decode import DecodeConfig, DecodeError, open_image
-from pipeline.ingest.storage import Store, open_store, redact, resolve_key, s3_filesystem, split_uri
+from pipeline.ingest.storage import Store, open_store, redact, resolve_key, split_uri
 from pipeline.moderation.flags import partition_key
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,7 @@ def read_source(uri: str) -> bytes | None:
     if bucket in UNREACHABLE_BUCKETS:
         return None
     try:
-        if bucket:
-            head, _, name = uri.rstrip("/").rpartition("/")
-            st = Store(s3_filesystem(retries=THUMB_S3_RETRIES), head[len("s3://"):], head)
-        else:
-            st, name = split_uri(uri)
+        st, name = split_uri(uri, retries=THUMB_S3_RETRIES)
         return st.read_bytes(name)
     except Exception as e:
         if bucket and not isinstance(e, FileNotFoundError):
