@@ -207,7 +207,7 @@ def rocket_gallery(root: Path) -> str:
 def tiny_trainer(out: Path, images_dir: Path, **overrides):
     """A :class:`~models.training.Trainer` of a tiny ResNet-18 (64/48 px) for a few seconds of real
     training: one backbone epoch, two epochs per adapter, one cached view, no held-out split (tests
-    that follow every epoch; early stopping is tested in test_train.py). ``overrides``: TrainConfig fields."""
+    that follow every epoch; early stopping is tested in models/training/test_trainer.py). ``overrides``: TrainConfig fields."""
     from models.descriptor import Backbone, DescriptorConfig
     from models.training import TrainConfig, Trainer
 

@@ -4,8 +4,8 @@ gallery built with the shipped model (reference folders, a banks list), one day 
 job's own Moderator rows for them, and those rows staged, flood-guarded and committed with a review page.
 
 Registered in ``conftest.py`` (``pytest_plugins``), so the session builds it once for every file that
-uses it: ``test_ops_explain.py``, ``test_ops_review_decisions.py``, ``test_ops_review_page.py``,
-``test_gallery_audit.py``, ``test_moderation_floodguard.py``.
+uses it: ``pipeline/ops/test_explain.py``, ``test_review_decisions.py`` and ``test_review_page.py``,
+``pipeline/gallery/test_audit.py``, ``pipeline/moderation/test_floodguard.py``.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # pipeline.signals.lists pulls torch and pyarrow: imported wh
     from pipeline.signals.lists import HashEntry
 
 # pipeline.signals.lists.KINDS, the bank kinds (``--kind``'s choices), kept here so that building the
-# parser imports no list reader; tests/test_jobs_cli.py checks that the two agree
+# parser imports no list reader; tests/jobs/test_cli.py checks that the two agree
 KINDS: tuple[str, ...] = ("pdq", "md5")
 
 # get_name() -> (module, class) of the exchanges threatexchange ships

@@ -7,7 +7,7 @@ Data puts each operator's serialized map transformer into the object store once
 (``MapOperator._map_transformer_ref``) and passes that reference to every ``MapWorker`` it
 creates, with ``max_restarts=-1``. A restart fails only if that object is gone; its owner is the
 driver, whose executor holds the reference for as long as the dataset runs, so it is lost only
-with the driver's node, and then the run is lost anyway. ``tests/test_jobs_run_faults.py::
+with the driver's node, and then the run is lost anyway. ``tests/jobs/runtime/test_run_faults.py::
 test_actor_killed_mid_job_every_row_once`` kills a Moderator actor mid-job and gets every upload
 exactly once, through a restart. Turning restarts off (``max_restarts=0``) would silence Ray and
 lose that.

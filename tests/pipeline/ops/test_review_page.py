@@ -5,12 +5,10 @@ Chromium where it is installed (the shared world of ``operator_world.py``)."""
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
+from chromium import CHROMIUM, screenshot
 from operator_world import DAY, N_PLAIN
 from PIL import Image
 
@@ -37,21 +35,6 @@ def test_review_page_groups_by_reference_blurs_sensitive_and_shouts_about_held(o
     # offline: nothing fetched from anywhere, every image inline
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page) and "url(" not in page
     assert page.count('src="data:image/jpeg;base64,') >= N_PLAIN
-
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-def screenshot(html_path: Path, png: Path, size: tuple[int, int] = (1280, 1400)) -> Image.Image:
-    """Render a local HTML file with headless Chromium, with a dead proxy so nothing could load from the
-    network, and return the screenshot."""
-    profile = png.parent / f".profile-{png.stem}"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-           f"--user-data-dir={profile}", "--proxy-server=http://127.0.0.1:9", f"--window-size={size[0]},{size[1]}",
-           f"--screenshot={png}", html_path.as_uri()]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-    shutil.rmtree(profile, ignore_errors=True)
-    return Image.open(png).convert("RGB")
 
 
 def _reveal_stats(blurred: Image.Image, revealed: Image.Image) -> dict[str, float]:

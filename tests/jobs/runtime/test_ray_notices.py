@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from conftest import ROOT
+
 from jobs.runtime.ray_notices import RAY_53727
 
 RAY_LINE = ("[2026-12-05 00:56:20,171 E 16896 16896] core_worker.cc:2465: Actor with class name: "
@@ -25,7 +27,7 @@ def _run(body: str, tmp_path: Path) -> str:
                       "with dropping_lines():\n" + textwrap.indent(textwrap.dedent(body), "    ") + "print('after', file=sys.stderr)\n")
     err = tmp_path / "err.txt"
     with err.open("wb") as f:
-        subprocess.run([sys.executable, str(script)], stderr=f, check=True, timeout=60, cwd=Path(__file__).parents[1])
+        subprocess.run([sys.executable, str(script)], stderr=f, check=True, timeout=60, cwd=ROOT)
     return err.read_bytes().decode()  # bytes as written: a progress bar's \r kept
 
 

@@ -17,20 +17,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from chromium import CHROMIUM, screenshot
 from conftest import photo, save_jpeg
 from PIL import Image
-from test_ops_review_page import CHROMIUM, screenshot  # the review page's own Chromium helper
+from planted_waves import DAY, UNRELATED_PHOTOS, WAVES
 
 from models.augment import apply_named
 from pipeline.moderation import flags as F
 from pipeline.moderation import wave_output as O
 from pipeline.moderation import waves as W
-
-DAY = "2026-05-03"
-# each planted member: the edits that made it (the first upload of wave "astronaut" is the original)
-EDITS = [["crop"], ["flip"], ["rescale_jpeg"], ["text"], ["color"], ["sticker"], ["frame_caption"], ["crop", "flip"]]
-WAVES = {"astronaut": EDITS, "rocket": EDITS[1:7]}
-UNRELATED_PHOTOS = ["camera", "coins", "horse", "moon", "page", "coffee", "brick", "grass", "gravel", "cell"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """jobs/runtime/waves.py and jobs/commands/waves_cmd.py on a real S3 endpoint (moto server) with an hourly partition:
 ``modscan moderate --hour`` with ``[job] waves``, the hour's committed waves read back, its review
 page's Waves section, and ``gallery add --from-wave --hour``. The day-partition tests on local disk
-are in ``test_moderation_waves.py``."""
+are in ``tests/pipeline/moderation/test_waves.py``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import random
 import pytest
 from conftest import jpeg_bytes, photo, restart_ray, rocket_gallery
 from PIL import Image
-from test_moderation_waves import DAY, EDITS, UNRELATED_PHOTOS
+from planted_waves import DAY, EDITS, UNRELATED_PHOTOS
 
 from models.augment import apply_named
 from pipeline.moderation import flags as F

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from prometheus_client.parser import text_string_to_metric_families
 from pushgateway_stub import pushgateway
 
@@ -110,7 +110,7 @@ def test_push_failures_are_clear_errors(tmp_path) -> None:
 
 
 PROMTOOL = shutil.which("promtool")
-RULES = Path(__file__).resolve().parents[1] / "infra" / "prometheus"
+RULES = ROOT / "infra" / "prometheus"
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="needs promtool (Debian: apt-get install prometheus)")

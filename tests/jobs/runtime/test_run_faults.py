@@ -3,7 +3,6 @@ two concurrent runs of one date, a node lost mid-job."""
 
 from __future__ import annotations
 
-import http.client
 import io
 import os
 import signal
@@ -11,13 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import ROOT, photo, restart_ray
+from flaky_proxy import FlakyProxy
 from PIL import Image
 from s3server import moto_server
 
@@ -52,8 +50,6 @@ def local_gallery(tmp_path_factory, shipped_model_dir):
     G.build(open_store(str(tmp / "gal"), create=True), [Bank("v", str(refs), "sensitive/x", "filter")],
             read_card(None), local_extractor(None), n_shards=2)
     return str(tmp / "gal"), tmp
-
-
 
 
 def _kill_actor_when_busy(out: Path, run_id: str, stop: threading.Event, killed: list[int]) -> None:
@@ -92,96 +88,13 @@ def test_actor_killed_mid_job_every_row_once(local_gallery, ray_cluster, tmp_pat
     assert df.set_index("image_key").loc["rocket.jpg", "status"] == "matched"
 
 
-class _FlakyProxy:
-    """HTTP proxy in front of the moto server: answers 503 SlowDown, or resets connections
-    (``mode`` "503", "reset" or "mixed": alternating), for the next ``fail`` matching requests, or
-    forever with ``fail = -1``. A request matches when its method is in ``methods`` (default
-    GET/HEAD: object reads and listings; PUT/POST/DELETE for writes) and its decoded path
-    contains ``path_filter``; the first ``pass_first`` matching requests still go through (a
-    fault in the middle of a sequence of writes)."""
-
-    def __init__(self, upstream: str) -> None:
-        host, port = upstream.split("//")[1].split(":")
-        proxy = self
-        self.fail, self.mode, self.failed = 0, "503", 0
-        self.methods: tuple[str, ...] = ("GET", "HEAD")
-        self.path_filter, self.pass_first = "", 0
-        self.lock = threading.Lock()
-
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def _body(self) -> bytes:
-                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-                    out = b""
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                        if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                                pass
-                            return out
-                        out += self.rfile.read(size)
-                        self.rfile.readline()
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-            def _handle(self) -> None:
-                body = self._body()
-                with proxy.lock:
-                    match = (proxy.fail != 0 and self.command in proxy.methods
-                             and proxy.path_filter in urllib.parse.unquote(self.path))
-                    bad = match and proxy.pass_first <= 0
-                    if match and proxy.pass_first > 0:
-                        proxy.pass_first -= 1
-                    if bad:
-                        proxy.fail -= 1 if proxy.fail > 0 else 0
-                        proxy.failed += 1
-                    mode = proxy.mode if proxy.mode != "mixed" else ("reset" if proxy.failed % 2 else "503")
-                if bad and mode == "reset":
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                if bad:
-                    msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                    self.send_response(503)
-                    self.send_header("Content-Length", str(len(msg)))
-                    self.end_headers()
-                    if self.command != "HEAD":  # a body after a HEAD answer is read as the next status line
-                        self.wfile.write(msg)
-                    return
-                c = http.client.HTTPConnection(host, int(port), timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "content-length")}
-                headers["Content-Length"] = str(len(body))
-                c.request(self.command, self.path, body=body, headers=headers)
-                r = c.getresponse()
-                data = r.read()
-                self.send_response(r.status)
-                for k, v in r.getheaders():
-                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
-                        self.send_header(k, v)
-                # HEAD carries the object's size in Content-Length, with no body
-                length = r.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
-                self.send_header("Content-Length", length)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-
 @pytest.fixture(scope="module")
 def flaky_s3(local_gallery):
     import boto3
     import ray
 
     with moto_server() as endpoint:
-        proxy = _FlakyProxy(endpoint)
+        proxy = FlakyProxy(endpoint)
         os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
         os.environ["MODSCAN_S3_RETRIES"] = "10"
         restart_ray()
@@ -270,7 +183,7 @@ def test_driver_killed_during_the_write_then_rerun(local_gallery, tmp_path) -> N
     assert not (out / "_staging").exists()  # the rerun's commit removed the killed run's staging too
 
 
-def _healthy(proxy: _FlakyProxy) -> None:
+def _healthy(proxy: FlakyProxy) -> None:
     proxy.fail, proxy.failed, proxy.mode = 0, 0, "503"
     proxy.methods, proxy.path_filter, proxy.pass_first = ("GET", "HEAD"), "", 0
 

@@ -1,7 +1,7 @@
 """jobs/runtime/ray_stages.py without a cluster: what a worker's ModscanError looks like on the driver.
 
 The run on a real cluster (an actor that fails in ``__init__``, read by the CLI) is
-``test_jobs_run_inputs.py::test_a_modscan_error_raised_in_an_actor_reaches_the_cli_as_its_own_line``.
+``test_run_inputs.py::test_a_modscan_error_raised_in_an_actor_reaches_the_cli_as_its_own_line``.
 """
 
 from __future__ import annotations

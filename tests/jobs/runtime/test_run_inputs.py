@@ -3,7 +3,7 @@ silently lost, nothing read that shouldn't be: dates, missing and empty inputs, 
 policy, and operator errors (config values, a corrupted gallery, an output that is a file, --debug).
 
 The CLI runs in-process (or as a subprocess, where the exact output an operator sees matters); every
-case must fail before Ray starts. The same inputs on a real Ray cluster: test_jobs_run_rows.py.
+case must fail before Ray starts. The same inputs on a real Ray cluster: test_run_rows.py.
 """
 
 from __future__ import annotations

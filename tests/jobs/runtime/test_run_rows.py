@@ -2,7 +2,7 @@
 excepted), the gallery version pinned for actors and the review page, a Moderator exception as
 internal_error rows, a ModscanError from an actor as its own line, forbidden manifest keys never read,
 a backfill over a missing day (committed Parquet read back with pandas). The checks that fail before
-Ray starts: test_jobs_run_inputs.py.
+Ray starts: test_run_inputs.py.
 """
 
 from __future__ import annotations
