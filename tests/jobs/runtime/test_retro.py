@@ -28,8 +28,6 @@ from s3server import moto_server
 
 from pipeline.errors import ModscanError
 
-pytestmark = pytest.mark.slow
-
 DAY = "2026-04-01"
 BASE = {"coffee": "filter", "chelsea": "filter"}
 ADDED = "astronaut"
@@ -205,6 +203,7 @@ def test_a_model_change_is_refused(world, tmp_path) -> None:
         retro(GAL, v, DAY, DAY, str(tmp_path / "flags"), cfg=world["cfg"])
 
 
+@pytest.mark.slow
 def test_nightly_with_retro_days_rechecks_days_decided_against_an_older_gallery(world) -> None:
     """The nightly trigger: yesterday's partition was decided against an older version than tonight's
     run, so ``retro_days = 1`` re-checks it; once it is at the current version nothing runs."""
@@ -232,6 +231,7 @@ def test_nightly_with_retro_days_rechecks_days_decided_against_an_older_gallery(
     assert nightly_retro(GAL, nightly_out, tonight, newer, cfg) == []  # yesterday is at the current version now
 
 
+@pytest.mark.slow
 def test_retro_re_decides_each_hour_of_an_hourly_day(world) -> None:
     """A day moderated hour by hour (``dt=D/hour=HH``): ``retro --from D --to D`` re-checks every
     committed hour of D and re-commits the hours whose decisions changed."""

@@ -22,8 +22,6 @@ from s3server import moto_server
 from models.augment import apply_named
 from pipeline.moderation import flags as F
 
-pytestmark = pytest.mark.slow
-
 GALLERY = {"violence": ["astronaut", "rocket"], "spam": ["coffee", "chelsea"], "fp": ["camera"]}
 ALSO_BLOCKED = {"camera": "violence"}  # camera is in an allow-list AND a blocking bank
 COPY_EDITS = [["color"], ["rescale_jpeg"], ["text"], ["flip"], ["crop"], ["grayscale"], ["frame_caption"]]
@@ -249,6 +247,7 @@ def test_manifest_input_with_a_missing_key(world, gallery) -> None:
     assert df.loc[keys[3], "error_code"] == "forbidden_key" and pd.isna(df.loc[keys[3], "image_sha256"])
 
 
+@pytest.mark.slow
 def test_backfill_three_days_and_resume_after_a_deleted_partition(world, gallery) -> None:
     from jobs.commands.moderate_cmd import backfill
     from jobs.runtime.job_config import JobConfig

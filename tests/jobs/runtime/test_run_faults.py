@@ -21,8 +21,6 @@ from s3server import moto_server
 
 from pipeline.evaluation.samples import procedural
 
-pytestmark = pytest.mark.slow
-
 
 def _folder(root: Path, n: int) -> Path:
     import random
@@ -112,6 +110,7 @@ def flaky_s3(local_gallery):
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_s3_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> None:
     from jobs.runtime.job_config import JobConfig
     from jobs.runtime.run import moderate
@@ -129,6 +128,7 @@ def test_s3_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> None:
     assert len(df) == 20 == info["inputs"] and (df["status"] == "clean").all()
 
 
+@pytest.mark.slow
 def test_s3_outage_fails_cleanly_without_a_partial_partition(flaky_s3, local_gallery) -> None:
     from jobs.runtime.job_config import JobConfig
     from jobs.runtime.run import moderate
@@ -153,6 +153,7 @@ def test_s3_outage_fails_cleanly_without_a_partial_partition(flaky_s3, local_gal
     assert not [k for k in keys if k.startswith("down/dt=")], keys
 
 
+@pytest.mark.slow
 def test_driver_killed_during_the_write_then_rerun(local_gallery, tmp_path) -> None:
     gal, _ = local_gallery
     src = _folder(tmp_path / "up", 47)
@@ -192,6 +193,7 @@ def _s3_keys(s3, prefix: str) -> list[str]:
     return [o["Key"] for o in s3.list_objects_v2(Bucket="flaky-out", Prefix=prefix).get("Contents", [])]
 
 
+@pytest.mark.slow
 def test_s3_write_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> None:
     """503s and connection resets on PUT/POST/DELETE (staged writes, commit copies and deletes)."""
     from jobs.runtime.job_config import JobConfig
@@ -214,6 +216,7 @@ def test_s3_write_errors_for_a_while_are_retried(flaky_s3, local_gallery) -> Non
     assert "w-ok/dt=2026-05-05/_SUCCESS" in _s3_keys(s3, "w-ok/") and not _s3_keys(s3, "w-ok/_staging/")
 
 
+@pytest.mark.slow
 def test_s3_write_outage_mid_commit_publishes_nothing_then_a_rerun_repairs(flaky_s3, local_gallery, monkeypatch) -> None:
     from jobs.runtime.job_config import JobConfig
     from jobs.runtime.run import moderate
@@ -292,6 +295,7 @@ def test_two_concurrent_runs_of_one_date_one_wins_the_other_fails(local_gallery,
     assert not (out / "_staging").exists()
 
 
+@pytest.mark.slow
 def test_node_lost_mid_job_every_upload_exactly_one_row(local_gallery, tmp_path) -> None:
     """A head and a second node (``ray.cluster_utils.Cluster``: two raylets, as two `ray start`);
     the second node is killed (no graceful shutdown) while it holds work."""

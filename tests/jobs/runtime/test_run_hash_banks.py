@@ -16,8 +16,6 @@ from s3server import moto_server
 
 from models.augment import apply_named
 
-pytestmark = pytest.mark.slow
-
 DAY = "2026-04-02"
 
 

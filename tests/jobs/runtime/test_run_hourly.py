@@ -19,8 +19,6 @@ from PIL import Image
 
 from pipeline.evaluation.samples import procedural
 
-pytestmark = pytest.mark.slow
-
 DAY, OTHER = "2026-09-02", "2026-09-01"
 # DuckDB refuses one glob over files at two depths ("Hive partition mismatch"): days and hours are
 # read with one glob each, unioned by name (hour is NULL on the rows of day partitions); it reads

@@ -19,8 +19,6 @@ import pytest
 from conftest import ROOT, one_line, procedural_jpeg, rocket_gallery, run_cli
 from s3server import moto_server
 
-pytestmark = pytest.mark.slow
-
 DAY = "2026-02-05"
 
 

@@ -26,8 +26,6 @@ from s3server import moto_server
 from pipeline.evaluation.samples import procedural
 from pipeline.moderation.resume import Chunks
 
-pytestmark = pytest.mark.slow
-
 DAY = "2026-08-01"
 COMPARED = ["image_key", "status", "action", "reference_id", "coarse_score", "fine_score", "fine_score_raw"]
 
@@ -90,6 +88,7 @@ def _sorted(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values("image_key").reset_index(drop=True)[COMPARED]
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_run_the_rerun_decodes_only_the_chunks_not_done(gallery, ray_cluster, tmp_path) -> None:
     from jobs.runtime.job_config import JobConfig
     from jobs.runtime.run import moderate
@@ -124,6 +123,7 @@ def test_driver_killed_mid_run_the_rerun_decodes_only_the_chunks_not_done(galler
     assert not (out / "_staging").exists() and not (out / "_signatures" / "_staging").exists()
 
 
+@pytest.mark.slow
 def test_s3_driver_killed_mid_run_the_rerun_resumes(gallery, tmp_path) -> None:
     import boto3
 

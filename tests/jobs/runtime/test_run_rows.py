@@ -20,8 +20,6 @@ from conftest import one_line, photo, procedural_jpeg, rocket_gallery, run_cli, 
 
 from pipeline.moderation.moderator import Moderator
 
-pytestmark = pytest.mark.slow
-
 DAY = "2026-02-05"
 
 

@@ -24,7 +24,6 @@ from pipeline.gallery.sharded import GalleryShardServer, LocalShardServers, Remo
 from pipeline.gallery.store import GalleryIntegrityError
 from pipeline.ingest.storage import open_store
 
-pytestmark = pytest.mark.slow
 N_SHARDS = 5  # two servers: shards 0, 2, 4 and 1, 3
 
 
@@ -192,6 +191,7 @@ def _kill_server_when_busy(out: Path, stop: threading.Event, killed: list[int]) 
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_shard_server_killed_mid_job_loses_no_upload(ops_world, ray_cluster, tmp_path: Path) -> None:
     from operator_world import DAY
 

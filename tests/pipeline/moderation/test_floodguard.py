@@ -11,7 +11,6 @@ import datetime as dt
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from operator_world import DAY, FLOOD_LIMIT, N_PLAIN, stage_rows
 
 from pipeline.ingest.storage import open_store
@@ -92,7 +91,6 @@ def test_flood_guard_off_and_under_the_limit_changes_nothing(ops_world, moderate
 
 
 
-@pytest.mark.slow
 def test_job_holds_floods_and_writes_metrics(ops_world, ray_local, tmp_path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
     from pushgateway_stub import pushgateway

@@ -242,7 +242,6 @@ def _cluster_of(df, keys: list[str]) -> str:
     return str(ids.value_counts().index[0])
 
 
-@pytest.mark.slow
 def test_planted_waves_are_found_and_nothing_unrelated_joins_them(world, passes) -> None:
     df, planted = passes["df1"], world["planted"]
     found, total = 0, 0
@@ -267,7 +266,6 @@ def test_planted_waves_are_found_and_nothing_unrelated_joins_them(world, passes)
     assert info["waves"] == 2 and info["uploads_in_waves"] == found and info["candidate_pairs"] > 0
 
 
-@pytest.mark.slow
 def test_one_row_per_upload_identical_ids_on_rerun_read_by_pandas_and_duckdb(world, passes) -> None:
     import duckdb
     import pandas as pd
@@ -295,7 +293,6 @@ def test_one_row_per_upload_identical_ids_on_rerun_read_by_pandas_and_duckdb(wor
     assert len(firsts) == df1["dup_cluster_id"].nunique()
 
 
-@pytest.mark.slow
 def test_a_commit_that_fails_verification_publishes_nothing(world, passes) -> None:
     from pipeline.ingest.storage import open_store
 
@@ -308,7 +305,6 @@ def test_a_commit_that_fails_verification_publishes_nothing(world, passes) -> No
     assert after.equals(before) and not wstore.exists(F.staging_key(F.compact(DAY) + "T000000-lost0000"))
 
 
-@pytest.mark.slow
 def test_errors_name_what_is_missing(world, tmp_path) -> None:
     from jobs.runtime.waves import prepare_waves
     from pipeline.errors import ModscanError
@@ -334,7 +330,6 @@ def _wave_rows(page: str) -> dict[str, str]:
     return {m.group(1): m.group(0) for m in re.finditer(r'<tr class="wave">.*?wave <code>([0-9a-f]{16})</code>.*?</tr>', page)}
 
 
-@pytest.mark.slow
 def test_review_page_shows_each_wave_with_its_size_and_members_sensitive_ones_blurred(world, passes) -> None:
     page, df = _review_page(world), passes["df1"]
     assert "<h2>Waves (2 clusters of near-duplicate uploads, 14 uploads)</h2>" in page
@@ -350,7 +345,6 @@ def test_review_page_shows_each_wave_with_its_size_and_members_sensitive_ones_bl
     assert "filter 6" in rows[rocket] and "none 8" in rows[astronaut]
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (Debian: apt-get install chromium)")
 def test_waves_section_in_headless_chromium(world, passes, tmp_path) -> None:
     from pipeline.ops.review_page import CSS
