@@ -97,6 +97,21 @@ def procedural_jpeg(path: Path, seed: int = 0, size: tuple[int, int] = (160, 120
     return path
 
 
+def upload_folder(root: Path, n: int) -> Path:
+    """A day of uploads in ``root``: ``n`` generated everyday pictures (img-0000.jpg ..., seeded, the same
+    for every call) and rocket.jpg, the one the test galleries hold. -> ``root``."""
+    import random
+
+    from pipeline.evaluation.samples import procedural
+
+    rng = random.Random(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        procedural(rng, (200, 150)).save(root / f"img-{i:04d}.jpg", quality=85)
+    Image.fromarray(photo("rocket")).save(root / "rocket.jpg")
+    return root
+
+
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     """``modscan ARGV`` in-process -> (exit code, stdout, stderr)."""
     from jobs.cli import main

@@ -14,23 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, photo, restart_ray
+from conftest import ROOT, photo, restart_ray, upload_folder
 from flaky_proxy import FlakyProxy
 from PIL import Image
 from s3server import moto_server
-
-from pipeline.evaluation.samples import procedural
-
-
-def _folder(root: Path, n: int) -> Path:
-    import random
-
-    rng = random.Random(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        procedural(rng, (200, 150)).save(root / f"img-{i:04d}.jpg", quality=85)
-    Image.fromarray(photo("rocket")).save(root / "rocket.jpg")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +56,7 @@ def test_actor_killed_mid_job_every_row_once(local_gallery, ray_cluster, tmp_pat
     from jobs.runtime.run import moderate, new_run_id
 
     gal, _ = local_gallery
-    src = _folder(tmp_path / "up", 160)
+    src = upload_folder(tmp_path / "up", 160)
     out = tmp_path / "flags"
     run_id = new_run_id("2026-05-01")
     stop, killed = threading.Event(), []
@@ -156,7 +143,7 @@ def test_s3_outage_fails_cleanly_without_a_partial_partition(flaky_s3, local_gal
 @pytest.mark.slow
 def test_driver_killed_during_the_write_then_rerun(local_gallery, tmp_path) -> None:
     gal, _ = local_gallery
-    src = _folder(tmp_path / "up", 47)
+    src = upload_folder(tmp_path / "up", 47)
     out = tmp_path / "flags"
     cmd = [sys.executable, "-m", "jobs.cli", "moderate", "--input", str(src), "--gallery", gal, "--output", str(out),
            "--date", "2026-05-04", "--batch-size", "8"]
@@ -267,7 +254,7 @@ def test_two_concurrent_runs_of_one_date_one_wins_the_other_fails(local_gallery,
     from pipeline.moderation.flags import PartitionTakenError
 
     gal, _ = local_gallery
-    src = _folder(tmp_path / "up", 24)
+    src = upload_folder(tmp_path / "up", 24)
     out, day = tmp_path / "flags", "2026-05-07"
     cfg = JobConfig(batch_size=8, actors=1)
     older = prepare_run(str(src), gal, str(out), day, cfg=cfg)
@@ -307,7 +294,7 @@ def test_node_lost_mid_job_every_upload_exactly_one_row(local_gallery, tmp_path)
     from jobs.runtime.run import moderate, new_run_id
 
     gal, _ = local_gallery
-    src = _folder(tmp_path / "up", 23)
+    src = upload_folder(tmp_path / "up", 23)
     out, day = tmp_path / "flags", "2026-05-08"
     run_id = new_run_id(day)
     ray.shutdown()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -19,24 +18,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, photo
+from conftest import ROOT, photo, upload_folder
 from PIL import Image
 from s3server import moto_server
 
-from pipeline.evaluation.samples import procedural
 from pipeline.moderation.resume import Chunks
 
 DAY = "2026-08-01"
 COMPARED = ["image_key", "status", "action", "reference_id", "coarse_score", "fine_score", "fine_score_raw"]
-
-
-def _folder(root: Path, n: int) -> Path:
-    rng = random.Random(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        procedural(rng, (200, 150)).save(root / f"img-{i:04d}.jpg", quality=85)
-    Image.fromarray(photo("rocket")).save(root / "rocket.jpg")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +82,7 @@ def test_driver_killed_mid_run_the_rerun_decodes_only_the_chunks_not_done(galler
     from jobs.runtime.job_config import JobConfig
     from jobs.runtime.run import moderate
 
-    src = _folder(tmp_path / "up", 47)
+    src = upload_folder(tmp_path / "up", 47)
     keys = sorted(p.name for p in src.iterdir())
     chunks = Chunks.of_keys(keys, 6)
     assert len(chunks) == 8
@@ -133,7 +122,7 @@ def test_s3_driver_killed_mid_run_the_rerun_resumes(gallery, tmp_path) -> None:
         s3 = boto3.client("s3", endpoint_url=endpoint)
         for b in ("resume-up", "resume-out"):
             s3.create_bucket(Bucket=b)
-        for p in sorted(_folder(tmp_path / "up", 29).iterdir()):
+        for p in sorted(upload_folder(tmp_path / "up", 29).iterdir()):
             s3.put_object(Bucket="resume-up", Key=f"d/{p.name}", Body=p.read_bytes())
         cmd = [sys.executable, "-m", "jobs.cli", "moderate", "--input", "s3://resume-up/d/", "--gallery", gallery,
                "--output", "s3://resume-out/flags", "--date", DAY, "--config", str(_config(tmp_path, 5, 5))]
@@ -184,7 +173,7 @@ def test_a_failed_run_is_resumed_and_a_gallery_change_starts_over(gallery, ray_c
     from pipeline.gallery.extract import local_extractor
     from pipeline.ingest.storage import open_store
 
-    src, out = _folder(tmp_path / "up", 23), str(tmp_path / "flags")
+    src, out = upload_folder(tmp_path / "up", 23), str(tmp_path / "flags")
     cfg = JobConfig(batch_size=4, chunk_size=4, actors=1)
     with pytest.raises(ModscanError, match="injected failure on the last chunk"):
         moderate(str(src), gallery, out, DAY, cfg=cfg, review=False, moderator=_FailsOnRocket.cls())
