@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import jpeg_bytes, photo
+from conftest import jpeg_bytes, photo, restart_ray
 from PIL import Image
 from s3server import moto_server
 
@@ -47,8 +47,7 @@ def world(tmp_path_factory, shipped_model_dir):
     tmp = tmp_path_factory.mktemp("hashbanks")
     up = _uploads()
     with moto_server() as endpoint:
-        ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        restart_ray()
         s3 = boto3.client("s3", endpoint_url=endpoint)
         for b in ("refs-hb", "uploads-hb", "gallery-hb", "flags-hb"):
             s3.create_bucket(Bucket=b)
