@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,36 @@ def upload_folder(root: Path, n: int) -> Path:
         procedural(rng, (200, 150)).save(root / f"img-{i:04d}.jpg", quality=85)
     Image.fromarray(photo("rocket")).save(root / "rocket.jpg")
     return root
+
+
+def driver_env() -> dict[str, str]:
+    """The environment of a ``modscan`` driver run as a subprocess: this checkout on the path, and no
+    ``RAY_ADDRESS``, so that it starts its own local Ray, as a fresh scheduled job would."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def kill_driver_when(cmd: list[str], ready: Callable[[], bool], timeout: float = 240.0, wait: float = 0.0) -> bool:
+    """Start the driver ``cmd`` in its own session and SIGKILL its whole process group (the driver's
+    local Ray too) once ``ready()`` is true, ``wait`` seconds after. -> whether it was killed, False
+    when it finished (or ``timeout`` passed) first."""
+    import signal
+    import subprocess
+    import time
+
+    p = subprocess.Popen(cmd, cwd=ROOT, env=driver_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline, killed = time.time() + timeout, False
+    while time.time() < deadline and p.poll() is None:
+        if ready():
+            time.sleep(wait)
+            os.killpg(p.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.05)
+    p.wait(timeout=60)
+    return killed
 
 
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:

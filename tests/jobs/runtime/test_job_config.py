@@ -56,31 +56,23 @@ def test_bad_job_keys_and_values_are_reported_at_their_lines(tmp_path) -> None:
         [jobs]
         batch_size = 8
         """)
+    known = ("(known: actor_num_cpus, actors, allow_empty_input, allowed_input_prefixes, batch_size, chunk_size, "
+             "coarse_ef_search, coarse_nprobe, coarse_threshold, decode_num_cpus, fine_threshold, gallery_cache, "
+             "gallery_cache_dir, gallery_shard_servers, image_extensions_only, max_matches_per_reference, "
+             "metrics_pushgateway, metrics_textfile, precision, rerank_k, retro_days, review_max_rows, sure_threshold, "
+             "torch_threads, verify_gallery, wave_coarse_threshold, wave_fine_threshold, wave_k, wave_min_inliers, "
+             "wave_min_size, wave_sure_threshold, waves, write_signatures, [job.decode])")
     assert _errors(path) == [
         f"{path}:3: [job] batch_size must be an integer >= 1, got 0",
         f"{path}:4: [job] actors must be an integer >= 0, got '2'",
-        f"{path}:5: [job] unknown key 'torch_thread' (known: actor_num_cpus, actors, allow_empty_input, "
-        "allowed_input_prefixes, batch_size, chunk_size, coarse_ef_search, coarse_nprobe, coarse_threshold, decode_num_cpus, "
-        "fine_threshold, gallery_cache, gallery_cache_dir, gallery_shard_servers, image_extensions_only, "
-        "max_matches_per_reference, metrics_pushgateway, metrics_textfile, "
-        "precision, rerank_k, retro_days, review_max_rows, sure_threshold, torch_threads, verify_gallery, "
-            "wave_coarse_threshold, wave_fine_threshold, wave_k, wave_min_inliers, wave_min_size, wave_sure_threshold, waves, "
-            "write_signatures, "
-        "[job.decode])",
+        f"{path}:5: [job] unknown key 'torch_thread' {known}",
         f"{path}:6: [job] single_stage was removed: the single-stage baseline is benchmark-only "
         "(`modscan bench pipeline` runs it)",
         f"{path}:7: [job] allowed input prefix 'relative/dir' must be an absolute path or an s3:// URI",
         f"{path}:10: [job] coarse_threshold must be a cosine in [-1, 1], got 3.0",
         f"{path}:11: [job] precision must be auto, bf16 or fp32, got 'fp16'",
         f"{path}:12: [job] verify_gallery must be true or false, got 'yes'",
-        f"{path}:13: [job] unknown key 'test_fail_keys' (known: actor_num_cpus, actors, allow_empty_input, "
-        "allowed_input_prefixes, batch_size, chunk_size, coarse_ef_search, coarse_nprobe, coarse_threshold, decode_num_cpus, "
-        "fine_threshold, gallery_cache, gallery_cache_dir, gallery_shard_servers, image_extensions_only, "
-        "max_matches_per_reference, metrics_pushgateway, metrics_textfile, "
-        "precision, rerank_k, retro_days, review_max_rows, sure_threshold, torch_threads, verify_gallery, "
-            "wave_coarse_threshold, wave_fine_threshold, wave_k, wave_min_inliers, wave_min_size, wave_sure_threshold, waves, "
-            "write_signatures, "
-        "[job.decode])",
+        f"{path}:13: [job] unknown key 'test_fail_keys' {known}",
         f"{path}:15: unknown top-level key 'jobs' (expected a [job] table)",
     ]
 

@@ -10,11 +10,7 @@ a reference clears its past flags. A model change is refused.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import duckdb
 import numpy as np
@@ -22,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, jpeg_bytes, photo, restart_ray
+from conftest import jpeg_bytes, kill_driver_when, photo, restart_ray
 from PIL import Image
 from s3server import moto_server
 
@@ -94,19 +90,9 @@ def test_a_killed_retro_run_leaves_the_partition_as_it_was(world) -> None:
     before = _objects(s3, f"flags/dt={DAY}/")
     cmd = [sys.executable, "-m", "jobs.cli", "retro", "--gallery", GAL, "--since", world["v1"], "--from", DAY,
            "--to", DAY, "--output", FLAGS, "--batch-size", "8"]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    deadline, killed = time.time() + 240, False
-    while time.time() < deadline and p.poll() is None:
-        if any(k.endswith(".started.json") for k in _objects(s3, "flags/_retro/")):
-            time.sleep(2.0)  # in the Ray part: the coarse pass or the re-decision
-            os.killpg(p.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.05)
-    p.wait(timeout=60)
+    # killed 2 s after it starts: in the Ray part, the coarse pass or the re-decision
+    killed = kill_driver_when(cmd, lambda: any(k.endswith(".started.json") for k in _objects(s3, "flags/_retro/")),
+                              wait=2.0)
     assert killed, "the retro run finished before it could be killed"
     assert _objects(s3, f"flags/dt={DAY}/") == before  # every object as it was, _SUCCESS included
     assert (_partition(FLAGS)["run_id"] == world["first"]["run_id"]).all()

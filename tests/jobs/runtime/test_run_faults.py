@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, photo, restart_ray, upload_folder
+from conftest import ROOT, driver_env, kill_driver_when, photo, restart_ray, upload_folder
 from flaky_proxy import FlakyProxy
 from PIL import Image
 from s3server import moto_server
@@ -147,23 +147,10 @@ def test_driver_killed_during_the_write_then_rerun(local_gallery, tmp_path) -> N
     out = tmp_path / "flags"
     cmd = [sys.executable, "-m", "jobs.cli", "moderate", "--input", str(src), "--gallery", gal, "--output", str(out),
            "--date", "2026-05-04", "--batch-size", "8"]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    killed = False
-    while time.time() < deadline and p.poll() is None:
-        staged = list((out / "_staging").glob("*/*/data/*.parquet")) if (out / "_staging").exists() else []
-        if staged:
-            os.killpg(p.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.05)
-    p.wait(timeout=60)
+    killed = kill_driver_when(cmd, lambda: (out / "_staging").exists() and any((out / "_staging").glob("*/*/data/*.parquet")))
     assert killed, "the driver finished before any staged file appeared"
     assert not [f.name for f in out.iterdir() if not f.name.startswith("_")]  # the killed run published nothing
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    r = subprocess.run(cmd, cwd=ROOT, env=driver_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     df = pd.read_parquet(out)
     assert len(df) == 48 and df["image_key"].is_unique

@@ -8,17 +8,14 @@ uninterrupted run publishes."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, photo, upload_folder
+from conftest import ROOT, driver_env, kill_driver_when, photo, upload_folder
 from PIL import Image
 from s3server import moto_server
 
@@ -50,25 +47,17 @@ def _config(tmp: Path, chunk_size: int, batch_size: int) -> Path:
     return p
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
 def _kill_after_chunks(cmd: list[str], recorded: Callable[[], int], at_least: int, total: int) -> int:
     """Start the job's driver and SIGKILL it (its whole process group: the driver's local Ray
     too) once ``at_least`` chunks are recorded. -> chunks recorded when it was killed."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    deadline, n = time.time() + 300, 0
-    while time.time() < deadline and p.poll() is None:
+    n = 0
+
+    def ready() -> bool:
+        nonlocal n
         n = recorded()
-        if n >= at_least:
-            os.killpg(p.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    p.wait(timeout=60)
+        return n >= at_least
+
+    kill_driver_when(cmd, ready, timeout=300)
     assert at_least <= n < total, f"the driver was not killed mid-run ({n} of {total} chunks recorded)"
     return n
 
@@ -95,7 +84,7 @@ def test_driver_killed_mid_run_the_rerun_decodes_only_the_chunks_not_done(galler
     _kill_after_chunks(cmd, lambda: len(list(out.glob("_staging/*/chunks/*.json"))), 3, len(chunks))
     done = {json.loads(p.read_text())["chunk"] for p in out.glob("_staging/*/chunks/*.json")}
     assert not (out / f"dt={DAY}").exists()  # the killed run published nothing
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    r = subprocess.run(cmd, cwd=ROOT, env=driver_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads((out / f"dt={DAY}" / "_run.json").read_text())
     res = info["resume"]
@@ -132,7 +121,7 @@ def test_s3_driver_killed_mid_run_the_rerun_resumes(gallery, tmp_path) -> None:
 
         _kill_after_chunks(cmd, lambda: sum("/chunks/" in k for k in keys("flags/_staging/")), 2, 6)
         done = len([k for k in keys("flags/_staging/") if "/chunks/" in k])
-        r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+        r = subprocess.run(cmd, cwd=ROOT, env=driver_env(), capture_output=True, text=True, timeout=400)
         assert r.returncode == 0, r.stderr[-3000:]
         info = json.loads(s3.get_object(Bucket="resume-out", Key=f"flags/dt={DAY}/_run.json")["Body"].read())
         res = info["resume"]
