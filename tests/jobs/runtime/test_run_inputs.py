@@ -16,7 +16,7 @@ import sys
 
 import pandas as pd
 import pytest
-from conftest import ROOT, one_line, procedural_jpeg, rocket_gallery, run_cli
+from conftest import ROOT, driver_env, one_line, procedural_jpeg, rocket_gallery, run_cli
 from s3server import moto_server
 
 DAY = "2026-02-05"
@@ -62,8 +62,7 @@ def test_one_strict_date_validator_names_the_flag(capsys, tmp_path, gallery) -> 
 def test_missing_input_exits_1_with_one_line_and_no_partition(tmp_path, gallery) -> None:
     """What an operator sees: a separate process, exit 1, one line on stderr, nothing written."""
     out = tmp_path / "flags"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    env.pop("RAY_ADDRESS", None)
+    env = {**driver_env(), "PYTHONWARNINGS": "ignore"}
     r = subprocess.run([sys.executable, "-m", "jobs.cli", "moderate", "--input", str(tmp_path / "2026-02-05"),
                         "--gallery", gallery, "--output", str(out), "--date", DAY],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
